@@ -1,0 +1,33 @@
+# kling-relay: every target sets itself up (deploy/bootstrap.sh: Python venv in .venv/, redis-server).
+.DEFAULT_GOAL := help
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: help setup demo test lint fmt bench clean
+
+help: ## List the targets
+	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | \
+		awk 'BEGIN {FS = ":.*?## "}; {printf "  %-8s %s\n", $$1, $$2}'
+
+setup: ## Create .venv/ and install the project, its test tools and redis-server if missing
+	@deploy/bootstrap.sh
+
+demo: setup ## Run three jobs end to end (simulator, local Redis and S3); MP4s land in demo-output/
+	@$(PY) -m shared.demo
+
+test: setup ## Run the whole test suite (starts its own redis-server, moto S3, simulator, workers)
+	@$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: setup ## ruff and mypy
+	@$(VENV)/bin/ruff check .
+	@$(VENV)/bin/mypy
+
+fmt: setup ## Sort imports and fix what ruff can fix
+	@$(VENV)/bin/ruff check --fix .
+
+bench: setup ## Benchmarks (on demand, not part of test)
+	@$(PY) bench/copy_memory.py
+
+clean: ## Remove .venv/, caches and demo output
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis demo-output .demo

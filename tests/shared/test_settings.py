@@ -1,0 +1,100 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from shared.settings import Secret, SettingsError, load_settings
+
+GOOD = {
+    "REDIS_URL": "redis://127.0.0.1:6379/0",
+    "KLING_BASE_URL": "https://api-singapore.klingai.com/",
+    "KLING_ACCESS_KEY": "ak-123",
+    "KLING_SECRET_KEY": "sk-very-secret-value",
+    "PUBLIC_BASE_URL": "https://relay.example.com",
+    "CALLBACK_SECRET": "callback-secret-0123456789",
+    "API_TOKENS": "token-aaaaaaaaaaaaaaaa, token-bbbbbbbbbbbbbbbb",
+    "S3_BUCKET": "videos",
+}
+
+
+def test_good_environment_loads_typed_values() -> None:
+    s = load_settings({**GOOD, "PORT": "9000", "RECONCILE_INTERVAL_SECONDS": "5"})
+    assert s.kling_base_url == "https://api-singapore.klingai.com"
+    assert s.kling_auth_mode == "access_key"
+    assert s.port == 9000 and s.reconcile_interval_seconds == 5.0
+    assert [t.reveal() for t in s.api_tokens] == ["token-aaaaaaaaaaaaaaaa", "token-bbbbbbbbbbbbbbbb"]
+    assert s.video_url_allowlist == "*.klingai.com"
+
+
+def test_settings_are_frozen() -> None:
+    s = load_settings(GOOD)
+    with pytest.raises(AttributeError):
+        s.port = 1  # type: ignore[misc]
+
+
+def test_secrets_never_in_repr() -> None:
+    s = load_settings(GOOD)
+    text = repr(s) + str(s)
+    for secret in ("sk-very-secret-value", "callback-secret-0123456789", "token-aaaaaaaaaaaaaaaa"):
+        assert secret not in text
+    assert repr(Secret("x")) == "Secret('***')"
+
+
+def test_every_problem_named_at_once() -> None:
+    env = {"KLING_BASE_URL": "ftp://nope", "PORT": "eighty", "CALLBACK_SECRET": "short", "REDIS_URL": "http://x"}
+    with pytest.raises(SettingsError) as info:
+        load_settings(env)
+    problems = info.value.problems
+    assert problems["KLING_BASE_URL"].startswith("must be an http(s) URL")
+    assert problems["PORT"] == "must be a whole number, got 'eighty'"
+    assert problems["CALLBACK_SECRET"] == "must be at least 16 characters"
+    assert "REDIS_URL" in problems
+    assert problems["S3_BUCKET"] == "is required"
+    assert problems["API_TOKENS"].startswith("is required")
+    assert "KLING_ACCESS_KEY" in problems and "KLING_SECRET_KEY" in problems
+    assert "PORT: must be a whole number" in str(info.value)
+
+
+def test_negative_numbers_refused() -> None:
+    with pytest.raises(SettingsError) as info:
+        load_settings({**GOOD, "SUBMIT_MAX_ATTEMPTS": "0", "RECONCILE_QUIET_SECONDS": "-1"})
+    assert set(info.value.problems) == {"SUBMIT_MAX_ATTEMPTS", "RECONCILE_QUIET_SECONDS"}
+
+
+def test_both_auth_modes_is_an_error() -> None:
+    with pytest.raises(SettingsError) as info:
+        load_settings({**GOOD, "KLING_API_KEY": "key"})
+    assert "not both" in info.value.problems["KLING_API_KEY"]
+
+
+def test_api_key_mode() -> None:
+    env = {k: v for k, v in GOOD.items() if not k.startswith("KLING_") or k == "KLING_BASE_URL"}
+    s = load_settings({**env, "KLING_API_KEY": "reseller-key"})
+    assert s.kling_auth_mode == "api_key"
+    assert s.kling_api_key is not None and s.kling_api_key.reveal() == "reseller-key"
+    assert "reseller-key" not in repr(s)
+
+
+def test_file_variants(tmp_path: Path) -> None:
+    secret_file = tmp_path / "sk"
+    secret_file.write_text("sk-from-file\n")
+    env = {k: v for k, v in GOOD.items() if k != "KLING_SECRET_KEY"}
+    s = load_settings({**env, "KLING_SECRET_KEY_FILE": str(secret_file)})
+    assert s.kling_secret_key is not None and s.kling_secret_key.reveal() == "sk-from-file"
+
+
+def test_file_variant_unreadable_and_double_set(tmp_path: Path) -> None:
+    env = {k: v for k, v in GOOD.items() if k != "CALLBACK_SECRET"}
+    with pytest.raises(SettingsError) as info:
+        load_settings({**env, "CALLBACK_SECRET_FILE": str(tmp_path / "missing")})
+    assert info.value.problems["CALLBACK_SECRET_FILE"].startswith("cannot read")
+    with pytest.raises(SettingsError) as info:
+        load_settings({**GOOD, "CALLBACK_SECRET_FILE": str(tmp_path / "missing")})
+    assert "use one" in info.value.problems["CALLBACK_SECRET"]
+
+
+def test_short_api_token_refused() -> None:
+    with pytest.raises(SettingsError) as info:
+        load_settings({**GOOD, "API_TOKENS": "short"})
+    assert info.value.problems["API_TOKENS"] == "each token must be at least 16 characters"
