@@ -1,0 +1,541 @@
+"""Client for Kling's multi-image-to-video API, with errors that say whether a retry is safe.
+
+One :class:`KlingClient` holds one ``requests.Session`` (a connection pool, safe to share between
+threads for these calls), sends every request with a connect and read timeout, and turns every
+answer into either a :class:`KlingTask` or a :class:`KlingError` subclass:
+
+=====================  =========================================================================
+``KlingRetryLater``    1302, 1303, 5000-5002, timeouts and connection errors: send it again later
+``KlingFixRequest``    1200-1202, 1300, 1301: the request itself is wrong; do not resend it as is
+``KlingTaskNotFound``  1203 (a ``KlingFixRequest`` with kind ``NOT_FOUND``): no such task
+``KlingFixAccount``    1000-1004, 1100-1103, 1304: keys, balance or permissions need a human
+``KlingAmbiguous``     a create whose outcome is unknown (timeout or lost connection after sending,
+                       a 5xx answer): the task may exist, look it up by ``external_task_id`` first
+``KlingProtocolError`` an answer that is not a Kling envelope (wrong base URL, a proxy's page)
+=====================  =========================================================================
+
+An unknown non-zero code is classed by HTTP status: 5xx retry later, anything else fix request.
+The envelope's ``code`` decides success, whatever the HTTP status. Secrets (keys, tokens) never
+appear in reprs, error strings or log lines.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, ClassVar, Literal, cast
+from urllib.parse import quote, urlsplit, urlunsplit
+
+import requests
+from urllib3.exceptions import MaxRetryError, NewConnectionError
+
+from shared.kling_auth import DEFAULT_RENEW_MARGIN_S, JwtTokenSource, StaticApiKey, TokenSource
+
+log = logging.getLogger(__name__)
+
+TaskStatus = Literal["submitted", "processing", "succeed", "failed"]
+TASK_STATUSES: tuple[TaskStatus, ...] = ("submitted", "processing", "succeed", "failed")
+
+MULTI_IMAGE2VIDEO_PATH = "/v1/videos/multi-image2video"
+#: Largest page Kling serves (pageSize 1-500), used when scanning for an external_task_id.
+MAX_PAGE_SIZE = 500
+MAX_PAGE_NUM = 1000
+#: An answer bigger than this is not a Kling envelope (a list page of 500 tasks is well under 1 MiB).
+MAX_BODY_BYTES = 16 * 1024 * 1024
+_MAX_MESSAGE_CHARS = 500
+#: Codes that mean "the direct lookup did not understand this id": fall back to scanning the list.
+_LOOKUP_FALLBACK_CODES = frozenset({1200, 1201, 1203})
+_CODE_TOKEN_EXPIRED = 1004
+
+
+# --------------------------------------------------------------------------------------------- errors
+
+class ErrorKind(StrEnum):
+    """What a caller should do about a failed call."""
+
+    RETRY_LATER = "retry_later"
+    FIX_REQUEST = "fix_request"
+    NOT_FOUND = "not_found"
+    FIX_ACCOUNT = "fix_account"
+    AMBIGUOUS = "ambiguous"
+    PROTOCOL = "protocol"
+
+
+class KlingError(Exception):
+    """A failed Kling call: the server's ``code``/``message``/``request_id`` if it answered one.
+
+    ``http_status`` is None when no HTTP answer arrived; ``cause`` is the underlying exception, if any.
+    """
+
+    kind: ClassVar[ErrorKind] = ErrorKind.PROTOCOL
+
+    def __init__(self, message: str, *, http_status: int | None = None, code: int | None = None,
+                 request_id: str | None = None, cause: BaseException | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.http_status = http_status
+        self.code = code
+        self.request_id = request_id
+        self.cause = cause
+
+    @property
+    def retryable(self) -> bool:
+        """True when the very same request may simply be sent again later."""
+        return self.kind is ErrorKind.RETRY_LATER
+
+    def __str__(self) -> str:
+        where = [f"code {self.code}" if self.code is not None else "no code",
+                 f"HTTP {self.http_status}" if self.http_status is not None else "no HTTP answer"]
+        if self.request_id:
+            where.append(f"request_id {self.request_id}")
+        return f"Kling {self.kind.value} ({', '.join(where)}): {self.message}"
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(self)!r})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Picklable with keyword-only fields; the cause may hold unpicklable transport objects.
+        state = {k: v for k, v in self.__dict__.items() if k != "cause"}
+        return (type(self), (self.message,), state)
+
+
+class KlingProtocolError(KlingError):
+    """The answer was not a Kling envelope, or its data was malformed (usually a wrong base URL)."""
+
+    kind = ErrorKind.PROTOCOL
+
+
+class KlingRetryLater(KlingError):
+    """Nothing happened on Kling's side that matters: the same request can be sent again later."""
+
+    kind = ErrorKind.RETRY_LATER
+
+
+class KlingFixRequest(KlingError):
+    """Kling rejected the request itself (parameters, content policy): resending it will fail again."""
+
+    kind = ErrorKind.FIX_REQUEST
+
+
+class KlingTaskNotFound(KlingFixRequest):
+    """No such task (code 1203, or no task carries the external_task_id asked for)."""
+
+    kind = ErrorKind.NOT_FOUND
+
+
+class KlingFixAccount(KlingError):
+    """Credentials, balance, permissions or IP allow-list need a human; pause instead of retrying."""
+
+    kind = ErrorKind.FIX_ACCOUNT
+
+
+class KlingAmbiguous(KlingError):
+    """A create whose outcome is unknown: the task may exist (and be billed).
+
+    Look it up by ``external_task_id`` before creating it again. ``cause`` holds what went wrong:
+    the transport exception, or the server error answered after the request was sent.
+    """
+
+    kind = ErrorKind.AMBIGUOUS
+
+
+_CLASS_FOR_KIND: dict[ErrorKind, type[KlingError]] = {
+    cls.kind: cls for cls in (KlingProtocolError, KlingRetryLater, KlingFixRequest, KlingTaskNotFound,
+                              KlingFixAccount, KlingAmbiguous)
+}
+
+
+def kind_for_code(code: int, http_status: int | None) -> ErrorKind:
+    """The kind of a non-zero Kling ``code`` (per kling-api.md); unknown codes go by HTTP status."""
+    if code in (1302, 1303) or 5000 <= code <= 5002:
+        return ErrorKind.RETRY_LATER
+    if code == 1203:
+        return ErrorKind.NOT_FOUND
+    if 1200 <= code <= 1202 or code in (1300, 1301):
+        return ErrorKind.FIX_REQUEST
+    if 1000 <= code <= 1004 or 1100 <= code <= 1103 or code == 1304:
+        return ErrorKind.FIX_ACCOUNT
+    if http_status is not None and http_status >= 500:
+        return ErrorKind.RETRY_LATER
+    return ErrorKind.FIX_REQUEST
+
+
+def error_for(kind: ErrorKind, message: str, **fields: Any) -> KlingError:
+    """An instance of the error class for ``kind``."""
+    return _CLASS_FOR_KIND[kind](message, **fields)
+
+
+# ---------------------------------------------------------------------------------------------- tasks
+
+@dataclass(frozen=True)
+class KlingVideo:
+    """One generated video; ``url`` is temporary (Kling clears results after about 30 days)."""
+
+    id: str
+    url: str
+    duration: str
+
+
+@dataclass(frozen=True)
+class KlingTask:
+    """A Kling task as returned by create/query/list and posted to callbacks."""
+
+    task_id: str
+    status: TaskStatus
+    status_msg: str = ""
+    external_task_id: str | None = None
+    created_at_ms: int | None = None
+    updated_at_ms: int | None = None
+    videos: tuple[KlingVideo, ...] = ()
+
+    @property
+    def is_final(self) -> bool:
+        """True once the task succeeded or failed: its status will not change any more."""
+        return self.status in ("succeed", "failed")
+
+    @classmethod
+    def from_json(cls, obj: object) -> KlingTask:
+        """Parse a task object; raise ValueError naming the field if it is malformed.
+
+        Required: ``task_id`` (non-empty string) and ``task_status`` (one of the four statuses).
+        Optional fields may be missing or null, but when present they must have the documented type.
+        """
+        if not isinstance(obj, Mapping):
+            raise ValueError(f"a Kling task must be a JSON object, not {type(obj).__name__}")
+        task_id = obj.get("task_id")
+        if not isinstance(task_id, str) or not task_id:
+            raise ValueError("task_id must be a non-empty string")
+        status = obj.get("task_status")
+        if status not in TASK_STATUSES:
+            raise ValueError(f"task_status must be one of {', '.join(TASK_STATUSES)}, not {status!r}")
+        info = _optional(obj, "task_info", Mapping) or {}
+        result = _optional(obj, "task_result", Mapping) or {}
+        videos = _optional(result, "videos", list) or []
+        return cls(
+            task_id=task_id,
+            status=cast(TaskStatus, status),
+            status_msg=_optional(obj, "task_status_msg", str) or "",
+            external_task_id=_optional(info, "external_task_id", str),
+            created_at_ms=_timestamp(obj, "created_at"),
+            updated_at_ms=_timestamp(obj, "updated_at"),
+            videos=tuple(_video(v, i) for i, v in enumerate(videos)),
+        )
+
+
+def _optional(obj: Mapping[str, Any], key: str, kind: type[Any]) -> Any:
+    value = obj.get(key)
+    if value is not None and not isinstance(value, kind):
+        raise ValueError(f"{key} must be {kind.__name__}, not {type(value).__name__}")
+    return value
+
+
+def _timestamp(obj: Mapping[str, Any], key: str) -> int | None:
+    value = obj.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{key} must be a number of milliseconds, not {type(value).__name__}")
+    return int(value)
+
+
+def _video(obj: object, index: int) -> KlingVideo:
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"task_result.videos[{index}] must be an object")
+    url, vid, duration = obj.get("url"), obj.get("id"), obj.get("duration")
+    if not isinstance(url, str) or not url:
+        raise ValueError(f"task_result.videos[{index}].url must be a non-empty string")
+    if isinstance(vid, bool) or not isinstance(vid, str | int | None):
+        raise ValueError(f"task_result.videos[{index}].id must be a string")
+    if isinstance(duration, bool) or not isinstance(duration, str | int | float | None):
+        raise ValueError(f"task_result.videos[{index}].duration must be a string")
+    return KlingVideo(id="" if vid is None else str(vid), url=url,
+                      duration="" if duration is None else str(duration))
+
+
+# --------------------------------------------------------------------------------------------- client
+
+@dataclass(frozen=True)
+class _Envelope:
+    code: int
+    message: str
+    request_id: str | None
+    data: Any
+
+
+class KlingClient:
+    """Talks to ``<base_url>/v1/videos/multi-image2video``; ``base_url`` may carry a reseller's prefix.
+
+    Auth is either ``access_key`` + ``secret_key`` (a cached HS256 JWT, renewed ``jwt_renew_margin``
+    seconds before it expires and once more if Kling answers 1004 "token expired") or ``api_key`` (a
+    static Bearer key). ``timeout`` is (connect, read) seconds, or one number for both. A ``session``
+    passed in is used as is and not closed by :meth:`close`.
+    """
+
+    def __init__(self, base_url: str, *, access_key: str | None = None, secret_key: str | None = None,
+                 api_key: str | None = None, timeout: float | tuple[float, float] = (5.0, 30.0),
+                 session: requests.Session | None = None, clock: Callable[[], float] = time.time,
+                 jwt_renew_margin: float = DEFAULT_RENEW_MARGIN_S) -> None:
+        parts = urlsplit(base_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+            raise ValueError("base_url must be an http(s) URL without query or fragment, "
+                             "e.g. https://api-singapore.klingai.com or https://host/kling")
+        self._base_url = base_url.rstrip("/")
+        self._auth = _auth_from(access_key, secret_key, api_key, clock, jwt_renew_margin)
+        self._timeout = _check_timeout(timeout)
+        self._owns_session = session is None
+        self._session = session if session is not None else requests.Session()
+
+    def __repr__(self) -> str:
+        parts = urlsplit(self._base_url)
+        host = parts.hostname or ""
+        netloc = f"{host}:{parts.port}" if parts.port else host  # drops any user:password@
+        shown = urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+        return f"KlingClient(base_url={shown!r}, auth={self._auth.mode!r})"
+
+    __str__ = __repr__
+
+    def close(self) -> None:
+        """Close the connection pool, if this client created it."""
+        if self._owns_session:
+            self._session.close()
+
+    def __enter__(self) -> KlingClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- calls
+
+    def create_multi_image2video(self, body: Mapping[str, Any]) -> KlingTask:
+        """Create a task from a request body in Kling's field names (sent as given, not validated here).
+
+        Raises KlingAmbiguous when the outcome is unknown (timeout or lost connection after sending,
+        a 5xx answer, or a success answer that cannot be read): look the task up by external_task_id.
+        A connection that failed before the request went out is KlingRetryLater.
+        """
+        data = self._call("POST", MULTI_IMAGE2VIDEO_PATH, json_body=dict(body), create=True)
+        try:
+            return KlingTask.from_json(data)
+        except ValueError as exc:
+            raise KlingAmbiguous(f"create answered success but its task is malformed: {exc}",
+                                 cause=exc) from exc
+
+    def get_task(self, task_id: str) -> KlingTask:
+        """The task with this task_id; KlingTaskNotFound if Kling does not know it."""
+        data = self._call("GET", f"{MULTI_IMAGE2VIDEO_PATH}/{_path_segment(task_id, 'task_id')}")
+        return _task_or_protocol_error(data)
+
+    def list_tasks(self, page_num: int = 1, page_size: int = 30) -> list[KlingTask]:
+        """One page of this account's tasks, newest first (pageNum 1-1000, pageSize 1-500)."""
+        if not 1 <= page_num <= MAX_PAGE_NUM or not 1 <= page_size <= MAX_PAGE_SIZE:
+            raise ValueError(f"page_num must be 1-{MAX_PAGE_NUM} and page_size 1-{MAX_PAGE_SIZE}")
+        data = self._call("GET", MULTI_IMAGE2VIDEO_PATH, params={"pageNum": page_num, "pageSize": page_size})
+        if data is None:
+            return []
+        if not isinstance(data, list):
+            raise KlingProtocolError(f"task list must be a JSON array, not {type(data).__name__}")
+        return [_task_or_protocol_error(item) for item in data]
+
+    def get_task_by_external_id(self, external_task_id: str, *, max_pages: int = 5) -> KlingTask:
+        """The task created with this external_task_id, robust to either reading of Kling's docs.
+
+        Kling says a task can be looked up by its external_task_id but not whether in the task_id
+        path slot. So first ``GET .../multi-image2video/{external_task_id}``, accepted only if the
+        returned task really carries that external_task_id (an id could also match another task's
+        task_id). If that answers something else, or 1203/1201/1200, scan the task list, newest first,
+        ``max_pages`` pages of 500. Raises KlingTaskNotFound only when neither finds it; other errors
+        (retry later, account, ...) propagate as they are.
+        """
+        segment = _path_segment(external_task_id, "external_task_id")
+        try:
+            task = _task_or_protocol_error(self._call("GET", f"{MULTI_IMAGE2VIDEO_PATH}/{segment}"))
+            if task.external_task_id == external_task_id:
+                return task
+        except KlingFixRequest as err:
+            if err.code not in _LOOKUP_FALLBACK_CODES:
+                raise
+        scanned = 0
+        for page_num in range(1, max_pages + 1):
+            page = self.list_tasks(page_num=page_num, page_size=MAX_PAGE_SIZE)
+            scanned += len(page)
+            for task in page:
+                if task.external_task_id == external_task_id:
+                    return task
+            if len(page) < MAX_PAGE_SIZE:
+                break
+        raise KlingTaskNotFound(f"no task with external_task_id {external_task_id!r} "
+                                f"(direct lookup, then {scanned} listed tasks)")
+
+    # -- transport
+
+    def _call(self, method: str, path: str, *, params: Mapping[str, int] | None = None,
+              json_body: dict[str, Any] | None = None, create: bool = False) -> Any:
+        """Send one call and return the envelope's ``data``; retries once on 1004 with a fresh JWT."""
+        token = self._auth.token()
+        try:
+            return self._send(method, path, token, params=params, json_body=json_body, create=create)
+        except KlingFixAccount as err:
+            if err.code != _CODE_TOKEN_EXPIRED or self._auth.mode != "jwt":
+                raise
+            log.info("kling token expired, renewing once", extra={"path": path, "request_id": err.request_id})
+            token = self._auth.renew(token)
+            return self._send(method, path, token, params=params, json_body=json_body, create=create)
+
+    def _send(self, method: str, path: str, token: str, *, params: Mapping[str, int] | None,
+              json_body: dict[str, Any] | None, create: bool) -> Any:
+        started = time.monotonic()
+        try:
+            response = self._session.request(
+                method, self._base_url + path, params=params, json=json_body, timeout=self._timeout,
+                headers={"Authorization": f"Bearer {token}", "Accept": "application/json"},
+                allow_redirects=False, stream=True)
+            try:
+                status, raw = response.status_code, _read_capped(response)
+            finally:
+                response.close()
+        except requests.RequestException as exc:
+            error = _transport_error(exc, method, path, create, token)
+            _log_outcome(method, path, started, error)
+            raise error from exc
+        envelope = _parse_envelope(raw)
+        if envelope is not None and envelope.code == 0:
+            _log_outcome(method, path, started, None, status=status, request_id=envelope.request_id)
+            return envelope.data
+        error = _answer_error(status, raw, envelope, create, token)
+        _log_outcome(method, path, started, error)
+        raise error
+
+
+def _auth_from(access_key: str | None, secret_key: str | None, api_key: str | None,
+               clock: Callable[[], float], renew_margin: float) -> TokenSource:
+    if api_key is not None and access_key is None and secret_key is None:
+        return StaticApiKey(api_key)
+    if api_key is None and access_key is not None and secret_key is not None:
+        return JwtTokenSource(access_key, secret_key, clock=clock, renew_margin=renew_margin)
+    raise ValueError("give either access_key and secret_key, or api_key (exactly one auth mode)")
+
+
+def _check_timeout(timeout: float | tuple[float, float]) -> tuple[float, float]:
+    pair = timeout if isinstance(timeout, tuple) else (timeout, timeout)
+    if len(pair) != 2 or not all(isinstance(t, int | float) and t > 0 for t in pair):
+        raise ValueError("timeout must be a positive number or a (connect, read) pair of them")
+    return (float(pair[0]), float(pair[1]))
+
+
+def _path_segment(value: str, name: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{name} must be a non-empty string")
+    return quote(value, safe="")
+
+
+def _read_capped(response: requests.Response) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    for chunk in response.iter_content(64 * 1024):
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _parse_envelope(raw: bytes) -> _Envelope | None:
+    """The envelope in ``raw``, or None if it is not one (not JSON, not an object, no integer code)."""
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return None
+    if not isinstance(obj, dict):
+        return None
+    code = obj.get("code")
+    if isinstance(code, bool) or not isinstance(code, int):
+        return None
+    message, request_id = obj.get("message"), obj.get("request_id")
+    return _Envelope(code=code, message=message if isinstance(message, str) else "",
+                     request_id=request_id if isinstance(request_id, str) and request_id else None,
+                     data=obj.get("data"))
+
+
+def _answer_error(status: int, raw: bytes, envelope: _Envelope | None, create: bool, token: str) -> KlingError:
+    """The error for an HTTP answer that is not a success envelope."""
+    if envelope is None:
+        snippet = raw[:200].decode("utf-8", "replace")
+        message = _scrub(f"HTTP {status} answer is not a Kling envelope: {snippet!r}", token)
+        if status >= 500:
+            kind = ErrorKind.RETRY_LATER
+        elif create and 200 <= status < 300:
+            kind = ErrorKind.AMBIGUOUS  # the server accepted the create; the task may well exist
+        else:
+            kind = ErrorKind.PROTOCOL
+        error = error_for(kind, message, http_status=status)
+    else:
+        kind = kind_for_code(envelope.code, status)
+        error = error_for(kind, _scrub(envelope.message or "(no message)", token), http_status=status,
+                          code=envelope.code, request_id=envelope.request_id)
+    if create and error.kind is ErrorKind.RETRY_LATER and error.code not in (1302, 1303):
+        # A server error after the body went out: Kling may have created (and billed) the task.
+        return KlingAmbiguous(f"create outcome unknown after a server error: {error.message}",
+                              http_status=error.http_status, code=error.code,
+                              request_id=error.request_id, cause=error)
+    return error
+
+
+def _transport_error(exc: requests.RequestException, method: str, path: str, create: bool,
+                     token: str) -> KlingError:
+    """The error for a call that got no (complete) HTTP answer."""
+    message = _scrub(f"{method} {path}: {type(exc).__name__}: {exc}", token)
+    if isinstance(exc, requests.exceptions.InvalidURL | requests.exceptions.InvalidSchema
+                  | requests.exceptions.MissingSchema | requests.exceptions.InvalidHeader):
+        return KlingProtocolError(message, cause=exc)
+    if create and not _failed_before_sending(exc):
+        return KlingAmbiguous(message, cause=exc)
+    return KlingRetryLater(message, cause=exc)
+
+
+def _failed_before_sending(exc: requests.RequestException) -> bool:
+    """True only if the request surely never reached the server (connect timeout, refused, DNS)."""
+    if isinstance(exc, requests.ConnectTimeout):
+        return True
+    if not isinstance(exc, requests.ConnectionError) or isinstance(
+            exc, requests.exceptions.SSLError | requests.exceptions.ProxyError):
+        return False
+    reason = exc.args[0] if exc.args else None
+    if isinstance(reason, MaxRetryError):
+        reason = reason.reason
+    return isinstance(reason, NewConnectionError)
+
+
+def _task_or_protocol_error(data: Any) -> KlingTask:
+    try:
+        return KlingTask.from_json(data)
+    except ValueError as exc:
+        raise KlingProtocolError(f"malformed task in answer: {exc}", cause=exc) from exc
+
+
+def _scrub(text: str, *secrets: str) -> str:
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "<redacted>")
+    return text[:_MAX_MESSAGE_CHARS]
+
+
+def _log_outcome(method: str, path: str, started: float, error: KlingError | None, *,
+                 status: int | None = None, request_id: str | None = None) -> None:
+    fields = {"method": method, "path": path, "elapsed_ms": round((time.monotonic() - started) * 1000)}
+    if error is None:
+        log.debug("kling call ok", extra={**fields, "http_status": status, "request_id": request_id})
+    else:
+        log.info("kling call failed", extra={**fields, "http_status": error.http_status, "code": error.code,
+                                             "request_id": error.request_id, "kind": error.kind.value})
+
+
+__all__ = [
+    "TASK_STATUSES", "ErrorKind", "KlingAmbiguous", "KlingClient", "KlingError", "KlingFixAccount",
+    "KlingFixRequest", "KlingProtocolError", "KlingRetryLater", "KlingTask", "KlingTaskNotFound",
+    "KlingVideo", "TaskStatus", "error_for", "kind_for_code",
+]
