@@ -1,0 +1,84 @@
+"""Taking a job in: validate everything, store it, queue it. Used by the HTTP API and the Python client.
+
+Nothing is stored and nothing is queued unless the whole request is valid. The job is stored before its
+message is sent; should the send fail, the job stays `queued` with a due time, and the reconciler re-sends it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from shared.jobs import Job, JobStore
+from shared.queue import Enqueuer
+from shared.settings import Settings
+from shared.validation import FieldProblem, Limits, ValidationFailed, validate_multi_image2video
+
+log = logging.getLogger(__name__)
+
+EXTRA_FIELDS = ("notify_url", "metadata")
+MAX_METADATA_BYTES = 16 * 1024
+MAX_IDEMPOTENCY_KEY_CHARS = 255
+
+
+@dataclass(frozen=True)
+class Accepted:
+    job: Job
+    created: bool  # False: an idempotent replay of an earlier identical request
+
+
+def _extra_problems(extras: dict[str, Any], settings: Settings) -> list[FieldProblem]:
+    problems: list[FieldProblem] = []
+    if "notify_url" in extras and extras["notify_url"] is not None:
+        url = extras["notify_url"]
+        parts = urlsplit(url) if isinstance(url, str) else None
+        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname or len(url) > 2048:
+            problems.append(FieldProblem("notify_url", "must be an http(s) URL with a host, at most 2048 characters"))
+        elif settings.notify_secret is None:
+            problems.append(FieldProblem("notify_url", "this relay has no NOTIFY_SECRET configured to sign "
+                                                       "notifications; ask its operator or leave notify_url out"))
+    if "metadata" in extras and extras["metadata"] is not None:
+        metadata = extras["metadata"]
+        if not isinstance(metadata, dict):
+            problems.append(FieldProblem("metadata", "must be a JSON object"))
+        elif len(json.dumps(metadata)) > MAX_METADATA_BYTES:
+            problems.append(FieldProblem("metadata", f"must be at most {MAX_METADATA_BYTES} bytes as JSON"))
+    return problems
+
+
+def idempotency_key_problem(key: str | None) -> FieldProblem | None:
+    if key is None:
+        return None
+    if not key or len(key) > MAX_IDEMPOTENCY_KEY_CHARS or not key.isprintable():
+        return FieldProblem("Idempotency-Key", f"must be 1 to {MAX_IDEMPOTENCY_KEY_CHARS} printable characters")
+    return None
+
+
+def accept_job(body: object, *, store: JobStore, enqueuer: Enqueuer, settings: Settings,
+               idempotency_key: str | None = None) -> Accepted:
+    """Validate, store and queue one job; raises ValidationFailed (every problem) or IdempotencyConflict."""
+    result = validate_multi_image2video(body, limits=Limits(prompt_max_chars=settings.prompt_max_chars),
+                                        extra_fields=EXTRA_FIELDS)
+    problems = list(result.problems) + _extra_problems(result.extras, settings)
+    key_problem = idempotency_key_problem(idempotency_key)
+    if key_problem:
+        problems.append(key_problem)
+    if problems or result.request is None:
+        raise ValidationFailed(tuple(problems))
+    job, created = store.create(
+        result.request,
+        notify_url=result.extras.get("notify_url"),
+        metadata=result.extras.get("metadata") or {},
+        idempotency_key=idempotency_key,
+        deadline_seconds=settings.job_deadline_seconds,
+        due_in=settings.reconcile_quiet_seconds,
+    )
+    if created:
+        try:
+            enqueuer.submit(job.id)
+        except Exception:  # the broker is down: the job is stored and due, the reconciler re-sends it
+            log.exception("could not queue job; the reconciler will retry", extra={"job_id": job.id})
+    return Accepted(job=job, created=created)

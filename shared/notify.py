@@ -1,0 +1,95 @@
+"""Telling the world that a job finished: a Redis stream for consumers and Standard Webhooks POSTs.
+
+The stream entry is written by whoever applied the terminal state step (so once per job); the webhook POST to a
+job's `notify_url` is signed per the Standard Webhooks scheme: headers `webhook-id`, `webhook-timestamp` and
+`webhook-signature` = `v1,<base64 HMAC-SHA256 of "<id>.<timestamp>.<body>">`, keyed with NOTIFY_SECRET
+(a `whsec_<base64>` secret is base64-decoded first, as the scheme's libraries do).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import time
+from typing import Any
+
+import redis
+import requests
+
+from shared.settings import Secret
+
+
+class NotifyError(Exception):
+    """Delivery failed; `retryable` says whether trying again later may help."""
+
+    def __init__(self, message: str, *, retryable: bool) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+
+
+def secret_bytes(secret: Secret) -> bytes:
+    raw = secret.reveal()
+    if raw.startswith("whsec_"):
+        return base64.b64decode(raw[len("whsec_"):])
+    return raw.encode()
+
+
+def sign(secret: Secret, msg_id: str, timestamp: int, body: bytes) -> str:
+    to_sign = f"{msg_id}.{timestamp}.".encode() + body
+    digest = hmac.new(secret_bytes(secret), to_sign, hashlib.sha256).digest()
+    return "v1," + base64.b64encode(digest).decode()
+
+
+def verify(secret: Secret, headers: dict[str, str], body: bytes, *, tolerance: int = 300,
+           now: float | None = None) -> bool:
+    """Check a Standard Webhooks signature (what a receiver does); used by tests and offered to consumers."""
+    try:
+        msg_id = headers["webhook-id"]
+        timestamp = int(headers["webhook-timestamp"])
+        signatures = headers["webhook-signature"].split()
+    except (KeyError, ValueError):
+        return False
+    if abs((now or time.time()) - timestamp) > tolerance:
+        return False
+    expected = sign(secret, msg_id, timestamp, body)
+    return any(hmac.compare_digest(expected, s) for s in signatures)
+
+
+def event_payload(job_public: dict[str, Any]) -> dict[str, Any]:
+    """The body consumers get: the event type and the job as GET /v1/jobs/<id> shows it, without the timeline."""
+    job = {k: v for k, v in job_public.items() if k != "events"}
+    return {"type": f"job.{job['state']}", "timestamp": time.time(), "data": job}
+
+
+def publish(client: redis.Redis, stream: str, job_public: dict[str, Any], *, maxlen: int = 100_000) -> str:
+    """Append the finished job to the consumers' Redis stream (approximately capped); returns the entry id."""
+    fields: dict[Any, Any] = {
+        "job_id": job_public["id"],
+        "state": job_public["state"],
+        "payload": json.dumps(event_payload(job_public), separators=(",", ":"), sort_keys=True),
+    }
+    return str(client.xadd(stream, fields, maxlen=maxlen, approximate=True))
+
+
+def deliver(url: str, secret: Secret, msg_id: str, payload: dict[str, Any], *, session: requests.Session,
+            timeout: tuple[float, float] = (5.0, 15.0)) -> int:
+    """POST one signed event; 2xx → status, 4xx other than 408/429 → NotifyError(permanent), else retryable."""
+    body = json.dumps(payload, separators=(",", ":"), sort_keys=True).encode()
+    timestamp = int(time.time())
+    headers = {
+        "content-type": "application/json",
+        "user-agent": "kling-relay",
+        "webhook-id": msg_id,
+        "webhook-timestamp": str(timestamp),
+        "webhook-signature": sign(secret, msg_id, timestamp, body),
+    }
+    try:
+        response = session.post(url, data=body, headers=headers, timeout=timeout, allow_redirects=False)
+    except requests.RequestException as exc:
+        raise NotifyError(f"notify_url unreachable: {type(exc).__name__}", retryable=True) from exc
+    if 200 <= response.status_code < 300:
+        return response.status_code
+    retryable = response.status_code >= 500 or response.status_code in (408, 429)
+    raise NotifyError(f"notify_url answered HTTP {response.status_code}", retryable=retryable)

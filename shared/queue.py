@@ -1,0 +1,71 @@
+"""The Celery application factory and the names of tasks and queues.
+
+Both sides use it: the worker process registers the tasks (worker/tasks.py) on the app made here, and
+enqueuers (the HTTP API, the Python client, the webhook) send tasks by name without importing the worker.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+
+SUBMIT_QUEUE = "submit"
+COPY_QUEUE = "copy"
+NOTIFY_QUEUE = "notify"
+
+SUBMIT_TASK = "kling_relay.submit_job"
+COPY_TASK = "kling_relay.copy_video"
+NOTIFY_TASK = "kling_relay.notify_job"
+RECONCILE_TASK = "kling_relay.reconcile"
+
+# The longest task (a copy of a large video) is capped by its time limit; the broker's visibility timeout must be
+# longer, or Redis would hand an unacknowledged message to a second worker while the first still runs it.
+COPY_TIME_LIMIT_SECONDS = 3600
+VISIBILITY_TIMEOUT_SECONDS = 2 * COPY_TIME_LIMIT_SECONDS
+
+
+def make_celery(redis_url: str, **overrides: Any) -> Celery:
+    """A Celery app on Redis with the delivery guarantees DESIGN.md asks for (JSON only, late acks, prefetch 1)."""
+    app = Celery("kling_relay", broker=redis_url)
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        result_serializer="json",
+        task_ignore_result=True,
+        result_backend=None,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        broker_connection_retry_on_startup=True,
+        broker_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT_SECONDS},
+        broker_pool_limit=4,
+        task_default_queue=SUBMIT_QUEUE,
+        task_routes={
+            SUBMIT_TASK: {"queue": SUBMIT_QUEUE},
+            COPY_TASK: {"queue": COPY_QUEUE},
+            NOTIFY_TASK: {"queue": NOTIFY_QUEUE},
+            RECONCILE_TASK: {"queue": SUBMIT_QUEUE},
+        },
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+        enable_utc=True,
+    )
+    app.conf.update(overrides)
+    return app
+
+
+class Enqueuer:
+    """Sends pipeline tasks by name; what the API, the webhook and the Python client use to hand work on."""
+
+    def __init__(self, app: Celery) -> None:
+        self.app = app
+
+    def submit(self, job_id: str, *, countdown: float | None = None) -> None:
+        self.app.send_task(SUBMIT_TASK, args=[job_id], queue=SUBMIT_QUEUE, countdown=countdown)
+
+    def copy(self, job_id: str, *, countdown: float | None = None) -> None:
+        self.app.send_task(COPY_TASK, args=[job_id], queue=COPY_QUEUE, countdown=countdown)
+
+    def notify(self, job_id: str, state: str) -> None:
+        self.app.send_task(NOTIFY_TASK, args=[job_id, state], queue=NOTIFY_QUEUE)

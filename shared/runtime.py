@@ -1,0 +1,64 @@
+"""Wiring: the clients one process needs, built once from Settings and handed to the plain functions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import boto3
+import redis
+import requests
+from botocore.config import Config
+from celery import Celery
+
+from shared.jobs import JobStore
+from shared.kling import KlingClient
+from shared.queue import Enqueuer, make_celery
+from shared.settings import Settings
+from shared.storage import Storage
+from shared.urlguard import UrlAllowlist
+
+
+def make_s3_client(settings: Settings) -> Any:
+    """boto3 S3 client; credentials from boto3's usual chain, timeouts and bounded retries on every call."""
+    config = Config(connect_timeout=5, read_timeout=60, retries={"max_attempts": 5, "mode": "standard"})
+    return boto3.client("s3", endpoint_url=settings.s3_endpoint_url, config=config)
+
+
+def make_kling_client(settings: Settings, session: requests.Session | None = None) -> KlingClient:
+    timeout = (settings.kling_connect_timeout_seconds, settings.kling_timeout_seconds)
+    if settings.kling_api_key:
+        return KlingClient(settings.kling_base_url, api_key=settings.kling_api_key.reveal(), timeout=timeout,
+                           session=session)
+    assert settings.kling_secret_key is not None
+    return KlingClient(settings.kling_base_url, access_key=settings.kling_access_key,
+                       secret_key=settings.kling_secret_key.reveal(), timeout=timeout, session=session)
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    redis: redis.Redis
+    store: JobStore
+    kling: KlingClient
+    storage: Storage
+    allowlist: UrlAllowlist
+    http: requests.Session
+    enqueuer: Enqueuer
+
+    @classmethod
+    def from_settings(cls, settings: Settings, celery_app: Celery | None = None) -> Runtime:
+        client = redis.Redis.from_url(settings.redis_url, decode_responses=True, socket_timeout=10,
+                                      socket_connect_timeout=5, health_check_interval=30)
+        http = requests.Session()
+        http.headers["user-agent"] = "kling-relay"
+        return cls(
+            settings=settings,
+            redis=client,
+            store=JobStore(client),
+            kling=make_kling_client(settings),
+            storage=Storage(make_s3_client(settings), settings.s3_bucket, settings.s3_prefix),
+            allowlist=UrlAllowlist.parse(settings.video_url_allowlist),
+            http=http,
+            enqueuer=Enqueuer(celery_app or make_celery(settings.redis_url)),
+        )

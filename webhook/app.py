@@ -1,0 +1,44 @@
+"""The web process: the jobs API (`/v1/jobs`), Kling's callbacks (`/callbacks/kling/<job_id>`) and `/healthz`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Flask, jsonify
+from werkzeug.exceptions import HTTPException
+
+from shared.runtime import Runtime
+from shared.settings import Settings, load_settings
+
+
+def create_app(settings: Settings | None = None, runtime: Runtime | None = None) -> Flask:
+    settings = settings or (runtime.settings if runtime else load_settings())
+    app = Flask("kling_relay")
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
+    app.extensions["kling_relay"] = runtime or Runtime.from_settings(settings)
+
+    from webhook.api import bp as api_bp
+    from webhook.callbacks import bp as callbacks_bp
+
+    app.register_blueprint(api_bp)
+    app.register_blueprint(callbacks_bp)
+
+    @app.get("/healthz")
+    def healthz() -> Any:
+        rt: Runtime = app.extensions["kling_relay"]
+        try:
+            rt.redis.ping()
+        except Exception:
+            return jsonify(status="unhealthy", redis="unreachable"), 503
+        return jsonify(status="ok")
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException) -> Any:
+        return jsonify(error=exc.description or exc.name), exc.code or 500
+
+    @app.errorhandler(Exception)
+    def unexpected(exc: Exception) -> Any:
+        app.logger.exception("unhandled error")
+        return jsonify(error="internal error"), 500
+
+    return app

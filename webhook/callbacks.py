@@ -1,0 +1,53 @@
+"""Kling's side: `POST /callbacks/kling/<job_id>?token=...`. Verify, record one state step, answer fast.
+
+Callbacks are unsigned, so the per-job token (HMAC of the job id) is the only proof the caller knows the URL we
+gave Kling. The body is checked for shape and its task_id must be the job's; the URL in it is never used (the
+copy re-reads the task from Kling). Duplicates and stale updates get a 2xx and change nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from flask import Blueprint, jsonify, request
+
+from shared.kling import KlingTask
+from shared.pipeline import apply_task_status
+from shared.tokens import callback_token_ok
+from webhook.common import error, runtime
+
+bp = Blueprint("callbacks", __name__)
+JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+@bp.post("/callbacks/kling/<job_id>")
+def kling_callback(job_id: str) -> Any:
+    rt = runtime()
+    if not JOB_ID.match(job_id) or not callback_token_ok(rt.settings.callback_secret, job_id,
+                                                          request.args.get("token")):
+        return error(403, "bad callback token")
+    limit = rt.settings.max_callback_bytes
+    if request.content_length is not None and request.content_length > limit:
+        return error(413, f"callback body over {limit} bytes")
+    raw = request.stream.read(limit + 1)
+    if len(raw) > limit:
+        return error(413, f"callback body over {limit} bytes")
+    job = rt.store.get(job_id)
+    if job is None:
+        return error(404, "unknown job")
+    try:
+        task = KlingTask.from_json(json.loads(raw))
+    except (ValueError, TypeError) as exc:
+        return error(400, f"not a Kling task object: {exc}")
+    if task.external_task_id is not None and task.external_task_id != job_id:
+        return error(409, "external_task_id does not match this job")
+    if job.kling_task_id != task.task_id:
+        if job.kling_task_id is not None:
+            return error(409, "task_id does not match this job's Kling task")
+        ok, _existing = rt.store.set_kling_task_id(job_id, task.task_id, source="callback")
+        if not ok:
+            return error(409, "task_id does not match this job's Kling task")
+    result = apply_task_status(rt, job_id, task, source="callback")
+    return jsonify(ok=True, applied=result.applied, state=result.job.state.value)
