@@ -1,0 +1,408 @@
+"""The job store: one Redis hash per job, moved through its states by atomic, monotonic steps.
+
+Every state change is one Lua script (`shared/jobs_lua.py`) that checks the current state, writes the new one
+with its fields and `updated_at`, appends an event to the job's timeline, moves the job between the state indexes
+and updates the due index. A step that would go backwards, repeat the current state or leave a terminal state
+changes nothing and records nothing (`applied=False`); only the explicit ops action `retry` leaves a terminal
+state (failed → queued).
+
+Layout (prefix `kr:` by default):
+- `kr:job:<id>` hash: the job (see `shared/jobs_model.py` for the field encoding)
+- `kr:job:<id>:events` list: the timeline, JSON events, oldest first, capped at `max_events`
+- `kr:jobs:all`, `kr:jobs:state:<state>` sorted sets, score = created_at: listing newest first
+- `kr:jobs:due` sorted set, score = when the reconciler should look next; terminal jobs are never in it
+- `kr:idem:<sha256(idempotency key)>` hash: `job_id` and `body` (sha256 of the canonical body)
+
+The client must be created with `decode_responses=True` (e.g. `redis.Redis.from_url(url,
+decode_responses=True)`); the constructor refuses any other. The scripts touch keys they compute from the prefix,
+so this needs a standalone (or Sentinel-managed) Redis, not Redis Cluster.
+
+With `job_ttl_seconds`, a job's hash and timeline expire that long after it enters a terminal state (a retry
+removes the expiry) and an idempotency key expires that long after the create; index entries of expired jobs are
+dropped lazily by `list()`, so `counts()` may include them until then.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import re
+import time
+from collections.abc import Callable, Collection
+from typing import Any, Literal, cast
+
+import redis
+
+from shared import jobs_lua
+from shared.jobs_model import (
+    ATTEMPT_PREFIX,
+    RANK,
+    SETTABLE_FIELDS,
+    SOURCES,
+    TERMINAL,
+    Event,
+    IdempotencyConflict,
+    Job,
+    JobNotFound,
+    JobState,
+    StepResult,
+    dumps,
+    new_job_id,
+)
+
+__all__ = [
+    "RANK", "SOURCES", "TERMINAL", "Event", "IdempotencyConflict", "Job", "JobNotFound", "JobState",
+    "JobStore", "StepResult",
+]
+
+_STATES: tuple[JobState, ...] = tuple(JobState)
+_KIND = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+_FORBIDDEN_REQUEST_KEYS = ("callback_url", "external_task_id")
+MAX_LIST_LIMIT = 200
+
+
+def _reply(raw: Any) -> list[Any]:
+    return cast(list[Any], raw)
+
+
+def _pairs(flat: list[str]) -> dict[str, str]:
+    return dict(zip(flat[0::2], flat[1::2], strict=True))
+
+
+class JobStore:
+    """Create, read, step and list jobs in Redis. Thread-safe: it holds no state besides the client."""
+
+    def __init__(self, redis: redis.Redis, *, prefix: str = "kr:", clock: Callable[[], float] = time.time,
+                 job_ttl_seconds: int | None = None, max_events: int = 1000) -> None:
+        if not redis.connection_pool.connection_kwargs.get("decode_responses"):
+            raise ValueError("JobStore needs a Redis client created with decode_responses=True")
+        if job_ttl_seconds is not None and job_ttl_seconds <= 0:
+            raise ValueError("job_ttl_seconds must be positive")
+        if max_events < 1:
+            raise ValueError("max_events must be at least 1")
+        self._r = redis
+        self._prefix = prefix
+        self._clock = clock
+        self._ttl = job_ttl_seconds or 0
+        self._max_events = max_events
+        self._create = redis.register_script(jobs_lua.CREATE)
+        self._step = redis.register_script(jobs_lua.STEP)
+        self._retry = redis.register_script(jobs_lua.RETRY)
+        self._note = redis.register_script(jobs_lua.NOTE)
+        self._set_task = redis.register_script(jobs_lua.SET_KLING_TASK_ID)
+        self._bump = redis.register_script(jobs_lua.BUMP_ATTEMPT)
+        self._set_due = redis.register_script(jobs_lua.SET_DUE)
+
+    def __repr__(self) -> str:
+        return f"JobStore(prefix={self._prefix!r})"
+
+    # -- keys -------------------------------------------------------------------------------------------
+
+    def _job_key(self, job_id: str) -> str:
+        return f"{self._prefix}job:{job_id}"
+
+    def _events_key(self, job_id: str) -> str:
+        return f"{self._prefix}job:{job_id}:events"
+
+    def _index_key(self, state: JobState | None) -> str:
+        return f"{self._prefix}jobs:all" if state is None else f"{self._prefix}jobs:state:{state.value}"
+
+    @property
+    def _due_key(self) -> str:
+        return f"{self._prefix}jobs:due"
+
+    def _step_keys(self, job_id: str) -> list[str]:
+        return [self._job_key(job_id), self._events_key(job_id), self._due_key,
+                *(self._index_key(s) for s in _STATES)]
+
+    # -- events -----------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _check_source(source: str) -> None:
+        if source not in SOURCES:
+            raise ValueError(f"source must be one of {sorted(SOURCES)}, not {source!r}")
+
+    def _event_head(self, now: float) -> str:
+        return '{"at":' + json.dumps(now) + ',"from":'
+
+    @staticmethod
+    def _event_tail(source: str, detail: dict[str, Any] | None) -> str:
+        """The part after `"to":...`: `,"source":...,"detail":{...}}`."""
+        return ',"source":' + dumps(source) + ',"detail":' + dumps(dict(detail or {})) + "}"
+
+    # -- create and read --------------------------------------------------------------------------------
+
+    def create(self, request: dict[str, Any], *, notify_url: str | None = None,
+               metadata: dict[str, Any] | None = None, idempotency_key: str | None = None,
+               deadline_seconds: float | None = None, due_in: float | None = None,
+               source: str = "api") -> tuple[Job, bool]:
+        """Store a new job in state `queued`; returns `(job, created)`.
+
+        `request` is the normalized Kling body without `callback_url`/`external_task_id` (the worker adds
+        those). With an `idempotency_key`, a second create with the same body (request, notify_url, metadata)
+        returns the first job and `created=False`; a different body raises `IdempotencyConflict`. The check and
+        the write are one script, so concurrent creates with one key make one job. `due_in` puts the job in the
+        due index that many seconds from now; `deadline_seconds` sets `deadline_at`.
+        """
+        self._check_source(source)
+        if not isinstance(request, dict):
+            raise TypeError("request must be a dict")
+        for key in _FORBIDDEN_REQUEST_KEYS:
+            if key in request:
+                raise ValueError(f"request must not carry {key!r}: the worker sets it per job")
+        if metadata is not None and not isinstance(metadata, dict):
+            raise TypeError("metadata must be a dict")
+        if deadline_seconds is not None and deadline_seconds <= 0:
+            raise ValueError("deadline_seconds must be positive")
+        meta = dict(metadata or {})
+        now = self._clock()
+        job_id = new_job_id(now)
+        body_hash = hashlib.sha256(dumps([request, notify_url, meta]).encode()).hexdigest()
+        fields = {
+            "id": job_id, "state": JobState.QUEUED.value, "request": dumps(request),
+            "notify_url": notify_url or "", "metadata": dumps(meta), "kling_task_id": "",
+            "created_at": repr(now), "updated_at": repr(now), "error": "null", "videos": "[]",
+            "deadline_at": repr(now + deadline_seconds) if deadline_seconds is not None else "",
+        }
+        event = dumps({"at": now, "from": None, "to": JobState.QUEUED.value, "source": source, "detail": {}})
+        keys = [self._job_key(job_id), self._events_key(job_id), self._index_key(None),
+                self._index_key(JobState.QUEUED), self._due_key]
+        if idempotency_key is not None:
+            if not isinstance(idempotency_key, str) or not idempotency_key:
+                raise ValueError("idempotency_key must be a non-empty string")
+            keys.append(f"{self._prefix}idem:{hashlib.sha256(idempotency_key.encode()).hexdigest()}")
+        args: list[str | int] = [
+            job_id, body_hash, self._ttl, repr(now), repr(now + due_in) if due_in is not None else "",
+            event, f"{self._prefix}job:", self._max_events,
+        ]
+        for name, value in fields.items():
+            args += [name, value]
+        status, found_id = _reply(self._create(keys=keys, args=args))
+        if status == "conflict":
+            raise IdempotencyConflict(found_id)
+        job = self.get(found_id)
+        if job is None:  # only if someone deleted the job between the script and this read
+            raise JobNotFound(found_id)
+        return job, status == "created"
+
+    def get(self, job_id: str) -> Job | None:
+        """The job, or None if there is none with this id."""
+        h = cast(dict[str, str], self._r.hgetall(self._job_key(job_id)))
+        return Job.from_hash(h) if h else None
+
+    def require(self, job_id: str) -> Job:
+        """The job; raises `JobNotFound` if there is none."""
+        job = self.get(job_id)
+        if job is None:
+            raise JobNotFound(job_id)
+        return job
+
+    def events(self, job_id: str, limit: int = 200) -> list[Event]:
+        """The job's latest `limit` events, oldest first (empty for an unknown job)."""
+        if limit < 1:
+            raise ValueError("limit must be at least 1")
+        raw = cast(list[str], self._r.lrange(self._events_key(job_id), -limit, -1))
+        return [Event.from_json(r) for r in raw]
+
+    # -- state changes ----------------------------------------------------------------------------------
+
+    def _encode_fields(self, set_fields: dict[str, Any] | None) -> list[str]:
+        out: list[str] = []
+        for name, value in (set_fields or {}).items():
+            if name not in SETTABLE_FIELDS:
+                raise ValueError(f"step cannot set {name!r}; settable: {sorted(SETTABLE_FIELDS)}")
+            if name == "kling_task_id":
+                if value is not None and not isinstance(value, str):
+                    raise TypeError("kling_task_id must be a string or None")
+                out += [name, value or ""]
+            elif name == "videos":
+                if not isinstance(value, list):
+                    raise TypeError("videos must be a list")
+                out += [name, dumps(value)]
+            else:
+                if value is not None and not isinstance(value, dict):
+                    raise TypeError("error must be a dict or None")
+                out += [name, dumps(value)]
+        return out
+
+    def _due_args(self, due_in: float | None | Literal["keep"], now: float) -> list[str]:
+        if due_in == "keep":
+            return ["keep", ""]
+        if due_in is None:
+            return ["none", ""]
+        return ["set", repr(now + due_in)]
+
+    def _result(self, job_id: str, raw: Any) -> StepResult:
+        reply = _reply(raw)
+        if reply[0] == "missing":
+            raise JobNotFound(job_id)
+        return StepResult(applied=reply[0] == "applied", job=Job.from_hash(_pairs(reply[2])),
+                          from_state=JobState(reply[1]))
+
+    def step(self, job_id: str, to: JobState, *, source: str, detail: dict[str, Any] | None = None,
+             set_fields: dict[str, Any] | None = None, only_from: Collection[JobState] | None = None,
+             due_in: float | None | Literal["keep"] = "keep") -> StepResult:
+        """Move the job to `to` if that is a step forward from a non-terminal state; else change nothing.
+
+        Forward means a higher rank on `queued → submitted → processing → generated → stored`, or `failed` /
+        `canceled` from any non-terminal state. `only_from` narrows the states the step may start from.
+        `set_fields` (kling_task_id, error, videos) are written only with an applied step. `due_in`: seconds
+        until the reconciler should look again, None to drop the job from the due index, "keep" to leave it;
+        entering a terminal state always drops it. An applied step appends one event; a no-op appends nothing.
+        Raises `JobNotFound` for an unknown job.
+        """
+        to = JobState(to)
+        self._check_source(source)
+        fields = self._encode_fields(set_fields)
+        allowed = "*" if only_from is None else ",".join(JobState(s).value for s in only_from)
+        now = self._clock()
+        tail = ',"to":' + dumps(to.value) + self._event_tail(source, detail)
+        args: list[str | int] = [to.value, repr(now), self._event_head(now), tail, allowed,
+                                 *self._due_args(due_in, now), self._ttl, self._max_events, *fields]
+        return self._result(job_id, self._step(keys=self._step_keys(job_id), args=args))
+
+    def retry(self, job_id: str, *, source: str, due_in: float | None = None) -> StepResult:
+        """Ops action: put a `failed` job back to `queued`; a no-op from any other state.
+
+        Clears the error and every attempt counter (a fresh budget), keeps `kling_task_id` and videos, removes
+        any expiry, and records the previous error in the event's detail. `due_in` puts the job in the due
+        index (None: not due-tracked until a later step sets it).
+        """
+        self._check_source(source)
+        now = self._clock()
+        tail = ',"to":"queued","source":' + dumps(source) + ',"detail":{"previous_error":'
+        args: list[str | int] = [repr(now), self._event_head(now), tail, *self._due_args(due_in, now),
+                                 self._max_events]
+        return self._result(job_id, self._retry(keys=self._step_keys(job_id), args=args))
+
+    def set_kling_task_id(self, job_id: str, task_id: str, *, source: str) -> tuple[bool, str | None]:
+        """Record Kling's task id if none is set yet; returns `(ok, existing)`.
+
+        `(True, None)`: set now (with an event); `(True, task_id)`: this id was already set (no event);
+        `(False, other)`: a different id is set and is kept. Raises `JobNotFound` for an unknown job.
+        """
+        self._check_source(source)
+        if not isinstance(task_id, str) or not task_id:
+            raise ValueError("task_id must be a non-empty string")
+        now = self._clock()
+        tail = self._event_tail(source, {"kling_task_id": task_id})
+        keys = [self._job_key(job_id), self._events_key(job_id)]
+        status, existing = _reply(self._set_task(
+            keys=keys, args=[task_id, repr(now), self._event_head(now), tail, self._max_events]))
+        if status == "missing":
+            raise JobNotFound(job_id)
+        if status == "set":
+            return True, None
+        return status == "same", existing
+
+    def note(self, job_id: str, *, source: str, detail: dict[str, Any]) -> None:
+        """Append an event without changing the state (from == to == current state), e.g. a duplicate callback.
+
+        Does not touch `updated_at`. Raises `JobNotFound` for an unknown job.
+        """
+        self._check_source(source)
+        now = self._clock()
+        keys = [self._job_key(job_id), self._events_key(job_id)]
+        reply = _reply(self._note(keys=keys, args=[self._event_head(now), self._event_tail(source, detail),
+                                                   self._max_events]))
+        if reply[0] == "missing":
+            raise JobNotFound(job_id)
+
+    def bump_attempt(self, job_id: str, kind: str) -> int:
+        """Add one to the job's `kind` counter (e.g. "submit", "copy") and return the new count."""
+        if not _KIND.match(kind):
+            raise ValueError("attempt kind must match [a-z][a-z0-9_]{0,31}")
+        count = int(self._bump(keys=[self._job_key(job_id)], args=[ATTEMPT_PREFIX + kind]))
+        if count < 0:
+            raise JobNotFound(job_id)
+        return count
+
+    # -- due index --------------------------------------------------------------------------------------
+
+    def set_due(self, job_id: str, in_seconds: float) -> None:
+        """Ask the reconciler to look at the job `in_seconds` from now; ignored for a terminal job."""
+        due_at = self._clock() + in_seconds
+        if int(self._set_due(keys=[self._job_key(job_id), self._due_key], args=[repr(due_at)])) < 0:
+            raise JobNotFound(job_id)
+
+    def due(self, *, now: float | None = None, limit: int = 100) -> list[str]:
+        """Ids of jobs due at `now` (default: the clock), earliest first; one read of the due index only."""
+        if limit < 1:
+            raise ValueError("limit must be at least 1")
+        at = self._clock() if now is None else now
+        return cast(list[str], self._r.zrangebyscore(self._due_key, "-inf", repr(at), start=0, num=limit))
+
+    # -- listing ----------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _encode_cursor(score: float, job_id: str) -> str:
+        return base64.urlsafe_b64encode(json.dumps([score, job_id]).encode()).decode().rstrip("=")
+
+    @staticmethod
+    def _decode_cursor(cursor: str) -> tuple[float, str]:
+        try:
+            raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+            score, job_id = json.loads(raw)
+            if isinstance(score, bool) or not isinstance(score, int | float) or not isinstance(job_id, str):
+                raise ValueError
+            return float(score), job_id
+        except (ValueError, TypeError, binascii.Error, UnicodeDecodeError) as exc:
+            raise ValueError("invalid cursor") from exc
+
+    def _page(self, key: str, limit: int, cursor: str | None) -> list[tuple[str, float]]:
+        """Up to limit+1 (id, score) entries after the cursor, newest first (ties: higher id first)."""
+        if cursor is None:
+            return cast(list[tuple[str, float]], self._r.zrevrange(key, 0, limit, withscores=True))
+        score, last = self._decode_cursor(cursor)
+        items: list[tuple[str, float]] = []
+        offset, batch = 0, limit + 16
+        while len(items) <= limit:
+            chunk = cast(list[tuple[str, float]], self._r.zrevrangebyscore(
+                key, repr(score), "-inf", start=offset, num=batch, withscores=True))
+            if not chunk:
+                break
+            offset += len(chunk)
+            # entries at the cursor's score with an id >= the cursor's come first: already served
+            items += [(m, s) for m, s in chunk if not (s == score and m >= last)]
+        return items[: limit + 1]
+
+    def list(self, *, state: JobState | None = None, limit: int = 50,
+             cursor: str | None = None) -> tuple[list[Job], str | None]:
+        """Jobs newest first (by created_at), all or those in one state; returns `(jobs, next_cursor)`.
+
+        Reads only the sorted-set index and the listed jobs (never a scan). `next_cursor` is an opaque string
+        for the next page, None after the last. A job that changed state between the index read and its own
+        read is left out of a by-state page; an expired job is left out and its index entry dropped.
+        `limit` 1..200; a malformed cursor raises ValueError.
+        """
+        if not 1 <= limit <= MAX_LIST_LIMIT:
+            raise ValueError(f"limit must be between 1 and {MAX_LIST_LIMIT}")
+        state = JobState(state) if state is not None else None
+        key = self._index_key(state)
+        entries = self._page(key, limit, cursor)
+        page = entries[:limit]
+        pipe = self._r.pipeline(transaction=False)
+        for job_id, _ in page:
+            pipe.hgetall(self._job_key(job_id))
+        jobs: list[Job] = []
+        gone: list[str] = []
+        for (job_id, _), h in zip(page, pipe.execute(), strict=True):
+            if not h:
+                gone.append(job_id)
+                continue
+            job = Job.from_hash(h)
+            if state is None or job.state == state:
+                jobs.append(job)
+        if gone:
+            self._r.zrem(key, *gone)
+        next_cursor = self._encode_cursor(page[-1][1], page[-1][0]) if len(entries) > limit else None
+        return jobs, next_cursor
+
+    def counts(self) -> dict[str, int]:
+        """Number of jobs in each state (one ZCARD per state index)."""
+        pipe = self._r.pipeline(transaction=False)
+        for s in _STATES:
+            pipe.zcard(self._index_key(s))
+        return {s.value: int(n) for s, n in zip(_STATES, pipe.execute(), strict=True)}

@@ -1,0 +1,158 @@
+"""The Lua scripts behind `JobStore`: each runs atomically inside Redis, so a check and its write cannot interleave.
+
+Key order shared by the state-changing scripts (`STEP`, `RETRY`):
+`KEYS[1]` job hash, `KEYS[2]` its events list, `KEYS[3]` the due index, `KEYS[4..10]` the state indexes in
+`JobState` order (queued, submitted, processing, generated, stored, failed, canceled).
+
+Events are JSON built by Python, except the `from` state which only the script knows: Python sends a head
+(`{"at":...,"from":`) and a tail (`,"to":...}`) and the script puts the quoted current state between them. State
+names are plain lowercase words, so no escaping is needed. Numbers never pass through Lua arithmetic (its
+`tostring` would round timestamps); scores and times arrive as strings and are stored as given.
+
+Replies: a table whose first item is a status word (`missing`, `noop`, `applied`, ...); state-changing scripts add
+the state before the step and the job's hash (HGETALL) after it.
+"""
+
+from __future__ import annotations
+
+_PRELUDE = """
+local RANK = {queued=0, submitted=1, processing=2, generated=3, stored=4}
+local TERMINAL = {stored=true, failed=true, canceled=true}
+local IDX = {queued=4, submitted=5, processing=6, generated=7, stored=8, failed=9, canceled=10}
+
+local function push_event(key, head, cur, tail, max_events)
+  redis.call('RPUSH', key, head .. '"' .. cur .. '"' .. tail)
+  redis.call('LTRIM', key, -tonumber(max_events), -1)
+end
+
+local function move_index(cur, to, id, score)
+  redis.call('ZREM', KEYS[IDX[cur]], id)
+  redis.call('ZADD', KEYS[IDX[to]], score, id)
+end
+
+local function update_due(to, mode, due_at, id)
+  if TERMINAL[to] or mode == 'none' then
+    redis.call('ZREM', KEYS[3], id)
+  elseif mode == 'set' then
+    redis.call('ZADD', KEYS[3], due_at, id)
+  end
+end
+"""
+
+# KEYS: job, events, all-index, queued-index, due[, idem]
+# ARGV: 1 id, 2 body hash, 3 idem ttl (0 = none), 4 created_at, 5 due_at ('' = none), 6 event json,
+#       7 job key prefix, 8 max events, 9.. field/value pairs
+CREATE = """
+if #KEYS >= 6 then
+  local cur = redis.call('HMGET', KEYS[6], 'job_id', 'body')
+  if cur[1] and redis.call('EXISTS', ARGV[7] .. cur[1]) == 1 then
+    if cur[2] == ARGV[2] then return {'existing', cur[1]} end
+    return {'conflict', cur[1]}
+  end
+  redis.call('DEL', KEYS[6])
+  redis.call('HSET', KEYS[6], 'job_id', ARGV[1], 'body', ARGV[2])
+  if tonumber(ARGV[3]) > 0 then redis.call('EXPIRE', KEYS[6], ARGV[3]) end
+end
+for i = 9, #ARGV, 2 do
+  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+end
+redis.call('RPUSH', KEYS[2], ARGV[6])
+redis.call('LTRIM', KEYS[2], -tonumber(ARGV[8]), -1)
+redis.call('ZADD', KEYS[3], ARGV[4], ARGV[1])
+redis.call('ZADD', KEYS[4], ARGV[4], ARGV[1])
+if ARGV[5] ~= '' then redis.call('ZADD', KEYS[5], ARGV[5], ARGV[1]) end
+return {'created', ARGV[1]}
+"""
+
+# ARGV: 1 to, 2 now, 3 event head, 4 event tail, 5 allowed sources ('*' = any, else comma-separated),
+#       6 due mode (keep|none|set), 7 due_at, 8 ttl seconds (0 = none), 9 max events, 10.. field/value pairs
+STEP = _PRELUDE + """
+local cur = redis.call('HGET', KEYS[1], 'state')
+if not cur then return {'missing'} end
+local to = ARGV[1]
+local ok = not TERMINAL[cur]
+if ok and ARGV[5] ~= '*' then
+  ok = false
+  for s in string.gmatch(ARGV[5], '[^,]+') do
+    if s == cur then ok = true end
+  end
+end
+if ok and to ~= 'failed' and to ~= 'canceled' then
+  ok = RANK[to] > RANK[cur]
+end
+if not ok then return {'noop', cur, redis.call('HGETALL', KEYS[1])} end
+local id = redis.call('HGET', KEYS[1], 'id')
+redis.call('HSET', KEYS[1], 'state', to, 'updated_at', ARGV[2])
+for i = 10, #ARGV, 2 do
+  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+end
+push_event(KEYS[2], ARGV[3], cur, ARGV[4], ARGV[9])
+move_index(cur, to, id, redis.call('HGET', KEYS[1], 'created_at'))
+update_due(to, ARGV[6], ARGV[7], id)
+if TERMINAL[to] and tonumber(ARGV[8]) > 0 then
+  redis.call('EXPIRE', KEYS[1], ARGV[8])
+  redis.call('EXPIRE', KEYS[2], ARGV[8])
+end
+return {'applied', cur, redis.call('HGETALL', KEYS[1])}
+"""
+
+# Ops retry: only failed -> queued. Clears the error and the attempt counters, removes any TTL.
+# ARGV: 1 now, 2 event head, 3 event tail start (up to the previous error), 4 due mode, 5 due_at, 6 max events
+RETRY = _PRELUDE + """
+local cur = redis.call('HGET', KEYS[1], 'state')
+if not cur then return {'missing'} end
+if cur ~= 'failed' then return {'noop', cur, redis.call('HGETALL', KEYS[1])} end
+local id = redis.call('HGET', KEYS[1], 'id')
+local err = redis.call('HGET', KEYS[1], 'error')
+if not err or err == '' then err = 'null' end
+redis.call('HSET', KEYS[1], 'state', 'queued', 'updated_at', ARGV[1], 'error', 'null')
+for _, k in ipairs(redis.call('HKEYS', KEYS[1])) do
+  if string.sub(k, 1, 8) == 'attempt:' then redis.call('HDEL', KEYS[1], k) end
+end
+push_event(KEYS[2], ARGV[2], cur, ARGV[3] .. err .. '}}', ARGV[6])
+move_index(cur, 'queued', id, redis.call('HGET', KEYS[1], 'created_at'))
+update_due('queued', ARGV[4], ARGV[5], id)
+redis.call('PERSIST', KEYS[1])
+redis.call('PERSIST', KEYS[2])
+return {'applied', cur, redis.call('HGETALL', KEYS[1])}
+"""
+
+# KEYS: job, events. ARGV: 1 event head, 2 event tail (starting after "to"), 3 max events
+NOTE = """
+local cur = redis.call('HGET', KEYS[1], 'state')
+if not cur then return {'missing'} end
+redis.call('RPUSH', KEYS[2], ARGV[1] .. '"' .. cur .. '","to":"' .. cur .. '"' .. ARGV[2])
+redis.call('LTRIM', KEYS[2], -tonumber(ARGV[3]), -1)
+return {'noted', cur}
+"""
+
+# KEYS: job, events. ARGV: 1 task id, 2 now, 3 event head, 4 event tail (after "to"), 5 max events
+SET_KLING_TASK_ID = """
+local cur = redis.call('HGET', KEYS[1], 'state')
+if not cur then return {'missing'} end
+local existing = redis.call('HGET', KEYS[1], 'kling_task_id')
+if existing and existing ~= '' then
+  if existing == ARGV[1] then return {'same', existing} end
+  return {'conflict', existing}
+end
+redis.call('HSET', KEYS[1], 'kling_task_id', ARGV[1], 'updated_at', ARGV[2])
+redis.call('RPUSH', KEYS[2], ARGV[3] .. '"' .. cur .. '","to":"' .. cur .. '"' .. ARGV[4])
+redis.call('LTRIM', KEYS[2], -tonumber(ARGV[5]), -1)
+return {'set', ''}
+"""
+
+# KEYS: job. ARGV: 1 field. Returns the new count, or -1 when the job does not exist.
+BUMP_ATTEMPT = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+return redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
+"""
+
+# KEYS: job, due. ARGV: 1 due_at. Returns -1 (no job), 0 (terminal: not due-tracked), 1 (set).
+SET_DUE = """
+local TERMINAL = {stored=true, failed=true, canceled=true}
+local cur = redis.call('HGET', KEYS[1], 'state')
+if not cur then return -1 end
+if TERMINAL[cur] then return 0 end
+redis.call('ZADD', KEYS[2], ARGV[1], redis.call('HGET', KEYS[1], 'id'))
+return 1
+"""

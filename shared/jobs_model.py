@@ -1,0 +1,197 @@
+"""The job record as values: its states, its timeline events, and the `Job` read back from Redis.
+
+Nothing here talks to Redis; `shared/jobs.py` stores and steps these values. A job is kept as one Redis hash
+of strings: plain strings for ids and timestamps (`""` meaning "none"), JSON for the structured fields
+(`request`, `metadata`, `error`, `videos`), and one `attempt:<kind>` integer field per retry counter.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+
+class JobState(StrEnum):
+    """Where a job is: `queued → submitted → processing → generated → stored`, or `failed` / `canceled`."""
+
+    QUEUED = "queued"
+    SUBMITTED = "submitted"
+    PROCESSING = "processing"
+    GENERATED = "generated"
+    STORED = "stored"
+    FAILED = "failed"
+    CANCELED = "canceled"
+
+
+TERMINAL: frozenset[JobState] = frozenset({JobState.STORED, JobState.FAILED, JobState.CANCELED})
+
+# Forward order of the happy path; failed/canceled have no rank (reachable from any non-terminal state).
+RANK: dict[JobState, int] = {
+    JobState.QUEUED: 0,
+    JobState.SUBMITTED: 1,
+    JobState.PROCESSING: 2,
+    JobState.GENERATED: 3,
+    JobState.STORED: 4,
+}
+
+# Who may write a timeline event.
+SOURCES: frozenset[str] = frozenset({"api", "worker", "callback", "reconciler"})
+
+# Fields `JobStore.step(set_fields=...)` may write.
+SETTABLE_FIELDS: frozenset[str] = frozenset({"kling_task_id", "error", "videos"})
+
+ATTEMPT_PREFIX = "attempt:"
+
+_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+
+
+def iso_utc(ts: float) -> str:
+    """A Unix timestamp as ISO-8601 UTC with milliseconds, e.g. `2026-05-01T12:00:00.123Z`."""
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _base32(value: int, width: int) -> str:
+    chars = []
+    for _ in range(width):
+        chars.append(_CROCKFORD[value & 31])
+        value >>= 5
+    return "".join(reversed(chars))
+
+
+def new_job_id(now: float) -> str:
+    """`job_` + a 26-character ULID: 48 bits of milliseconds then 80 random bits, Crockford base32.
+
+    Ids sort by creation time (to the millisecond), use only `[A-Za-z0-9_]` and are 30 characters long, so
+    they are safe as Kling's `external_task_id`, in URLs and in S3 keys.
+    """
+    millis = int(now * 1000) & ((1 << 48) - 1)
+    return "job_" + _base32(millis, 10) + _base32(secrets.randbits(80), 16)
+
+
+def dumps(value: Any) -> str:
+    """Compact, key-sorted JSON: the one encoding used for stored fields and body hashes."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+@dataclass(frozen=True)
+class Event:
+    """One entry of a job's timeline. `from_state` is None for the creation event; a note has from == to."""
+
+    at: float
+    from_state: str | None
+    to_state: str
+    source: str
+    detail: dict[str, Any]
+
+    def as_dict(self) -> dict[str, Any]:
+        """The public shape: `{"at": ISO-8601 UTC, "from", "to", "source", "detail"}`."""
+        return {"at": iso_utc(self.at), "from": self.from_state, "to": self.to_state,
+                "source": self.source, "detail": dict(self.detail)}
+
+    @classmethod
+    def from_json(cls, raw: str) -> Event:
+        data = json.loads(raw)
+        return cls(at=float(data["at"]), from_state=data.get("from"), to_state=data["to"],
+                   source=data["source"], detail=data.get("detail") or {})
+
+
+def _opt(raw: str | None) -> str | None:
+    return raw if raw else None
+
+
+def _opt_float(raw: str | None) -> float | None:
+    return float(raw) if raw else None
+
+
+def _json_or(raw: str | None, default: Any) -> Any:
+    if not raw:
+        return default
+    value = json.loads(raw)
+    return default if value is None else value
+
+
+@dataclass(frozen=True)
+class Job:
+    """A snapshot of one job. `request` is the normalized Kling body (images included), so it stays out of repr."""
+
+    id: str
+    state: JobState
+    request: dict[str, Any] = field(repr=False)
+    notify_url: str | None = field(repr=False)
+    metadata: dict[str, Any] = field(repr=False)
+    kling_task_id: str | None
+    created_at: float
+    updated_at: float
+    error: dict[str, Any] | None
+    videos: list[dict[str, Any]] = field(repr=False)
+    attempts: dict[str, int]
+    deadline_at: float | None
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in TERMINAL
+
+    def public_dict(self, events: list[Event] | None = None) -> dict[str, Any]:
+        """The `GET /v1/jobs/<id>` shape; timestamps as ISO-8601 UTC strings.
+
+        Never includes the request (and so never its images, base64 or URL). `events` is included only
+        when given, as a list of `Event.as_dict()`.
+        """
+        out: dict[str, Any] = {
+            "id": self.id,
+            "state": self.state.value,
+            "kling_task_id": self.kling_task_id,
+            "created_at": iso_utc(self.created_at),
+            "updated_at": iso_utc(self.updated_at),
+            "error": dict(self.error) if self.error is not None else None,
+            "videos": [dict(v) for v in self.videos],
+            "metadata": dict(self.metadata),
+            "notify_url": self.notify_url,
+        }
+        if events is not None:
+            out["events"] = [e.as_dict() for e in events]
+        return out
+
+    @classmethod
+    def from_hash(cls, h: dict[str, str]) -> Job:
+        """Decode the Redis hash written by `JobStore` (a client with `decode_responses=True`)."""
+        attempts = {k[len(ATTEMPT_PREFIX):]: int(v) for k, v in h.items() if k.startswith(ATTEMPT_PREFIX)}
+        return cls(
+            id=h["id"],
+            state=JobState(h["state"]),
+            request=_json_or(h.get("request"), {}),
+            notify_url=_opt(h.get("notify_url")),
+            metadata=_json_or(h.get("metadata"), {}),
+            kling_task_id=_opt(h.get("kling_task_id")),
+            created_at=float(h["created_at"]),
+            updated_at=float(h["updated_at"]),
+            error=_json_or(h.get("error"), None),
+            videos=_json_or(h.get("videos"), []),
+            attempts=attempts,
+            deadline_at=_opt_float(h.get("deadline_at")),
+        )
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What `JobStore.step`/`retry` did: `applied` False means nothing changed; `job` is the state after."""
+
+    applied: bool
+    job: Job
+    from_state: JobState
+
+
+class IdempotencyConflict(Exception):
+    """An idempotency key was reused with a different body (request, notify_url, metadata)."""
+
+    def __init__(self, job_id: str) -> None:
+        self.job_id = job_id
+        super().__init__(f"idempotency key already used for job {job_id} with a different body")
+
+
+class JobNotFound(KeyError):
+    """No job with this id (never created, or expired after its TTL)."""
