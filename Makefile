@@ -14,7 +14,7 @@ setup: ## Create .venv/ and install the project, its test tools and redis-server
 	@deploy/bootstrap.sh
 
 demo: setup ## Run three jobs end to end (simulator, local Redis and S3); MP4s land in demo-output/
-	@$(PY) -m shared.demo
+	@$(PY) -m deploy.demo
 
 test: setup ## Run the whole test suite (starts its own redis-server, moto S3, simulator, workers)
 	@$(PY) -m pytest $(PYTEST_ARGS)

@@ -1,0 +1,189 @@
+"""A whole kling-relay on this machine: redis-server, moto's S3 server, the Kling simulator, the web process
+(gunicorn) and Celery workers, each a real process on a free port. `make demo` and the end-to-end tests use it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import boto3
+import requests
+
+from deploy.procs import Process, RedisServer, free_port, wait_for_port
+
+DEMO_ACCESS_KEY = "demo-access-key"
+DEMO_SECRET_KEY = "demo-secret-key"
+DEMO_API_TOKEN = "demo-api-token-0123456789abcdef"
+DEMO_CALLBACK_SECRET = "demo-callback-secret-0123456789"
+DEMO_NOTIFY_SECRET = "demo-notify-secret-0123456789"
+BUCKET = "kling-relay-demo"
+AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+class LocalStack:
+    """Start with start(); processes log to `workdir/logs/<name>.log`; stop() ends everything it started."""
+
+    def __init__(self, workdir: Path, *, sim_args: Iterable[str] = (), env: Mapping[str, str] | None = None,
+                 worker_concurrency: int = 4, web_workers: int = 2, redis_appendonly: bool = False,
+                 sim_prefix: str = "") -> None:
+        self.workdir = workdir
+        self.logs = workdir / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.sim_args = list(sim_args)
+        self.sim_prefix = sim_prefix
+        self.extra_env = dict(env or {})
+        self.worker_concurrency = worker_concurrency
+        self.web_workers = web_workers
+        self.redis = RedisServer(workdir / "redis", appendonly=redis_appendonly)
+        self.s3_port = free_port()
+        self.sim_port = free_port()
+        self.web_port = free_port()
+        self.processes: dict[str, Process] = {}
+        self.python = sys.executable
+
+    # --- addresses ------------------------------------------------------------------------------------------
+    @property
+    def s3_endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.s3_port}"
+
+    @property
+    def sim_root(self) -> str:
+        return f"http://127.0.0.1:{self.sim_port}"
+
+    @property
+    def sim_base(self) -> str:
+        return self.sim_root + self.sim_prefix
+
+    @property
+    def web_url(self) -> str:
+        return f"http://127.0.0.1:{self.web_port}"
+
+    @property
+    def env(self) -> dict[str, str]:
+        """The environment of the relay's own processes (the same variables a deployment sets)."""
+        return {
+            **AWS_ENV,
+            "REDIS_URL": self.redis.url,
+            "KLING_BASE_URL": self.sim_base,
+            "KLING_ACCESS_KEY": DEMO_ACCESS_KEY,
+            "KLING_SECRET_KEY": DEMO_SECRET_KEY,
+            "PUBLIC_BASE_URL": self.web_url,
+            "CALLBACK_SECRET": DEMO_CALLBACK_SECRET,
+            "API_TOKENS": DEMO_API_TOKEN,
+            "NOTIFY_SECRET": DEMO_NOTIFY_SECRET,
+            "S3_BUCKET": BUCKET,
+            "S3_ENDPOINT_URL": self.s3_endpoint,
+            "VIDEO_URL_ALLOWLIST": f"http://127.0.0.1:{self.sim_port}",
+            "PORT": str(self.web_port),
+            "RETRY_BASE_SECONDS": "0.5",
+            "RETRY_MAX_SECONDS": "5",
+            "PYTHONUNBUFFERED": "1",
+            **self.extra_env,
+        }
+
+    # --- processes --------------------------------------------------------------------------------------------
+    def _spawn(self, name: str, argv: list[str], port: int | None = None, env: Mapping[str, str] | None = None,
+               timeout: float = 60.0) -> Process:
+        proc = Process(name, argv, log_dir=self.logs, env=dict(env or self.env), cwd=Path(__file__).parent.parent)
+        self.processes[name] = proc
+        if port is not None:
+            try:
+                wait_for_port(port, proc=proc.proc, timeout=timeout)
+            except (RuntimeError, TimeoutError) as exc:
+                raise RuntimeError(f"{name} did not start: {exc}\n--- {proc.log_path} ---\n{proc.log_tail()}") from exc
+        return proc
+
+    def start(self, *, workers: int = 1) -> LocalStack:
+        try:
+            self.redis.start()
+            self.start_s3()
+            self.start_simulator()
+            self.start_web()
+            for i in range(workers):
+                self.start_worker(f"worker{i + 1}")
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def start_s3(self) -> None:
+        self._spawn("s3", [self.python, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.s3_port)],
+                    self.s3_port, env={**os.environ, **AWS_ENV})
+        self.s3().create_bucket(Bucket=BUCKET)
+
+    def start_simulator(self) -> None:
+        argv = [self.python, "-m", "simulator", "--host", "127.0.0.1", "--port", str(self.sim_port),
+                "--access-key", DEMO_ACCESS_KEY, "--secret-key", DEMO_SECRET_KEY, *self.sim_args]
+        if self.sim_prefix:
+            argv += ["--prefix", self.sim_prefix]
+        self._spawn("simulator", argv, self.sim_port)
+
+    def start_web(self) -> None:
+        argv = [self.python, "-m", "gunicorn", "--bind", f"127.0.0.1:{self.web_port}", "--workers",
+                str(self.web_workers), "--threads", "4", "--timeout", "30", "--graceful-timeout", "5",
+                "webhook.wsgi:app"]
+        self._spawn("web", argv, self.web_port)
+
+    def start_worker(self, name: str = "worker1", queues: str = "submit,copy,notify") -> Process:
+        argv = [self.python, "-m", "celery", "-A", "worker.celery_app", "worker", "--queues", queues,
+                "--concurrency", str(self.worker_concurrency), "--prefetch-multiplier", "1", "--hostname",
+                f"{name}@%h", "--without-gossip", "--without-mingle", "--loglevel", "INFO"]
+        return self._spawn(name, argv)
+
+    def start_beat(self) -> Process:
+        argv = [self.python, "-m", "celery", "-A", "worker.celery_app", "beat", "--loglevel", "INFO",
+                "--schedule", str(self.workdir / "beat-schedule")]
+        return self._spawn("beat", argv)
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if requests.get(self.web_url + "/healthz", timeout=2).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError("web process never became healthy:\n" + self.processes["web"].log_tail())
+
+    def stop(self) -> None:
+        for proc in reversed(list(self.processes.values())):
+            proc.stop()
+        self.processes.clear()
+        self.redis.stop()
+
+    def __enter__(self) -> LocalStack:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # --- clients ------------------------------------------------------------------------------------------------
+    def s3(self) -> Any:
+        return boto3.client("s3", endpoint_url=self.s3_endpoint, aws_access_key_id="testing",
+                            aws_secret_access_key="testing", region_name="us-east-1")
+
+    def api(self, method: str, path: str, *, token: str = DEMO_API_TOKEN, **kwargs: Any) -> requests.Response:
+        headers = {"Authorization": f"Bearer {token}", **kwargs.pop("headers", {})}
+        return requests.request(method, self.web_url + path, headers=headers, timeout=30, **kwargs)
+
+    def sim_control(self, **knobs: Any) -> dict[str, Any]:
+        response = requests.post(self.sim_root + "/_sim/control", json=knobs, timeout=10)
+        response.raise_for_status()
+        result: dict[str, Any] = response.json()
+        return result
+
+    def sim_stats(self) -> dict[str, Any]:
+        response = requests.get(self.sim_root + "/_sim/stats", timeout=10)
+        response.raise_for_status()
+        result: dict[str, Any] = response.json()
+        return result
+
+    def logs_tail(self, lines: int = 40) -> str:
+        return "\n".join(f"--- {name} ---\n{p.log_tail(lines)}" for name, p in self.processes.items())
