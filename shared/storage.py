@@ -1,0 +1,367 @@
+"""The copy of finished videos into S3: a streaming download, a multipart upload, the manifest last.
+
+Layout (DESIGN.md): ``<prefix><yyyy>/<mm>/<dd>/<job_id>/video.mp4`` (``video-<n>.mp4``, n from 1, when a task
+has several videos), then ``manifest.json`` beside them, written LAST with a conditional create
+(``IfNoneMatch="*"``): consumers trigger on the manifest, and a copy that finds it in place does nothing, so a
+re-run after success neither downloads nor uploads again. Moto (the test S3) honours ``If-None-Match: *`` on
+PutObject and answers 412, which the tests check, so no HEAD guard is added in front of it.
+
+`Storage.copy_stream` always uses a multipart upload, even for a stream shorter than one part (one part then,
+which S3 accepts because the last part may be small): one code path, and the object appears only on
+CompleteMultipartUpload, never half-written. Memory stays bounded whatever the size: at most one part being
+assembled plus the chunk in hand. Any failure aborts the upload (no incomplete upload left behind) and
+raises `CopyError`; a process killed mid-copy cannot abort, so give the bucket a lifecycle rule
+``AbortIncompleteMultipartUpload`` (a day is plenty).
+
+`CopyError.retryable` tells the caller whether a retry can help: network errors, 5xx, truncated downloads and
+S3 hiccups are retryable; 403/404/410 from the source (expired result URL: re-read the task from Kling for a
+fresh one), oversize sources and S3 configuration errors (no bucket, access denied) are not. Policy refusals
+of a URL raise `shared.urlguard.UrlRefused` unchanged.
+
+Result URLs are signed and temporary: logs and error messages carry them without their query string.
+The S3 client (boto3, credentials from its usual chain) is created by the caller, with its own timeouts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import requests
+from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+from urllib3.exceptions import HTTPError as Urllib3Error
+
+from shared.urlguard import UrlAllowlist, UrlResolutionError, close_response, get_checked, redact_url
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+    from mypy_boto3_s3.type_defs import CompletedPartTypeDef
+
+log = logging.getLogger(__name__)
+
+VIDEO_CONTENT_TYPE = "video/mp4"
+MANIFEST_NAME = "manifest.json"
+MAX_PARTS = 10_000
+# S3 errors that no retry will fix: the caller should fail the job (and an operator fix the configuration).
+_PERMANENT_S3_CODES = frozenset({
+    "AccessDenied", "AllAccessDisabled", "InvalidAccessKeyId", "SignatureDoesNotMatch", "NoSuchBucket",
+    "InvalidBucketName", "AccountProblem", "InvalidRequest", "InvalidArgument", "EntityTooLarge",
+})
+_PERMANENT_SOURCE_STATUSES = frozenset({400, 401, 403, 404, 405, 410, 451})
+_MANIFEST_CORE_KEYS = frozenset({"job_id", "kling_task_id", "created_at", "stored_at", "videos"})
+
+
+class CopyError(Exception):
+    """The copy failed; `retryable` says whether trying again later can succeed."""
+
+    def __init__(self, message: str, *, retryable: bool) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+
+
+@dataclass(frozen=True)
+class StoredVideo:
+    """One video as stored: where it is, its SHA-256 (hex) and size, and Kling's duration string."""
+
+    bucket: str
+    key: str
+    sha256: str
+    bytes: int
+    duration: str | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"bucket": self.bucket, "key": self.key, "sha256": self.sha256, "bytes": self.bytes,
+                "duration": self.duration}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> StoredVideo:
+        return cls(bucket=str(data["bucket"]), key=str(data["key"]), sha256=str(data["sha256"]),
+                   bytes=int(data["bytes"]), duration=None if data.get("duration") is None else str(data["duration"]))
+
+
+def _s3_error(exc: Exception, action: str) -> CopyError:
+    """Translate a boto3 failure into CopyError, permanent for configuration problems."""
+    if isinstance(exc, ClientError):
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+        retryable = code not in _PERMANENT_S3_CODES and (status >= 500 or status in (0, 408, 429)
+                                                         or code in ("SlowDown", "RequestTimeout", "NoSuchUpload"))
+        return CopyError(f"S3 {action} failed: {code or status}", retryable=retryable)
+    if isinstance(exc, NoCredentialsError):
+        return CopyError(f"S3 {action} failed: no credentials", retryable=False)
+    return CopyError(f"S3 {action} failed: {type(exc).__name__}", retryable=True)
+
+
+class Storage:
+    """The destination bucket: key layout, streaming multipart copy, and the manifest (see module docstring)."""
+
+    def __init__(self, s3_client: S3Client, bucket: str, prefix: str = "", *,
+                 part_size: int = 8 * 1024 * 1024) -> None:
+        if part_size <= 0:
+            raise ValueError("part_size must be positive")
+        self.s3 = s3_client
+        self.bucket = bucket
+        self.prefix = prefix
+        self.part_size = part_size
+
+    def __repr__(self) -> str:
+        return f"Storage(bucket={self.bucket!r}, prefix={self.prefix!r}, part_size={self.part_size})"
+
+    def job_prefix(self, job_id: str, created_at: float) -> str:
+        """``<prefix><yyyy>/<mm>/<dd>/<job_id>/`` with the date of created_at (epoch seconds) in UTC."""
+        if not job_id or "/" in job_id or job_id in (".", "..") or not job_id.isprintable():
+            raise ValueError(f"job id {job_id!r} cannot be part of an object key")
+        day = datetime.fromtimestamp(created_at, tz=UTC)
+        return f"{self.prefix}{day:%Y/%m/%d}/{job_id}/"
+
+    def video_key(self, job_id: str, created_at: float, index: int, count: int) -> str:
+        """Key of video number index (0-based) of count: ``video.mp4`` alone, else ``video-<index+1>.mp4``."""
+        if not 0 <= index < count:
+            raise ValueError(f"video index {index} out of range for {count} videos")
+        name = "video.mp4" if count == 1 else f"video-{index + 1}.mp4"
+        return self.job_prefix(job_id, created_at) + name
+
+    def manifest_key(self, job_id: str, created_at: float) -> str:
+        return self.job_prefix(job_id, created_at) + MANIFEST_NAME
+
+    def read_manifest(self, job_id: str, created_at: float) -> dict[str, Any] | None:
+        """The job's manifest, or None if it does not exist yet; CopyError if S3 fails or it is not JSON."""
+        key = self.manifest_key(job_id, created_at)
+        try:
+            body = self.s3.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                return None
+            raise _s3_error(exc, "get manifest") from exc
+        except BotoCoreError as exc:
+            raise _s3_error(exc, "get manifest") from exc
+        try:
+            manifest = json.loads(body)
+        except ValueError as exc:
+            raise CopyError(f"manifest {key} is not JSON", retryable=False) from exc
+        if not isinstance(manifest, dict):
+            raise CopyError(f"manifest {key} is not a JSON object", retryable=False)
+        return manifest
+
+    def write_manifest(self, job_id: str, created_at: float, manifest: dict[str, Any]) -> bool:
+        """Create the manifest only if absent: True if written, False if one already existed (412/409)."""
+        body = json.dumps(manifest, sort_keys=True, indent=2).encode()
+        try:
+            self.s3.put_object(Bucket=self.bucket, Key=self.manifest_key(job_id, created_at), Body=body,
+                               ContentType="application/json", IfNoneMatch="*")
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code")
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (409, 412):
+                return False
+            raise _s3_error(exc, "put manifest") from exc
+        except BotoCoreError as exc:
+            raise _s3_error(exc, "put manifest") from exc
+        return True
+
+    def copy_stream(self, chunks: Iterable[bytes], *, key: str, expected_bytes: int | None,
+                    metadata: dict[str, str]) -> tuple[str, int]:
+        """Stream chunks into key as one multipart upload; returns (sha256 hex, size).
+
+        Parts of `part_size` are assembled from the chunks (memory bounded by one part plus one chunk), the
+        SHA-256 is computed on the way, the upload is completed only if the byte count equals expected_bytes
+        (when given), and the object is then HEAD-checked for the same size (deleted if it differs). On any
+        failure the multipart upload is aborted and CopyError raised (other exceptions, e.g. a worker's time
+        limit, abort the upload and propagate unchanged).
+        """
+        try:
+            upload_id = self.s3.create_multipart_upload(
+                Bucket=self.bucket, Key=key, ContentType=VIDEO_CONTENT_TYPE, Metadata=metadata)["UploadId"]
+        except (ClientError, BotoCoreError) as exc:
+            raise _s3_error(exc, "create multipart upload") from exc
+        try:
+            digest, size, parts = self._upload_parts(chunks, key, upload_id)
+            if expected_bytes is not None and size != expected_bytes:
+                raise CopyError(f"source sent {size} bytes, expected {expected_bytes}", retryable=True)
+            self.s3.complete_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id,
+                                              MultipartUpload={"Parts": parts})
+        except BaseException as exc:
+            self._abort(key, upload_id)
+            if isinstance(exc, (ClientError, BotoCoreError)):
+                raise _s3_error(exc, "multipart upload") from exc
+            raise
+        self._verify_size(key, size)
+        return digest, size
+
+    def _upload_parts(self, chunks: Iterable[bytes], key: str,
+                      upload_id: str) -> tuple[str, int, list[CompletedPartTypeDef]]:
+        sha = hashlib.sha256()
+        size = 0
+        parts: list[CompletedPartTypeDef] = []
+        buffer = bytearray()
+
+        def send(body: bytes) -> None:
+            number = len(parts) + 1
+            if number > MAX_PARTS:
+                raise CopyError(f"more than {MAX_PARTS} parts of {self.part_size} bytes", retryable=False)
+            etag = self.s3.upload_part(Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=number,
+                                       Body=body)["ETag"]
+            parts.append({"ETag": etag, "PartNumber": number})
+
+        for chunk in chunks:
+            sha.update(chunk)
+            size += len(chunk)
+            buffer += chunk
+            while len(buffer) >= self.part_size:
+                with memoryview(buffer) as view:
+                    part = bytes(view[:self.part_size])
+                del buffer[:self.part_size]
+                send(part)
+        if buffer or not parts:
+            send(bytes(buffer))
+        return sha.hexdigest(), size, parts
+
+    def _abort(self, key: str, upload_id: str) -> None:
+        try:
+            self.s3.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+        except (ClientError, BotoCoreError) as exc:
+            log.error("abort multipart upload failed", extra={"key": key, "error": repr(exc)})
+
+    def _verify_size(self, key: str, size: int) -> None:
+        try:
+            stored = self.s3.head_object(Bucket=self.bucket, Key=key)["ContentLength"]
+        except (ClientError, BotoCoreError) as exc:
+            raise _s3_error(exc, "head object") from exc
+        if stored != size:
+            try:
+                self.s3.delete_object(Bucket=self.bucket, Key=key)
+            except (ClientError, BotoCoreError) as exc:
+                log.error("delete of a mis-sized object failed", extra={"key": key, "error": repr(exc)})
+            raise CopyError(f"stored object {key} has {stored} bytes, copied {size}", retryable=True)
+
+
+@dataclass
+class Download:
+    """An open streaming download: iterate `chunks` once; `close()` (or the context manager) releases it."""
+
+    chunks: Iterator[bytes]
+    content_length: int | None
+    final_url: str
+    _response: requests.Response = field(repr=False)
+
+    def close(self) -> None:
+        close_response(self._response)
+
+    def __enter__(self) -> Download:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Download(url={redact_url(self.final_url)!r}, content_length={self.content_length})"
+
+
+def _content_length(response: requests.Response) -> int | None:
+    raw = response.headers.get("Content-Length")
+    if raw is None:
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        return None
+    return value if value >= 0 else None
+
+
+def _body(response: requests.Response, content_length: int | None, chunk_size: int,
+          max_bytes: int | None, where: str) -> Iterator[bytes]:
+    """The raw body (no content decoding) in chunks; CopyError on network errors or truncation."""
+    received = 0
+    try:
+        for chunk in response.raw.stream(chunk_size, decode_content=False):
+            received += len(chunk)
+            if max_bytes is not None and received > max_bytes:
+                raise CopyError(f"{where} is larger than {max_bytes} bytes", retryable=False)
+            yield chunk
+    except (Urllib3Error, requests.RequestException, OSError) as exc:
+        raise CopyError(f"download of {where} failed after {received} bytes: {type(exc).__name__}",
+                        retryable=True) from exc
+    finally:
+        close_response(response)
+    if content_length is not None and received != content_length:
+        raise CopyError(f"download of {where} truncated: {received} of {content_length} bytes", retryable=True)
+
+
+def download_chunks(url: str, allowlist: UrlAllowlist, *, session: requests.Session,
+                    timeout: tuple[float, float] = (5, 60), chunk_size: int = 1 << 20,
+                    max_bytes: int | None = None) -> Download:
+    """Open a streaming GET of url through the allow-list (vetted address, redirects re-checked).
+
+    Raises UrlRefused for policy refusals, CopyError(retryable=False) for 4xx such as 403/404/410 (an
+    expired result URL) or a source larger than max_bytes, CopyError(retryable=True) for DNS/network errors,
+    timeouts, 408/429/5xx; a body shorter than Content-Length raises CopyError(retryable=True) from the
+    chunks iterator. Requests ``Accept-Encoding: identity`` and never decodes, so the bytes are the file.
+    """
+    where = redact_url(url)
+    try:
+        response = get_checked(url, allowlist, session=session, timeout=timeout,
+                               headers={"Accept-Encoding": "identity"})
+    except UrlResolutionError as exc:
+        raise CopyError(f"download of {where}: {exc}", retryable=True) from exc
+    except (requests.RequestException, Urllib3Error, OSError) as exc:
+        raise CopyError(f"download of {where} failed: {type(exc).__name__}", retryable=True) from exc
+    where = redact_url(response.url or url)
+    status = response.status_code
+    if status != 200:
+        close_response(response)
+        retryable = status not in _PERMANENT_SOURCE_STATUSES and (status >= 500 or status in (408, 425, 429))
+        raise CopyError(f"download of {where} answered HTTP {status}", retryable=retryable)
+    length = _content_length(response)
+    if max_bytes is not None and length is not None and length > max_bytes:
+        close_response(response)
+        raise CopyError(f"{where} is {length} bytes, more than {max_bytes}", retryable=False)
+    return Download(chunks=_body(response, length, chunk_size, max_bytes, where), content_length=length,
+                    final_url=response.url or url, _response=response)
+
+
+def copy_videos(job_id: str, created_at: float, kling_task_id: str,
+                videos: Sequence[tuple[str, str, str | None]], storage: Storage, allowlist: UrlAllowlist,
+                session: requests.Session, *, extra_manifest: dict[str, Any],
+                timeout: tuple[float, float] = (5, 60), max_bytes: int | None = None) -> list[StoredVideo]:
+    """Copy a finished task's videos (video_id, url, duration) into S3, exactly once per job.
+
+    If the job's manifest exists the videos it lists are returned and nothing is downloaded. Otherwise each
+    video is streamed into its key, then the manifest ``{"job_id", "kling_task_id", "created_at",
+    "stored_at" (epoch seconds), "videos": [...], **extra_manifest}`` is created last, conditionally; if
+    another copy won that race, its manifest's videos are returned. Raises CopyError / UrlRefused.
+    """
+    clash = _MANIFEST_CORE_KEYS & extra_manifest.keys()
+    if clash:
+        raise ValueError(f"extra_manifest may not set {sorted(clash)}")
+    existing = storage.read_manifest(job_id, created_at)
+    if existing is not None:
+        log.info("manifest already present, nothing to copy", extra={"job_id": job_id})
+        return [StoredVideo.from_dict(v) for v in existing.get("videos", [])]
+    if not videos:
+        raise CopyError("the task has no videos to copy", retryable=False)
+    stored: list[StoredVideo] = []
+    for index, (video_id, url, duration) in enumerate(videos):
+        key = storage.video_key(job_id, created_at, index, len(videos))
+        started = time.monotonic()
+        with download_chunks(url, allowlist, session=session, timeout=timeout, max_bytes=max_bytes) as dl:
+            metadata = {"job-id": job_id, "kling-task-id": kling_task_id, "kling-video-id": video_id}
+            sha256, size = storage.copy_stream(dl.chunks, key=key, expected_bytes=dl.content_length,
+                                               metadata=metadata)
+        stored.append(StoredVideo(bucket=storage.bucket, key=key, sha256=sha256, bytes=size, duration=duration))
+        log.info("copied video", extra={"job_id": job_id, "key": key, "bytes": size,
+                                        "seconds": round(time.monotonic() - started, 3)})
+    manifest = {"job_id": job_id, "kling_task_id": kling_task_id, "created_at": created_at,
+                "stored_at": time.time(), "videos": [v.as_dict() for v in stored], **extra_manifest}
+    if storage.write_manifest(job_id, created_at, manifest):
+        return stored
+    winner = storage.read_manifest(job_id, created_at)
+    if winner is None:
+        raise CopyError("manifest create was refused but no manifest is readable", retryable=True)
+    log.info("another copy wrote the manifest first", extra={"job_id": job_id})
+    return [StoredVideo.from_dict(v) for v in winner.get("videos", [])]
