@@ -289,10 +289,11 @@ class JobStore:
         now = self._clock()
         tail = self._event_tail(source, {"kling_task_id": task_id})
         keys = [self._job_key(job_id), self._events_key(job_id)]
-        status, existing = _reply(self._set_task(
+        reply = _reply(self._set_task(
             keys=keys, args=[task_id, repr(now), self._event_head(now), tail, self._max_events]))
-        if status == "missing":
+        if reply[0] == "missing":
             raise JobNotFound(job_id)
+        status, existing = reply
         if status == "set":
             return True, None
         return status == "same", existing
