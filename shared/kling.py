@@ -266,6 +266,15 @@ class _Envelope:
     data: Any
 
 
+@dataclass(frozen=True)
+class _Answer:
+    """The ``data`` of a success envelope, with what identifies the answer in errors."""
+
+    data: Any
+    http_status: int
+    request_id: str | None
+
+
 class KlingClient:
     """Talks to ``<base_url>/v1/videos/multi-image2video``; ``base_url`` may carry a reseller's prefix.
 
@@ -318,28 +327,24 @@ class KlingClient:
         a 5xx answer, or a success answer that cannot be read): look the task up by external_task_id.
         A connection that failed before the request went out is KlingRetryLater.
         """
-        data = self._call("POST", MULTI_IMAGE2VIDEO_PATH, json_body=dict(body), create=True)
-        try:
-            return KlingTask.from_json(data)
-        except ValueError as exc:
-            raise KlingAmbiguous(f"create answered success but its task is malformed: {exc}",
-                                 cause=exc) from exc
+        answer = self._call("POST", MULTI_IMAGE2VIDEO_PATH, json_body=dict(body), create=True)
+        return _task_from(answer, KlingAmbiguous, "create answered success but its task is malformed")
 
     def get_task(self, task_id: str) -> KlingTask:
         """The task with this task_id; KlingTaskNotFound if Kling does not know it."""
-        data = self._call("GET", f"{MULTI_IMAGE2VIDEO_PATH}/{_path_segment(task_id, 'task_id')}")
-        return _task_or_protocol_error(data)
+        return _task_from(self._call("GET", f"{MULTI_IMAGE2VIDEO_PATH}/{_path_segment(task_id, 'task_id')}"))
 
     def list_tasks(self, page_num: int = 1, page_size: int = 30) -> list[KlingTask]:
         """One page of this account's tasks, newest first (pageNum 1-1000, pageSize 1-500)."""
         if not 1 <= page_num <= MAX_PAGE_NUM or not 1 <= page_size <= MAX_PAGE_SIZE:
             raise ValueError(f"page_num must be 1-{MAX_PAGE_NUM} and page_size 1-{MAX_PAGE_SIZE}")
-        data = self._call("GET", MULTI_IMAGE2VIDEO_PATH, params={"pageNum": page_num, "pageSize": page_size})
-        if data is None:
+        answer = self._call("GET", MULTI_IMAGE2VIDEO_PATH, params={"pageNum": page_num, "pageSize": page_size})
+        if answer.data is None:
             return []
-        if not isinstance(data, list):
-            raise KlingProtocolError(f"task list must be a JSON array, not {type(data).__name__}")
-        return [_task_or_protocol_error(item) for item in data]
+        if not isinstance(answer.data, list):
+            raise KlingProtocolError(f"task list must be a JSON array, not {type(answer.data).__name__}",
+                                     http_status=answer.http_status, request_id=answer.request_id)
+        return [_task_from(_Answer(item, answer.http_status, answer.request_id)) for item in answer.data]
 
     def get_task_by_external_id(self, external_task_id: str, *, max_pages: int = 5) -> KlingTask:
         """The task created with this external_task_id, robust to either reading of Kling's docs.
@@ -353,7 +358,7 @@ class KlingClient:
         """
         segment = _path_segment(external_task_id, "external_task_id")
         try:
-            task = _task_or_protocol_error(self._call("GET", f"{MULTI_IMAGE2VIDEO_PATH}/{segment}"))
+            task = _task_from(self._call("GET", f"{MULTI_IMAGE2VIDEO_PATH}/{segment}"))
             if task.external_task_id == external_task_id:
                 return task
         except KlingFixRequest as err:
@@ -374,8 +379,8 @@ class KlingClient:
     # -- transport
 
     def _call(self, method: str, path: str, *, params: Mapping[str, int] | None = None,
-              json_body: dict[str, Any] | None = None, create: bool = False) -> Any:
-        """Send one call and return the envelope's ``data``; retries once on 1004 with a fresh JWT."""
+              json_body: dict[str, Any] | None = None, create: bool = False) -> _Answer:
+        """Send one call and return the success envelope's data; retries once on 1004 with a fresh JWT."""
         token = self._auth.token()
         try:
             return self._send(method, path, token, params=params, json_body=json_body, create=create)
@@ -387,7 +392,7 @@ class KlingClient:
             return self._send(method, path, token, params=params, json_body=json_body, create=create)
 
     def _send(self, method: str, path: str, token: str, *, params: Mapping[str, int] | None,
-              json_body: dict[str, Any] | None, create: bool) -> Any:
+              json_body: dict[str, Any] | None, create: bool) -> _Answer:
         started = time.monotonic()
         try:
             response = self._session.request(
@@ -405,7 +410,7 @@ class KlingClient:
         envelope = _parse_envelope(raw)
         if envelope is not None and envelope.code == 0:
             _log_outcome(method, path, started, None, status=status, request_id=envelope.request_id)
-            return envelope.data
+            return _Answer(envelope.data, status, envelope.request_id)
         error = _answer_error(status, raw, envelope, create, token)
         _log_outcome(method, path, started, error)
         raise error
@@ -510,11 +515,14 @@ def _failed_before_sending(exc: requests.RequestException) -> bool:
     return isinstance(reason, NewConnectionError)
 
 
-def _task_or_protocol_error(data: Any) -> KlingTask:
+def _task_from(answer: _Answer, error: type[KlingError] = KlingProtocolError,
+               what: str = "malformed task in answer") -> KlingTask:
+    """The task in a success answer, or ``error`` (protocol error, or ambiguous for a create)."""
     try:
-        return KlingTask.from_json(data)
+        return KlingTask.from_json(answer.data)
     except ValueError as exc:
-        raise KlingProtocolError(f"malformed task in answer: {exc}", cause=exc) from exc
+        raise error(f"{what}: {exc}", http_status=answer.http_status, request_id=answer.request_id,
+                    cause=exc) from exc
 
 
 def _scrub(text: str, *secrets: str) -> str:

@@ -7,12 +7,14 @@ as expired. Neither object ever shows its secret in ``repr``/``str``.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
-import jwt
+from jwt import PyJWS
+from jwt.algorithms import HMACAlgorithm
 
 #: Lifetime Kling's docs prescribe for a token (``exp`` = now + 1800 s).
 TOKEN_LIFETIME_S = 1800
@@ -20,6 +22,18 @@ TOKEN_LIFETIME_S = 1800
 NOT_BEFORE_SKEW_S = 5
 #: A cached token is replaced once fewer than this many seconds of its lifetime are left.
 DEFAULT_RENEW_MARGIN_S = 300.0
+
+
+class _IssuedKeyHS256(HMACAlgorithm):
+    """HS256 without PyJWT's short-key warning: Kling issues the secret key, its length is not ours."""
+
+    def check_key_length(self, key: Any) -> str | None:
+        return None
+
+
+_JWS = PyJWS(algorithms=["HS256"])
+_JWS.unregister_algorithm("HS256")
+_JWS.register_algorithm("HS256", _IssuedKeyHS256(HMACAlgorithm.SHA256))
 
 
 class TokenSource(Protocol):
@@ -100,7 +114,8 @@ class JwtTokenSource:
         now = int(self._clock())
         self._expires_at = now + self._lifetime
         claims = {"iss": self._access_key, "exp": self._expires_at, "nbf": now - NOT_BEFORE_SKEW_S}
-        return jwt.encode(claims, self._secret_key, algorithm="HS256", headers={"typ": "JWT"})
+        payload = json.dumps(claims, separators=(",", ":")).encode()
+        return _JWS.encode(payload, self._secret_key, algorithm="HS256", headers={"typ": "JWT"})
 
     def __repr__(self) -> str:
         return "JwtTokenSource(<redacted>)"
