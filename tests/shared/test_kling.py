@@ -300,7 +300,8 @@ class Seen:
 
 @dataclass
 class ScriptedKling:
-    """A real HTTP server on 127.0.0.1 that answers from a script: (status, body), DROP or HANG."""
+    """A real HTTP server on 127.0.0.1 that answers from a script: (status, body), DROP, HANG, or a
+    function of the request (Seen) returning (status, body)."""
 
     port: int
     replies: list[Any] = field(default_factory=list)
@@ -322,6 +323,8 @@ def _handler(script: ScriptedKling) -> type[BaseHTTPRequestHandler]:
             body = self.rfile.read(length) if length else b""
             script.seen.append(Seen(self.command, self.path, self.headers.get("Authorization"), body))
             reply = script.replies.pop(0) if script.replies else (500, b"no reply scripted")
+            if callable(reply):
+                reply = reply(script.seen[-1])
             if reply == HANG:
                 script.release.wait(30)
                 reply = DROP
@@ -495,6 +498,30 @@ def test_expired_token_is_renewed_and_retried_once(scripted: ScriptedKling, make
     assert rejected == first and retried != first
     assert decode(retried.removeprefix("Bearer "))["exp"] == int(T0) + 60 + 1800
     assert scripted.seen[2].body == scripted.seen[1].body
+
+
+def test_token_near_expiry_is_renewed_before_the_server_rejects_it(scripted: ScriptedKling,
+                                                                     make_client: Any) -> None:
+    clock = FakeClock()  # shared by the client and the server's expiry check
+
+    def checks_exp(seen: Seen) -> tuple[int, bytes]:
+        claims = decode((seen.authorization or "").removeprefix("Bearer "))
+        if claims["exp"] <= clock.now:
+            return 401, envelope(1004, message="token expired")
+        return 200, envelope(data=task_json())
+
+    client = make_client(scripted.url, clock=clock)
+    scripted.reply(*[checks_exp] * 4)
+    client.get_task("t-1")
+    clock.now += 1400  # 400 s left: reused
+    client.get_task("t-1")
+    clock.now += 200  # 200 s left: renewed before sending
+    client.get_task("t-1")
+    clock.now += 300  # the first token would have expired by now
+    client.get_task("t-1")
+    tokens = [s.authorization for s in scripted.seen]
+    assert len(scripted.seen) == 4  # no 1004, no retry
+    assert tokens[0] == tokens[1] != tokens[2] == tokens[3]
 
 
 def test_expired_token_twice_is_an_account_error(scripted: ScriptedKling, make_client: Any) -> None:
