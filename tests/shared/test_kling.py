@@ -14,9 +14,11 @@ import json
 import pickle
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import jwt
@@ -40,6 +42,7 @@ from shared.kling import (
 )
 from shared.kling_auth import JwtTokenSource, StaticApiKey
 from tests.support.procs import free_port
+from tests.support.sim import SimHandle, running_simulator, start_simulator
 
 AK, API_KEY = "ak-test-0001", "static-key-very-secret"
 SK = "sk-test-secret-0001-long-enough-for-pyjwt"  # >= 32 bytes, so jwt.decode in tests does not warn
@@ -650,3 +653,204 @@ def test_lookup_by_external_id_propagates_other_errors(scripted: ScriptedKling, 
     with pytest.raises(KlingRetryLater):
         client.get_task_by_external_id("job-7")
     assert len(scripted.seen) == 3
+
+
+# ------------------------------------------------------------------------------- against the simulator
+
+IMAGE = {"image": "https://example.com/still.png"}  # only fetched once a task is processing
+
+
+def sim_body(external_task_id: str) -> dict[str, Any]:
+    return {"model_name": "kling-v1-6", "prompt": "a lighthouse at dusk", "image_list": [IMAGE],
+            "duration": "5", "external_task_id": external_task_id}
+
+
+@pytest.fixture(scope="module")
+def jwt_sim_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimHandle]:
+    # tasks stay "submitted": these tests are about the API, not about generating videos
+    with running_simulator(tmp_path_factory.mktemp("sim"), "--submitted-seconds", "600",
+                           prefix="/kling") as handle:
+        yield handle
+
+
+@pytest.fixture()
+def sim(jwt_sim_process: SimHandle) -> SimHandle:
+    """The module's JWT-mode simulator behind a /kling prefix, with no tasks and the startup knobs."""
+    jwt_sim_process.reset()
+    return jwt_sim_process
+
+
+@pytest.fixture()
+def sim_client(sim: SimHandle, make_client: Any) -> KlingClient:
+    client: KlingClient = make_client(sim.base_url, access_key=sim.access_key, secret_key=sim.secret_key)
+    return client
+
+
+def test_sim_create_get_list_and_lookup_behind_a_prefix(sim: SimHandle, sim_client: KlingClient) -> None:
+    a, b, c = (sim_client.create_multi_image2video(sim_body(f"job-{x}")) for x in "abc")
+    assert (a.status, a.external_task_id) == ("submitted", "job-a")
+    assert sim_client.get_task(b.task_id) == b
+    assert sim_client.get_task_by_external_id("job-b") == b
+    assert sim_client.list_tasks(page_size=2) == [c, b]
+    assert sim_client.list_tasks(page_num=2, page_size=2) == [a]
+    stats = sim.stats()
+    assert stats["tasks_by_external_id"] == {"job-a": [a.task_id], "job-b": [b.task_id], "job-c": [c.task_id]}
+    assert stats["requests"] == {"POST /v1/videos/multi-image2video": 3,
+                                 "GET /v1/videos/multi-image2video/{id}": 2,  # the lookup needed no list scan
+                                 "GET /v1/videos/multi-image2video": 2}
+
+
+def test_sim_api_key_mode(log_dir: Path, make_client: Any) -> None:
+    with running_simulator(log_dir, "--submitted-seconds", "600", api_key=API_KEY) as sim:
+        task = make_client(sim.base_url, api_key=API_KEY).create_multi_image2video(sim_body("job-k"))
+        assert make_client(sim.base_url, api_key=API_KEY).get_task_by_external_id("job-k") == task
+        with pytest.raises(KlingFixAccount) as info:
+            make_client(sim.base_url, api_key="not-the-key").get_task(task.task_id)
+        assert (info.value.http_status, info.value.code) == (401, 1002)
+        assert "not-the-key" not in str(info.value)
+
+
+def test_sim_wrong_secret_is_an_account_error(sim: SimHandle, make_client: Any) -> None:
+    client = make_client(sim.base_url, access_key=sim.access_key, secret_key="x" * 40)
+    with pytest.raises(KlingFixAccount) as info:
+        client.create_multi_image2video(sim_body("job-1"))
+    assert (info.value.http_status, info.value.code) == (401, 1002)
+    assert sim.stats()["requests"] == {"POST /v1/videos/multi-image2video": 1}  # not retried
+
+
+def test_sim_unknown_task(sim: SimHandle, sim_client: KlingClient) -> None:
+    sim_client.create_multi_image2video(sim_body("job-1"))
+    with pytest.raises(KlingTaskNotFound) as info:
+        sim_client.get_task("no-such-task")
+    assert (info.value.http_status, info.value.code, info.value.kind) == (404, 1203, ErrorKind.NOT_FOUND)
+    with pytest.raises(KlingTaskNotFound):
+        sim_client.get_task_by_external_id("job-2")
+    assert sim.stats()["requests"]["GET /v1/videos/multi-image2video"] == 1  # direct miss, then one short page
+
+
+def test_sim_duplicate_external_id(sim: SimHandle, sim_client: KlingClient) -> None:
+    sim_client.create_multi_image2video(sim_body("job-1"))
+    with pytest.raises(KlingFixRequest) as info:
+        sim_client.create_multi_image2video(sim_body("job-1"))
+    assert (info.value.http_status, info.value.code, info.value.kind) == (400, 1201, ErrorKind.FIX_REQUEST)
+    assert "external_task_id" in info.value.message
+    assert sim.stats()["tasks_created"] == 1
+
+
+def test_sim_invalid_body_is_a_request_error(sim_client: KlingClient) -> None:
+    with pytest.raises(KlingFixRequest) as info:
+        sim_client.create_multi_image2video({**sim_body("job-1"), "image_list": []})
+    assert info.value.code == 1201 and not info.value.retryable
+
+
+def test_sim_rate_limit_and_concurrency_cap(sim: SimHandle, sim_client: KlingClient) -> None:
+    sim.control(rate_limit_every_n=1)
+    with pytest.raises(KlingRetryLater) as info:
+        sim_client.create_multi_image2video(sim_body("job-1"))
+    assert (info.value.http_status, info.value.code) == (429, 1302) and info.value.retryable
+    sim.control(rate_limit_every_n=0, max_in_flight=1)
+    sim_client.create_multi_image2video(sim_body("job-1"))
+    with pytest.raises(KlingRetryLater) as info:
+        sim_client.create_multi_image2video(sim_body("job-2"))
+    assert (info.value.http_status, info.value.code) == (429, 1303)
+    assert sim.stats()["tasks_created"] == 1
+
+
+@pytest.mark.parametrize(("code", "status"), [(5000, 500), (5001, 503), (5002, 504)])
+def test_sim_server_errors(sim: SimHandle, sim_client: KlingClient, code: int, status: int) -> None:
+    sim.control(server_error_every_n=1, server_error_code=code, server_error_on="all")
+    with pytest.raises(KlingRetryLater) as retry:
+        sim_client.get_task("any")
+    assert (retry.value.http_status, retry.value.code) == (status, code)
+    with pytest.raises(KlingAmbiguous) as ambiguous:
+        sim_client.create_multi_image2video(sim_body("job-1"))
+    assert (ambiguous.value.http_status, ambiguous.value.code) == (status, code)
+    assert isinstance(ambiguous.value.cause, KlingRetryLater) and not ambiguous.value.retryable
+
+
+def test_sim_server_error_after_create_task_exists(sim: SimHandle, sim_client: KlingClient) -> None:
+    sim.control(server_error_every_n=1, server_error_creates_task=True)
+    with pytest.raises(KlingAmbiguous):
+        sim_client.create_multi_image2video(sim_body("job-1"))
+    found = sim_client.get_task_by_external_id("job-1")
+    assert sim.stats()["tasks_by_external_id"] == {"job-1": [found.task_id]}
+
+
+@pytest.mark.parametrize(("status", "code", "kind"), DOCUMENTED_CODES)
+def test_sim_every_code_on_create_and_query(sim: SimHandle, sim_client: KlingClient, status: int, code: int,
+                                            kind: ErrorKind) -> None:
+    sim.control(force_error_code=code, force_error_on="all")
+    with pytest.raises(KlingError) as on_query:
+        sim_client.get_task("any")
+    assert (on_query.value.kind, on_query.value.http_status, on_query.value.code) == (kind, status, code)
+    with pytest.raises(KlingError) as on_create:
+        sim_client.create_multi_image2video(sim_body("job-1"))
+    create_kind = ErrorKind.AMBIGUOUS if code >= 5000 else kind
+    assert (on_create.value.kind, on_create.value.http_status, on_create.value.code) == (create_kind, status,
+                                                                                         code)
+    assert type(on_create.value) is KIND_CLASSES[create_kind]
+    tries = 2 if code == 1004 else 1  # a 1004 is retried once with a fresh token, then given up
+    assert sim.stats()["error_codes"] == {str(code): 2 * tries}
+
+
+def test_sim_ambiguous_create_dropped_connection(sim: SimHandle, sim_client: KlingClient) -> None:
+    sim.control(ambiguous_create_every_n=1, ambiguous_create_mode="drop")
+    with pytest.raises(KlingAmbiguous) as info:
+        sim_client.create_multi_image2video(sim_body("job-1"))
+    assert isinstance(info.value.cause, requests.ConnectionError) and info.value.http_status is None
+    task = sim_client.get_task_by_external_id("job-1")
+    assert sim.stats()["tasks_by_external_id"] == {"job-1": [task.task_id]}
+
+
+def test_sim_ambiguous_create_late_answer(sim: SimHandle, make_client: Any) -> None:
+    sim.control(ambiguous_create_every_n=1, ambiguous_create_mode="delay", ambiguous_create_delay=3)
+    client = make_client(sim.base_url, access_key=sim.access_key, secret_key=sim.secret_key,
+                         timeout=(2.0, 0.3))
+    with pytest.raises(KlingAmbiguous) as info:
+        client.create_multi_image2video(sim_body("job-1"))
+    assert isinstance(info.value.cause, requests.Timeout)
+    assert client.get_task_by_external_id("job-1").external_task_id == "job-1"
+
+
+def test_sim_connection_refused_is_retry_later(log_dir: Path, make_client: Any) -> None:
+    sim = start_simulator(log_dir, prefix="/kling")
+    sim.stop()
+    client = make_client(sim.base_url, access_key=sim.access_key, secret_key=sim.secret_key)
+    with pytest.raises(KlingRetryLater) as info:
+        client.create_multi_image2video(sim_body("job-1"))
+    assert info.value.http_status is None and info.value.retryable
+
+
+def test_sim_expired_token_triggers_one_renewal(sim: SimHandle, make_client: Any) -> None:
+    readings: list[float] = []
+
+    def clock() -> float:
+        # the first reading is half an hour late, so the first token has expired; later readings are right
+        readings.append(time.time() - (2000 if not readings else 0))
+        return readings[-1]
+
+    client = make_client(sim.base_url, access_key=sim.access_key, secret_key=sim.secret_key, clock=clock)
+    task = client.create_multi_image2video(sim_body("job-1"))
+    stats = sim.stats()
+    assert stats["error_codes"] == {"1004": 1}
+    assert stats["requests"] == {"POST /v1/videos/multi-image2video": 2}
+    assert stats["tasks_by_external_id"] == {"job-1": [task.task_id]}
+
+
+def test_sim_token_near_expiry_is_renewed_before_sending(sim: SimHandle, make_client: Any) -> None:
+    offset = [-1803.0]  # the first tokens' exp is 3-4 s ago: still inside the simulator's 5 s leeway
+
+    def clock() -> float:
+        return time.time() + offset[0]
+
+    keys = {"access_key": sim.access_key, "secret_key": sim.secret_key, "clock": clock}
+    client = make_client(sim.base_url, **keys)
+    control = make_client(sim.base_url, **keys, jwt_renew_margin=0)  # the same client without the margin
+    client.create_multi_image2video(sim_body("job-1"))
+    control.get_task_by_external_id("job-1")
+    time.sleep(2.1)  # now the simulator refuses those tokens (exp + leeway has passed)
+    offset[0] += 1700  # the clients' clock sees ~100 s left on them: less than the 300 s margin
+    assert client.get_task_by_external_id("job-1").external_task_id == "job-1"
+    assert sim.stats()["error_codes"] == {}  # renewed before sending, never refused
+    assert control.get_task_by_external_id("job-1").external_task_id == "job-1"
+    assert sim.stats()["error_codes"] == {"1004": 1}  # the control sent its stale token and was refused
