@@ -28,7 +28,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, ClassVar, Literal, cast
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import quote, urlsplit
 
 import requests
 from urllib3.exceptions import MaxRetryError, NewConnectionError
@@ -289,8 +289,10 @@ class KlingClient:
                  session: requests.Session | None = None, clock: Callable[[], float] = time.time,
                  jwt_renew_margin: float = DEFAULT_RENEW_MARGIN_S) -> None:
         parts = urlsplit(base_url)
-        if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
-            raise ValueError("base_url must be an http(s) URL without query or fragment, "
+        if (parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment
+                or "@" in parts.netloc):
+            # (credentials in the URL would make requests send Basic auth instead of our Bearer header)
+            raise ValueError("base_url must be an http(s) URL without credentials, query or fragment, "
                              "e.g. https://api-singapore.klingai.com or https://host/kling")
         self._base_url = base_url.rstrip("/")
         self._auth = _auth_from(access_key, secret_key, api_key, clock, jwt_renew_margin)
@@ -299,11 +301,7 @@ class KlingClient:
         self._session = session if session is not None else requests.Session()
 
     def __repr__(self) -> str:
-        parts = urlsplit(self._base_url)
-        host = parts.hostname or ""
-        netloc = f"{host}:{parts.port}" if parts.port else host  # drops any user:password@
-        shown = urlunsplit((parts.scheme, netloc, parts.path, "", ""))
-        return f"KlingClient(base_url={shown!r}, auth={self._auth.mode!r})"
+        return f"KlingClient(base_url={self._base_url!r}, auth={self._auth.mode!r})"
 
     __str__ = __repr__
 
