@@ -28,7 +28,9 @@ import hashlib
 import json
 import logging
 import time
+from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -102,13 +104,14 @@ class Storage:
     """The destination bucket: key layout, streaming multipart copy, and the manifest (see module docstring)."""
 
     def __init__(self, s3_client: S3Client, bucket: str, prefix: str = "", *,
-                 part_size: int = 8 * 1024 * 1024) -> None:
-        if part_size <= 0:
-            raise ValueError("part_size must be positive")
+                 part_size: int = 8 * 1024 * 1024, max_in_flight: int = 2) -> None:
+        if part_size <= 0 or max_in_flight <= 0:
+            raise ValueError("part_size and max_in_flight must be positive")
         self.s3 = s3_client
         self.bucket = bucket
         self.prefix = prefix
         self.part_size = part_size
+        self.max_in_flight = max_in_flight
 
     def __repr__(self) -> str:
         return f"Storage(bucket={self.bucket!r}, prefix={self.prefix!r}, part_size={self.part_size})"
@@ -196,30 +199,45 @@ class Storage:
 
     def _upload_parts(self, chunks: Iterable[bytes], key: str,
                       upload_id: str) -> tuple[str, int, list[CompletedPartTypeDef]]:
+        """Cut the stream into parts and upload them, at most `max_in_flight` at a time (bounded memory)."""
         sha = hashlib.sha256()
         size = 0
         parts: list[CompletedPartTypeDef] = []
         buffer = bytearray()
+        in_flight: deque[Future[CompletedPartTypeDef]] = deque()
+        submitted = 0
 
-        def send(body: bytes) -> None:
-            number = len(parts) + 1
-            if number > MAX_PARTS:
-                raise CopyError(f"more than {MAX_PARTS} parts of {self.part_size} bytes", retryable=False)
+        def upload(number: int, body: bytes) -> CompletedPartTypeDef:
             etag = self.s3.upload_part(Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=number,
                                        Body=body)["ETag"]
-            parts.append({"ETag": etag, "PartNumber": number})
+            return {"ETag": etag, "PartNumber": number}
 
-        for chunk in chunks:
-            sha.update(chunk)
-            size += len(chunk)
-            buffer += chunk
-            while len(buffer) >= self.part_size:
-                with memoryview(buffer) as view:
-                    part = bytes(view[:self.part_size])
-                del buffer[:self.part_size]
-                send(part)
-        if buffer or not parts:
-            send(bytes(buffer))
+        # Leaving the with-block waits for the parts in flight, so an abort never races an upload_part.
+        with ThreadPoolExecutor(max_workers=self.max_in_flight, thread_name_prefix="s3-part") as pool:
+
+            def submit(body: bytes) -> None:
+                nonlocal submitted
+                while len(in_flight) >= self.max_in_flight:
+                    parts.append(in_flight.popleft().result())
+                if submitted >= MAX_PARTS:
+                    raise CopyError(f"more than {MAX_PARTS} parts of {self.part_size} bytes", retryable=False)
+                submitted += 1
+                in_flight.append(pool.submit(upload, submitted, body))
+
+            for chunk in chunks:
+                sha.update(chunk)
+                size += len(chunk)
+                buffer += chunk
+                while len(buffer) >= self.part_size:
+                    with memoryview(buffer) as view:
+                        part = bytes(view[:self.part_size])
+                    del buffer[:self.part_size]
+                    submit(part)
+            if buffer or not submitted:
+                submit(bytes(buffer))
+            del buffer
+            while in_flight:
+                parts.append(in_flight.popleft().result())
         return sha.hexdigest(), size, parts
 
     def _abort(self, key: str, upload_id: str) -> None:

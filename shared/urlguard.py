@@ -342,7 +342,7 @@ def get_checked(
         adapter = PinnedAdapter(target)
         try:
             prepared = session.prepare_request(requests.Request("GET", url, headers=dict(headers or {})))
-            env = session.merge_environment_settings(prepared.url, {}, True, None, None)
+            env = session.merge_environment_settings(prepared.url, {}, True, None, None)  # as Session.request
             verify: bool | str = env["verify"] if env["verify"] is not None else True
             response = adapter.send(prepared, stream=True, timeout=timeout, verify=verify,
                                     cert=env["cert"], proxies={})
