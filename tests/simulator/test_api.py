@@ -1,0 +1,230 @@
+"""The Kling API surface: auth codes, envelopes, validation, lookups, paging, methods, prefix, API key."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import pytest
+import requests
+
+from tests.simulator.conftest import CREATE_PATH, create, create_body, png_base64, wait_task
+from tests.support.sim import SimHandle, make_jwt, running_simulator
+
+
+def error_of(r: requests.Response) -> tuple[int, int]:
+    body = r.json()
+    assert set(body) == {"code", "message", "request_id", "data"}
+    assert body["message"]
+    return r.status_code, body["code"]
+
+
+# -- auth ------------------------------------------------------------------------------------------
+def test_missing_authorization_is_1001(sim: SimHandle, http: requests.Session) -> None:
+    r = http.post(sim.base_url + CREATE_PATH, json=create_body(), timeout=10)
+    assert error_of(r) == (401, 1001)
+    assert sim.stats()["tasks_created"] == 0
+
+
+@pytest.mark.parametrize("token", [
+    "not-a-jwt",
+    make_jwt("test-access-key", "the-wrong-secret-key-0123456789abcdefgh"),
+    make_jwt("someone-else", "test-secret-key-0123456789abcdef-0123456"),
+])
+def test_bad_token_is_1002(sim: SimHandle, http: requests.Session, token: str) -> None:
+    r = http.get(sim.base_url + CREATE_PATH, headers={"Authorization": f"Bearer {token}"}, timeout=10)
+    assert error_of(r) == (401, 1002)
+
+
+def test_token_not_yet_valid_is_1003(sim: SimHandle, http: requests.Session) -> None:
+    assert sim.access_key and sim.secret_key
+    token = make_jwt(sim.access_key, sim.secret_key, nbf_offset=120)
+    r = http.get(sim.base_url + CREATE_PATH, headers={"Authorization": f"Bearer {token}"}, timeout=10)
+    assert error_of(r) == (401, 1003)
+
+
+def test_expired_token_is_1004(sim: SimHandle, http: requests.Session) -> None:
+    assert sim.access_key and sim.secret_key
+    token = make_jwt(sim.access_key, sim.secret_key, now=time.time() - 3600)
+    r = http.get(sim.base_url + CREATE_PATH, headers={"Authorization": f"Bearer {token}"}, timeout=10)
+    assert error_of(r) == (401, 1004)
+    assert sim.stats()["error_codes"] == {"1004": 1}
+
+
+def test_api_key_mode(sim_logs: Path, http: requests.Session) -> None:
+    with running_simulator(sim_logs, api_key="reseller-key-123", prefix="/kling") as sim:
+        assert sim.base_url.endswith("/kling")
+        ok = create(sim, http)
+        assert ok.status_code == 200 and ok.json()["code"] == 0
+        wrong = http.get(sim.base_url + CREATE_PATH, headers={"Authorization": "Bearer reseller-key-124"},
+                         timeout=10)
+        assert error_of(wrong) == (401, 1002)
+        jwt = make_jwt("test-access-key", "reseller-key-123")
+        assert error_of(http.get(sim.base_url + CREATE_PATH, headers={"Authorization": f"Bearer {jwt}"},
+                                 timeout=10)) == (401, 1002)
+        assert error_of(http.get(sim.base_url + CREATE_PATH, timeout=10)) == (401, 1001)
+
+
+def test_prefix_mode_serves_only_under_the_prefix(sim_logs: Path, http: requests.Session) -> None:
+    with running_simulator(sim_logs, "--submitted-seconds", "0.05", "--processing-seconds", "0.05",
+                           prefix="/kling") as sim:
+        r = create(sim, http, external_task_id="pfx-1")
+        assert r.status_code == 200
+        task = wait_task(sim, "pfx-1")
+        assert task["task_status"] == "succeed"
+        bare = http.post(sim.root_url + CREATE_PATH, json=create_body(), headers=sim.auth_header(), timeout=10)
+        assert error_of(bare) == (404, 1202)
+        video_url = task["task_result"]["videos"][0]["url"]
+        assert video_url.startswith(sim.root_url + "/_sim/videos/")
+        assert http.get(video_url, timeout=10).status_code == 200
+
+
+# -- envelopes and validation ----------------------------------------------------------------------
+def test_request_ids_are_unique(sim: SimHandle, http: requests.Session) -> None:
+    ids = {http.get(sim.base_url + CREATE_PATH, headers=sim.auth_header(), timeout=10).json()["request_id"]
+           for _ in range(5)}
+    assert len(ids) == 5
+
+
+@pytest.mark.parametrize("overrides", [
+    {"prompt": None},
+    {"prompt": "x" * 2501},
+    {"negative_prompt": "x" * 2501},
+    {"image_list": []},
+    {"image_list": [{"image": png_base64()}] * 5},
+    {"image_list": [{"image": "data:image/png;base64," + png_base64()}]},
+    {"image_list": [{"url": "http://example.com/a.png"}]},
+    {"image_list": [{"image": "ftp://example.com/a.png"}]},
+    {"model_name": "kling-v9"},
+    {"mode": "turbo"},
+    {"duration": "7"},
+    {"duration": 7},
+    {"aspect_ratio": "4:3"},
+    {"callback_url": "not a url"},
+    {"external_task_id": 12},
+    {"image": png_base64()},
+    {"cfg_scale": 0.5},
+    {"model": "kling-v1-6"},
+    {"surprise": True},
+])
+def test_invalid_body_is_1201(sim: SimHandle, http: requests.Session, overrides: dict[str, Any]) -> None:
+    body = create_body()
+    body.update(overrides)
+    body = {k: v for k, v in body.items() if v is not None}
+    r = http.post(sim.base_url + CREATE_PATH, json=body, headers=sim.auth_header(), timeout=10)
+    assert error_of(r) == (400, 1201)
+    assert sim.stats()["tasks_created"] == 0
+
+
+def test_single_image_fields_get_a_clear_error(sim: SimHandle, http: requests.Session) -> None:
+    r = create(sim, http, image_tail=png_base64())
+    assert "multi-image2video" in r.json()["message"]
+
+
+@pytest.mark.parametrize("raw", [b"{not json", b"[1, 2]", b"\xff\xfe"])
+def test_body_that_is_not_a_json_object_is_1200(sim: SimHandle, http: requests.Session, raw: bytes) -> None:
+    headers = {**sim.auth_header(), "Content-Type": "application/json"}
+    r = http.post(sim.base_url + CREATE_PATH, data=raw, headers=headers, timeout=10)
+    assert error_of(r) == (400, 1200)
+
+
+def test_accepted_spellings(sim: SimHandle, http: requests.Session) -> None:
+    variants: list[dict[str, Any]] = [  # None = field left out
+        {"duration": 10}, {"duration": 5, "model_name": None, "mode": "pro"},
+        {"negative_prompt": None, "callback_url": None, "aspect_ratio": "1:1"}, {"prompt": "y" * 2500}]
+    for i, overrides in enumerate(variants):
+        r = create(sim, http, external_task_id=f"spell-{i}", **overrides)
+        assert r.status_code == 200, r.text
+
+
+def test_prompt_limit_knob(sim: SimHandle, http: requests.Session) -> None:
+    sim.control(prompt_max_chars=5000)
+    assert create(sim, http, prompt="z" * 5000).status_code == 200
+    assert error_of(create(sim, http, prompt="z" * 5001)) == (400, 1201)
+
+
+def test_duplicate_external_task_id_is_1201(sim: SimHandle, http: requests.Session) -> None:
+    first = create(sim, http, external_task_id="dup-1")
+    assert first.status_code == 200
+    second = create(sim, http, external_task_id="dup-1")
+    assert error_of(second) == (400, 1201)
+    assert "already exists" in second.json()["message"]
+    stats = sim.stats()
+    assert stats["tasks_by_external_id"] == {"dup-1": [first.json()["data"]["task_id"]]}
+    assert stats["duplicate_creates"] == {"dup-1": 1}
+
+
+# -- lookups, listing, methods ---------------------------------------------------------------------
+def test_lookup_by_task_id_external_id_and_query_param(sim: SimHandle, http: requests.Session) -> None:
+    ext = f"ext/{uuid.uuid4()}"  # a slash must survive percent-encoding in the path slot
+    task_id = create(sim, http, external_task_id=ext).json()["data"]["task_id"]
+    by_id = http.get(f"{sim.base_url}{CREATE_PATH}/{task_id}", headers=sim.auth_header(), timeout=10).json()
+    by_ext = http.get(f"{sim.base_url}{CREATE_PATH}/{quote(ext, safe='')}",
+                      headers=sim.auth_header(), timeout=10).json()
+    by_param = http.get(sim.base_url + CREATE_PATH, params={"external_task_id": ext},
+                        headers=sim.auth_header(), timeout=10).json()
+    for answer in (by_id, by_ext, by_param):
+        assert answer["code"] == 0
+        assert answer["data"]["task_id"] == task_id
+        assert answer["data"]["task_info"]["external_task_id"] == ext
+
+
+def test_unknown_task_is_1203(sim: SimHandle, http: requests.Session) -> None:
+    r = http.get(f"{sim.base_url}{CREATE_PATH}/no-such-task", headers=sim.auth_header(), timeout=10)
+    assert error_of(r) == (404, 1203)
+    r = http.get(sim.base_url + CREATE_PATH, params={"external_task_id": "nope"}, headers=sim.auth_header(),
+                 timeout=10)
+    assert error_of(r) == (404, 1203)
+
+
+def test_list_pages_newest_first(sim: SimHandle, http: requests.Session) -> None:
+    ids = [create(sim, http, external_task_id=f"list-{i}").json()["data"]["task_id"] for i in range(5)]
+    newest_first = list(reversed(ids))
+
+    def page(**params: Any) -> requests.Response:
+        return http.get(sim.base_url + CREATE_PATH, params=params, headers=sim.auth_header(), timeout=10)
+
+    assert [t["task_id"] for t in page(pageNum=1, pageSize=2).json()["data"]] == newest_first[:2]
+    assert [t["task_id"] for t in page(pageNum=2, pageSize=2).json()["data"]] == newest_first[2:4]
+    assert [t["task_id"] for t in page(pageNum=3, pageSize=2).json()["data"]] == newest_first[4:]
+    assert page(pageNum=4, pageSize=2).json()["data"] == []
+    assert [t["task_id"] for t in page().json()["data"]] == newest_first
+    for bad in ({"pageNum": 0}, {"pageNum": 1001}, {"pageSize": 0}, {"pageSize": 501}, {"pageSize": "x"}):
+        assert error_of(page(**bad)) == (400, 1201)
+    assert page(pageNum=1000, pageSize=500).json()["code"] == 0
+
+
+@pytest.mark.parametrize(("method", "path"), [
+    ("DELETE", CREATE_PATH), ("PUT", CREATE_PATH), ("POST", CREATE_PATH + "/abc"),
+    ("GET", "/v1/videos/image2video"), ("GET", "/v2/anything"), ("GET", "/"),
+])
+def test_wrong_method_or_path_is_1202(sim: SimHandle, http: requests.Session, method: str, path: str) -> None:
+    r = http.request(method, sim.base_url + path, headers=sim.auth_header(), timeout=10)
+    assert error_of(r) == (404, 1202)
+
+
+def test_requests_are_counted_per_route(sim: SimHandle, http: requests.Session) -> None:
+    task_id = create(sim, http).json()["data"]["task_id"]
+    sim.task(task_id)
+    sim.task(task_id)
+    http.get(sim.base_url + CREATE_PATH, headers=sim.auth_header(), timeout=10)
+    requests_seen = sim.stats()["requests"]
+    assert requests_seen["POST /v1/videos/multi-image2video"] == 1
+    assert requests_seen["GET /v1/videos/multi-image2video/{id}"] == 2
+    assert requests_seen["GET /v1/videos/multi-image2video"] == 1
+
+
+def test_task_objects_follow_the_documented_shape(sim: SimHandle, http: requests.Session) -> None:
+    task_id = create(sim, http).json()["data"]["task_id"]
+    submitted = sim.task(task_id)
+    assert set(submitted) == {"task_id", "task_status", "task_status_msg", "task_info", "created_at",
+                              "updated_at"}
+    done = wait_task(sim, task_id)
+    assert done["task_status"] == "succeed"
+    assert set(done) == set(submitted) | {"task_result"}
+    assert isinstance(done["created_at"], int) and done["updated_at"] >= done["created_at"]
+    [video] = done["task_result"]["videos"]
+    assert set(video) == {"id", "url", "duration"} and isinstance(video["duration"], str)
