@@ -75,10 +75,10 @@ def _create(app: SimulatorApp, req: Request) -> Reply:
     error_after_create = _preflight(app, req, "create")
     knobs = app.faults.knobs
     request = parse_create(req.body, prompt_max_chars=knobs.prompt_max_chars)
-    task = app.engine.create(request)
+    created = app.engine.create(request)
     if error_after_create:
         raise ApiError(knobs.server_error_code)
-    reply = envelope(task.to_json())
+    reply = envelope(created)
     if app.faults.hit("ambiguous_create"):
         if knobs.ambiguous_create_mode == "drop":
             reply.drop = True

@@ -4,11 +4,13 @@
 expiry answers 403 (like a CDN or S3 presigned URL), an unknown video 404. The body is streamed from
 the rendered file or generated on the fly (synthetic videos), never held in memory, with
 Content-Length, `Accept-Ranges: bytes` and single-range support (206 / 416). The download knobs
-(`download_rate`, `download_truncate_bytes`) apply to every body sent.
+(`download_rate`, `download_truncate_bytes`) apply to every body sent. A synthetic video's sha256 is
+computed while it is first served whole (or, failing that, when stats are asked for).
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 import time
 from collections.abc import Iterator
@@ -43,6 +45,15 @@ def _file_chunks(path: Path, start: int, end: int) -> Iterator[bytes]:
                 return
             left -= len(chunk)
             yield chunk
+
+
+def _hashing(chunks: Iterator[bytes], video: Video) -> Iterator[bytes]:
+    """Pass chunks through, and record the sha256 if the whole stream was consumed."""
+    digest = hashlib.sha256()
+    for chunk in chunks:
+        digest.update(chunk)
+        yield chunk
+    video.sha256 = digest.hexdigest()
 
 
 def _byte_range(header: str | None, size: int) -> tuple[int, int] | None | str:
@@ -99,6 +110,8 @@ def _body_reply(app: SimulatorApp, req: Request, task_id: str, video: Video) -> 
         headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
     if video.path is not None:
         chunks = _file_chunks(video.path, start, end)
+    elif video.sha256 is None and (start, end) == (0, size) and req.method == "GET":
+        chunks = _hashing(SyntheticVideo(video.id, size).iter_range(), video)
     else:
         chunks = SyntheticVideo(video.id, size).iter_range(start, end)
     knobs = app.faults.knobs

@@ -59,8 +59,9 @@ class Engine:
         self._epoch = 0
 
     # -- creating and moving tasks ---------------------------------------------------------------
-    def create(self, request: CreateRequest) -> Task:
-        """Store a new task (ApiError 1201 duplicate / 1303 cap) and start its schedule."""
+    def create(self, request: CreateRequest) -> dict[str, Any]:
+        """Store a new task (ApiError 1201 duplicate / 1303 cap), start its schedule, and return the
+        task object as created (status 'submitted', even if the schedule moves on at once)."""
         knobs = self._faults.knobs
         try:
             task = self.store.create(request, max_in_flight=knobs.max_in_flight)
@@ -69,10 +70,11 @@ class Engine:
                 self._stats.duplicate_create(request.external_task_id)
             raise
         self._stats.task_created(task.task_id, request.external_task_id)
-        self._notify(task, task.to_json())
+        created = task.to_json()
+        self._notify(task, created)
         epoch = self._epoch
         self._scheduler.call_later(knobs.submitted_seconds, lambda: self._start_processing(task.task_id, epoch))
-        return task
+        return created
 
     def _change(self, task: Task, status: str, message: str = "", videos: list[Video] | None = None) -> None:
         with self.store.lock:

@@ -124,6 +124,27 @@ class SimRequestHandler(BaseHTTPRequestHandler):
             log.info("%s %s dropped without a response", self.command, urlsplit(self.path).path)
             self._drop()
             return
+        try:
+            self._send_head(reply)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+            return
+        if self.command == "HEAD":
+            return
+        if reply.stream is None:
+            try:
+                self.wfile.write(reply.body)
+            except (BrokenPipeError, ConnectionResetError):  # e.g. gave up on a delayed answer
+                self.close_connection = True
+            return
+        sent, complete = 0, False
+        try:
+            sent, complete = self._write_stream(reply)
+        finally:
+            if reply.on_finish is not None:
+                reply.on_finish(sent, complete)
+
+    def _send_head(self, reply: Reply) -> None:
         self.send_response(reply.status)
         self.send_header("Content-Type", reply.content_type)
         for name, value in reply.headers.items():
@@ -133,17 +154,6 @@ class SimRequestHandler(BaseHTTPRequestHandler):
         if self.close_connection:
             self.send_header("Connection", "close")
         self.end_headers()
-        if self.command == "HEAD":
-            return
-        if reply.stream is None:
-            self.wfile.write(reply.body)
-            return
-        sent, complete = 0, False
-        try:
-            sent, complete = self._write_stream(reply)
-        finally:
-            if reply.on_finish is not None:
-                reply.on_finish(sent, complete)
 
     def _write_stream(self, reply: Reply) -> tuple[int, bool]:
         """Write the streamed body honouring rate and truncation; (bytes sent, whole body sent)."""
@@ -163,8 +173,8 @@ class SimRequestHandler(BaseHTTPRequestHandler):
                         ahead = sent / reply.rate - (time.monotonic() - started)
                         if ahead > 0:
                             time.sleep(ahead)
-                if sent >= limit:
-                    break
+                if sent >= limit and limit < reply.length:
+                    break  # truncated on purpose; otherwise let the stream run out by itself
         except (BrokenPipeError, ConnectionResetError, TimeoutError):
             self.close_connection = True
             return sent, False
