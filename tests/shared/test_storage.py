@@ -1,0 +1,492 @@
+"""The copy into S3 against moto's S3 server (a real subprocess, real HTTP) and a real source HTTP server.
+
+moto enforces S3's 5 MiB minimum part size (all parts but the last), as AWS does, so multi-part tests use
+5 MiB parts. The memory acceptance test streams 512 MiB through a copy running in its own process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import json
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from botocore.exceptions import ClientError
+
+from bench.copy_memory import expected_digests, run_probe
+from shared.storage import CopyError, Storage, StoredVideo, copy_videos, download_chunks
+from shared.urlguard import UrlAllowlist, UrlRefused
+from tests.support.procs import Process, free_port, wait_for_port
+from tests.support.s3 import MotoS3, start_moto_s3
+
+MIB = 1 << 20
+CREATED_AT = 1_767_225_599.5  # 2025-12-31T23:59:59.5Z: the date in the key is UTC's
+
+
+# --- fixtures -----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoS3]:
+    server = start_moto_s3(tmp_path_factory.mktemp("moto"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture()
+def s3(moto: MotoS3) -> Iterator[Any]:
+    client = moto.client()
+    yield client
+    client.close()
+
+
+@pytest.fixture()
+def bucket(s3: Any) -> str:
+    name = f"videos-{uuid.uuid4().hex[:12]}"
+    s3.create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture()
+def storage(s3: Any, bucket: str) -> Storage:
+    return Storage(s3, bucket, "relay/", part_size=5 * MIB)
+
+
+class Source(http.server.BaseHTTPRequestHandler):
+    """/v/<name> the payload; /truncate/<name> half of it under the full Content-Length; /status/<code>;
+    /to?u=<url> a 302; /chunked/<name> the payload without Content-Length."""
+
+    protocol_version = "HTTP/1.1"
+    payloads: dict[str, bytes]
+    seen: list[str]
+
+    def do_GET(self) -> None:  # noqa: N802
+        self.seen.append(self.path)
+        path, _, query = self.path.partition("?")
+        _, kind, name = (path.split("/", 2) + ["", ""])[:3]
+        if kind == "to":
+            self._head(302, {"Location": query.removeprefix("u="), "Content-Length": "0"})
+        elif kind == "status":
+            self._head(int(name), {"Content-Length": "0"})
+        elif kind == "v":
+            body = self.payloads[name]
+            self._head(200, {"Content-Length": str(len(body)), "Content-Type": "video/mp4"})
+            self.wfile.write(body)
+        elif kind == "truncate":
+            body = self.payloads[name]
+            self._head(200, {"Content-Length": str(len(body)), "Connection": "close"})
+            self.wfile.write(body[: len(body) // 2])
+            self.wfile.flush()
+            self.close_connection = True
+        elif kind == "chunked":
+            self._head(200, {"Transfer-Encoding": "chunked"})
+            body = self.payloads[name]
+            for i in range(0, len(body), 64 * 1024):
+                piece = body[i:i + 64 * 1024]
+                self.wfile.write(f"{len(piece):x}\r\n".encode() + piece + b"\r\n")
+            self.wfile.write(b"0\r\n\r\n")
+
+    def _head(self, status: int, headers: dict[str, str]) -> None:
+        self.send_response(status)
+        for k, v in headers.items():
+            self.send_header(k, v)
+        self.end_headers()
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+        pass
+
+
+class SourceServer:
+    def __init__(self) -> None:
+        self.payloads: dict[str, bytes] = {}
+        self.seen: list[str] = []
+        handler = type("Handler", (Source,), {"payloads": self.payloads, "seen": self.seen})
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.port = self.httpd.server_address[1]
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.allowlist = UrlAllowlist.parse(self.base)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
+        self.thread.start()
+
+    def add(self, name: str, body: bytes) -> str:
+        self.payloads[name] = body
+        return f"{self.base}/v/{name}"
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join()
+
+
+@pytest.fixture()
+def source() -> Iterator[SourceServer]:
+    server = SourceServer()
+    yield server
+    server.close()
+
+
+@pytest.fixture()
+def session() -> Iterator[requests.Session]:
+    s = requests.Session()
+    yield s
+    s.close()
+
+
+def payload(size: int, seed: int = 1) -> bytes:
+    return hashlib.shake_256(seed.to_bytes(4, "big")).digest(size)
+
+
+def chunks_of(data: bytes, size: int = 100_000) -> Iterator[bytes]:
+    for i in range(0, len(data), size):
+        yield data[i:i + size]
+
+
+def incomplete_uploads(s3: Any, bucket: str) -> list[dict[str, Any]]:
+    return list(s3.list_multipart_uploads(Bucket=bucket).get("Uploads", []))
+
+
+def keys(s3: Any, bucket: str) -> list[str]:
+    return [o["Key"] for o in s3.list_objects_v2(Bucket=bucket).get("Contents", [])]
+
+
+# --- layout -------------------------------------------------------------------------------------------------
+
+def test_key_layout_uses_the_utc_date_of_created_at(storage: Storage) -> None:
+    assert storage.job_prefix("job-1", CREATED_AT) == "relay/2025/12/31/job-1/"
+    assert storage.video_key("job-1", CREATED_AT, 0, 1) == "relay/2025/12/31/job-1/video.mp4"
+    assert storage.video_key("job-1", CREATED_AT, 0, 3) == "relay/2025/12/31/job-1/video-1.mp4"
+    assert storage.video_key("job-1", CREATED_AT, 2, 3) == "relay/2025/12/31/job-1/video-3.mp4"
+    assert storage.manifest_key("job-1", CREATED_AT + 1) == "relay/2026/01/01/job-1/manifest.json"
+
+
+@pytest.mark.parametrize("job_id", ["", "a/b", "..", "."])
+def test_job_ids_that_would_escape_the_prefix_are_refused(storage: Storage, job_id: str) -> None:
+    with pytest.raises(ValueError):
+        storage.job_prefix(job_id, CREATED_AT)
+
+
+def test_video_index_out_of_range(storage: Storage) -> None:
+    with pytest.raises(ValueError):
+        storage.video_key("job-1", CREATED_AT, 2, 2)
+
+
+# --- copy_stream --------------------------------------------------------------------------------------------
+
+def test_copy_stream_several_parts_byte_identical(storage: Storage, s3: Any, bucket: str) -> None:
+    data = payload(12 * MIB + 12345)
+    sha, size = storage.copy_stream(chunks_of(data), key="k/video.mp4", expected_bytes=len(data),
+                                    metadata={"job-id": "job-1", "kling-task-id": "task-9"})
+    assert (sha, size) == (hashlib.sha256(data).hexdigest(), len(data))
+    obj = s3.get_object(Bucket=bucket, Key="k/video.mp4")
+    assert obj["Body"].read() == data
+    assert obj["ContentType"] == "video/mp4"
+    assert obj["Metadata"] == {"job-id": "job-1", "kling-task-id": "task-9"}
+    assert obj["ETag"].endswith('-3"')  # 5 MiB + 5 MiB + the rest
+    assert incomplete_uploads(s3, bucket) == []
+
+
+def test_copy_stream_smaller_than_one_part(storage: Storage, s3: Any, bucket: str) -> None:
+    data = payload(1000)
+    sha, size = storage.copy_stream(iter([data]), key="small.mp4", expected_bytes=None, metadata={})
+    assert (sha, size) == (hashlib.sha256(data).hexdigest(), 1000)
+    assert s3.get_object(Bucket=bucket, Key="small.mp4")["Body"].read() == data
+
+
+def test_copy_stream_exact_multiple_of_part_size(s3: Any, bucket: str) -> None:
+    data = payload(10 * MIB)
+    storage = Storage(s3, bucket, part_size=5 * MIB, max_in_flight=1)
+    assert storage.copy_stream(chunks_of(data, MIB), key="even.mp4", expected_bytes=None,
+                               metadata={})[1] == len(data)
+    obj = s3.get_object(Bucket=bucket, Key="even.mp4")
+    assert obj["ETag"].endswith('-2"')
+    assert obj["Body"].read() == data
+
+
+def test_copy_stream_fewer_bytes_than_expected_aborts(storage: Storage, s3: Any, bucket: str) -> None:
+    data = payload(6 * MIB)
+    with pytest.raises(CopyError) as info:
+        storage.copy_stream(chunks_of(data), key="short.mp4", expected_bytes=len(data) + 1, metadata={})
+    assert info.value.retryable
+    assert keys(s3, bucket) == []
+    assert incomplete_uploads(s3, bucket) == []
+
+
+def test_copy_stream_source_error_aborts_and_propagates(storage: Storage, s3: Any, bucket: str) -> None:
+    def failing() -> Iterator[bytes]:
+        yield payload(6 * MIB)  # one part is uploaded before the failure
+        raise RuntimeError("worker shutting down")
+
+    with pytest.raises(RuntimeError, match="worker shutting down"):
+        storage.copy_stream(failing(), key="broken.mp4", expected_bytes=None, metadata={})
+    assert keys(s3, bucket) == []
+    assert incomplete_uploads(s3, bucket) == []
+
+
+def test_copy_stream_s3_refusal_is_copy_error_and_aborts(s3: Any, bucket: str) -> None:
+    # 1 MiB parts are below S3's (and moto's) 5 MiB minimum: CompleteMultipartUpload fails (EntityTooSmall).
+    storage = Storage(s3, bucket, part_size=MIB)
+    with pytest.raises(CopyError):
+        storage.copy_stream(chunks_of(payload(3 * MIB)), key="tiny-parts.mp4", expected_bytes=None, metadata={})
+    assert keys(s3, bucket) == []
+    assert incomplete_uploads(s3, bucket) == []
+
+
+def test_object_changed_before_the_size_check_is_deleted_and_retryable(s3: Any, bucket: str) -> None:
+    class Overwritten(Storage):
+        """Another writer replaces the object between CompleteMultipartUpload and the HEAD check."""
+
+        def _verify_size(self, key: str, size: int) -> None:
+            self.s3.put_object(Bucket=self.bucket, Key=key, Body=b"something else")
+            super()._verify_size(key, size)
+
+    with pytest.raises(CopyError) as info:
+        Overwritten(s3, bucket).copy_stream(iter([payload(100)]), key="raced.mp4", expected_bytes=100, metadata={})
+    assert info.value.retryable
+    assert keys(s3, bucket) == []
+
+
+def test_copy_stream_missing_bucket_is_not_retryable(s3: Any) -> None:
+    storage = Storage(s3, f"missing-{uuid.uuid4().hex[:8]}")
+    with pytest.raises(CopyError) as info:
+        storage.copy_stream(iter([b"x"]), key="a.mp4", expected_bytes=None, metadata={})
+    assert not info.value.retryable
+
+
+# --- download_chunks ----------------------------------------------------------------------------------------
+
+def test_download_streams_the_body(source: SourceServer, session: requests.Session) -> None:
+    data = payload(3 * MIB + 7)
+    url = source.add("a", data)
+    with download_chunks(url, source.allowlist, session=session, chunk_size=MIB) as dl:
+        assert dl.content_length == len(data)
+        received = list(dl.chunks)
+    assert b"".join(received) == data
+    assert max(len(c) for c in received) <= MIB
+
+
+def test_download_without_content_length(source: SourceServer, session: requests.Session) -> None:
+    data = payload(300_000)
+    source.add("c", data)
+    with download_chunks(f"{source.base}/chunked/c", source.allowlist, session=session) as dl:
+        assert dl.content_length is None
+        assert b"".join(dl.chunks) == data
+
+
+def test_download_truncated_body_is_retryable(source: SourceServer, session: requests.Session) -> None:
+    source.add("t", payload(2 * MIB))
+    with download_chunks(f"{source.base}/truncate/t", source.allowlist, session=session) as dl:
+        with pytest.raises(CopyError) as info:
+            for _ in dl.chunks:
+                pass
+    assert info.value.retryable
+
+
+@pytest.mark.parametrize(("status", "retryable"), [
+    (403, False), (404, False), (410, False), (400, False), (500, True), (502, True), (503, True), (429, True),
+])
+def test_download_status_classification(source: SourceServer, session: requests.Session, status: int,
+                                        retryable: bool) -> None:
+    with pytest.raises(CopyError) as info:
+        download_chunks(f"{source.base}/status/{status}", source.allowlist, session=session)
+    assert info.value.retryable is retryable
+    assert str(status) in str(info.value)
+
+
+def test_download_connection_refused_is_retryable(session: requests.Session) -> None:
+    port = free_port()
+    allow = UrlAllowlist.parse(f"http://127.0.0.1:{port}")
+    with pytest.raises(CopyError) as info:
+        download_chunks(f"http://127.0.0.1:{port}/v.mp4", allow, session=session, timeout=(2, 2))
+    assert info.value.retryable
+
+
+def test_download_larger_than_max_bytes_is_refused(source: SourceServer, session: requests.Session) -> None:
+    url = source.add("big", payload(2 * MIB))
+    with pytest.raises(CopyError) as info:
+        download_chunks(url, source.allowlist, session=session, max_bytes=MIB)
+    assert not info.value.retryable
+    source.add("big2", payload(2 * MIB))
+    with download_chunks(f"{source.base}/chunked/big2", source.allowlist, session=session,
+                         max_bytes=MIB) as dl, pytest.raises(CopyError) as streamed:
+        for _ in dl.chunks:
+            pass
+    assert not streamed.value.retryable
+
+
+def test_download_redirect_to_a_refused_host(source: SourceServer, session: requests.Session) -> None:
+    with pytest.raises(UrlRefused):
+        download_chunks(f"{source.base}/to?u=http://169.254.169.254/latest/", source.allowlist, session=session)
+
+
+def test_download_error_messages_do_not_carry_the_signature(source: SourceServer,
+                                                            session: requests.Session) -> None:
+    with pytest.raises(CopyError) as info:
+        download_chunks(f"{source.base}/status/403?X-Amz-Signature=secret123", source.allowlist, session=session)
+    assert "secret123" not in str(info.value)
+
+
+def test_truncated_download_leaves_no_object_and_no_upload(source: SourceServer, session: requests.Session,
+                                                           storage: Storage, s3: Any, bucket: str) -> None:
+    source.add("t", payload(12 * MIB))
+    with download_chunks(f"{source.base}/truncate/t", source.allowlist, session=session) as dl:
+        with pytest.raises(CopyError) as info:
+            storage.copy_stream(dl.chunks, key="t.mp4", expected_bytes=dl.content_length, metadata={})
+    assert info.value.retryable
+    assert keys(s3, bucket) == []
+    assert incomplete_uploads(s3, bucket) == []
+
+
+# --- manifest -----------------------------------------------------------------------------------------------
+
+def test_manifest_conditional_create(storage: Storage, s3: Any, bucket: str) -> None:
+    assert storage.read_manifest("job-1", CREATED_AT) is None
+    assert storage.write_manifest("job-1", CREATED_AT, {"videos": [], "n": 1}) is True
+    assert storage.write_manifest("job-1", CREATED_AT, {"videos": [], "n": 2}) is False
+    assert storage.read_manifest("job-1", CREATED_AT) == {"videos": [], "n": 1}
+    raw = s3.get_object(Bucket=bucket, Key="relay/2025/12/31/job-1/manifest.json")
+    assert raw["ContentType"] == "application/json"
+
+
+def test_moto_honours_if_none_match_on_put_object(s3: Any, bucket: str) -> None:
+    # write_manifest relies on the store refusing IfNoneMatch="*" over an existing key, not on a HEAD first.
+    s3.put_object(Bucket=bucket, Key="m.json", Body=b"1", IfNoneMatch="*")
+    with pytest.raises(ClientError) as info:
+        s3.put_object(Bucket=bucket, Key="m.json", Body=b"2", IfNoneMatch="*")
+    assert info.value.response["ResponseMetadata"]["HTTPStatusCode"] == 412
+    assert s3.get_object(Bucket=bucket, Key="m.json")["Body"].read() == b"1"
+
+
+def test_unreadable_manifest_is_a_permanent_error(storage: Storage, s3: Any, bucket: str) -> None:
+    s3.put_object(Bucket=bucket, Key=storage.manifest_key("job-1", CREATED_AT), Body=b"{not json")
+    with pytest.raises(CopyError) as info:
+        storage.read_manifest("job-1", CREATED_AT)
+    assert not info.value.retryable
+
+
+# --- copy_videos --------------------------------------------------------------------------------------------
+
+def test_copy_videos_then_rerun_copies_nothing(source: SourceServer, session: requests.Session,
+                                               storage: Storage, s3: Any, bucket: str) -> None:
+    first, second = payload(6 * MIB, 1), payload(700_000, 2)
+    videos = [("vid-a", source.add("a", first) + "?sig=s1", "5.1"), ("vid-b", source.add("b", second), None)]
+    before = time.time()
+    stored = copy_videos("job-7", CREATED_AT, "task-7", videos, storage, source.allowlist, session,
+                         extra_manifest={"metadata": {"user": "u1"}})
+    assert stored == [
+        StoredVideo(bucket, "relay/2025/12/31/job-7/video-1.mp4", hashlib.sha256(first).hexdigest(), len(first),
+                    "5.1"),
+        StoredVideo(bucket, "relay/2025/12/31/job-7/video-2.mp4", hashlib.sha256(second).hexdigest(),
+                    len(second), None),
+    ]
+    assert s3.get_object(Bucket=bucket, Key=stored[0].key)["Body"].read() == first
+    head = s3.head_object(Bucket=bucket, Key=stored[1].key)
+    assert head["Metadata"] == {"job-id": "job-7", "kling-task-id": "task-7", "kling-video-id": "vid-b"}
+    manifest = json.loads(s3.get_object(Bucket=bucket, Key="relay/2025/12/31/job-7/manifest.json")["Body"].read())
+    assert manifest["job_id"] == "job-7" and manifest["kling_task_id"] == "task-7"
+    assert manifest["created_at"] == CREATED_AT and before <= manifest["stored_at"] <= time.time()
+    assert manifest["videos"] == [v.as_dict() for v in stored]
+    assert manifest["metadata"] == {"user": "u1"}
+    assert sorted(keys(s3, bucket)) == sorted([stored[0].key, stored[1].key, "relay/2025/12/31/job-7/manifest.json"])
+    requests_so_far = list(source.seen)
+    assert len(requests_so_far) == 2
+
+    again = copy_videos("job-7", CREATED_AT, "task-7", videos, storage, source.allowlist, session,
+                        extra_manifest={"metadata": {"user": "u1"}})
+    assert again == stored
+    assert source.seen == requests_so_far  # nothing downloaded the second time
+
+
+def test_copy_videos_single_video_key(source: SourceServer, session: requests.Session, storage: Storage,
+                                      s3: Any, bucket: str) -> None:
+    data = payload(1234)
+    stored = copy_videos("job-1", CREATED_AT, "task-1", [("v", source.add("v", data), "5")], storage,
+                         source.allowlist, session, extra_manifest={})
+    assert [v.key for v in stored] == ["relay/2025/12/31/job-1/video.mp4"]
+    assert s3.get_object(Bucket=bucket, Key=stored[0].key)["Body"].read() == data
+
+
+def test_copy_videos_failure_writes_no_manifest(source: SourceServer, session: requests.Session,
+                                                storage: Storage, s3: Any, bucket: str) -> None:
+    videos = [("a", source.add("a", payload(1000)), "5"), ("b", f"{source.base}/status/410", "5")]
+    with pytest.raises(CopyError) as info:
+        copy_videos("job-2", CREATED_AT, "task-2", videos, storage, source.allowlist, session, extra_manifest={})
+    assert not info.value.retryable  # expired URL: re-read the task for fresh URLs
+    assert storage.read_manifest("job-2", CREATED_AT) is None
+    assert incomplete_uploads(s3, bucket) == []
+
+
+def test_copy_videos_refused_url_propagates(source: SourceServer, session: requests.Session,
+                                            storage: Storage) -> None:
+    with pytest.raises(UrlRefused):
+        copy_videos("job-3", CREATED_AT, "task-3", [("a", "http://169.254.169.254/latest/", None)], storage,
+                    source.allowlist, session, extra_manifest={})
+    assert storage.read_manifest("job-3", CREATED_AT) is None
+
+
+def test_copy_videos_loses_the_manifest_race_gracefully(source: SourceServer, session: requests.Session,
+                                                        s3: Any, bucket: str) -> None:
+    winner = StoredVideo(bucket, "relay/2025/12/31/job-4/video.mp4", "0" * 64, 1, "5")
+
+    class RacedStorage(Storage):
+        """Another copy of the same job writes its manifest while this one uploads."""
+
+        def copy_stream(self, *args: Any, **kwargs: Any) -> tuple[str, int]:
+            result = super().copy_stream(*args, **kwargs)
+            assert self.write_manifest("job-4", CREATED_AT, {"videos": [winner.as_dict()]})
+            return result
+
+    storage = RacedStorage(s3, bucket, "relay/", part_size=5 * MIB)
+    stored = copy_videos("job-4", CREATED_AT, "task-4", [("a", source.add("a", payload(10)), "5")], storage,
+                         source.allowlist, session, extra_manifest={})
+    assert stored == [winner]
+
+
+def test_copy_videos_refuses_extra_keys_that_clash(source: SourceServer, session: requests.Session,
+                                                   storage: Storage) -> None:
+    with pytest.raises(ValueError):
+        copy_videos("job-5", CREATED_AT, "task-5", [], storage, source.allowlist, session,
+                    extra_manifest={"videos": []})
+
+
+def test_copy_videos_without_videos_is_permanent(source: SourceServer, session: requests.Session,
+                                                 storage: Storage) -> None:
+    with pytest.raises(CopyError) as info:
+        copy_videos("job-6", CREATED_AT, "task-6", [], storage, source.allowlist, session, extra_manifest={})
+    assert not info.value.retryable
+
+
+def test_stored_video_round_trips_through_json() -> None:
+    video = StoredVideo("b", "k", "ab" * 32, 10, None)
+    assert StoredVideo.from_dict(json.loads(json.dumps(video.as_dict()))) == video
+    assert set(video.as_dict()) == {"bucket", "key", "sha256", "bytes", "duration"}
+
+
+# --- memory: 512 MiB through a copy in its own process ------------------------------------------------------
+
+@pytest.mark.e2e
+@pytest.mark.timeout(240)
+def test_copy_of_512_mib_stays_under_150_mb_rss(moto: MotoS3, s3: Any, bucket: str, tmp_path: Path) -> None:
+    size = 512 * MIB
+    port = free_port()
+    bench = Path(__file__).resolve().parents[2] / "bench" / "copy_memory.py"
+    server = Process("copy-source", [sys.executable, str(bench), "serve", "--port", str(port)], log_dir=tmp_path)
+    try:
+        wait_for_port(port, proc=server.proc)
+        result = run_probe("stream", f"http://127.0.0.1:{port}/{size}.mp4", moto.endpoint_url, bucket,
+                           "big/video.mp4", env=moto.env())
+    finally:
+        server.stop()
+    sha256, etag = expected_digests(size)
+    head = s3.head_object(Bucket=bucket, Key="big/video.mp4")
+    assert result["bytes"] == size and head["ContentLength"] == size
+    assert int(str(result["peak_rss_bytes"])) < 150 * 1000 * 1000, result
+    assert result["sha256"] == sha256
+    assert head["ETag"] == etag  # moto's MD5s of the parts it received: the stored bytes are the source's
+    assert incomplete_uploads(s3, bucket) == []
