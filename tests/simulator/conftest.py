@@ -145,7 +145,7 @@ def listener() -> Iterator[CallbackListener]:
 
     server = ThreadingHTTPServer(("127.0.0.1", state.port), Handler)
     server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     yield state
     server.shutdown()
