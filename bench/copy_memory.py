@@ -29,6 +29,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, cast
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -130,7 +131,8 @@ def probe(mode: str, url: str, endpoint: str, bucket: str, key: str, part_size: 
         from boto3.s3.transfer import TransferConfig
         with session.get(url, stream=True, timeout=(5, 60)) as response:
             response.raise_for_status()
-            s3.upload_fileobj(response.raw, bucket, key, Config=TransferConfig(multipart_chunksize=part_size))
+            transfer = TransferConfig(multipart_chunksize=part_size)
+            s3.upload_fileobj(cast(Any, response.raw), bucket, key, Config=transfer)
         size = s3.head_object(Bucket=bucket, Key=key)["ContentLength"]
     elif mode == "naive":
         response = session.get(url, timeout=(5, 60))

@@ -32,6 +32,7 @@ a host named literally in an entry may be private by design (that is the point o
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -48,6 +49,8 @@ from urllib3.poolmanager import SSL_KEYWORDS
 MAX_REDIRECTS = 5
 _SCHEMES = ("http", "https")
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+_CREDENTIAL_HEADERS = ("Authorization", "Proxy-Authorization")
+_HOSTNAME = re.compile(r"[a-z0-9_-]+(\.[a-z0-9_-]+)*")
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Resolver = Callable[[str, int], list[str]]
@@ -223,6 +226,8 @@ class UrlAllowlist:
         host = _normalise_host(parts.hostname or "")
         if not host:
             raise UrlRefused("URL has no host")
+        if _as_ip(host) is None and not _HOSTNAME.fullmatch(host):
+            raise UrlRefused("host name has characters outside letters, digits, '-', '_' and '.'")
         return parts, scheme, host, port if port is not None else _DEFAULT_PORTS[scheme]
 
     def match(self, url: str) -> tuple[AllowRule, str, str, int]:
@@ -334,14 +339,17 @@ def get_checked(
     """A streaming GET of url that connects only to vetted addresses and re-checks every redirect.
 
     The session contributes its headers, cookies and TLS settings (verify/cert, REQUESTS_CA_BUNDLE), never
-    its adapters or proxies. Returns the first non-redirect response, unread (stream=True); the caller must
-    close it (`close_response`). Raises UrlRefused, UrlResolutionError or requests' own exceptions.
+    its adapters, proxies or credentials (Authorization and Proxy-Authorization are removed at every hop).
+    Returns the first non-redirect response, unread (stream=True); the caller must close it
+    (`close_response`). Raises UrlRefused, UrlResolutionError or requests' own exceptions.
     """
     for _hop in range(max_redirects + 1):
         target = allowlist.check(url)
         adapter = PinnedAdapter(target)
         try:
             prepared = session.prepare_request(requests.Request("GET", url, headers=dict(headers or {})))
+            for name in _CREDENTIAL_HEADERS:  # a session shared with an API client must not leak its token
+                prepared.headers.pop(name, None)
             env = session.merge_environment_settings(prepared.url, {}, True, None, None)  # as Session.request
             verify: bool | str = env["verify"] if env["verify"] is not None else True
             response = adapter.send(prepared, stream=True, timeout=timeout, verify=verify,

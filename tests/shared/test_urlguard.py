@@ -138,6 +138,8 @@ REFUSED = [
     "https://cdn.klingai.com\t/",
     "https://cdn.kl\u0131ngai.com/",
     "https:///v.mp4",
+    "https://evil.com%2F.klingai.com/v.mp4",
+    "https://cdn%2Eklingai.com/v.mp4",
     "https://cdn.klingai.com:99999/",
     "not a url",
     "",
@@ -236,9 +238,11 @@ class Recorder(http.server.BaseHTTPRequestHandler):
 
     protocol_version = "HTTP/1.1"
     seen: list[str]
+    credentials: list[str | None]
 
     def do_GET(self) -> None:  # noqa: N802
         self.seen.append(self.path)
+        self.credentials.append(self.headers.get("Authorization"))
         path, _, query = self.path.partition("?")
         if path == "/ok":
             body = f"host={self.headers['Host']}".encode()
@@ -260,7 +264,8 @@ class Recorder(http.server.BaseHTTPRequestHandler):
 class Server:
     def __init__(self, tls: ssl.SSLContext | None = None) -> None:
         self.seen: list[str] = []
-        handler = type("Handler", (Recorder,), {"seen": self.seen})
+        self.credentials: list[str | None] = []
+        handler = type("Handler", (Recorder,), {"seen": self.seen, "credentials": self.credentials})
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
         if tls is not None:
             self.httpd.socket = tls.wrap_socket(self.httpd.socket, server_side=True)
@@ -312,6 +317,14 @@ def test_redirect_to_a_refused_target_is_refused(server: Server, session: reques
     with pytest.raises(UrlRefused):
         fetch(f"http://127.0.0.1:{server.port}/to?u={location.format(port=server.port)}", allow, session)
     assert len(server.seen) == 1 and server.seen[0].startswith("/to?")  # the target was never requested
+
+
+def test_session_credentials_are_never_sent(server: Server, session: requests.Session) -> None:
+    session.headers["Authorization"] = "Bearer kling-api-token"
+    session.auth = ("user", "password")
+    allow = UrlAllowlist.parse(f"http://127.0.0.1:{server.port}")
+    assert fetch(f"http://127.0.0.1:{server.port}/to?u=/ok", allow, session)[0] == 200
+    assert server.credentials == [None, None]
 
 
 def test_redirect_loop_stops_after_max_hops(server: Server, session: requests.Session) -> None:
