@@ -96,7 +96,7 @@ def test_kling_failed_task_ends_failed_with_its_message(clean_sim: LocalStack) -
 
 def test_forged_callbacks_are_refused_and_change_nothing(clean_sim: LocalStack) -> None:
     stack = clean_sim
-    stack.sim_control(submitted_seconds=30)  # keep the job in "submitted" while we forge
+    stack.sim_control(submitted_seconds=5)  # keep the job in "submitted" while we forge
     try:
         job_id = submit(stack, job_body(8))
         for _ in range(100):
