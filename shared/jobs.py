@@ -8,6 +8,7 @@ state (failed → queued).
 
 Layout (prefix `kr:` by default):
 - `kr:job:<id>` hash: the job (see `shared/jobs_model.py` for the field encoding)
+- `kr:job:<id>:request` string: the normalized Kling request as JSON (images included), read only by `request()`
 - `kr:job:<id>:events` list: the timeline, JSON events, oldest first, capped at `max_events`
 - `kr:jobs:all`, `kr:jobs:state:<state>` sorted sets, score = created_at: listing newest first
 - `kr:jobs:due` sorted set, score = when the reconciler should look next; terminal jobs are never in it
@@ -191,6 +192,14 @@ class JobStore:
         """The job, or None if there is none with this id."""
         h = cast(dict[str, str], self._r.hgetall(self._job_key(job_id)))
         return Job.from_hash(h) if h else None
+
+    def request(self, job_id: str) -> dict[str, Any]:
+        """The job's normalized Kling request (images included; kept apart from the job hash); JobNotFound if none."""
+        raw = cast(str | None, self._r.get(f"{self._job_key(job_id)}:request"))
+        if raw is None:
+            raise JobNotFound(job_id)
+        request: dict[str, Any] = json.loads(raw)
+        return request
 
     def require(self, job_id: str) -> Job:
         """The job; raises `JobNotFound` if there is none."""

@@ -9,6 +9,9 @@ Events are JSON built by Python, except the `from` state which only the script k
 names are plain lowercase words, so no escaping is needed. Numbers never pass through Lua arithmetic (its
 `tostring` would round timestamps); scores and times arrive as strings and are stored as given.
 
+The request body (images included, up to tens of MB) is kept apart from the hash, in `<job key>:request`, so that
+the HGETALL every step answers with stays small; only the submit reads it (`JobStore.request`).
+
 Replies: a table whose first item is a status word (`missing`, `noop`, `applied`, ...); state-changing scripts add
 the state before the step and the job's hash (HGETALL) after it.
 """
@@ -54,7 +57,11 @@ if #KEYS >= 6 then
   if tonumber(ARGV[3]) > 0 then redis.call('EXPIRE', KEYS[6], ARGV[3]) end
 end
 for i = 9, #ARGV, 2 do
-  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+  if ARGV[i] == 'request' then
+    redis.call('SET', KEYS[1] .. ':request', ARGV[i + 1])
+  else
+    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+  end
 end
 redis.call('RPUSH', KEYS[2], ARGV[6])
 redis.call('LTRIM', KEYS[2], -tonumber(ARGV[8]), -1)
@@ -92,6 +99,7 @@ update_due(to, ARGV[6], ARGV[7], id)
 if TERMINAL[to] and tonumber(ARGV[8]) > 0 then
   redis.call('EXPIRE', KEYS[1], ARGV[8])
   redis.call('EXPIRE', KEYS[2], ARGV[8])
+  redis.call('EXPIRE', KEYS[1] .. ':request', ARGV[8])
 end
 return {'applied', cur, redis.call('HGETALL', KEYS[1])}
 """
@@ -114,6 +122,7 @@ move_index(cur, 'queued', id, redis.call('HGET', KEYS[1], 'created_at'))
 update_due('queued', ARGV[4], ARGV[5], id)
 redis.call('PERSIST', KEYS[1])
 redis.call('PERSIST', KEYS[2])
+redis.call('PERSIST', KEYS[1] .. ':request')
 return {'applied', cur, redis.call('HGETALL', KEYS[1])}
 """
 

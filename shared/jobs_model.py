@@ -2,7 +2,8 @@
 
 Nothing here talks to Redis; `shared/jobs.py` stores and steps these values. A job is kept as one Redis hash
 of strings: plain strings for ids and timestamps (`""` meaning "none"), JSON for the structured fields
-(`request`, `metadata`, `error`, `videos`), and one `attempt:<kind>` integer field per retry counter.
+(`metadata`, `error`, `videos`; the request lives in its own key), and one `attempt:<kind>` integer field
+per retry counter.
 """
 
 from __future__ import annotations
@@ -116,11 +117,10 @@ def _json_or(raw: str | None, default: Any) -> Any:
 
 @dataclass(frozen=True)
 class Job:
-    """A snapshot of one job. `request` is the normalized Kling body (images included), so it stays out of repr."""
+    """A snapshot of one job. The request body is not part of it: `JobStore.request(id)` reads it when needed."""
 
     id: str
     state: JobState
-    request: dict[str, Any] = field(repr=False)
     notify_url: str | None = field(repr=False)
     metadata: dict[str, Any] = field(repr=False)
     kling_task_id: str | None
@@ -163,7 +163,6 @@ class Job:
         return cls(
             id=h["id"],
             state=JobState(h["state"]),
-            request=_json_or(h.get("request"), {}),
             notify_url=_opt(h.get("notify_url")),
             metadata=_json_or(h.get("metadata"), {}),
             kling_task_id=_opt(h.get("kling_task_id")),

@@ -118,7 +118,7 @@ def submit_job(rt: Runtime, job_id: str) -> str:
             record_task(rt, job_id, task, source="worker", detail={"found_by": "external_task_id"})
             return "found"
 
-    body = {**job.request, "callback_url": callback_url(rt, job_id), "external_task_id": job_id}
+    body = {**rt.store.request(job_id), "callback_url": callback_url(rt, job_id), "external_task_id": job_id}
     try:
         task = rt.kling.create_multi_image2video(body)
     except KlingAmbiguous as exc:
@@ -204,7 +204,7 @@ def copy_job(rt: Runtime, job_id: str) -> str:
         stored = copy_videos(
             job.id, job.created_at, task.task_id, [(v.id, v.url, v.duration) for v in task.videos],
             rt.storage, rt.allowlist, rt.http,
-            extra_manifest={"metadata": job.metadata, "request": _manifest_request(job)},
+            extra_manifest={"metadata": job.metadata, "request": _manifest_request(rt.store.request(job.id))},
         )
     except UrlRefused as exc:
         fail(rt, job_id, Failure("copy_exhausted", f"video URL refused: {exc.reason}"), source="worker")
@@ -221,11 +221,11 @@ def copy_job(rt: Runtime, job_id: str) -> str:
     return "stored"
 
 
-def _manifest_request(job: Job) -> dict[str, Any]:
+def _manifest_request(request: dict[str, Any]) -> dict[str, Any]:
     """The request as the manifest records it: everything but the images' base64 payloads."""
     images = [item["image"] if str(item.get("image", "")).startswith(("http://", "https://")) else "<base64>"
-              for item in job.request.get("image_list", [])]
-    return {**{k: v for k, v in job.request.items() if k != "image_list"}, "images": images}
+              for item in request.get("image_list", [])]
+    return {**{k: v for k, v in request.items() if k != "image_list"}, "images": images}
 
 
 # --- tell the world -------------------------------------------------------------------------------------------------

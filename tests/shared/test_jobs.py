@@ -352,7 +352,7 @@ def test_the_idempotency_key_is_stored_hashed(store: JobStore, redis_client: red
 def test_create_stores_everything(store: JobStore, clock: Clock) -> None:
     job, _ = store.create(dict(REQUEST), notify_url="https://app/hook", metadata={"user": "u1"},
                           deadline_seconds=3600, due_in=120)
-    assert job.state is S.QUEUED and job.request == REQUEST
+    assert job.state is S.QUEUED and store.request(job.id) == REQUEST
     assert job.notify_url == "https://app/hook" and job.metadata == {"user": "u1"}
     assert job.created_at == job.updated_at == clock.t
     assert job.deadline_at == clock.t + 3600
@@ -628,9 +628,19 @@ def test_ttl_applies_once_a_job_is_finished_and_retry_lifts_it(redis_client: red
     store.step(job.id, S.FAILED, source="worker")
     assert 0 < redis_client.ttl(f"kr:job:{job.id}") <= 3600
     assert 0 < redis_client.ttl(f"kr:job:{job.id}:events") <= 3600
+    assert 0 < redis_client.ttl(f"kr:job:{job.id}:request") <= 3600
     store.retry(job.id, source="api")
     assert redis_client.ttl(f"kr:job:{job.id}") == -1
     assert redis_client.ttl(f"kr:job:{job.id}:events") == -1
+    assert redis_client.ttl(f"kr:job:{job.id}:request") == -1
+
+
+def test_request_is_kept_out_of_the_job_hash(store: JobStore, redis_client: redis.Redis) -> None:
+    job, _ = store.create(dict(REQUEST))
+    assert "request" not in redis_client.hgetall(f"kr:job:{job.id}")
+    assert store.request(job.id) == REQUEST
+    with pytest.raises(JobNotFound):
+        store.request("job_missing")
 
 
 def test_a_key_whose_job_is_gone_makes_a_new_job(store: JobStore, redis_client: redis.Redis) -> None:
