@@ -1,0 +1,105 @@
+"""Standard Webhooks signing and delivery, against a real local HTTP receiver."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+import redis
+import requests
+
+from shared.notify import NotifyError, deliver, event_payload, publish, sign, verify
+from shared.settings import Secret
+
+# The example of the Standard Webhooks specification (standard-webhooks/standard-webhooks, spec and libraries).
+SPEC_SECRET = Secret("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")
+SPEC_ID = "msg_p5jXN8AQM9LWM0D4loKWxJek"
+SPEC_TS = 1614265330
+SPEC_BODY = b'{"test": 2432232314}'
+SPEC_SIGNATURE = "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
+
+
+def test_signature_matches_the_specification_example() -> None:
+    assert sign(SPEC_SECRET, SPEC_ID, SPEC_TS, SPEC_BODY) == SPEC_SIGNATURE
+
+
+def test_verify_accepts_good_and_refuses_tampered_or_stale() -> None:
+    headers = {"webhook-id": SPEC_ID, "webhook-timestamp": str(SPEC_TS), "webhook-signature": SPEC_SIGNATURE}
+    assert verify(SPEC_SECRET, headers, SPEC_BODY, now=SPEC_TS + 10)
+    assert not verify(SPEC_SECRET, headers, SPEC_BODY + b" ", now=SPEC_TS + 10)
+    assert not verify(SPEC_SECRET, headers, SPEC_BODY, now=SPEC_TS + 3600)
+    assert not verify(Secret("whsec_" + "QUJD" * 8), headers, SPEC_BODY, now=SPEC_TS)
+    assert not verify(SPEC_SECRET, {"webhook-id": SPEC_ID}, SPEC_BODY, now=SPEC_TS)
+    several = {**headers, "webhook-signature": "v1,bm9wZQ== " + SPEC_SIGNATURE}
+    assert verify(SPEC_SECRET, several, SPEC_BODY, now=SPEC_TS)
+
+
+class _Receiver(BaseHTTPRequestHandler):
+    status = 204
+    seen: list[tuple[dict[str, str], bytes]] = []
+
+    def do_POST(self) -> None:  # noqa: N802
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        type(self).seen.append(({k.lower(): v for k, v in self.headers.items()}, body))
+        self.send_response(type(self).status)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture()
+def receiver() -> Iterator[tuple[str, type[_Receiver]]]:
+    handler = type("Receiver", (_Receiver,), {"seen": [], "status": 204})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/hook", handler
+    server.shutdown()
+    server.server_close()
+
+
+def test_deliver_posts_a_signed_body(receiver: tuple[str, type[_Receiver]]) -> None:
+    url, handler = receiver
+    secret = Secret("a-plain-notify-secret")
+    status = deliver(url, secret, "msg_1", {"type": "job.stored", "data": {"id": "job_1"}},
+                     session=requests.Session())
+    assert status == 204
+    headers, body = handler.seen[0]
+    assert json.loads(body) == {"type": "job.stored", "data": {"id": "job_1"}}
+    assert headers["webhook-id"] == "msg_1" and headers["content-type"] == "application/json"
+    assert verify(secret, headers, body)
+
+
+@pytest.mark.parametrize(("status", "retryable"), [(500, True), (503, True), (429, True), (408, True),
+                                                   (400, False), (404, False), (410, False)])
+def test_deliver_classifies_failures(receiver: tuple[str, type[_Receiver]], status: int, retryable: bool) -> None:
+    url, handler = receiver
+    handler.status = status
+    with pytest.raises(NotifyError) as info:
+        deliver(url, Secret("s"), "msg_1", {}, session=requests.Session())
+    assert info.value.retryable is retryable and str(status) in str(info.value)
+
+
+def test_deliver_unreachable_is_retryable() -> None:
+    from tests.support.procs import free_port
+
+    with pytest.raises(NotifyError) as info:
+        deliver(f"http://127.0.0.1:{free_port()}/", Secret("s"), "m", {}, session=requests.Session(),
+                timeout=(1, 1))
+    assert info.value.retryable
+
+
+def test_publish_appends_one_entry(redis_client: redis.Redis) -> None:
+    job = {"id": "job_1", "state": "stored", "videos": [], "events": [{"to": "stored"}]}
+    publish(redis_client, "events", job)
+    [(_, fields)] = redis_client.xrange("events")
+    assert fields["job_id"] == "job_1" and fields["state"] == "stored"
+    payload = json.loads(fields["payload"])
+    assert payload["type"] == "job.stored" and "events" not in payload["data"]
+    assert event_payload(job)["data"]["id"] == "job_1"
