@@ -12,8 +12,9 @@ CompleteMultipartUpload, never half-written. Memory stays bounded whatever the s
 assembled plus `max_in_flight` parts uploading (default 2, on a thread pool, so the download overlaps the
 upload), i.e. about 3 × part_size on top of the interpreter; bench/copy_memory.py measures ~110 MiB peak RSS
 for 512 MiB with 8 MiB parts. Any failure aborts the upload (no incomplete upload left behind) and
-raises `CopyError`; a process killed mid-copy cannot abort, so give the bucket a lifecycle rule
-``AbortIncompleteMultipartUpload`` (a day is plenty).
+raises `CopyError`. A process killed mid-copy cannot abort, so every copy first aborts the uploads left open
+on its own key (`Storage.abort_stale_uploads`); for jobs that are never copied again, give the bucket a
+lifecycle rule ``AbortIncompleteMultipartUpload`` too (a day is plenty).
 
 `CopyError.retryable` tells the caller whether a retry can help: network errors, 5xx, truncated downloads and
 S3 hiccups are retryable; 403/404/410 from the source (expired result URL: re-read the task from Kling for a
@@ -179,7 +180,11 @@ class Storage:
         (when given), and the object is then HEAD-checked for the same size (deleted if it differs). On any
         failure the multipart upload is aborted and CopyError raised (other exceptions, e.g. a worker's time
         limit, abort the upload and propagate unchanged).
+
+        Before starting, any multipart upload still open on the same key is aborted (`abort_stale_uploads`):
+        a worker killed mid-copy, or an abort that S3 refused, leaves one behind, and the retry cleans it up.
         """
+        self.abort_stale_uploads(key)
         try:
             upload_id = self.s3.create_multipart_upload(
                 Bucket=self.bucket, Key=key, ContentType=VIDEO_CONTENT_TYPE, Metadata=metadata)["UploadId"]
@@ -241,6 +246,46 @@ class Storage:
             while in_flight:
                 parts.append(in_flight.popleft().result())
         return sha.hexdigest(), size, parts
+
+    def abort_stale_uploads(self, key: str) -> int:
+        """Abort every open multipart upload on exactly `key`; returns how many were aborted.
+
+        Keys derive from the job id, so an open upload on this key can only be an earlier copy of the same job
+        that died (SIGKILL, lost connection) or whose abort failed. Should two copies of one job ever run at
+        once, the later one aborts the earlier one's upload: that copy then fails with NoSuchUpload (retryable),
+        finds the manifest on its retry and does nothing; no object is ever half-written. Listing errors raise
+        CopyError (retryable for 5xx and network errors); an upload already gone is not an error.
+        """
+        aborted = 0
+        key_marker = upload_marker = ""
+        while True:
+            try:
+                if key_marker:
+                    page = self.s3.list_multipart_uploads(Bucket=self.bucket, Prefix=key, KeyMarker=key_marker,
+                                                          UploadIdMarker=upload_marker)
+                else:
+                    page = self.s3.list_multipart_uploads(Bucket=self.bucket, Prefix=key)
+            except (ClientError, BotoCoreError) as exc:
+                raise _s3_error(exc, "list multipart uploads") from exc
+            for upload in page.get("Uploads", []):
+                if upload.get("Key") != key or "UploadId" not in upload:
+                    continue
+                try:
+                    self.s3.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload["UploadId"])
+                except ClientError as exc:
+                    if exc.response.get("Error", {}).get("Code") == "NoSuchUpload":
+                        continue
+                    raise _s3_error(exc, "abort stale multipart upload") from exc
+                except BotoCoreError as exc:
+                    raise _s3_error(exc, "abort stale multipart upload") from exc
+                aborted += 1
+            next_markers = (page.get("NextKeyMarker", ""), page.get("NextUploadIdMarker", ""))
+            if not page.get("IsTruncated") or not next_markers[0] or next_markers == (key_marker, upload_marker):
+                break
+            key_marker, upload_marker = next_markers
+        if aborted:
+            log.warning("aborted stale multipart uploads", extra={"key": key, "count": aborted})
+        return aborted
 
     def _abort(self, key: str, upload_id: str) -> None:
         try:
