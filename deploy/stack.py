@@ -1,13 +1,23 @@
 """A whole kling-relay on this machine: redis-server, moto's S3 server, the Kling simulator, the web process
-(gunicorn) and Celery workers, each a real process on a free port. `make demo` and the end-to-end tests use it.
+(gunicorn), Celery workers and (optionally) Celery beat, each a real process on a free port. `make demo` and
+the end-to-end tests use it.
+
+The fault tests also use it to break things for real: `kill("worker1")` SIGKILLs a process's whole group
+(prefork children included) and `restart("worker1")` starts it again with the same command line;
+`restart_redis()` stops redis-server and starts it again on the same port and data directory (with
+`redis_appendonly=True` nothing acknowledged is lost); `route_s3_through(url)` makes the relay's processes use
+another S3 endpoint (a fault-injecting proxy in front of moto) while the stack's own client still talks to
+moto directly.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +35,25 @@ BUCKET = "kling-relay-demo"
 AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
+@dataclass(frozen=True)
+class _Spec:
+    """How a process was started, so that it can be started again after a kill."""
+
+    argv: list[str]
+    port: int | None
+    env: dict[str, str] | None
+
+
 class LocalStack:
-    """Start with start(); processes log to `workdir/logs/<name>.log`; stop() ends everything it started."""
+    """Start with start(); processes log to `workdir/logs/<name>.log`; stop() ends everything it started.
+
+    `bucket_versioning=True` turns versioning on for the bucket, so a test can prove that no object was ever
+    written twice (one version per key).
+    """
 
     def __init__(self, workdir: Path, *, sim_args: Iterable[str] = (), env: Mapping[str, str] | None = None,
                  worker_concurrency: int = 4, web_workers: int = 2, redis_appendonly: bool = False,
-                 sim_prefix: str = "") -> None:
+                 sim_prefix: str = "", bucket_versioning: bool = False) -> None:
         self.workdir = workdir
         self.logs = workdir / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
@@ -44,7 +67,10 @@ class LocalStack:
         self.sim_port = free_port()
         self.web_port = free_port()
         self.processes: dict[str, Process] = {}
+        self._specs: dict[str, _Spec] = {}
         self.python = sys.executable
+        self.bucket_versioning = bucket_versioning
+        self.relay_s3_endpoint: str | None = None  # see route_s3_through
 
     # --- addresses ------------------------------------------------------------------------------------------
     @property
@@ -77,7 +103,7 @@ class LocalStack:
             "API_TOKENS": DEMO_API_TOKEN,
             "NOTIFY_SECRET": DEMO_NOTIFY_SECRET,
             "S3_BUCKET": BUCKET,
-            "S3_ENDPOINT_URL": self.s3_endpoint,
+            "S3_ENDPOINT_URL": self.relay_s3_endpoint or self.s3_endpoint,
             "VIDEO_URL_ALLOWLIST": f"http://127.0.0.1:{self.sim_port}",
             "PORT": str(self.web_port),
             "RETRY_BASE_SECONDS": "0.5",
@@ -89,6 +115,7 @@ class LocalStack:
     # --- processes --------------------------------------------------------------------------------------------
     def _spawn(self, name: str, argv: list[str], port: int | None = None, env: Mapping[str, str] | None = None,
                timeout: float = 60.0) -> Process:
+        self._specs[name] = _Spec(list(argv), port, dict(env) if env is not None else None)
         proc = Process(name, argv, log_dir=self.logs, env=dict(env or self.env), cwd=Path(__file__).parent.parent)
         self.processes[name] = proc
         if port is not None:
@@ -98,7 +125,7 @@ class LocalStack:
                 raise RuntimeError(f"{name} did not start: {exc}\n--- {proc.log_path} ---\n{proc.log_tail()}") from exc
         return proc
 
-    def start(self, *, workers: int = 1) -> LocalStack:
+    def start(self, *, workers: int = 1, beat: bool = False) -> LocalStack:
         try:
             self.redis.start()
             self.start_s3()
@@ -106,6 +133,8 @@ class LocalStack:
             self.start_web()
             for i in range(workers):
                 self.start_worker(f"worker{i + 1}")
+            if beat:
+                self.start_beat()
             self.wait_ready()
         except BaseException:
             self.stop()
@@ -116,6 +145,8 @@ class LocalStack:
         self._spawn("s3", [self.python, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.s3_port)],
                     self.s3_port, env={**os.environ, **AWS_ENV})
         self.s3().create_bucket(Bucket=BUCKET)
+        if self.bucket_versioning:
+            self.s3().put_bucket_versioning(Bucket=BUCKET, VersioningConfiguration={"Status": "Enabled"})
 
     def start_simulator(self) -> None:
         argv = [self.python, "-m", "simulator", "--host", "127.0.0.1", "--port", str(self.sim_port),
@@ -140,6 +171,32 @@ class LocalStack:
         argv = [self.python, "-m", "celery", "-A", "worker.celery_app", "beat", "--loglevel", "INFO",
                 "--schedule", str(self.workdir / "beat-schedule")]
         return self._spawn("beat", argv)
+
+    def route_s3_through(self, endpoint_url: str) -> None:
+        """Make the relay's processes started from now on use endpoint_url as S3 (e.g. a faulty proxy)."""
+        self.relay_s3_endpoint = endpoint_url
+
+    # --- faults -----------------------------------------------------------------------------------------------
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Send sig (default SIGKILL) to the process group of `name` and wait until its leader is gone."""
+        proc = self.processes.pop(name)
+        proc.kill(sig)
+        proc.proc.wait(30)
+        proc.stop()  # reaps group members left behind, closes the log
+
+    def restart(self, name: str, timeout: float = 60.0) -> Process:
+        """Start `name` again with the command line, port and environment it was first started with."""
+        if name in self.processes:
+            self.processes.pop(name).stop()
+        spec = self._specs[name]
+        return self._spawn(name, spec.argv, spec.port, env=spec.env, timeout=timeout)
+
+    def restart_redis(self, down_seconds: float = 0.0) -> None:
+        """Stop redis-server (SIGTERM: it syncs its AOF first) and start it on the same port and data dir."""
+        self.redis.stop()
+        if down_seconds > 0:
+            time.sleep(down_seconds)
+        self.redis.start()
 
     def wait_ready(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
@@ -184,6 +241,16 @@ class LocalStack:
         response.raise_for_status()
         result: dict[str, Any] = response.json()
         return result
+
+    def sim_reset(self, *, keep_knobs: bool = False) -> None:
+        """Forget the simulator's tasks and counters; its knobs go back to the startup values unless kept."""
+        response = requests.post(self.sim_root + "/_sim/reset", json={"knobs": not keep_knobs}, timeout=10)
+        response.raise_for_status()
+
+    def multipart_uploads(self) -> list[dict[str, Any]]:
+        """Multipart uploads still open in the bucket (each `{"Key", "UploadId", ...}`), read from moto directly."""
+        uploads: list[dict[str, Any]] = self.s3().list_multipart_uploads(Bucket=BUCKET).get("Uploads", [])
+        return uploads
 
     def logs_tail(self, lines: int = 40) -> str:
         return "\n".join(f"--- {name} ---\n{p.log_tail(lines)}" for name, p in self.processes.items())
