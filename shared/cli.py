@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import getpass
+import json
 import sys
 from collections.abc import Sequence
 
@@ -28,8 +30,91 @@ def _config(argv: Sequence[str]) -> int:
     return 0
 
 
+EXIT_NOT_FOUND = 3
+EXIT_REFUSED = 4
+
+
+def _jobs_parser() -> argparse.ArgumentParser:
+    from shared.jobs import JobState
+
+    parser = argparse.ArgumentParser(
+        prog="kling-relay jobs",
+        description="Read and act on jobs, straight in Redis, with the settings from the environment (REDIS_URL "
+                    "and the rest, as `kling-relay config` checks them). Prints JSON. Exit status: 0 done, "
+                    f"2 bad usage or settings, {EXIT_NOT_FOUND} no such job, {EXIT_REFUSED} refused in the job's "
+                    "state (the reason is printed on stderr).")
+    sub = parser.add_subparsers(dest="action", required=True, metavar="{get,list,retry,cancel}")
+    get = sub.add_parser("get", help="one job with its timeline")
+    get.add_argument("job_id")
+    listing = sub.add_parser("list", help="jobs newest first, one page")
+    listing.add_argument("--state", choices=[s.value for s in JobState])
+    listing.add_argument("--limit", type=int, default=50, help="1 to 200 (default 50)")
+    listing.add_argument("--cursor", help="next_cursor of the previous page")
+    for name, help_text in (("retry", "put a failed job back to work (copy or submit, per its failure)"),
+                            ("cancel", "cancel a queued or in-flight job (a Kling task already made still runs)")):
+        action = sub.add_parser(name, help=help_text)
+        action.add_argument("job_id")
+        action.add_argument("--reason", help="why, recorded in the job's timeline")
+    return parser
+
+
+def _print_json(value: object) -> None:
+    print(json.dumps(value, indent=2, ensure_ascii=False))
+
+
+def _jobs(argv: Sequence[str]) -> int:
+    from shared.client import Relay
+    from shared.jobs import JobNotFound
+    from shared.ops import ActionRefused
+    from shared.settings import SettingsError
+
+    args = _jobs_parser().parse_args(argv)
+    if args.action == "list" and not 1 <= args.limit <= 200:
+        print("--limit must be from 1 to 200", file=sys.stderr)
+        return 2
+    try:
+        relay = Relay.from_env()
+    except SettingsError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    try:
+        if args.action == "list":
+            try:
+                jobs, cursor = relay.list(state=args.state, limit=args.limit, cursor=args.cursor)
+            except ValueError as exc:
+                print(f"--cursor: {exc}", file=sys.stderr)
+                return 2
+            _print_json({"jobs": [j.public_dict() for j in jobs], "next_cursor": cursor})
+            return 0
+        if args.action == "get":
+            job = relay.get(args.job_id)
+            if job is None:
+                raise JobNotFound(args.job_id)
+        else:
+            act = relay.retry if args.action == "retry" else relay.cancel
+            job = act(args.job_id, reason=args.reason, via=f"cli:{_user()}")
+        _print_json(job.public_dict(relay.store.events(job.id)))
+        return 0
+    except JobNotFound:
+        print(f"no such job: {args.job_id}", file=sys.stderr)
+        return EXIT_NOT_FOUND
+    except ActionRefused as exc:
+        print(f"refused: {exc.reason}", file=sys.stderr)
+        return EXIT_REFUSED
+    finally:
+        relay.close()
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):  # no login name in this environment
+        return "unknown"
+
+
 COMMANDS = {
     "simulate": (_simulate, "run the local Kling simulator (see `kling-relay simulate --help`)"),
+    "jobs": (_jobs, "read and act on jobs in Redis: get, list, retry, cancel (see `kling-relay jobs --help`)"),
     "config": (_config, "check the settings from the environment and print them (secrets masked)"),
 }
 

@@ -6,7 +6,11 @@
     job = relay.wait(job.id, timeout=900)         # returns when stored, failed or canceled
     job.videos                                    # [{"bucket", "key", "sha256", "bytes", "duration"}]
 
-Bad input raises `ValidationFailed` (its `.problems` list every `{field, problem}`) and stores nothing.
+    relay.cancel(job.id, reason="customer left")   # ops actions: cancel an unfinished job,
+    relay.retry(job.id)                           # or retry a failed one (see shared/ops.py for which)
+
+Bad input raises `ValidationFailed` (its `.problems` list every `{field, problem}`) and stores nothing. The ops
+actions raise `JobNotFound` for an unknown id and `ActionRefused` (`.reason`) when the job's state forbids them.
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ from typing import Any
 import redis
 
 from shared.intake import accept_job
-from shared.jobs import TERMINAL, Job, JobNotFound, JobStore
+from shared.jobs import TERMINAL, Job, JobNotFound, JobState, JobStore
+from shared.ops import cancel_job, retry_job
 from shared.queue import Enqueuer, make_celery
 from shared.settings import Settings, load_settings
 
@@ -29,9 +34,30 @@ class Relay:
     def __init__(self, settings: Settings, *, store: JobStore | None = None,
                  enqueuer: Enqueuer | None = None) -> None:
         self.settings = settings
-        self.store = store or JobStore(redis.Redis.from_url(settings.redis_url, decode_responses=True,
-                                                            socket_timeout=10, socket_connect_timeout=5))
-        self.enqueuer = enqueuer or Enqueuer(make_celery(settings.redis_url))
+        self._owned: list[Any] = []  # clients made here, closed by close()
+        if store is None:
+            client = redis.Redis.from_url(settings.redis_url, decode_responses=True, socket_timeout=10,
+                                          socket_connect_timeout=5)
+            self._owned.append(client)
+            store = JobStore(client)
+        self.store = store
+        if enqueuer is None:
+            app = make_celery(settings.redis_url)
+            self._owned.append(app)
+            enqueuer = Enqueuer(app)
+        self.enqueuer = enqueuer
+
+    def close(self) -> None:
+        """Close the Redis connections this Relay opened (not those of a store or enqueuer passed in)."""
+        for owned in self._owned:
+            owned.close()
+        self._owned.clear()
+
+    def __enter__(self) -> Relay:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Relay:
@@ -44,6 +70,25 @@ class Relay:
 
     def get(self, job_id: str) -> Job | None:
         return self.store.get(job_id)
+
+    def list(self, *, state: JobState | str | None = None, limit: int = 50,
+             cursor: str | None = None) -> tuple[list[Job], str | None]:
+        """Jobs newest first, all or one state's: `(jobs, next_cursor)`; pass next_cursor back for the next page."""
+        return self.store.list(state=JobState(state) if state is not None else None, limit=limit, cursor=cursor)
+
+    def retry(self, job_id: str, *, reason: str | None = None, via: str = "python") -> Job:
+        """Put a failed job back to work (copy failures re-copy, submit-side failures re-submit); the job now.
+
+        Raises `JobNotFound`, or `shared.ops.ActionRefused` saying why (e.g. Kling's task failed: a new job is
+        needed, since Kling allows one task per job id).
+        """
+        return retry_job(self.store, self.enqueuer, job_id, detail=_who(via, reason),
+                         due_in=self.settings.reconcile_quiet_seconds).job
+
+    def cancel(self, job_id: str, *, reason: str | None = None, via: str = "python") -> Job:
+        """Cancel a queued or in-flight job; the job now. A Kling task already made still runs at Kling (no
+        cancel API) but its outcome is ignored. Raises `JobNotFound`, or `ActionRefused` for a finished job."""
+        return cancel_job(self.store, job_id, detail=_who(via, reason)).job
 
     def wait(self, job_id: str, *, timeout: float = 900.0, poll: float = 1.0,
              on_change: Callable[[Job], None] | None = None) -> Job:
@@ -63,3 +108,10 @@ class Relay:
             if time.monotonic() >= deadline:
                 raise TimeoutError(f"job {job_id} still {job.state.value} after {timeout}s")
             time.sleep(poll)
+
+
+def _who(via: str, reason: str | None) -> dict[str, Any]:
+    detail: dict[str, Any] = {"via": via}
+    if reason:
+        detail["reason"] = reason
+    return detail

@@ -1,24 +1,42 @@
-"""The jobs API for backend apps: `POST /v1/jobs`, `GET /v1/jobs/<id>`, `GET /v1/jobs?state=&limit=&cursor=`.
+"""The jobs API for backend apps: `POST /v1/jobs`, `GET /v1/jobs/<id>`, `GET /v1/jobs?state=&limit=&cursor=`,
+and the ops actions `POST /v1/jobs/<id>/retry` and `POST /v1/jobs/<id>/cancel`.
 
 Bearer tokens from API_TOKENS. Bad input never stores or queues anything: 400 (not JSON), 413 (too large),
-422 (every field problem at once), 409 (Idempotency-Key reused with another body).
+422 (every field problem at once), 409 (Idempotency-Key reused with another body; an ops action the job's state
+does not allow, with the reason). `webhook/openapi.py` describes all of it; keep the two in step.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 from flask import Blueprint, jsonify, request
 
 from shared.intake import accept_job
-from shared.jobs import IdempotencyConflict, JobState
+from shared.jobs import IdempotencyConflict, JobNotFound, JobState, StepResult
+from shared.ops import ActionRefused, cancel_job, retry_job
 from shared.tokens import bearer_ok
 from shared.validation import FieldProblem, ValidationFailed, problems_payload
-from webhook.common import error, runtime
+from webhook.common import error, runtime, token_number, valid_job_id
 
 bp = Blueprint("api", __name__, url_prefix="/v1")
 MAX_LIST_LIMIT = 200
+MAX_ACTION_BODY_BYTES = 16 * 1024
+MAX_REASON_CHARS = 500
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def parse_json(raw: bytes) -> Any:
+    """Strict JSON: NaN/Infinity are refused (they would come back as invalid JSON); ValueError on any problem."""
+    try:
+        return json.loads(raw, parse_constant=_no_constants)
+    except RecursionError as exc:
+        raise ValueError("nested too deeply") from exc
 
 
 @bp.before_request
@@ -41,8 +59,8 @@ def create_job() -> Any:
         return error(400, "send the job as JSON with Content-Type: application/json")
     raw = request.get_data(cache=False)  # over MAX_CONTENT_LENGTH → 413 before we read it
     try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
+        body = parse_json(raw)
+    except ValueError as exc:
         return error(400, f"body is not valid JSON: {exc}")
     try:
         accepted = accept_job(body, store=rt.store, enqueuer=rt.enqueuer, settings=rt.settings,
@@ -61,7 +79,7 @@ def create_job() -> Any:
 @bp.get("/jobs/<job_id>")
 def get_job(job_id: str) -> Any:
     rt = runtime()
-    job = rt.store.get(job_id) if len(job_id) <= 64 else None
+    job = rt.store.get(job_id) if valid_job_id(job_id) else None
     if job is None:
         return error(404, "no such job")
     return jsonify(job.public_dict(rt.store.events(job_id)))
@@ -81,7 +99,8 @@ def list_jobs() -> Any:
     limit = 50
     raw_limit = request.args.get("limit")
     if raw_limit is not None:
-        if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_LIST_LIMIT:
+        if not (raw_limit.isascii() and raw_limit.isdigit() and len(raw_limit) <= 3) or \
+                not 1 <= int(raw_limit) <= MAX_LIST_LIMIT:
             problems.append(FieldProblem("limit", f"must be a whole number from 1 to {MAX_LIST_LIMIT}"))
         else:
             limit = int(raw_limit)
@@ -94,3 +113,64 @@ def list_jobs() -> Any:
     return jsonify(jobs=[j.public_dict() for j in jobs], next_cursor=next_cursor)
 
 
+def _action_detail() -> tuple[dict[str, Any] | None, Any]:
+    """The event detail of an ops action from its optional JSON body `{"reason": "..."}`, or an error reply."""
+    rt = runtime()
+    detail: dict[str, Any] = {"via": "http",
+                              "api_token": token_number(request.headers.get("Authorization"), rt.settings.api_tokens)}
+    if request.content_length is not None and request.content_length > MAX_ACTION_BODY_BYTES:
+        return None, error(413, f"body over {MAX_ACTION_BODY_BYTES} bytes")
+    raw = request.stream.read(MAX_ACTION_BODY_BYTES + 1)
+    if len(raw) > MAX_ACTION_BODY_BYTES:
+        return None, error(413, f"body over {MAX_ACTION_BODY_BYTES} bytes")
+    if not raw.strip():
+        return detail, None
+    if request.mimetype != "application/json":
+        return None, error(400, "send the body (optional) as JSON with Content-Type: application/json")
+    try:
+        body = parse_json(raw)
+    except ValueError as exc:
+        return None, error(400, f"body is not valid JSON: {exc}")
+    if not isinstance(body, dict):
+        return None, _unprocessable([FieldProblem("body", 'must be a JSON object such as {"reason": "..."}')])
+    problems = [FieldProblem(str(k), "unknown field (allowed: reason)") for k in body if k != "reason"]
+    reason = body.get("reason")
+    if reason is not None and (not isinstance(reason, str) or len(reason) > MAX_REASON_CHARS):
+        problems.append(FieldProblem("reason", f"must be a string of at most {MAX_REASON_CHARS} characters"))
+    if problems:
+        return None, _unprocessable(problems)
+    if reason:
+        detail["reason"] = reason
+    return detail, None
+
+
+def _act(job_id: str, action: Callable[[dict[str, Any]], StepResult]) -> Any:
+    if not valid_job_id(job_id):
+        return error(404, "no such job")
+    detail, failed = _action_detail()
+    if failed is not None:
+        return failed
+    assert detail is not None
+    try:
+        result = action(detail)
+    except JobNotFound:
+        return error(404, "no such job")
+    except ActionRefused as exc:
+        return error(409, exc.reason, state=exc.job.state.value)
+    return jsonify(result.job.public_dict(runtime().store.events(job_id)))
+
+
+@bp.post("/jobs/<job_id>/retry")
+def retry(job_id: str) -> Any:
+    """Failed → back to work: re-copy after copy_exhausted, re-submit (looking up first) after a submit-side
+    failure; 409 with the reason otherwise (e.g. kling_failed: Kling allows one task per job id)."""
+    rt = runtime()
+    return _act(job_id, lambda detail: retry_job(rt.store, rt.enqueuer, job_id, detail=detail,
+                                                 due_in=rt.settings.reconcile_quiet_seconds))
+
+
+@bp.post("/jobs/<job_id>/cancel")
+def cancel(job_id: str) -> Any:
+    """Queued/submitted/processing/generated → canceled; 409 for a finished job."""
+    rt = runtime()
+    return _act(job_id, lambda detail: cancel_job(rt.store, job_id, detail=detail))

@@ -1,4 +1,5 @@
-"""The web process: the jobs API (`/v1/jobs`), Kling's callbacks (`/callbacks/kling/<job_id>`) and `/healthz`."""
+"""The web process: the jobs API (`/v1/jobs`), Kling's callbacks (`/callbacks/kling/<job_id>`), `/healthz` and
+the API's OpenAPI description (`/openapi.json`)."""
 
 from __future__ import annotations
 
@@ -19,9 +20,15 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
 
     from webhook.api import bp as api_bp
     from webhook.callbacks import bp as callbacks_bp
+    from webhook.openapi import openapi_document
 
     app.register_blueprint(api_bp)
     app.register_blueprint(callbacks_bp)
+    document = openapi_document(settings)
+
+    @app.get("/openapi.json")
+    def openapi() -> Any:
+        return jsonify(document)
 
     @app.get("/healthz")
     def healthz() -> Any:

@@ -1,0 +1,140 @@
+"""Ops actions on one job: retry a failed job, cancel an unfinished one. Used by the HTTP API, the client, the CLI.
+
+Retry rules. Kling keeps `external_task_id` (our job id) unique per account, so a job can make at most one
+Kling task, ever. A retry therefore never asks Kling for a second task; what it may do depends on why the
+job failed:
+- `copy_exhausted` (the video was generated, copying it failed): back to `generated` (failed → queued → generated,
+  two steps) and the copy is queued again; the copy re-reads the task from Kling for a fresh URL.
+- `submit_exhausted`, `auth`, `account`, `invalid`, `kling_rejected:<code>` on a job without a Kling task: back
+  to `queued` and the submit is queued again. An earlier create may still have reached Kling (an ambiguous create
+  is exactly what exhausts a submit), so the retry spends one submit attempt at once: the pipeline looks the task
+  up by `external_task_id` before any create when the attempt is not the first, and adopts it if it exists.
+- Refused: `kling_failed` (Kling's one task for this job failed; a new create would be refused as a duplicate:
+  submit the request again as a new job), `timed_out` and any job past its deadline (a retry does not move the
+  deadline, the reconciler would time it out again), a job that already has a Kling task but did not fail in
+  the copy, and any reason without a rule.
+
+Cancel: queued, submitted, processing and generated jobs become `canceled`. Kling has no cancel API: a task
+already made keeps running there (and is billed); its callbacks change nothing afterwards, and the copy of a
+canceled job does nothing. Terminal jobs are refused.
+
+Both raise `JobNotFound` for an unknown job and `ActionRefused` (with a sentence saying why) when the job's state
+or history does not allow the action. Every applied action is a state step with `source="api"` and an event
+whose detail says what was done and by whom (`detail` from the caller: e.g. `{"via": "cli", "reason": ...}`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from shared.jobs import Job, JobNotFound, JobState, JobStore, StepResult
+from shared.queue import Enqueuer
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ActionRefused", "JobNotFound", "cancel_job", "retry_job", "retry_mode"]
+
+CANCELABLE: frozenset[JobState] = frozenset(
+    {JobState.QUEUED, JobState.SUBMITTED, JobState.PROCESSING, JobState.GENERATED})
+RESUBMIT_REASONS: frozenset[str] = frozenset({"submit_exhausted", "auth", "account", "invalid"})
+RESUBMIT_PREFIXES: tuple[str, ...] = ("kling_rejected:",)
+COPY_REASONS: frozenset[str] = frozenset({"copy_exhausted"})
+DEFAULT_DUE_SECONDS = 120.0
+
+
+class ActionRefused(Exception):
+    """The action does not apply to this job as it is; `reason` says why, `job` is the job as it was read."""
+
+    def __init__(self, job: Job, reason: str) -> None:
+        super().__init__(reason)
+        self.job = job
+        self.reason = reason
+
+
+def retry_mode(job: Job, *, now: float | None = None) -> str:
+    """How a retry would resume this failed job: "submit" or "copy"; raises ActionRefused when it may not."""
+    if job.state is not JobState.FAILED:
+        raise ActionRefused(job, f"only a failed job can be retried; this job is {job.state.value}")
+    if job.deadline_at is not None and (time.time() if now is None else now) >= job.deadline_at:
+        raise ActionRefused(job, "the job is past its deadline (JOB_DEADLINE_SECONDS after creation) and a retry "
+                                 "does not extend it: submit the request as a new job")
+    reason = str((job.error or {}).get("reason") or "")
+    if reason in COPY_REASONS:
+        if job.kling_task_id is None:
+            raise ActionRefused(job, "the copy failed but the job has no Kling task to copy from")
+        return "copy"
+    if reason == "kling_failed":
+        raise ActionRefused(job, "Kling's task for this job failed; Kling keeps external_task_id (the job id) "
+                                 "unique, so this job cannot make another task: submit the request as a new job")
+    if reason == "timed_out":
+        raise ActionRefused(job, "the job is past its deadline (timed_out) and a retry does not extend it: "
+                                 "submit the request as a new job")
+    if reason in RESUBMIT_REASONS or reason.startswith(RESUBMIT_PREFIXES):
+        if job.kling_task_id is not None:
+            raise ActionRefused(job, f"the job already has Kling task {job.kling_task_id} and failed with "
+                                     f"{reason!r}; a retry would not make another task")
+        return "submit"
+    raise ActionRefused(job, f"no retry rule for a job that failed with {reason or 'no reason'!r}")
+
+
+def retry_job(store: JobStore, enqueuer: Enqueuer, job_id: str, *, detail: dict[str, Any] | None = None,
+              due_in: float = DEFAULT_DUE_SECONDS) -> StepResult:
+    """Put a failed job back to work (see the module docstring for which failures qualify and how).
+
+    Returns the result of the last step taken (`applied` True, `job` as it is now, `from_state` failed).
+    `due_in` (seconds, normally RECONCILE_QUIET_SECONDS) puts the job in the due index, so the reconciler re-sends
+    the work if the message queued here is lost. A broker that is down does not undo the retry: the job stays
+    due and the reconciler sends it.
+    """
+    job = store.require(job_id)
+    mode = retry_mode(job)
+    who = {"action": "retry", "mode": mode, **(detail or {})}
+    result = store.retry(job_id, source="api", due_in=due_in)
+    if not result.applied:  # it changed between the read and the step (another retry won)
+        raise ActionRefused(result.job, f"only a failed job can be retried; this job is {result.job.state.value}")
+    # Spend one submit attempt now: any submit of this job from here on is not a first attempt, so it looks the
+    # task up by external_task_id before it creates one (an earlier, ambiguous create may have made it). For a
+    # copy retry this only matters if we die before the next step: the reconciler then re-sends the submit, and
+    # the lookup finds the succeeded task instead of a create being refused as a duplicate.
+    store.bump_attempt(job_id, "submit")
+    if mode == "copy":
+        # copy_exhausted happens only to a generated job: Kling's task succeeded, so this restores its state.
+        result = store.step(job_id, JobState.GENERATED, source="api", detail=who, only_from=[JobState.QUEUED],
+                            due_in=due_in)
+        if result.applied:
+            _send(lambda: enqueuer.copy(job_id), job_id, "copy")
+        return StepResult(applied=True, job=result.job, from_state=JobState.FAILED)
+    store.note(job_id, source="api", detail={**who, "lookup_first": True})
+    _send(lambda: enqueuer.submit(job_id), job_id, "submit")
+    return StepResult(applied=True, job=store.require(job_id), from_state=JobState.FAILED)
+
+
+def cancel_job(store: JobStore, job_id: str, *, detail: dict[str, Any] | None = None) -> StepResult:
+    """Move a queued, submitted, processing or generated job to `canceled`; ActionRefused for a finished one.
+
+    A Kling task the job already has is not stopped (Kling cannot cancel one); the event's detail says so.
+    """
+    job = store.require(job_id)
+    if job.state not in CANCELABLE:
+        raise ActionRefused(job, f"the job is already {job.state.value}; only queued, submitted, processing or "
+                                 f"generated jobs can be canceled")
+    info: dict[str, Any] = {"action": "cancel", **(detail or {})}
+    if job.kling_task_id is not None:
+        info["kling_task_id"] = job.kling_task_id
+        info["note"] = "Kling has no cancel API: its task may still finish (and be billed); nothing is copied"
+    result = store.step(job_id, JobState.CANCELED, source="api", detail=info, due_in=None)
+    if not result.applied:  # it finished between the read and the step
+        raise ActionRefused(result.job, f"the job is already {result.job.state.value}; only queued, submitted, "
+                                        f"processing or generated jobs can be canceled")
+    log.info("job canceled", extra={"job_id": job_id, "from": result.from_state.value})
+    return result
+
+
+def _send(send: Callable[[], None], job_id: str, what: str) -> None:
+    try:
+        send()
+    except Exception:  # the job is due: the reconciler sends the work when the broker is back
+        log.exception("could not queue %s after retry; the reconciler will", what, extra={"job_id": job_id})

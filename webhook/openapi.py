@@ -1,0 +1,293 @@
+"""The OpenAPI 3.1 description of the web process's HTTP API, served at `GET /openapi.json` (no token needed).
+
+Built as a dict from the settings that shape requests (prompt and body limits), so it states the limits this
+relay enforces. It must match what the views return: `tests/e2e/test_fuzz.py` checks every response against it
+and `tests/webhook/test_openapi.py` checks the shapes against `Job.public_dict` and the 422 payload.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from shared.jobs import SOURCES, JobState
+from shared.settings import Settings
+from shared.validation import ASPECT_RATIOS, DURATIONS, MODEL_NAMES, MODES
+
+JOB_ID_PATTERN = "^[A-Za-z0-9_-]{1,64}$"
+MAX_REASON_CHARS = 500  # webhook/api.py: MAX_REASON_CHARS
+
+_STATES = [s.value for s in JobState]
+_NULLABLE_STRING = {"type": ["string", "null"]}
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema: dict[str, Any], description: str, headers: dict[str, Any] | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {"description": description, "content": {"application/json": {"schema": schema}}}
+    if headers:
+        out["headers"] = headers
+    return out
+
+
+def _error(description: str) -> dict[str, Any]:
+    return _json(_ref("Error"), description)
+
+
+_UNAUTHORIZED = _json(_ref("Error"), "Missing or wrong bearer token.", headers={
+    "WWW-Authenticate": {"schema": {"type": "string"}, "description": 'Bearer realm="kling-relay"'}})
+_INVALID = _json(_ref("ValidationError"), "Invalid input: every problem, each with its field.")
+
+
+def _schemas(settings: Settings) -> dict[str, Any]:
+    return {
+        "Error": {
+            "type": "object", "required": ["error"],
+            "properties": {"error": {"type": "string", "description": "What went wrong, in a sentence."},
+                           "state": {"type": "string", "enum": _STATES,
+                                     "description": "The job's state (409 of an ops action)."}},
+        },
+        "FieldProblem": {
+            "type": "object", "required": ["field", "problem"], "additionalProperties": False,
+            "properties": {"field": {"type": "string", "description": 'A path, e.g. "image_list[0].image".'},
+                           "problem": {"type": "string"}},
+        },
+        "ValidationError": {
+            "type": "object", "required": ["error", "fields"], "additionalProperties": False,
+            "properties": {"error": {"type": "string", "const": "invalid request"},
+                           "fields": {"type": "array", "minItems": 1, "items": _ref("FieldProblem")}},
+        },
+        "Video": {
+            "type": "object", "required": ["bucket", "key", "sha256", "bytes", "duration"],
+            "properties": {"bucket": {"type": "string"}, "key": {"type": "string"},
+                           "sha256": {"type": "string", "description": "Hex SHA-256 of the stored object."},
+                           "bytes": {"type": "integer", "minimum": 0},
+                           "duration": {**_NULLABLE_STRING, "description": "Kling's duration, seconds."}},
+        },
+        "JobError": {
+            "type": "object", "required": ["reason"],
+            "description": "Why a job failed; `reason` is invalid, kling_rejected:<code>, kling_failed, "
+                           "submit_exhausted, copy_exhausted, timed_out, auth or account.",
+            "properties": {"reason": {"type": "string"}, "code": {"type": ["integer", "null"]},
+                           "message": {"type": "string"}},
+        },
+        "Event": {
+            "type": "object", "required": ["at", "from", "to", "source", "detail"], "additionalProperties": False,
+            "description": "One step of the job's timeline; a note keeps the state (from == to); the creation "
+                           "event has from null.",
+            "properties": {"at": {"type": "string", "format": "date-time"},
+                           "from": {"type": ["string", "null"], "enum": [*_STATES, None]},
+                           "to": {"type": "string", "enum": _STATES},
+                           "source": {"type": "string", "enum": sorted(SOURCES)},
+                           "detail": {"type": "object"}},
+        },
+        "Job": {
+            "type": "object", "additionalProperties": False,
+            "required": ["id", "state", "kling_task_id", "created_at", "updated_at", "error", "videos", "metadata",
+                         "notify_url"],
+            "properties": {
+                "id": {"type": "string", "pattern": JOB_ID_PATTERN},
+                "state": {"type": "string", "enum": _STATES},
+                "kling_task_id": _NULLABLE_STRING,
+                "created_at": {"type": "string", "format": "date-time"},
+                "updated_at": {"type": "string", "format": "date-time"},
+                "error": {"oneOf": [{"type": "null"}, _ref("JobError")]},
+                "videos": {"type": "array", "items": _ref("Video")},
+                "metadata": {"type": "object"},
+                "notify_url": _NULLABLE_STRING,
+                "events": {"type": "array", "items": _ref("Event"),
+                           "description": "The timeline, oldest first (not in listings)."},
+            },
+        },
+        "JobWithEvents": {"allOf": [_ref("Job"), {"required": ["events"]}]},
+        "JobList": {
+            "type": "object", "required": ["jobs", "next_cursor"], "additionalProperties": False,
+            "properties": {"jobs": {"type": "array", "items": _ref("Job")}, "next_cursor": _NULLABLE_STRING},
+        },
+        "JobRequest": {
+            "type": "object", "required": ["image_list", "prompt"], "additionalProperties": False,
+            "description": "Kling's multi-image2video fields plus notify_url and metadata. Each image is an "
+                           "http(s) URL (not fetched by the relay) or raw base64 of a PNG or JPEG (no data: "
+                           "prefix), at most 10 MB, sides >= 300 px, aspect ratio 1:2.5 to 2.5:1.",
+            "properties": {
+                "model_name": {"type": ["string", "null"], "enum": [*MODEL_NAMES, None]},
+                "image_list": {"type": "array", "minItems": 1, "maxItems": 4, "items": {
+                    "type": "object", "required": ["image"], "additionalProperties": False,
+                    "properties": {"image": {"type": "string", "minLength": 1}}}},
+                "prompt": {"type": "string", "minLength": 1, "maxLength": settings.prompt_max_chars},
+                "negative_prompt": {"type": ["string", "null"], "maxLength": 2500},
+                "mode": {"type": ["string", "null"], "enum": [*MODES, None]},
+                "duration": {"oneOf": [{"type": "string", "enum": list(DURATIONS)},
+                                       {"type": "integer", "enum": [int(d) for d in DURATIONS]},
+                                       {"type": "null"}]},
+                "aspect_ratio": {"type": ["string", "null"], "enum": [*ASPECT_RATIOS, None]},
+                "notify_url": {"type": ["string", "null"], "format": "uri", "maxLength": 2048,
+                               "description": "Signed POST when the job finishes; needs NOTIFY_SECRET set."},
+                "metadata": {"type": ["object", "null"], "description": "Yours, returned as is; <= 16 KiB."},
+            },
+        },
+        "ActionRequest": {
+            "type": "object", "additionalProperties": False,
+            "properties": {"reason": {"type": "string", "maxLength": MAX_REASON_CHARS,
+                                      "description": "Why; recorded in the job's timeline."}},
+        },
+        "KlingTask": {
+            "type": "object", "required": ["task_id", "task_status"],
+            "description": "Kling's task object, as Kling posts it on each status change.",
+            "properties": {
+                "task_id": {"type": "string", "minLength": 1},
+                "task_status": {"type": "string", "enum": ["submitted", "processing", "succeed", "failed"]},
+                "task_status_msg": {"type": ["string", "null"]},
+                "task_info": {"type": ["object", "null"],
+                              "properties": {"external_task_id": {"type": ["string", "null"]}}},
+                "created_at": {"type": ["integer", "null"]},
+                "updated_at": {"type": ["integer", "null"]},
+                "task_result": {"type": ["object", "null"], "properties": {"videos": {
+                    "type": ["array", "null"], "items": {
+                        "type": "object", "required": ["url"],
+                        "properties": {"id": {"type": ["string", "null"]}, "url": {"type": "string", "minLength": 1},
+                                       "duration": {"type": ["string", "null"]}}}}}},
+            },
+        },
+        "CallbackAck": {
+            "type": "object", "required": ["ok", "applied", "state"], "additionalProperties": False,
+            "properties": {"ok": {"type": "boolean", "const": True},
+                           "applied": {"type": "boolean", "description": "False: a duplicate or stale update."},
+                           "state": {"type": "string", "enum": _STATES}},
+        },
+        "Health": {
+            "type": "object", "required": ["status"],
+            "properties": {"status": {"type": "string", "enum": ["ok", "unhealthy"]},
+                           "redis": {"type": "string"}},
+        },
+    }
+
+
+def _job_id_param() -> dict[str, Any]:
+    return {"name": "job_id", "in": "path", "required": True,
+            "schema": {"type": "string", "pattern": JOB_ID_PATTERN}}
+
+
+def _action(summary: str, description: str, operation_id: str) -> dict[str, Any]:
+    return {
+        "summary": summary, "description": description, "operationId": operation_id, "tags": ["ops"],
+        "parameters": [_job_id_param()],
+        "requestBody": {"required": False, "content": {"application/json": {"schema": _ref("ActionRequest")}}},
+        "responses": {
+            "200": _json(_ref("JobWithEvents"), "Applied: the job as it is now."),
+            "400": _error("A body that is not JSON."),
+            "401": _UNAUTHORIZED,
+            "404": _error("No such job."),
+            "409": _error("Not allowed in the job's state or history; `error` says why, `state` is the state."),
+            "413": _error("Body over 16 KiB."),
+            "422": _INVALID,
+        },
+    }
+
+
+def openapi_document(settings: Settings) -> dict[str, Any]:
+    """The whole description as a JSON-ready dict."""
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "kling-relay",
+            "version": "0.1.0",
+            "description": "Jobs in, videos in S3 out: submit multi-image2video jobs for Kling, read them, and retry "
+                           "or cancel them. `/v1` needs `Authorization: Bearer <one of API_TOKENS>`.",
+        },
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "schemas": _schemas(settings),
+        },
+        "security": [{"bearer": []}],
+        "paths": {
+            "/v1/jobs": {
+                "post": {
+                    "summary": "Submit a job", "operationId": "createJob", "tags": ["jobs"],
+                    "parameters": [{"name": "Idempotency-Key", "in": "header", "required": False,
+                                    "description": "Same key and body: the same job again (Idempotent-Replayed).",
+                                    "schema": {"type": "string", "minLength": 1, "maxLength": 255}}],
+                    "requestBody": {"required": True,
+                                    "content": {"application/json": {"schema": _ref("JobRequest")}}},
+                    "responses": {
+                        "202": _json(_ref("JobWithEvents"), "Accepted (or replayed by Idempotency-Key).", headers={
+                            "Location": {"schema": {"type": "string"}, "description": "/v1/jobs/<id>"},
+                            "Idempotent-Replayed": {"schema": {"type": "string", "enum": ["true"]}}}),
+                        "400": _error("Not JSON, or not Content-Type: application/json."),
+                        "401": _UNAUTHORIZED,
+                        "409": _error("Idempotency-Key already used with a different body."),
+                        "413": _error(f"Body over MAX_REQUEST_BYTES ({settings.max_request_bytes})."),
+                        "422": _INVALID,
+                    },
+                },
+                "get": {
+                    "summary": "List jobs, newest first", "operationId": "listJobs", "tags": ["jobs"],
+                    "parameters": [
+                        {"name": "state", "in": "query", "required": False,
+                         "schema": {"type": "string", "enum": _STATES}},
+                        {"name": "limit", "in": "query", "required": False,
+                         "schema": {"type": "integer", "minimum": 1, "maximum": 200, "default": 50}},
+                        {"name": "cursor", "in": "query", "required": False, "schema": {"type": "string"},
+                         "description": "next_cursor of the previous page."},
+                    ],
+                    "responses": {"200": _json(_ref("JobList"), "One page."), "401": _UNAUTHORIZED,
+                                  "422": _INVALID},
+                },
+            },
+            "/v1/jobs/{job_id}": {
+                "get": {
+                    "summary": "One job with its timeline", "operationId": "getJob", "tags": ["jobs"],
+                    "parameters": [_job_id_param()],
+                    "responses": {"200": _json(_ref("JobWithEvents"), "The job."), "401": _UNAUTHORIZED,
+                                  "404": _error("No such job.")},
+                },
+            },
+            "/v1/jobs/{job_id}/retry": {"post": _action(
+                "Retry a failed job", "copy_exhausted: back to generated and copied again. submit_exhausted, auth, "
+                "account, invalid, kling_rejected:<code> (no Kling task yet): back to queued and submitted again, "
+                "looking the task up by external_task_id first. Anything else, e.g. kling_failed or timed_out, "
+                "is refused with 409: Kling allows one task per job id, so such a job needs a new job.",
+                "retryJob")},
+            "/v1/jobs/{job_id}/cancel": {"post": _action(
+                "Cancel a queued or in-flight job", "queued, submitted, processing or generated: canceled. Kling "
+                "cannot cancel a task, so one already made may finish (and be billed); its callbacks and copy "
+                "change nothing. A finished job: 409.", "cancelJob")},
+            "/healthz": {
+                "get": {
+                    "summary": "Health", "operationId": "health", "tags": ["ops"], "security": [],
+                    "responses": {"200": _json(_ref("Health"), "Redis answers."),
+                                  "503": _json(_ref("Health"), "Redis does not answer.")},
+                },
+            },
+            "/openapi.json": {
+                "get": {
+                    "summary": "This description", "operationId": "openapi", "tags": ["ops"], "security": [],
+                    "responses": {"200": _json({"type": "object"}, "OpenAPI 3.1 document.")},
+                },
+            },
+            "/callbacks/kling/{job_id}": {
+                "post": {
+                    "summary": "Kling's task callback (Kling's side only)", "operationId": "klingCallback",
+                    "tags": ["kling"], "security": [],
+                    "description": "The URL, with its per-job token, is given to Kling at submit. Duplicates and "
+                                   "stale updates answer 200 and change nothing.",
+                    "parameters": [
+                        {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}},
+                        {"name": "token", "in": "query", "required": True, "schema": {"type": "string"},
+                         "description": "HMAC-SHA256 of the job id keyed with CALLBACK_SECRET."},
+                    ],
+                    "requestBody": {"required": True,
+                                    "content": {"application/json": {"schema": _ref("KlingTask")}}},
+                    "responses": {
+                        "200": _json(_ref("CallbackAck"), "Recorded (or a duplicate/stale update)."),
+                        "400": _error("Not a Kling task object."),
+                        "403": _error("Bad callback token."),
+                        "404": _error("Unknown job."),
+                        "409": _error("task_id or external_task_id is not this job's."),
+                        "413": _error(f"Body over MAX_CALLBACK_BYTES ({settings.max_callback_bytes})."),
+                    },
+                },
+            },
+        },
+    }
