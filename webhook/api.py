@@ -12,6 +12,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+import redis
 from flask import Blueprint, jsonify, request
 
 from shared.intake import accept_job
@@ -106,9 +107,15 @@ def list_jobs() -> Any:
             limit = int(raw_limit)
     if problems:
         return _unprocessable(problems)
+    cursor = request.args.get("cursor") or None
     try:
-        jobs, next_cursor = rt.store.list(state=state, limit=limit, cursor=request.args.get("cursor") or None)
+        jobs, next_cursor = rt.store.list(state=state, limit=limit, cursor=cursor)
     except ValueError:
+        return _unprocessable([FieldProblem("cursor", "is not a cursor this API returned")])
+    except redis.ResponseError:
+        if cursor is None:
+            raise
+        # a forged cursor that decodes to a score Redis refuses (NaN): as invalid as any other forged cursor
         return _unprocessable([FieldProblem("cursor", "is not a cursor this API returned")])
     return jsonify(jobs=[j.public_dict() for j in jobs], next_cursor=next_cursor)
 

@@ -1,0 +1,56 @@
+"""The Flask app over a real redis-server (tests/conftest.py), called through Flask's test client.
+
+Kling, S3 and the broker's consumers are not needed here: nothing in these tests reaches Kling or S3, and queued
+Celery messages are read back from Redis.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+
+from shared.queue import make_celery
+from shared.runtime import Runtime
+from shared.settings import Settings, load_settings
+from webhook.app import create_app
+
+TOKENS = ("first-api-token-0123456789", "second-api-token-0123456789")
+CALLBACK_SECRET = "callback-secret-0123456789abcdef"
+
+
+def app_settings(redis_url: str, **extra: str) -> Settings:
+    return load_settings({
+        "REDIS_URL": redis_url, "KLING_BASE_URL": "http://127.0.0.1:9", "KLING_API_KEY": "k" * 32,
+        "PUBLIC_BASE_URL": "http://127.0.0.1:8000", "CALLBACK_SECRET": CALLBACK_SECRET,
+        "API_TOKENS": ",".join(TOKENS), "S3_BUCKET": "bucket", "S3_ENDPOINT_URL": "http://127.0.0.1:9",
+        "MAX_REQUEST_BYTES": "200000", **extra,
+    })
+
+
+@pytest.fixture()
+def runtime(redis_url: str) -> Iterator[Runtime]:
+    settings = app_settings(redis_url)
+    celery_app = make_celery(redis_url)
+    rt = Runtime.from_settings(settings, celery_app)
+    yield rt
+    rt.redis.close()
+    rt.http.close()
+    celery_app.close()
+
+
+@pytest.fixture()
+def app(runtime: Runtime) -> Flask:
+    return create_app(runtime=runtime)
+
+
+@pytest.fixture()
+def client(app: Flask) -> FlaskClient:
+    return app.test_client()
+
+
+def auth(token: str = TOKENS[0]) -> dict[str, Any]:
+    return {"Authorization": f"Bearer {token}"}

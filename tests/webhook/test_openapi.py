@@ -1,0 +1,104 @@
+"""`GET /openapi.json`: a valid OpenAPI 3.1 document that covers every route and matches what the views return."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+from jsonschema import Draft202012Validator
+from openapi_spec_validator import validate
+
+from shared.jobs import JobState, JobStore
+from shared.runtime import Runtime
+from shared.validation import FieldProblem, problems_payload
+from tests.shared.test_ops import REQUEST, failed_job
+from tests.webhook.conftest import auth
+
+
+@pytest.fixture()
+def document(client: FlaskClient) -> dict[str, Any]:
+    response = client.get("/openapi.json")  # no token
+    assert response.status_code == 200 and response.mimetype == "application/json"
+    assert isinstance(response.json, dict)
+    return response.json
+
+
+def conforms(document: dict[str, Any], schema_name: str, instance: object) -> list[str]:
+    """Messages of every way `instance` breaks the named component schema (empty when it conforms)."""
+    root = {"$ref": f"#/components/schemas/{schema_name}", "components": document["components"]}
+    return [e.message for e in Draft202012Validator(root).iter_errors(instance)]
+
+
+def test_the_document_is_valid_openapi_3_1(document: dict[str, Any]) -> None:
+    assert document["openapi"].startswith("3.1")
+    validate(document)
+
+
+def test_every_route_of_the_app_is_described(app: Flask, document: dict[str, Any]) -> None:
+    described = {(path, method) for path, item in document["paths"].items() for method in item}
+    for rule in app.url_map.iter_rules():
+        if rule.endpoint == "static":
+            continue
+        path = rule.rule.replace("<", "{").replace(">", "}")
+        for method in rule.methods - {"HEAD", "OPTIONS"}:
+            assert (path, method.lower()) in described, (path, method)
+    assert len(described) == sum(len(r.methods - {"HEAD", "OPTIONS"}) for r in app.url_map.iter_rules()
+                                 if r.endpoint != "static")
+
+
+def test_jobs_in_every_state_match_the_job_schemas(runtime: Runtime, document: dict[str, Any]) -> None:
+    store: JobStore = runtime.store
+    job, _ = store.create(dict(REQUEST), notify_url="https://example.com/hook", metadata={"order": 1})
+    stored, _ = store.create(dict(REQUEST))
+    store.step(stored.id, JobState.SUBMITTED, source="worker", set_fields={"kling_task_id": "t"})
+    store.note(stored.id, source="callback", detail={"duplicate": True})
+    video = {"bucket": "b", "key": "k/video.mp4", "sha256": "ab" * 32, "bytes": 10, "duration": "5.0"}
+    store.step(stored.id, JobState.STORED, source="worker", set_fields={"videos": [video]})
+    failed = failed_job(store, "kling_failed", task_id="t2")
+    for job_id in (job.id, stored.id, failed):
+        current = store.require(job_id)
+        assert conforms(document, "JobWithEvents", current.public_dict(store.events(job_id))) == []
+        assert conforms(document, "Job", current.public_dict()) == []
+        assert conforms(document, "JobWithEvents", current.public_dict()) != []  # events are required there
+
+
+def test_responses_match_their_declared_schemas(client: FlaskClient, runtime: Runtime,
+                                               document: dict[str, Any]) -> None:
+    job, _ = runtime.store.create(dict(REQUEST))
+    checks = [
+        (client.get("/healthz"), "/healthz", "get"),
+        (client.get("/v1/jobs", headers=auth()), "/v1/jobs", "get"),
+        (client.get("/v1/jobs", query_string={"limit": "x"}, headers=auth()), "/v1/jobs", "get"),
+        (client.post("/v1/jobs", json={}, headers=auth()), "/v1/jobs", "post"),
+        (client.post("/v1/jobs", json=REQUEST), "/v1/jobs", "post"),
+        (client.get(f"/v1/jobs/{job.id}", headers=auth()), "/v1/jobs/{job_id}", "get"),
+        (client.post(f"/v1/jobs/{job.id}/retry", headers=auth()), "/v1/jobs/{job_id}/retry", "post"),
+        (client.post(f"/v1/jobs/{job.id}/cancel", headers=auth()), "/v1/jobs/{job_id}/cancel", "post"),
+        (client.post(f"/callbacks/kling/{job.id}", json={}), "/callbacks/kling/{job_id}", "post"),
+    ]
+    seen = set()
+    for response, path, method in checks:
+        declared = document["paths"][path][method]["responses"]
+        status = str(response.status_code)
+        assert status in declared, (path, method, status)
+        schema = declared[status]["content"]["application/json"]["schema"]
+        root = {**schema, "components": document["components"]}
+        assert list(Draft202012Validator(root).iter_errors(response.json)) == [], (path, status, response.json)
+        seen.add(status)
+    assert {"200", "401", "409", "422", "403"} <= seen
+
+
+def test_the_422_schema_is_the_validation_payload(document: dict[str, Any]) -> None:
+    payload = problems_payload([FieldProblem("prompt", "is required"), FieldProblem("image_list", "is empty")])
+    assert conforms(document, "ValidationError", payload) == []
+    assert conforms(document, "ValidationError", {"error": "invalid request", "fields": []}) != []
+
+
+def test_limits_come_from_the_settings(redis_url: str) -> None:
+    from tests.webhook.conftest import app_settings
+    from webhook.openapi import openapi_document
+
+    document = openapi_document(app_settings(redis_url, PROMPT_MAX_CHARS="5000"))
+    assert document["components"]["schemas"]["JobRequest"]["properties"]["prompt"]["maxLength"] == 5000
