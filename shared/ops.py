@@ -5,14 +5,14 @@ Kling task, ever. A retry therefore never asks Kling for a second task; what it 
 job failed:
 - `copy_exhausted` (the video was generated, copying it failed): back to `generated` (failed → queued → generated,
   two steps) and the copy is queued again; the copy re-reads the task from Kling for a fresh URL.
-- `submit_exhausted`, `auth`, `account`, `invalid`, `kling_rejected:<code>` on a job without a Kling task: back
-  to `queued` and the submit is queued again. An earlier create may still have reached Kling (an ambiguous create
-  is exactly what exhausts a submit), so the retry spends one submit attempt at once: the pipeline looks the task
-  up by `external_task_id` before any create when the attempt is not the first, and adopts it if it exists.
+- `submit_exhausted`, `auth`, `account`, `invalid`, `kling_rejected:<code>`: back to `queued` and the submit is
+  queued again. An earlier create may still have reached Kling (an ambiguous create is exactly what exhausts a
+  submit; a late callback may even have recorded its task id), so the retry spends one submit attempt at once:
+  the pipeline looks the task up by `external_task_id` before any create when the attempt is not the first, and
+  adopts the task if it exists. A create after a lookup that missed it is refused by Kling as a duplicate.
 - Refused: `kling_failed` (Kling's one task for this job failed; a new create would be refused as a duplicate:
   submit the request again as a new job), `timed_out` and any job past its deadline (a retry does not move the
-  deadline, the reconciler would time it out again), a job that already has a Kling task but did not fail in
-  the copy, and any reason without a rule.
+  deadline, the reconciler would time it out again), and any reason without a rule.
 
 Cancel: queued, submitted, processing and generated jobs become `canceled`. Kling has no cancel API: a task
 already made keeps running there (and is billed); its callbacks change nothing afterwards, and the copy of a
@@ -73,9 +73,8 @@ def retry_mode(job: Job, *, now: float | None = None) -> str:
         raise ActionRefused(job, "the job is past its deadline (timed_out) and a retry does not extend it: "
                                  "submit the request as a new job")
     if reason in RESUBMIT_REASONS or reason.startswith(RESUBMIT_PREFIXES):
-        if job.kling_task_id is not None:
-            raise ActionRefused(job, f"the job already has Kling task {job.kling_task_id} and failed with "
-                                     f"{reason!r}; a retry would not make another task")
+        # Even with a kling_task_id (a late callback of an ambiguous create can bring one), the retried submit
+        # looks the task up first and adopts it; it creates only when Kling has none for this job.
         return "submit"
     raise ActionRefused(job, f"no retry rule for a job that failed with {reason or 'no reason'!r}")
 

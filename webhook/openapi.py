@@ -245,9 +245,10 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
             },
             "/v1/jobs/{job_id}/retry": {"post": _action(
                 "Retry a failed job", "copy_exhausted: back to generated and copied again. submit_exhausted, auth, "
-                "account, invalid, kling_rejected:<code> (no Kling task yet): back to queued and submitted again, "
-                "looking the task up by external_task_id first. Anything else, e.g. kling_failed or timed_out, "
-                "is refused with 409: Kling allows one task per job id, so such a job needs a new job.",
+                "account, invalid, kling_rejected:<code>: back to queued and submitted again, looking the task up by "
+                "external_task_id first and adopting it if an earlier create made it. Anything else, e.g. "
+                "kling_failed or timed_out, is refused with 409: Kling allows one task per job id, so such a job "
+                "needs a new job.",
                 "retryJob")},
             "/v1/jobs/{job_id}/cancel": {"post": _action(
                 "Cancel a queued or in-flight job", "queued, submitted, processing or generated: canceled. Kling "

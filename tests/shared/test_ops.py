@@ -93,8 +93,6 @@ def test_retry_of_a_submit_side_failure_requeues_the_submit_with_a_lookup_first(
 @pytest.mark.parametrize(("reason", "task_id", "words"), [
     ("kling_failed", "task-9", "new job"),
     ("timed_out", None, "deadline"),
-    ("submit_exhausted", "task-9", "already has Kling task task-9"),
-    ("kling_rejected:1201", "task-9", "already has Kling task"),
     ("something_new", None, "no retry rule"),
 ])
 def test_retry_is_refused_when_it_could_make_a_second_task_or_cannot_help(
@@ -107,6 +105,15 @@ def test_retry_is_refused_when_it_could_make_a_second_task_or_cannot_help(
     assert words in refused.value.reason and refused.value.job.state is JobState.FAILED
     assert (store.require(job_id), store.events(job_id)) == before
     assert messages(redis_client, SUBMIT_QUEUE) == messages(redis_client, COPY_QUEUE) == []
+
+
+def test_a_submit_side_failure_with_a_task_id_from_a_late_callback_resubmits_with_a_lookup(
+        store: JobStore, enqueuer: Enqueuer, redis_client: redis.Redis) -> None:
+    job_id = failed_job(store, "submit_exhausted")
+    assert store.set_kling_task_id(job_id, "task-late", source="callback") == (True, None)
+    job = retry_job(store, enqueuer, job_id).job
+    assert job.state is JobState.QUEUED and job.kling_task_id == "task-late" and job.attempts == {"submit": 1}
+    assert messages(redis_client, SUBMIT_QUEUE) == [[job_id]]
 
 
 def test_retry_is_refused_past_the_deadline(store: JobStore, enqueuer: Enqueuer) -> None:
