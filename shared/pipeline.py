@@ -2,16 +2,24 @@
 
 Celery tasks (worker/tasks.py) and Flask views (webhook/) only call these. A function that wants to be run
 again later raises `RetryIn(seconds)`; the caller decides how (a Celery retry with a countdown). Attempts are
-counted in the job record, not in the message, so a redelivered message does not reset them.
+counted in the job record, not in the message, so a redelivered message does not reset them; throttles (1302/1303,
+the shared rate limit, the in-flight cap) and pauses count apart (`<kind>_throttled`) and use no attempt.
+
+Every step leaves a non-terminal job in the due index with a time after which the reconciler
+(`shared/reconcile.py`) may assume the work was lost: `RECONCILE_QUIET_SECONDS` after a state step, past the
+retry's countdown after a RetryIn, the probe interval while submission is paused (`shared/flow.py`).
 """
 
 from __future__ import annotations
 
 import logging
+import random
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
+from shared import flow
 from shared.backoff import backoff_seconds
+from shared.flow import RateLimited
 from shared.jobs import Job, JobState, StepResult
 from shared.kling import (
     KlingAmbiguous,
@@ -21,6 +29,7 @@ from shared.kling import (
     KlingTask,
     KlingTaskNotFound,
 )
+from shared.locks import job_lock
 from shared.notify import NotifyError, deliver, event_payload, publish
 from shared.runtime import Runtime
 from shared.storage import CopyError, copy_videos
@@ -35,7 +44,6 @@ KLING_STATUS_TO_STATE = {
     "succeed": JobState.GENERATED,
     "failed": JobState.FAILED,
 }
-AUTH_CODES = range(1000, 1005)
 NOTIFY_MAX_ATTEMPTS = 10
 
 
@@ -74,31 +82,116 @@ def fail(rt: Runtime, job_id: str, failure: Failure, *, source: str) -> StepResu
 
 def _retry_or_fail(rt: Runtime, job_id: str, attempt: int, max_attempts: int, reason: str,
                    exhausted: Failure) -> None:
+    """Fail the job if `attempt` used up the budget, else note it and raise RetryIn with back-off.
+
+    The job's due time moves past the retry, so the reconciler only steps in if the retry message is lost.
+    """
     if attempt >= max_attempts:
         fail(rt, job_id, exhausted, source="worker")
         return
     delay = backoff_seconds(attempt, base=rt.settings.retry_base_seconds, cap=rt.settings.retry_max_seconds)
     rt.store.note(job_id, source="worker", detail={"retry_in": round(delay, 1), "reason": reason, "attempt": attempt})
+    rt.store.set_due(job_id, delay + rt.settings.reconcile_quiet_seconds)
     raise RetryIn(delay, reason)
 
 
+def _is_throttle(exc: KlingError) -> bool:
+    """Kling said "too fast" or "too many in flight" (1302/1303), or our own shared rate limit said so."""
+    return isinstance(exc, RateLimited) or exc.code in flow.THROTTLE_CODES
+
+
+def _throttle(rt: Runtime, job_id: str, kind: str, reason: str, *, retry_after: float | None = None,
+              note: bool = True) -> NoReturn:
+    """Try `kind` (submit, copy) again later without using up its attempts: back off on its own counter.
+
+    Throttles are not the job's fault, so they count in `<kind>_throttled`, which the attempt budget leaves out;
+    the job's deadline still bounds how long it can wait. `retry_after` (from our own rate limiter) replaces
+    the exponential delay with that wait plus jitter.
+    """
+    count = rt.store.bump_attempt(job_id, f"{kind}_throttled")
+    if retry_after is not None:
+        delay = retry_after + random.uniform(0, max(0.5, retry_after))
+    else:
+        delay = backoff_seconds(count, base=rt.settings.retry_base_seconds, cap=rt.settings.retry_max_seconds)
+    if note:
+        rt.store.note(job_id, source="worker", detail={"throttled": reason, "retry_in": round(delay, 1)})
+    rt.store.set_due(job_id, delay + rt.settings.reconcile_quiet_seconds)
+    raise RetryIn(delay, reason)
+
+
+def _pause_for(rt: Runtime, job_id: str, kind: str, exc: KlingError) -> str:
+    """An account/auth answer: pause submission for everyone; this job keeps its state and waits (no attempt used)."""
+    flow.pause(rt.redis, code=exc.code, message=exc.message, job_id=job_id)
+    rt.store.bump_attempt(job_id, f"{kind}_throttled")
+    rt.store.note(job_id, source="worker", detail={"paused": flow.pause_reason(exc.code), "code": exc.code,
+                                                    "message": exc.message})
+    rt.store.set_due(job_id, rt.settings.kling_pause_probe_seconds)
+    return "paused"
+
+
 def _failure_for(exc: KlingError) -> Failure:
-    if isinstance(exc, KlingFixAccount):
-        reason = "auth" if exc.code in AUTH_CODES else "account"
-        return Failure(reason, exc.message, exc.code)
     return Failure(f"kling_rejected:{exc.code}", exc.message, exc.code)
+
+
+def _effective_attempt(rt: Runtime, job: Job, kind: str) -> int:
+    """Count this attempt of `kind`; return how many attempts so far count against its budget (throttles don't).
+
+    `job` must have been read under the step's lock, so its throttle counter is current.
+    """
+    attempt = rt.store.bump_attempt(job.id, kind)
+    return attempt - job.attempts.get(f"{kind}_throttled", 0)
 
 
 # --- submit -----------------------------------------------------------------------------------------------------
 
 def submit_job(rt: Runtime, job_id: str) -> str:
-    """Create the Kling task for a queued job, at most once. Returns what happened (for logs and tests)."""
+    """Create the Kling task for a queued job, at most once. Returns what happened (for logs and tests).
+
+    Guards, in order: the job must be `queued`; a per-job lock (another worker submitting the same job: return
+    `busy`, the reconciler comes back); the pause (`paused`: the job stays queued and due, no Kling call); the
+    in-flight cap and the shared rate limit (RetryIn, no attempt used). Then a lookup by external_task_id if an
+    earlier attempt may have reached Kling, and the create.
+    """
     job = rt.store.get(job_id)
     if job is None:
         return "missing"
     if job.state is not JobState.QUEUED:
         return "skipped"
-    attempt = rt.store.bump_attempt(job_id, "submit")
+    lock = job_lock(rt.redis, "submit", job_id, rt.settings.job_lock_seconds)
+    if not lock.acquire():
+        return "busy"
+    try:
+        with lock.heartbeat():
+            return _submit_locked(rt, job_id)
+    finally:
+        lock.release()
+
+
+def _submit_locked(rt: Runtime, job_id: str) -> str:
+    job = rt.store.get(job_id)  # again, under the lock: another worker may have submitted it meanwhile
+    if job is None:
+        return "missing"
+    if job.state is not JobState.QUEUED:
+        return "skipped"
+    gate = flow.gate(rt.redis, job_id)
+    if gate == "paused":
+        pause = flow.current_pause(rt.redis) or {}
+        rt.store.note(job_id, source="worker", detail={"waiting": "submission paused", "code": pause.get("code")})
+        rt.store.set_due(job_id, rt.settings.kling_pause_probe_seconds)
+        return "paused"
+    cap = rt.settings.kling_max_in_flight
+    reservation_ttl = 2 * (rt.settings.kling_connect_timeout_seconds + rt.settings.kling_timeout_seconds) + 10
+    if not flow.reserve_in_flight(rt.redis, job_id, cap, reservation_ttl):
+        _throttle(rt, job_id, "submit", f"{cap} tasks in flight at Kling", note=False)
+    try:
+        return _submit_to_kling(rt, job, trial=gate == "trial")
+    finally:
+        flow.release_in_flight(rt.redis, job_id)
+
+
+def _submit_to_kling(rt: Runtime, job: Job, *, trial: bool) -> str:
+    job_id = job.id
+    attempt = _effective_attempt(rt, job, "submit")
     max_attempts = rt.settings.submit_max_attempts
     exhausted = Failure("submit_exhausted", f"Kling did not accept the task after {attempt} attempts")
 
@@ -108,7 +201,13 @@ def submit_job(rt: Runtime, job_id: str) -> str:
             task = rt.kling.get_task_by_external_id(job_id)
         except KlingTaskNotFound:
             pass
+        except KlingFixAccount as exc:
+            return _pause_for(rt, job_id, "submit", exc)
         except KlingError as exc:
+            if _is_throttle(exc):
+                _throttle(rt, job_id, "submit", f"lookup: {exc.message}",
+                          retry_after=exc.retry_after if isinstance(exc, RateLimited) else None,
+                          note=not isinstance(exc, RateLimited))
             if not exc.retryable:
                 fail(rt, job_id, _failure_for(exc), source="worker")
                 return "failed"
@@ -135,12 +234,17 @@ def submit_job(rt: Runtime, job_id: str) -> str:
         fail(rt, job_id, _failure_for(exc), source="worker")
         return "failed"
     except KlingFixAccount as exc:
-        fail(rt, job_id, _failure_for(exc), source="worker")
-        return "failed"
+        return _pause_for(rt, job_id, "submit", exc)
     except KlingError as exc:
+        if _is_throttle(exc):
+            _throttle(rt, job_id, "submit", f"{exc.kind}: {exc.message}",
+                      retry_after=exc.retry_after if isinstance(exc, RateLimited) else None,
+                      note=not isinstance(exc, RateLimited))
         _retry_or_fail(rt, job_id, attempt, max_attempts, f"{exc.kind}: {exc.message}", exhausted)
         return "failed"
     record_task(rt, job_id, task, source="worker", detail={"created": True})
+    if trial:
+        flow.resume(rt.redis, by=f"trial submit of {job_id}")
     return "submitted"
 
 
@@ -181,19 +285,47 @@ def apply_task_status(rt: Runtime, job_id: str, task: KlingTask, *, source: str)
 # --- copy ---------------------------------------------------------------------------------------------------------
 
 def copy_job(rt: Runtime, job_id: str) -> str:
-    """Copy a generated job's video(s) into S3, then mark it stored. A re-run after success does nothing."""
+    """Copy a generated job's video(s) into S3, then mark it stored. A re-run after success does nothing.
+
+    A per-job lock, kept alive by a heartbeat while the copy runs, keeps a re-queued copy (the reconciler's, or a
+    redelivered message) from copying the same job at the same time: the second one returns `busy`. A worker
+    killed mid-copy stops the heartbeat, so the lock lapses within `JOB_LOCK_SECONDS` and the job can be rescued.
+    """
+    job = rt.store.get(job_id)
+    if job is None:
+        return "missing"
+    if job.state is not JobState.GENERATED:
+        return "skipped"
+    lock = job_lock(rt.redis, "copy", job_id, rt.settings.job_lock_seconds)
+    if not lock.acquire():
+        return "busy"
+    try:
+        with lock.heartbeat():
+            return _copy_locked(rt, job_id)
+    finally:
+        lock.release()
+
+
+def _copy_locked(rt: Runtime, job_id: str) -> str:
     job = rt.store.get(job_id)
     if job is None:
         return "missing"
     if job.state is not JobState.GENERATED:
         return "skipped"
     assert job.kling_task_id is not None
-    attempt = rt.store.bump_attempt(job_id, "copy")
+    attempt = _effective_attempt(rt, job, "copy")
     max_attempts = rt.settings.copy_max_attempts
     exhausted = Failure("copy_exhausted", f"could not copy the video after {attempt} attempts")
     try:
         task = rt.kling.get_task(job.kling_task_id)  # a fresh URL: never trust the callback body for it
+    except KlingFixAccount as exc:  # credentials or account broken: pause submission, retry the copy later
+        flow.pause(rt.redis, code=exc.code, message=exc.message, job_id=job_id)
+        _throttle(rt, job_id, "copy", f"{flow.pause_reason(exc.code)} error {exc.code}: {exc.message}")
     except KlingError as exc:
+        if _is_throttle(exc):
+            _throttle(rt, job_id, "copy", f"re-reading task: {exc.message}",
+                      retry_after=exc.retry_after if isinstance(exc, RateLimited) else None,
+                      note=not isinstance(exc, RateLimited))
         _retry_or_fail(rt, job_id, attempt, max_attempts, f"re-reading task: {exc.message}", exhausted)
         return "failed"
     if task.status != "succeed" or not task.videos:

@@ -13,6 +13,9 @@ from celery import Celery
 SUBMIT_QUEUE = "submit"
 COPY_QUEUE = "copy"
 NOTIFY_QUEUE = "notify"
+# The reconciler's own queue, so a pass never waits behind a backlog of submits; every worker consumes it
+# whatever its --queues (worker/tasks.py adds it at start-up), and beat's messages expire after one interval.
+RECONCILE_QUEUE = "reconcile"
 
 SUBMIT_TASK = "kling_relay.submit_job"
 COPY_TASK = "kling_relay.copy_video"
@@ -45,7 +48,7 @@ def make_celery(redis_url: str, **overrides: Any) -> Celery:
             SUBMIT_TASK: {"queue": SUBMIT_QUEUE},
             COPY_TASK: {"queue": COPY_QUEUE},
             NOTIFY_TASK: {"queue": NOTIFY_QUEUE},
-            RECONCILE_TASK: {"queue": SUBMIT_QUEUE},
+            RECONCILE_TASK: {"queue": RECONCILE_QUEUE},
         },
         worker_hijack_root_logger=False,
         worker_send_task_events=False,

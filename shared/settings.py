@@ -8,6 +8,7 @@ given inline (`CALLBACK_SECRET=...`) or as a file (`CALLBACK_SECRET_FILE=/run/se
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -81,6 +82,11 @@ class Settings:
     job_deadline_seconds: float = 6 * 3600.0
     reconcile_interval_seconds: float = 30.0
     reconcile_quiet_seconds: float = 120.0
+    reconcile_batch_size: int = 500
+    kling_rate_limit_per_second: float = 5.0
+    kling_max_in_flight: int = 20
+    kling_pause_probe_seconds: float = 60.0
+    job_lock_seconds: float = 20.0
     notify_secret: Secret | None = None
     events_stream: str = "kling-relay:events"
     log_level: str = "INFO"
@@ -137,8 +143,11 @@ class _Reader:
             self.problems[name] = f"must be greater than 0, got {value}"
         return value
 
-    def positive_float(self, name: str, default: float) -> float:
-        value = self.parsed(name, default, float, "a number of seconds")
+    def positive_float(self, name: str, default: float, what: str = "a number of seconds") -> float:
+        value = self.parsed(name, default, float, what)
+        if not math.isfinite(value):
+            self.problems[name] = f"must be {what}, got {value}"
+            return default
         if value <= 0:
             self.problems[name] = f"must be greater than 0, got {value}"
         return value
@@ -221,6 +230,12 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         job_deadline_seconds=r.positive_float("JOB_DEADLINE_SECONDS", 6 * 3600.0),
         reconcile_interval_seconds=r.positive_float("RECONCILE_INTERVAL_SECONDS", 30.0),
         reconcile_quiet_seconds=r.positive_float("RECONCILE_QUIET_SECONDS", 120.0),
+        reconcile_batch_size=r.positive_int("RECONCILE_BATCH_SIZE", 500),
+        kling_rate_limit_per_second=r.positive_float("KLING_RATE_LIMIT_PER_SECOND", 5.0,
+                                                       "a number of requests per second"),
+        kling_max_in_flight=r.positive_int("KLING_MAX_IN_FLIGHT", 20),
+        kling_pause_probe_seconds=r.positive_float("KLING_PAUSE_PROBE_SECONDS", 60.0),
+        job_lock_seconds=r.positive_float("JOB_LOCK_SECONDS", 20.0),
         notify_secret=Secret(notify_secret) if notify_secret else None,
         events_stream=r.raw("EVENTS_STREAM") or "kling-relay:events",
         log_level=log_level,

@@ -1,4 +1,4 @@
-"""Celery tasks: thin wrappers that hand a job id to the plain functions in shared.pipeline."""
+"""Celery tasks: thin wrappers that hand a job id to the plain functions in shared.pipeline and shared.reconcile."""
 
 from __future__ import annotations
 
@@ -6,24 +6,57 @@ import logging
 from typing import Any
 
 from celery import Celery, Task
+from celery.signals import celeryd_after_setup
 
-from shared import pipeline
-from shared.queue import COPY_TASK, COPY_TIME_LIMIT_SECONDS, NOTIFY_TASK, SUBMIT_TASK, make_celery
+from shared import flow, pipeline
+from shared.queue import (
+    COPY_TASK,
+    COPY_TIME_LIMIT_SECONDS,
+    NOTIFY_TASK,
+    RECONCILE_QUEUE,
+    RECONCILE_TASK,
+    SUBMIT_TASK,
+    make_celery,
+)
+from shared.reconcile import reconcile
 from shared.runtime import Runtime
 from shared.settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
 
+RECONCILE_TIME_LIMIT_SECONDS = 600
+
+
+@celeryd_after_setup.connect
+def consume_reconcile_queue(sender: str, instance: Any, **kwargs: Any) -> None:
+    """Every worker also takes reconcile passes, whatever queues it was started with (`--queues submit,copy`)."""
+    instance.app.amqp.queues.select_add(RECONCILE_QUEUE)
+
+
+def worker_runtime(settings: Settings, app: Celery) -> Runtime:
+    """The Runtime of one worker process: its Kling client takes every request through the shared rate limit."""
+    rt = Runtime.from_settings(settings, app)
+    rt.kling = flow.limited_kling_client(settings, rt.redis)
+    return rt
+
 
 def create_worker_app(settings: Settings | None = None) -> Celery:
-    """The worker's Celery app with the pipeline tasks registered; the Runtime is built lazily in each process."""
+    """The worker's Celery app with the pipeline tasks registered and the reconciler on beat's schedule.
+
+    The Runtime is built lazily in each process (after the fork), so each worker process has its own connections.
+    """
     settings = settings or load_settings()
     app = make_celery(settings.redis_url)
+    interval = settings.reconcile_interval_seconds
+    app.conf.beat_schedule = {
+        "reconcile": {"task": RECONCILE_TASK, "schedule": interval,
+                      "options": {"queue": RECONCILE_QUEUE, "expires": max(1.0, interval)}},
+    }
     runtime: dict[str, Runtime] = {}
 
     def rt() -> Runtime:
-        if "rt" not in runtime:  # after fork: each worker process gets its own connections
-            runtime["rt"] = Runtime.from_settings(settings, app)
+        if "rt" not in runtime:
+            runtime["rt"] = worker_runtime(settings, app)
         return runtime["rt"]
 
     def run(task: Task, step: Any, *args: str) -> str:
@@ -47,5 +80,12 @@ def create_worker_app(settings: Settings | None = None) -> Celery:
     @app.task(name=NOTIFY_TASK, bind=True)
     def notify_job(self: Task, job_id: str, state: str) -> str:
         return run(self, pipeline.notify_job, job_id, state)
+
+    @app.task(name=RECONCILE_TASK, time_limit=RECONCILE_TIME_LIMIT_SECONDS,
+              soft_time_limit=RECONCILE_TIME_LIMIT_SECONDS - 30)
+    def reconcile_pass() -> dict[str, Any]:
+        report = reconcile(rt())
+        log.info("reconcile pass", extra=report.summary())
+        return report.summary()
 
     return app

@@ -1,0 +1,330 @@
+"""Flow control towards Kling, shared by every worker process through Redis: rate, in-flight cap, pause.
+
+Three guards, each one atomic Lua script so that N workers cannot overshoot together:
+
+- **Rate limit** (`KLING_RATE_LIMIT_PER_SECOND`): a GCRA limiter (`RateLimiter`) that every Kling request of a
+  worker passes through (`limited_kling_client` mounts it under the client's HTTP session, so creates, gets,
+  lists and the lookups inside `get_task_by_external_id` all count). Bursts of up to one second's worth are
+  let through; a request that would exceed the rate waits up to `max_wait` seconds, or raises `RateLimited`
+  (a `KlingRetryLater` carrying `retry_after`) without sending anything.
+- **In-flight cap** (`KLING_MAX_IN_FLIGHT`): `reserve_in_flight` admits a submit only while jobs in `submitted` +
+  `processing` (the job store's state indexes) plus submits holding a reservation stay under the cap. A
+  reservation is a member of a sorted set scored by its expiry, so one left behind by a killed worker lapses.
+- **Pause**: an account or auth answer from Kling (1000-1004, 1100-1103, 1304) records a pause
+  (`pause`: reason, code, Kling's message, since) instead of failing jobs. While paused, `gate` tells every
+  submit to leave its job queued without calling Kling. The pause ends with `resume` (the ops action, or the
+  reconciler's probe). For `auth` pauses (credentials, IP allow-list: every call fails alike) a cheap list call
+  that succeeds proves the cause gone, and the reconciler resumes. For `account` pauses (arrears, resource pack,
+  permissions) a list may succeed while creates still fail, so a successful probe opens a *trial* instead:
+  `gate` lets exactly one job's submit through; its success resumes submission, another account error renews
+  the pause. 1103 (no permission for the resource or model) pauses too: the relay sends one model
+  (`kling-v1-6`), so the permission is the account's, not the request's.
+
+Keys (prefix `kr:` by default): `kr:flow:rate` (GCRA theoretical arrival time), `kr:flow:in_flight` (sorted set of
+reservations), `kr:flow:pause` (hash), `kr:flow:probe` (marks a recent probe; expires after the probe interval).
+Times inside the scripts come from Redis' own clock (`TIME`), so workers on hosts with skewed clocks agree.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from typing import Any, cast
+
+import redis
+import requests
+from requests.adapters import HTTPAdapter
+
+from shared.kling import KlingClient, KlingRetryLater
+from shared.runtime import make_kling_client
+from shared.settings import Settings
+
+log = logging.getLogger(__name__)
+
+AUTH_CODES = frozenset([*range(1000, 1005), 1304])
+ACCOUNT_CODES = frozenset(range(1100, 1104))
+PAUSE_CODES = AUTH_CODES | ACCOUNT_CODES
+THROTTLE_CODES = frozenset({1302, 1303})
+
+_NOW = """
+local function now_seconds()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
+"""
+
+# KEYS: 1 tat key. ARGV: 1 emission interval (s), 2 burst tolerance (s), 3 now ('' = Redis clock).
+# Returns '0' when the request may go now, else the seconds to wait (as a string: Lua numbers would be truncated).
+_GCRA = _NOW + """
+local now = ARGV[3] ~= '' and tonumber(ARGV[3]) or now_seconds()
+local interval, tolerance = tonumber(ARGV[1]), tonumber(ARGV[2])
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0') or 0
+if tat < now then tat = now end
+local allow_at = tat - tolerance
+if now < allow_at then return string.format('%.6f', allow_at - now) end
+local new_tat = tat + interval
+redis.call('SET', KEYS[1], string.format('%.6f', new_tat), 'PX', math.ceil((new_tat - now + tolerance) * 1000) + 1000)
+return '0'
+"""
+
+# KEYS: 1 reservations, 2 submitted index, 3 processing index. ARGV: 1 job id, 2 cap, 3 ttl seconds.
+_RESERVE = _NOW + """
+local now = now_seconds()
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', string.format('%.6f', now))
+local expiry = string.format('%.6f', now + tonumber(ARGV[3]))
+if redis.call('ZSCORE', KEYS[1], ARGV[1]) then
+  redis.call('ZADD', KEYS[1], expiry, ARGV[1])
+  return 1
+end
+local n = redis.call('ZCARD', KEYS[1]) + redis.call('ZCARD', KEYS[2]) + redis.call('ZCARD', KEYS[3])
+if n >= tonumber(ARGV[2]) then return 0 end
+redis.call('ZADD', KEYS[1], expiry, ARGV[1])
+return 1
+"""
+
+# KEYS: 1 pause. ARGV: reason, code, message, job id, now (unix seconds, as text). Returns 1 if newly paused.
+_PAUSE = """
+local new = redis.call('EXISTS', KEYS[1]) == 0
+if new then redis.call('HSET', KEYS[1], 'since', ARGV[5]) end
+redis.call('HSET', KEYS[1], 'reason', ARGV[1], 'code', ARGV[2], 'message', ARGV[3], 'job_id', ARGV[4],
+           'updated_at', ARGV[5])
+redis.call('HINCRBY', KEYS[1], 'hits', 1)
+redis.call('HDEL', KEYS[1], 'trial_until', 'trial_job')
+if new then return 1 end
+return 0
+"""
+
+# KEYS: 1 pause. ARGV: 1 job id. Returns 'open', 'trial' (this job may try) or 'paused'.
+_GATE = _NOW + """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 'open' end
+local until_at = tonumber(redis.call('HGET', KEYS[1], 'trial_until') or '0') or 0
+if until_at > now_seconds() then
+  local holder = redis.call('HGET', KEYS[1], 'trial_job')
+  if not holder or holder == '' or holder == ARGV[1] then
+    redis.call('HSET', KEYS[1], 'trial_job', ARGV[1])
+    return 'trial'
+  end
+end
+return 'paused'
+"""
+
+# KEYS: 1 pause. ARGV: 1 seconds the trial window stays open. Returns 1 if a pause was there to open.
+_OPEN_TRIAL = _NOW + """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], 'trial_until', string.format('%.6f', now_seconds() + tonumber(ARGV[1])))
+redis.call('HDEL', KEYS[1], 'trial_job')
+return 1
+"""
+
+# KEYS: 1 pause. Returns the cleared record as a flat list (empty when there was no pause).
+_RESUME = """
+local record = redis.call('HGETALL', KEYS[1])
+redis.call('DEL', KEYS[1])
+return record
+"""
+
+
+def _key(prefix: str, name: str) -> str:
+    return f"{prefix}flow:{name}"
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+# --- rate limit ---------------------------------------------------------------------------------------------------
+
+class RateLimited(KlingRetryLater):
+    """The shared rate limit would be exceeded: nothing was sent; try again after `retry_after` seconds."""
+
+    def __init__(self, retry_after: float) -> None:
+        super().__init__(f"shared Kling rate limit reached; next slot in {retry_after:.2f}s")
+        self.retry_after = retry_after
+
+
+class RateLimiter:
+    """GCRA over Redis: at most `per_second` requests per second across all processes, bursts up to `burst`.
+
+    `burst` defaults to one second's worth (at least 1). `clock` is for tests; by default the script reads Redis'
+    clock, the one clock every worker shares.
+    """
+
+    def __init__(self, client: redis.Redis, per_second: float, *, burst: int | None = None, prefix: str = "kr:",
+                 clock: Callable[[], float] | None = None) -> None:
+        if per_second <= 0:
+            raise ValueError("per_second must be positive")
+        self.per_second = per_second
+        self.burst = burst if burst is not None else max(1, int(per_second))
+        if self.burst < 1:
+            raise ValueError("burst must be at least 1")
+        self._interval = 1.0 / per_second
+        self._tolerance = self._interval * (self.burst - 1)
+        self._key = _key(prefix, "rate")
+        self._clock = clock
+        self._script = client.register_script(_GCRA)
+
+    def __repr__(self) -> str:
+        return f"RateLimiter(per_second={self.per_second}, burst={self.burst})"
+
+    def try_acquire(self) -> float:
+        """Take a slot now if there is one (returns 0.0), else return the seconds until the next one."""
+        now = "" if self._clock is None else repr(self._clock())
+        raw = self._script(keys=[self._key], args=[repr(self._interval), repr(self._tolerance), now])
+        return float(raw)
+
+    def acquire(self, max_wait: float, sleep: Callable[[float], None] = time.sleep) -> None:
+        """Take a slot, sleeping while the wait is short; raise `RateLimited` once it would exceed `max_wait`."""
+        waited = 0.0
+        while True:
+            wait = self.try_acquire()
+            if wait <= 0:
+                return
+            if waited + wait > max_wait:
+                raise RateLimited(wait)
+            sleep(wait)
+            waited += wait
+
+
+class RateLimitedAdapter(HTTPAdapter):
+    """An HTTP adapter that takes a rate-limit slot before each request it sends (RateLimited if none soon)."""
+
+    def __init__(self, limiter: RateLimiter, max_wait: float) -> None:
+        super().__init__()
+        self.limiter = limiter
+        self.max_wait = max_wait
+
+    def send(self, request: requests.PreparedRequest, stream: bool = False,
+             timeout: None | float | tuple[float, float] | tuple[float, None] = None,
+             verify: bool | str = True, cert: None | bytes | str | tuple[bytes | str, bytes | str] = None,
+             proxies: Mapping[str, str] | None = None) -> requests.Response:
+        self.limiter.acquire(self.max_wait)
+        return super().send(request, stream=stream, timeout=timeout, verify=verify, cert=cert, proxies=proxies)
+
+
+def limited_kling_client(settings: Settings, client: redis.Redis, *, max_wait: float = 1.0,
+                         prefix: str = "kr:") -> KlingClient:
+    """A KlingClient whose every request first takes a slot of the shared rate limit (see module docstring)."""
+    session = requests.Session()
+    session.headers["user-agent"] = "kling-relay"
+    adapter = RateLimitedAdapter(RateLimiter(client, settings.kling_rate_limit_per_second, prefix=prefix),
+                                 max_wait)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    return make_kling_client(settings, session=session)
+
+
+# --- in-flight cap ------------------------------------------------------------------------------------------------
+
+def reserve_in_flight(client: redis.Redis, job_id: str, cap: int, ttl: float, *, prefix: str = "kr:") -> bool:
+    """Reserve a place under the in-flight cap for this job's submit; False if the cap is reached.
+
+    Counts jobs in `submitted` and `processing` plus live reservations, and adds this job's reservation, in one
+    script. A job that already holds a reservation renews it. Release it with `release_in_flight` once the job
+    is recorded as submitted (it then counts through the state index) or the submit ends otherwise; a
+    reservation not released lapses after `ttl` seconds.
+    """
+    keys = [_key(prefix, "in_flight"), f"{prefix}jobs:state:submitted", f"{prefix}jobs:state:processing"]
+    return bool(client.register_script(_RESERVE)(keys=keys, args=[job_id, cap, repr(ttl)]))
+
+
+def release_in_flight(client: redis.Redis, job_id: str, *, prefix: str = "kr:") -> None:
+    """Drop this job's reservation (no-op if it has none)."""
+    client.zrem(_key(prefix, "in_flight"), job_id)
+
+
+def in_flight(client: redis.Redis, *, prefix: str = "kr:") -> dict[str, int]:
+    """Counts the cap is checked against: jobs submitted, processing, and reservations (expired ones included)."""
+    pipe = client.pipeline(transaction=False)
+    pipe.zcard(f"{prefix}jobs:state:submitted")
+    pipe.zcard(f"{prefix}jobs:state:processing")
+    pipe.zcard(_key(prefix, "in_flight"))
+    submitted, processing, reserved = (int(n) for n in pipe.execute())
+    return {"submitted": submitted, "processing": processing, "reserved": reserved}
+
+
+# --- pause --------------------------------------------------------------------------------------------------------
+
+def pause_reason(code: int | None) -> str:
+    """`auth` for credential and IP allow-list codes (1000-1004, 1304), `account` for 1100-1103."""
+    return "account" if code in ACCOUNT_CODES else "auth"
+
+
+def pause(client: redis.Redis, *, code: int | None, message: str, job_id: str | None = None,
+          prefix: str = "kr:") -> bool:
+    """Pause submission because Kling answered an account/auth error; True if it was not paused before.
+
+    A repeated pause keeps `since`, updates code and message, counts `hits` and closes any trial window.
+    """
+    now = repr(time.time())
+    args = [pause_reason(code), "" if code is None else str(code), message[:500], job_id or "", now]
+    newly = bool(client.register_script(_PAUSE)(keys=[_key(prefix, "pause")], args=args))
+    if newly:
+        log.error("kling submission paused", extra={"code": code, "kling_message": message[:500], "job_id": job_id})
+    return newly
+
+
+def gate(client: redis.Redis, job_id: str, *, prefix: str = "kr:") -> str:
+    """Whether this job's submit may call Kling: `open`, `trial` (the one job let through a trial) or `paused`."""
+    return cast(str, client.register_script(_GATE)(keys=[_key(prefix, "pause")], args=[job_id]))
+
+
+def open_trial(client: redis.Redis, seconds: float, *, prefix: str = "kr:") -> bool:
+    """Let one job's submit through the pause for the next `seconds`; False if submission is not paused."""
+    return bool(client.register_script(_OPEN_TRIAL)(keys=[_key(prefix, "pause")], args=[repr(seconds)]))
+
+
+def resume(client: redis.Redis, *, by: str = "ops", prefix: str = "kr:") -> dict[str, Any] | None:
+    """Clear the pause (the ops action, or the reconciler's probe). Returns the pause that was cleared, or None.
+
+    Queued jobs are not sent here: the reconciler re-enqueues them as they come due (within the probe interval).
+    """
+    raw = cast(list[str], client.register_script(_RESUME)(keys=[_key(prefix, "pause")]))
+    if not raw:
+        return None
+    record = _decode_pause(dict(zip(raw[0::2], raw[1::2], strict=True)))
+    log.warning("kling submission resumed", extra={"by": by, "code": record.get("code")})
+    return record
+
+
+def current_pause(client: redis.Redis, *, prefix: str = "kr:") -> dict[str, Any] | None:
+    """The pause in force, decoded (see `status`), or None."""
+    raw = cast(dict[str, str], client.hgetall(_key(prefix, "pause")))
+    return _decode_pause(raw) if raw else None
+
+
+def _decode_pause(raw: dict[str, str]) -> dict[str, Any]:
+    def when(name: str) -> str | None:
+        value = raw.get(name)
+        return _iso(float(value)) if value else None
+
+    code = raw.get("code")
+    return {
+        "reason": raw.get("reason", "auth"),
+        "code": int(code) if code else None,
+        "message": raw.get("message", ""),
+        "since": when("since"),
+        "updated_at": when("updated_at"),
+        "job_id": raw.get("job_id") or None,
+        "hits": int(raw.get("hits", "0")),
+        "trial_until": when("trial_until"),
+        "trial_job": raw.get("trial_job") or None,
+    }
+
+
+def claim_probe(client: redis.Redis, every: float, *, prefix: str = "kr:") -> bool:
+    """True at most once per `every` seconds across all processes: whether the caller should probe Kling now."""
+    return bool(client.set(_key(prefix, "probe"), "1", nx=True, px=max(1, int(every * 1000))))
+
+
+def status(client: redis.Redis, *, prefix: str = "kr:") -> dict[str, Any]:
+    """Flow state for /healthz and the ops views.
+
+    `{"submission": "open" | "paused", "pause": None | {"reason": "auth" | "account", "code", "message",
+    "since", "updated_at", "job_id", "hits", "trial_until", "trial_job"}, "in_flight": {"submitted",
+    "processing", "reserved"}}`; times are ISO-8601 UTC. Never contains a secret.
+    """
+    record = current_pause(client, prefix=prefix)
+    return {"submission": "paused" if record else "open", "pause": record,
+            "in_flight": in_flight(client, prefix=prefix)}

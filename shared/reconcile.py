@@ -1,0 +1,238 @@
+"""The reconciler: one pass over the jobs that are due, re-doing lost work and learning what callbacks missed.
+
+Celery beat runs `reconcile(rt)` every `RECONCILE_INTERVAL_SECONDS` (task `kling_relay.reconcile`). A pass reads
+only the due-time index (`JobStore.due`: up to `RECONCILE_BATCH_SIZE` jobs whose due time has passed, earliest
+first) and those jobs, never a scan of all jobs, so its cost follows the number of due jobs. Each pipeline step
+leaves a non-terminal job due at a time after which its work may be presumed lost (see `shared/pipeline.py`).
+
+For each due job:
+- past its `deadline_at` (`JOB_DEADLINE_SECONDS`): `failed` with reason `timed_out` — or, for a job still
+  `queued` while submission is paused, with the pause's reason (`auth` / `account`), code and Kling's message,
+  since that is why it never ran. A job whose submit or copy is running right now (its lock is held) is left
+  to finish first;
+- `queued`: its submit message may be lost: re-enqueue the submit. While submission is paused, leave it waiting
+  (due again after the probe interval), except for the one job sent as a trial (see `shared/flow.py`);
+- `submitted` / `processing`: its callbacks may be lost: ask Kling (`get_task` by task id, or by external id when
+  no task id was recorded) and apply the answer through the same step as the webhook
+  (`pipeline.apply_task_status(..., source="reconciler")`), which queues the copy once the task succeeded;
+- `generated`: its copy may be lost: re-enqueue the copy, unless a copy holds the job's lock (still running);
+- then its due time moves forward by `RECONCILE_QUIET_SECONDS`, so a pass never hammers one job.
+
+Kling calls go through the shared rate limit: when it says wait, the pass stops polling and leaves the rest due
+for the next pass. While submission is paused, the pass first probes Kling (one `list_tasks(page_size=1)`, at
+most every `KLING_PAUSE_PROBE_SECONDS` across all processes). Only one pass runs at a time, even with several beat
+processes: it holds a Redis lock (token, short expiry, heartbeat); a pass that finds it held returns at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from shared import flow
+from shared.jobs import Job, JobState
+from shared.kling import KlingError, KlingFixAccount, KlingTask, KlingTaskNotFound
+from shared.locks import RedisLock, job_lock
+from shared.pipeline import Failure, apply_task_status, fail
+from shared.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+PREFIX = "kr:"  # the JobStore's default key prefix: the due index is `kr:jobs:due`
+LOCK_KEY = f"{PREFIX}lock:reconcile"
+
+
+@dataclass
+class ReconcileReport:
+    """What one pass did (logged by the Celery task, asserted by tests)."""
+
+    ran: bool = True  # False: another pass held the lock, this one did nothing
+    due: int = 0  # job ids read from the due index
+    resubmitted: list[str] = field(default_factory=list)
+    recopied: list[str] = field(default_factory=list)
+    polled: list[str] = field(default_factory=list)  # jobs whose Kling task was read
+    advanced: list[str] = field(default_factory=list)  # jobs a poll moved a step forward
+    timed_out: list[str] = field(default_factory=list)
+    waiting: list[str] = field(default_factory=list)  # left as they are: paused, or their step is running
+    missing: list[str] = field(default_factory=list)  # in the due index but gone from the store
+    errors: list[str] = field(default_factory=list)  # jobs whose poll failed this time
+    probe: str | None = None  # while paused: resumed, trial, still_failing, error, rate_limited
+    stopped_polling: str | None = None  # rate_limited, paused: the rest of this pass's polls were skipped
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary(self) -> dict[str, Any]:
+        """Counts instead of id lists, for a log line."""
+        return {k: len(v) if isinstance(v, list) else v for k, v in asdict(self).items()}
+
+
+def reconcile(rt: Runtime, *, now: float | None = None, limit: int | None = None) -> ReconcileReport:
+    """Run one pass (see the module docstring); `now` defaults to the clock, `limit` to RECONCILE_BATCH_SIZE."""
+    lock = RedisLock(rt.redis, LOCK_KEY, rt.settings.job_lock_seconds)
+    if not lock.acquire():
+        return ReconcileReport(ran=False)
+    try:
+        with lock.heartbeat():
+            return _Pass(rt, time.time() if now is None else now, limit or rt.settings.reconcile_batch_size).run()
+    finally:
+        lock.release()
+
+
+class _Pass:
+    def __init__(self, rt: Runtime, now: float, limit: int) -> None:
+        self.rt = rt
+        self.now = now
+        self.limit = limit
+        self.quiet = rt.settings.reconcile_quiet_seconds
+        self.report = ReconcileReport()
+        self.pause: dict[str, Any] | None = None
+        self.trial_sent = False
+
+    def run(self) -> ReconcileReport:
+        self.pause = flow.current_pause(self.rt.redis)
+        if self.pause is not None and flow.claim_probe(self.rt.redis, self.rt.settings.kling_pause_probe_seconds):
+            self._probe()
+        ids = self.rt.store.due(now=self.now, limit=self.limit)
+        self.report.due = len(ids)
+        for job_id in ids:
+            self._one(job_id)
+        return self.report
+
+    # -- the pause ---------------------------------------------------------------------------------------------
+
+    def _probe(self) -> None:
+        """One cheap call while paused: clears an auth pause, opens a trial for an account pause."""
+        assert self.pause is not None
+        try:
+            self.rt.kling.list_tasks(page_num=1, page_size=1)
+        except flow.RateLimited:
+            self.report.probe = "rate_limited"
+            return
+        except KlingFixAccount as exc:
+            flow.pause(self.rt.redis, code=exc.code, message=exc.message)
+            self.report.probe = "still_failing"
+        except KlingError as exc:
+            log.info("pause probe failed", extra={"kind": exc.kind.value, "code": exc.code})
+            self.report.probe = "error"
+        else:
+            if self.pause["reason"] == "auth":
+                flow.resume(self.rt.redis, by="reconciler probe")
+                self.report.probe = "resumed"
+            else:
+                flow.open_trial(self.rt.redis, self.rt.settings.kling_pause_probe_seconds)
+                self.report.probe = "trial"
+        self.pause = flow.current_pause(self.rt.redis)
+
+    def _trial_wanted(self) -> bool:
+        return (self.pause is not None and not self.trial_sent and self.pause["trial_until"] is not None
+                and self.pause["trial_job"] is None)
+
+    # -- one job -----------------------------------------------------------------------------------------------
+
+    def _one(self, job_id: str) -> None:
+        job = self.rt.store.get(job_id)
+        if job is None or job.terminal:  # deleted by hand, or expired: nothing to look after
+            self.rt.redis.zrem(f"{PREFIX}jobs:due", job_id)
+            self.report.missing.append(job_id)
+            return
+        if job.deadline_at is not None and job.deadline_at <= self.now and self._time_out(job):
+            return
+        if job.state is JobState.QUEUED:
+            self._queued(job)
+        elif job.state in (JobState.SUBMITTED, JobState.PROCESSING):
+            self._in_flight(job)
+        elif job.state is JobState.GENERATED:
+            self._generated(job)
+
+    def _busy(self, job: Job) -> bool:
+        """Whether the job's submit (queued) or copy (generated) is running right now."""
+        step = {JobState.QUEUED: "submit", JobState.GENERATED: "copy"}.get(job.state)
+        return step is not None and job_lock(self.rt.redis, step, job.id, 1).held_by_anyone()
+
+    def _push(self, job: Job, seconds: float | None = None) -> None:
+        self.rt.store.set_due(job.id, self.quiet if seconds is None else seconds)
+
+    def _time_out(self, job: Job) -> bool:
+        if self._busy(job):
+            return False
+        if job.state is JobState.QUEUED and self.pause is not None:
+            failure = Failure(self.pause["reason"], "deadline passed while Kling submission was paused: "
+                              + str(self.pause["message"]), self.pause["code"])
+        else:
+            failure = Failure("timed_out", f"not finished within {self.rt.settings.job_deadline_seconds:g}s "
+                                           f"(last state {job.state.value})")
+        fail(self.rt, job.id, failure, source="reconciler")
+        self.report.timed_out.append(job.id)
+        return True
+
+    def _queued(self, job: Job) -> None:
+        if self._busy(job):
+            self.report.waiting.append(job.id)
+            self._push(job)
+            return
+        if self.pause is not None and not self._trial_wanted():
+            self.report.waiting.append(job.id)
+            self._push(job, self.rt.settings.kling_pause_probe_seconds)
+            return
+        if self._enqueue(job, "submit"):
+            self.trial_sent = self.pause is not None
+            self.report.resubmitted.append(job.id)
+            self.rt.store.note(job.id, source="reconciler", detail={"requeued": "submit"})
+
+    def _generated(self, job: Job) -> None:
+        if self._busy(job):
+            self.report.waiting.append(job.id)
+            self._push(job)
+            return
+        if self._enqueue(job, "copy"):
+            self.report.recopied.append(job.id)
+            self.rt.store.note(job.id, source="reconciler", detail={"requeued": "copy"})
+
+    def _enqueue(self, job: Job, step: str) -> bool:
+        try:
+            if step == "submit":
+                self.rt.enqueuer.submit(job.id)
+            else:
+                self.rt.enqueuer.copy(job.id)
+        except Exception:  # the broker is down: the job stays due, the next pass tries again
+            log.exception("could not re-queue", extra={"job_id": job.id, "step": step})
+            return False
+        self._push(job)
+        return True
+
+    def _in_flight(self, job: Job) -> None:
+        if self.report.stopped_polling:
+            return  # stays due: the next pass polls it
+        try:
+            task = (self.rt.kling.get_task(job.kling_task_id) if job.kling_task_id
+                    else self.rt.kling.get_task_by_external_id(job.id))
+        except flow.RateLimited:
+            self.report.stopped_polling = "rate_limited"
+            return
+        except KlingTaskNotFound as exc:
+            self.rt.store.note(job.id, source="reconciler", detail={"poll": "Kling does not know the task",
+                                                                   "message": exc.message})
+            self.report.errors.append(job.id)
+        except KlingFixAccount as exc:
+            flow.pause(self.rt.redis, code=exc.code, message=exc.message, job_id=job.id)
+            self.report.stopped_polling = "paused"
+            return
+        except KlingError as exc:
+            log.info("poll failed", extra={"job_id": job.id, "kind": exc.kind.value, "code": exc.code})
+            self.report.errors.append(job.id)
+        else:
+            self.report.polled.append(job.id)
+            self._apply(job, task)
+        self._push(job)
+
+    def _apply(self, job: Job, task: KlingTask) -> None:
+        if job.kling_task_id is None:
+            ok, _ = self.rt.store.set_kling_task_id(job.id, task.task_id, source="reconciler")
+            if not ok:
+                return
+        result = apply_task_status(self.rt, job.id, task, source="reconciler")
+        if result.applied:
+            self.report.advanced.append(job.id)
