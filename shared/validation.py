@@ -94,6 +94,10 @@ class Validated:
         return self.request
 
 
+#: Unknown fields named one by one; the rest are counted in one problem, so a 422 never outgrows its request.
+MAX_UNKNOWN_REPORTED = 10
+
+
 def problems_payload(problems: Iterable[FieldProblem]) -> dict[str, Any]:
     """The HTTP 422 body of the relay's API: ``{"error": "invalid request", "fields": [...]}``."""
     return {"error": "invalid request", "fields": [p.as_dict() for p in problems]}
@@ -180,7 +184,8 @@ def _image_list(value: object, limits: Limits, out: list[FieldProblem]) -> list[
         out.append(FieldProblem("image_list", f"has {len(value)} images; at most {limits.max_images} "
                                               f"are allowed"))
     items: list[dict[str, str]] = []
-    for index, item in enumerate(value):
+    # Items past twice the limit are not checked: the answer stays small whatever was sent.
+    for index, item in enumerate(value[: 2 * limits.max_images]):
         where = f"image_list[{index}]"
         if not isinstance(item, dict):
             out.append(FieldProblem(where, f'must be an object {{"image": "<URL or base64>"}}, '
@@ -208,10 +213,15 @@ def _other_fields(body: dict[Any, Any], extra_fields: Collection[str],
                   out: list[FieldProblem]) -> dict[str, Any]:
     """Collect allowed extras and report every field that is neither Kling's nor allowed."""
     extras: dict[str, Any] = {}
+    unknown = 0
     for key, value in body.items():
         name = str(key)
         if key in USER_FIELDS:
             continue
+        if key not in extra_fields and key not in RELAY_FIELDS and key not in SINGLE_IMAGE_FIELDS:
+            unknown += 1
+            if unknown > MAX_UNKNOWN_REPORTED:
+                continue
         if key in extra_fields:
             extras[name] = value
         elif key in RELAY_FIELDS:
@@ -224,6 +234,8 @@ def _other_fields(body: dict[Any, Any], extra_fields: Collection[str],
             hint = f"; did you mean {_ALIASES[name]}?" if name in _ALIASES else ""
             allowed = ", ".join((*USER_FIELDS, *sorted(extra_fields)))
             out.append(FieldProblem(name, f"unknown field {_show(name)}{hint} (allowed: {allowed})"))
+    if unknown > MAX_UNKNOWN_REPORTED:
+        out.append(FieldProblem("body", f"and {unknown - MAX_UNKNOWN_REPORTED} more unknown fields"))
     return extras
 
 

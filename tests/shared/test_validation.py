@@ -546,3 +546,14 @@ def test_one_bad_mutation_fails_naming_that_field(given_body: dict[str, Any], mu
     result = validate_multi_image2video(bad)
     assert not result.ok and result.request is None
     assert {p.field for p in result.problems} == {field}, result.problems
+
+
+def test_the_answer_stays_small_whatever_was_sent() -> None:
+    """A body made of thousands of bad items or unknown keys gets a bounded list of problems."""
+    many_items = validate_multi_image2video({"image_list": [{}] * 40_000, "prompt": "p"})
+    assert [p.field for p in many_items.problems][:2] == ["image_list", "image_list[0].image"]
+    assert len(many_items.problems) <= 1 + 8
+    many_keys = validate_multi_image2video({"prompt": "p", "image_list": [{"image": "https://x.example/a.png"}],
+                                            **{f"k{i}": i for i in range(20_000)}})
+    assert len(many_keys.problems) == 11
+    assert many_keys.problems[-1] == FieldProblem("body", "and 19990 more unknown fields")
