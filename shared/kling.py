@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, ClassVar, Literal, cast
-from urllib.parse import quote, urlsplit
+from urllib.parse import parse_qs, quote, urlsplit
 
 import requests
 from urllib3.exceptions import MaxRetryError, NewConnectionError
@@ -239,6 +240,8 @@ def _timestamp(obj: Mapping[str, Any], key: str) -> int | None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ValueError(f"{key} must be a number of milliseconds, not {type(value).__name__}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{key} must be a finite number of milliseconds")
     return int(value)
 
 
@@ -402,14 +405,14 @@ class KlingClient:
             finally:
                 response.close()
         except requests.RequestException as exc:
-            error = _transport_error(exc, method, path, create, token)
+            error = _transport_error(exc, method, path, create, (token, *_body_secrets(json_body)))
             _log_outcome(method, path, started, error)
             raise error from exc
         envelope = _parse_envelope(raw)
         if envelope is not None and envelope.code == 0:
             _log_outcome(method, path, started, None, status=status, request_id=envelope.request_id)
             return _Answer(envelope.data, status, envelope.request_id)
-        error = _answer_error(status, raw, envelope, create, token)
+        error = _answer_error(status, raw, envelope, create, (token, *_body_secrets(json_body)))
         _log_outcome(method, path, started, error)
         raise error
 
@@ -451,7 +454,7 @@ def _parse_envelope(raw: bytes) -> _Envelope | None:
     """The envelope in ``raw``, or None if it is not one (not JSON, not an object, no integer code)."""
     try:
         obj = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):
         return None
     if not isinstance(obj, dict):
         return None
@@ -464,11 +467,21 @@ def _parse_envelope(raw: bytes) -> _Envelope | None:
                      data=obj.get("data"))
 
 
-def _answer_error(status: int, raw: bytes, envelope: _Envelope | None, create: bool, token: str) -> KlingError:
+def _body_secrets(json_body: Mapping[str, Any] | None) -> tuple[str, ...]:
+    """What of a request body must never come back in an error: the callback URL carries a per-job token."""
+    url = (json_body or {}).get("callback_url")
+    if not isinstance(url, str) or not url:
+        return ()
+    token = parse_qs(urlsplit(url).query).get("token", [""])[0]
+    return (url, token) if token else (url,)
+
+
+def _answer_error(status: int, raw: bytes, envelope: _Envelope | None, create: bool,
+                  secrets: tuple[str, ...]) -> KlingError:
     """The error for an HTTP answer that is not a success envelope."""
     if envelope is None:
         snippet = raw[:200].decode("utf-8", "replace")
-        message = _scrub(f"HTTP {status} answer is not a Kling envelope: {snippet!r}", token)
+        message = _scrub(f"HTTP {status} answer is not a Kling envelope: {snippet!r}", *secrets)
         if status >= 500:
             kind = ErrorKind.RETRY_LATER
         elif create and 200 <= status < 300:
@@ -478,7 +491,7 @@ def _answer_error(status: int, raw: bytes, envelope: _Envelope | None, create: b
         error = error_for(kind, message, http_status=status)
     else:
         kind = kind_for_code(envelope.code, status)
-        error = error_for(kind, _scrub(envelope.message or "(no message)", token), http_status=status,
+        error = error_for(kind, _scrub(envelope.message or "(no message)", *secrets), http_status=status,
                           code=envelope.code, request_id=envelope.request_id)
     if create and error.kind is ErrorKind.RETRY_LATER and error.code not in (1302, 1303):
         # A server error after the body went out: Kling may have created (and billed) the task.
@@ -489,9 +502,9 @@ def _answer_error(status: int, raw: bytes, envelope: _Envelope | None, create: b
 
 
 def _transport_error(exc: requests.RequestException, method: str, path: str, create: bool,
-                     token: str) -> KlingError:
+                     secrets: tuple[str, ...]) -> KlingError:
     """The error for a call that got no (complete) HTTP answer."""
-    message = _scrub(f"{method} {path}: {type(exc).__name__}: {exc}", token)
+    message = _scrub(f"{method} {path}: {type(exc).__name__}: {exc}", *secrets)
     if isinstance(exc, requests.exceptions.InvalidURL | requests.exceptions.InvalidSchema
                   | requests.exceptions.MissingSchema | requests.exceptions.InvalidHeader):
         return KlingProtocolError(message, cause=exc)

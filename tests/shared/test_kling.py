@@ -469,6 +469,9 @@ def test_create_maps_codes_server_errors_are_ambiguous(scripted: ScriptedKling, 
     (200, envelope(data={"task_id": "t"}), False, ErrorKind.PROTOCOL),
     (200, envelope(data={"task_id": "t"}), True, ErrorKind.AMBIGUOUS),
     (200, envelope(data=None), True, ErrorKind.AMBIGUOUS),
+    (200, b"[" * 200_000, False, ErrorKind.PROTOCOL),
+    (200, envelope(data={**task_json(), "created_at": 1e400}).replace(b"1e400", b"Infinity"), False,
+     ErrorKind.PROTOCOL),
 ])
 def test_malformed_answers(scripted: ScriptedKling, make_client: Any, status: int, body: bytes, create: bool,
                            kind: ErrorKind) -> None:
@@ -553,6 +556,15 @@ def test_secrets_are_scrubbed_from_error_messages(scripted: ScriptedKling, make_
         with pytest.raises(KlingError) as info:
             client.get_task("t-1")
         assert API_KEY not in str(info.value) and "<redacted>" in str(info.value)
+
+
+def test_an_echoed_callback_url_is_scrubbed(scripted: ScriptedKling, make_client: Any) -> None:
+    callback = "https://relay.example.com/callbacks/kling/job-1?token=cafe0123456789cafe"
+    scripted.reply((400, envelope(1201, message=f"callback_url {callback} unreachable (token=cafe0123456789cafe)")))
+    client = make_client(scripted.url, api_key=API_KEY)
+    with pytest.raises(KlingError) as info:
+        client.create_multi_image2video({**BODY, "callback_url": callback})
+    assert "cafe0123456789cafe" not in str(info.value) and "<redacted>" in str(info.value)
 
 
 def test_connection_refused_is_retry_later_even_on_create(make_client: Any) -> None:
