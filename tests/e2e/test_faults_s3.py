@@ -1,0 +1,144 @@
+"""S3 has a bad minute, for real: the relay's processes reach moto through tests/support/faulty_proxy.py,
+which answers 503 SlowDown or resets connections until healed. Copies retry and finish, nothing is written
+twice, and no multipart upload is left open (a copy aborts what an earlier, failed copy of its key left).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from typing import Any
+
+import boto3
+import pytest
+from botocore.config import Config
+from botocore.exceptions import ClientError, ConnectionClosedError, EndpointConnectionError
+
+from deploy.stack import BUCKET, LocalStack
+from shared.storage import Storage
+from tests.e2e.conftest import job_body, submit, wait_jobs
+from tests.e2e.faults_conftest import assert_stored_once, fault_stack, get_jobs, retry_notes, wait_until
+from tests.support.faulty_proxy import FaultyProxy
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def proxied(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalStack, FaultyProxy]]:
+    proxy: FaultyProxy | None = None
+
+    def put_proxy_in_front(stack: LocalStack) -> None:
+        nonlocal proxy
+        proxy = FaultyProxy(stack.s3_endpoint).start()
+        stack.route_s3_through(proxy.url)
+
+    try:
+        with fault_stack(tmp_path_factory.mktemp("faults-s3"), before_start=put_proxy_in_front) as stack:
+            assert proxy is not None
+            yield stack, proxy
+    finally:
+        if proxy is not None:
+            proxy.stop()
+
+
+@pytest.fixture()
+def stack(proxied: tuple[LocalStack, FaultyProxy]) -> LocalStack:
+    proxied[0].sim_reset()
+    return proxied[0]
+
+
+@pytest.fixture()
+def proxy(proxied: tuple[LocalStack, FaultyProxy]) -> Iterator[FaultyProxy]:
+    yield proxied[1]
+    proxied[1].heal()
+
+
+def client_through(proxy: FaultyProxy) -> Any:
+    """A boto3 client via the proxy that does not retry, so each refusal is seen."""
+    return boto3.client("s3", endpoint_url=proxy.url, aws_access_key_id="testing", aws_secret_access_key="testing",
+                        region_name="us-east-1",
+                        config=Config(retries={"total_max_attempts": 1, "mode": "standard"}, connect_timeout=5,
+                                      read_timeout=10))
+
+
+# --- the proxy itself -------------------------------------------------------------------------------------------
+
+def test_proxy_forwards_then_refuses_then_heals(stack: LocalStack, proxy: FaultyProxy) -> None:
+    s3 = client_through(proxy)
+    s3.put_object(Bucket=BUCKET, Key="proxy/a.bin", Body=b"x" * 70_000)
+    assert s3.head_object(Bucket=BUCKET, Key="proxy/a.bin")["ContentLength"] == 70_000
+    assert s3.get_object(Bucket=BUCKET, Key="proxy/a.bin")["Body"].read() == b"x" * 70_000
+
+    proxy.refuse("503", count=2)
+    for _ in range(2):
+        with pytest.raises(ClientError) as refused:
+            s3.get_object(Bucket=BUCKET, Key="proxy/a.bin")
+        assert refused.value.response["Error"]["Code"] == "SlowDown"
+    assert not proxy.refusing  # healed by itself after two refusals
+    assert s3.get_object(Bucket=BUCKET, Key="proxy/a.bin")["Body"].read() == b"x" * 70_000
+
+    proxy.refuse("reset", match=lambda method, path: method == "PUT")
+    with pytest.raises((ConnectionClosedError, EndpointConnectionError, ConnectionError)):
+        s3.put_object(Bucket=BUCKET, Key="proxy/b.bin", Body=b"y")
+    assert s3.get_object(Bucket=BUCKET, Key="proxy/a.bin")["Body"].read() == b"x" * 70_000  # GET not matched
+    proxy.heal()
+    s3.put_object(Bucket=BUCKET, Key="proxy/b.bin", Body=b"y")
+    # a refused request never reached moto: only the healed PUT wrote b.bin
+    assert len(stack.s3().list_object_versions(Bucket=BUCKET, Prefix="proxy/b.bin")["Versions"]) == 1
+
+
+# --- the storage fix: a copy aborts what a dead copy of its key left open ------------------------------------------
+
+def test_copy_aborts_uploads_left_open_on_its_own_key_only(stack: LocalStack) -> None:
+    s3 = stack.s3()
+    key = "stale/2026/01/01/job_stale/video.mp4"
+    left = [s3.create_multipart_upload(Bucket=BUCKET, Key=key)["UploadId"] for _ in range(2)]
+    s3.upload_part(Bucket=BUCKET, Key=key, UploadId=left[0], PartNumber=1, Body=b"half a video")
+    sibling = s3.create_multipart_upload(Bucket=BUCKET, Key=key + ".other")["UploadId"]
+
+    data = bytes(range(256)) * 1000
+    sha, size = Storage(s3, BUCKET).copy_stream(iter([data]), key=key, expected_bytes=len(data), metadata={})
+
+    assert (sha, size) == (hashlib.sha256(data).hexdigest(), len(data))
+    assert s3.get_object(Bucket=BUCKET, Key=key)["Body"].read() == data
+    open_uploads = {(u["Key"], u["UploadId"]) for u in stack.multipart_uploads()}
+    assert open_uploads == {(key + ".other", sibling)}  # only the other key's upload is left
+    s3.abort_multipart_upload(Bucket=BUCKET, Key=key + ".other", UploadId=sibling)
+
+
+# --- the pipeline through an S3 outage ----------------------------------------------------------------------------
+
+def wait_copy_failures(stack: LocalStack, ids: list[str]) -> dict[str, dict[str, Any]]:
+    """Until every job has at least one failed copy attempt noted (reason "copy: ...")."""
+
+    def all_failed_once() -> dict[str, dict[str, Any]] | None:
+        jobs = get_jobs(stack, ids)
+        return jobs if all(retry_notes(j, "copy:") for j in jobs.values()) else None
+
+    return wait_until(all_failed_once, timeout=120, what="a failed copy attempt on every job", stack=stack,
+                      interval=0.5)
+
+
+def test_s3_slow_down_on_uploads_copies_retry_and_leave_no_open_upload(stack: LocalStack,
+                                                                       proxy: FaultyProxy) -> None:
+    # Parts, completes and aborts answer 503: each copy opens an upload it can neither fill nor abort.
+    proxy.refuse("503", match=FaultyProxy.multipart_requests)
+    ids = [submit(stack, job_body(2000 + n)) for n in range(4)]
+    during = wait_copy_failures(stack, ids)
+    assert all(j["state"] == "generated" for j in during.values())
+    left_open = {u["Key"].rsplit("/", 2)[-2] for u in stack.multipart_uploads()}
+    assert set(ids) <= left_open  # the fault left an open upload behind for every job
+    proxy.heal()
+    jobs = wait_jobs(stack, ids, timeout=120)
+    assert_stored_once(stack, jobs)  # includes: no multipart upload open in the bucket
+
+
+def test_s3_connection_resets_copies_retry_and_finish(stack: LocalStack, proxy: FaultyProxy) -> None:
+    proxy.refuse("reset")
+    ids = [submit(stack, job_body(2100 + n)) for n in range(4)]
+    wait_copy_failures(stack, ids)
+    refused = proxy.refused
+    proxy.heal()
+    jobs = wait_jobs(stack, ids, timeout=120)
+    assert refused >= 4 * 5  # boto3 tried each call five times before the copy gave up for a while
+    assert_stored_once(stack, jobs)
