@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 from shared.jobs import Job, JobStore
 from shared.queue import Enqueuer
 from shared.settings import Settings
+from shared.urlguard import UrlAllowlist, UrlRefused
 from shared.validation import FieldProblem, Limits, ValidationFailed, validate_multi_image2video
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,11 @@ def _extra_problems(extras: dict[str, Any], settings: Settings) -> list[FieldPro
         elif settings.notify_secret is None:
             problems.append(FieldProblem("notify_url", "this relay has no NOTIFY_SECRET configured to sign "
                                                        "notifications; ask its operator or leave notify_url out"))
+        else:
+            try:  # scheme, host and port now; the addresses are checked again at delivery, after DNS
+                UrlAllowlist.parse(settings.notify_url_allowlist, name="NOTIFY_URL_ALLOWLIST").match(url)
+            except UrlRefused as exc:
+                problems.append(FieldProblem("notify_url", f"not allowed: {exc.reason}"))
     if "metadata" in extras and extras["metadata"] is not None:
         metadata = extras["metadata"]
         if not isinstance(metadata, dict):

@@ -19,6 +19,9 @@ import redis
 import requests
 
 from shared.settings import Secret
+from shared.urlguard import UrlAllowlist, UrlRefused, UrlResolutionError, close_response, send_checked
+
+MAX_ANSWER_BYTES = 4096
 
 
 class NotifyError(Exception):
@@ -74,8 +77,13 @@ def publish(client: redis.Redis, stream: str, job_public: dict[str, Any], *, max
 
 
 def deliver(url: str, secret: Secret, msg_id: str, payload: dict[str, Any], *, session: requests.Session,
-            timeout: tuple[float, float] = (5.0, 15.0)) -> int:
-    """POST one signed event; 2xx → status, 4xx other than 408/429 → NotifyError(permanent), else retryable."""
+            allowlist: UrlAllowlist, timeout: tuple[float, float] = (5.0, 15.0)) -> int:
+    """POST one signed event; 2xx → status, 4xx other than 408/429 → NotifyError(permanent), else retryable.
+
+    The URL is the user's: it goes through the same SSRF guard as the video copy (`NOTIFY_URL_ALLOWLIST`, by
+    default any public https host; private, loopback and link-local addresses refused after DNS resolution,
+    connection pinned to the vetted address), no redirect is followed, and at most a few KiB of the answer is read.
+    """
     body = json.dumps(payload, separators=(",", ":"), sort_keys=True).encode()
     timestamp = int(time.time())
     headers = {
@@ -86,10 +94,20 @@ def deliver(url: str, secret: Secret, msg_id: str, payload: dict[str, Any], *, s
         "webhook-signature": sign(secret, msg_id, timestamp, body),
     }
     try:
-        response = session.post(url, data=body, headers=headers, timeout=timeout, allow_redirects=False)
-    except requests.RequestException as exc:
+        response = send_checked("POST", url, allowlist, session=session, timeout=timeout, headers=headers,
+                                data=body, max_redirects=0)
+    except UrlRefused as exc:
+        raise NotifyError(f"notify_url refused: {exc.reason}", retryable=False) from exc
+    except (requests.RequestException, UrlResolutionError) as exc:
         raise NotifyError(f"notify_url unreachable: {type(exc).__name__}", retryable=True) from exc
-    if 200 <= response.status_code < 300:
-        return response.status_code
-    retryable = response.status_code >= 500 or response.status_code in (408, 429)
-    raise NotifyError(f"notify_url answered HTTP {response.status_code}", retryable=retryable)
+    try:
+        status = response.status_code
+        response.raw.read(MAX_ANSWER_BYTES, decode_content=False)  # drain a little; never a whole big body
+    except Exception:  # noqa: S110 - the status is what counts; a broken body changes nothing
+        pass
+    finally:
+        close_response(response)
+    if 200 <= status < 300:
+        return status
+    retryable = status >= 500 or status in (408, 429)
+    raise NotifyError(f"notify_url answered HTTP {status}", retryable=retryable)

@@ -43,6 +43,7 @@ class Runtime:
     kling: KlingClient
     storage: Storage
     allowlist: UrlAllowlist
+    notify_allowlist: UrlAllowlist
     http: requests.Session
     enqueuer: Enqueuer
 
@@ -59,6 +60,7 @@ class Runtime:
             kling=make_kling_client(settings),
             storage=Storage(make_s3_client(settings), settings.s3_bucket, settings.s3_prefix),
             allowlist=UrlAllowlist.parse(settings.video_url_allowlist),
+            notify_allowlist=UrlAllowlist.parse(settings.notify_url_allowlist, name="NOTIFY_URL_ALLOWLIST"),
             http=http,
             enqueuer=Enqueuer(celery_app or make_celery(settings.redis_url)),
         )

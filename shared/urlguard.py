@@ -82,13 +82,15 @@ class AllowRule:
 
     @property
     def is_wildcard(self) -> bool:
-        return self.host_pattern.startswith("*.")
+        return self.host_pattern == "*" or self.host_pattern.startswith("*.")
 
     def matches(self, scheme: str, host: str, port: int) -> bool:
         if scheme != (self.scheme or "https"):
             return False
         if self.port is not None and port != self.port:
             return False
+        if self.host_pattern == "*":  # any host, public addresses only (check() enforces that)
+            return True
         if self.is_wildcard:
             return host.endswith(self.host_pattern[1:])  # "*.a.com" → suffix ".a.com", so never "evila.com"
         return _same_host(host, self.host_pattern)
@@ -172,8 +174,8 @@ def _parse_entry(entry: str) -> AllowRule:
     host = _normalise_host(parts.hostname or "")
     if not host:
         raise ValueError(f"VIDEO_URL_ALLOWLIST entry {entry!r}: no host")
-    if "*" in host and not (host.startswith("*.") and "*" not in host[2:] and "." in host[2:]):
-        raise ValueError(f"VIDEO_URL_ALLOWLIST entry {entry!r}: a wildcard must look like *.example.com")
+    if "*" in host and host != "*" and not (host.startswith("*.") and "*" not in host[2:] and "." in host[2:]):
+        raise ValueError(f"VIDEO_URL_ALLOWLIST entry {entry!r}: a wildcard must look like *.example.com or *")
     return AllowRule(scheme=scheme, host_pattern=host, port=port)
 
 
@@ -197,15 +199,21 @@ class UrlAllowlist:
     e.g. a fixed table in tests.
     """
 
-    def __init__(self, rules: tuple[AllowRule, ...], *, resolver: Resolver | None = None) -> None:
+    def __init__(self, rules: tuple[AllowRule, ...], *, resolver: Resolver | None = None,
+                 name: str = "VIDEO_URL_ALLOWLIST") -> None:
         self.rules = rules
         self.resolver: Resolver = resolver or system_resolver
+        self.name = name
 
     @classmethod
-    def parse(cls, raw: str, *, resolver: Resolver | None = None) -> UrlAllowlist:
+    def parse(cls, raw: str, *, resolver: Resolver | None = None, name: str = "VIDEO_URL_ALLOWLIST") -> UrlAllowlist:
         """Parse a comma-separated list; raises ValueError naming the first bad entry. Empty allows nothing."""
         entries = [e.strip() for e in raw.split(",")]
-        return cls(tuple(_parse_entry(e) for e in entries if e), resolver=resolver)
+        try:
+            rules = tuple(_parse_entry(e) for e in entries if e)
+        except ValueError as exc:
+            raise ValueError(str(exc).replace("VIDEO_URL_ALLOWLIST", name, 1)) from None
+        return cls(rules, resolver=resolver, name=name)
 
     def __repr__(self) -> str:
         return f"UrlAllowlist({self.rules!r})"
@@ -236,7 +244,7 @@ class UrlAllowlist:
         for rule in self.rules:
             if rule.matches(scheme, host, port):
                 return rule, scheme, host, port
-        raise UrlRefused(f"{_display(scheme, host, port)} is not on VIDEO_URL_ALLOWLIST")
+        raise UrlRefused(f"{_display(scheme, host, port)} is not on {self.name}")
 
     def check(self, url: str) -> ResolvedTarget:
         """Vet url against the rules and every address its host resolves to (see the module docstring)."""
@@ -336,7 +344,17 @@ def get_checked(
     timeout: float | tuple[float, float], headers: Mapping[str, str] | None = None,
     max_redirects: int = MAX_REDIRECTS,
 ) -> requests.Response:
-    """A streaming GET of url that connects only to vetted addresses and re-checks every redirect.
+    """A streaming GET of url that connects only to vetted addresses and re-checks every redirect (send_checked)."""
+    return send_checked("GET", url, allowlist, session=session, timeout=timeout, headers=headers,
+                        max_redirects=max_redirects)
+
+
+def send_checked(
+    method: str, url: str, allowlist: UrlAllowlist, *, session: requests.Session,
+    timeout: float | tuple[float, float], headers: Mapping[str, str] | None = None, data: bytes | None = None,
+    max_redirects: int = MAX_REDIRECTS,
+) -> requests.Response:
+    """A streaming request to url that connects only to vetted addresses and re-checks every redirect.
 
     The session contributes its headers, cookies and TLS settings (verify/cert, REQUESTS_CA_BUNDLE), never
     its adapters, proxies or credentials (Authorization and Proxy-Authorization are removed at every hop).
@@ -347,7 +365,7 @@ def get_checked(
         target = allowlist.check(url)
         adapter = PinnedAdapter(target)
         try:
-            prepared = session.prepare_request(requests.Request("GET", url, headers=dict(headers or {})))
+            prepared = session.prepare_request(requests.Request(method, url, headers=dict(headers or {}), data=data))
             for name in _CREDENTIAL_HEADERS:  # a session shared with an API client must not leak its token
                 prepared.headers.pop(name, None)
             env = session.merge_environment_settings(prepared.url, {}, True, None, None)  # as Session.request

@@ -41,6 +41,8 @@ CASES: list[tuple[str, dict[str, Any], int, list[str]]] = [
     ("callback_url from user", {"json": job_body(0, callback_url="https://evil.example.com")}, 422,
      ["callback_url"]),
     ("bad notify_url", {"json": job_body(0, notify_url="ftp://x")}, 422, ["notify_url"]),
+    ("notify_url to cloud metadata", {"json": job_body(0, notify_url="http://169.254.169.254/latest/")}, 422,
+     ["notify_url"]),
     ("metadata not an object", {"json": job_body(0, metadata=[1])}, 422, ["metadata"]),
     ("prompt too long", {"json": job_body(0, prompt="p" * 2501)}, 422, ["prompt"]),
     ("idempotency key too long", {"json": job_body(0), "headers": {"Idempotency-Key": "k" * 300}}, 422,

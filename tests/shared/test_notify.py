@@ -14,6 +14,9 @@ import requests
 
 from shared.notify import NotifyError, deliver, event_payload, publish, sign, verify
 from shared.settings import Secret
+from shared.urlguard import UrlAllowlist
+
+LOCAL = UrlAllowlist.parse("http://127.0.0.1", name="NOTIFY_URL_ALLOWLIST")
 
 # The example of the Standard Webhooks specification (standard-webhooks/standard-webhooks, spec and libraries).
 SPEC_SECRET = Secret("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")
@@ -68,7 +71,7 @@ def test_deliver_posts_a_signed_body(receiver: tuple[str, type[_Receiver]]) -> N
     url, handler = receiver
     secret = Secret("a-plain-notify-secret")
     status = deliver(url, secret, "msg_1", {"type": "job.stored", "data": {"id": "job_1"}},
-                     session=requests.Session())
+                     session=requests.Session(), allowlist=LOCAL)
     assert status == 204
     headers, body = handler.seen[0]
     assert json.loads(body) == {"type": "job.stored", "data": {"id": "job_1"}}
@@ -82,7 +85,7 @@ def test_deliver_classifies_failures(receiver: tuple[str, type[_Receiver]], stat
     url, handler = receiver
     handler.status = status
     with pytest.raises(NotifyError) as info:
-        deliver(url, Secret("s"), "msg_1", {}, session=requests.Session())
+        deliver(url, Secret("s"), "msg_1", {}, session=requests.Session(), allowlist=LOCAL)
     assert info.value.retryable is retryable and str(status) in str(info.value)
 
 
@@ -91,8 +94,57 @@ def test_deliver_unreachable_is_retryable() -> None:
 
     with pytest.raises(NotifyError) as info:
         deliver(f"http://127.0.0.1:{free_port()}/", Secret("s"), "m", {}, session=requests.Session(),
-                timeout=(1, 1))
+                allowlist=LOCAL, timeout=(1, 1))
     assert info.value.retryable
+
+
+@pytest.mark.parametrize("target", ["http://127.0.0.1:{port}/hook", "https://127.0.0.1:{port}/hook",
+                                    "https://169.254.169.254/latest/meta-data/", "https://[::1]:{port}/",
+                                    "https://2130706433:{port}/", "https://localhost:{port}/"])
+def test_default_allowlist_refuses_internal_targets(receiver: tuple[str, type[_Receiver]], target: str) -> None:
+    url, handler = receiver
+    port = url.split(":")[2].split("/")[0]
+    default = UrlAllowlist.parse("*", name="NOTIFY_URL_ALLOWLIST")
+    with pytest.raises(NotifyError) as info:
+        deliver(target.format(port=port), Secret("s"), "m", {}, session=requests.Session(), allowlist=default,
+                timeout=(1, 1))
+    assert not info.value.retryable and "refused" in str(info.value)
+    assert handler.seen == []
+
+
+def test_redirects_are_not_followed(receiver: tuple[str, type[_Receiver]]) -> None:
+    url, handler = receiver
+    handler.status = 307
+    with pytest.raises(NotifyError) as info:
+        deliver(url, Secret("s"), "m", {}, session=requests.Session(), allowlist=LOCAL)
+    assert not info.value.retryable and len(handler.seen) == 1
+
+
+def test_a_huge_answer_is_not_read(tmp_path: Any) -> None:
+    """The receiver answers 200 with an endless body: delivery returns at once without reading it."""
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    port = listener.getsockname()[1]
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        conn.recv(65536)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 10000000000\r\n\r\n")
+        try:
+            for _ in range(1000):
+                conn.sendall(b"x" * 65536)
+        except OSError:
+            pass
+        conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    status = deliver(f"http://127.0.0.1:{port}/", Secret("s"), "m", {}, session=requests.Session(), allowlist=LOCAL)
+    assert status == 200
+    listener.close()
 
 
 def test_publish_appends_one_entry(redis_client: redis.Redis) -> None:

@@ -98,3 +98,11 @@ def test_short_api_token_refused() -> None:
     with pytest.raises(SettingsError) as info:
         load_settings({**GOOD, "API_TOKENS": "short"})
     assert info.value.problems["API_TOKENS"] == "each token must be at least 16 characters"
+
+
+def test_allowlists_are_checked_at_start_up() -> None:
+    with pytest.raises(SettingsError) as info:
+        load_settings({**GOOD, "VIDEO_URL_ALLOWLIST": "ftp://x", "NOTIFY_URL_ALLOWLIST": "*.*"})
+    assert "VIDEO_URL_ALLOWLIST" in info.value.problems["VIDEO_URL_ALLOWLIST"]
+    assert "NOTIFY_URL_ALLOWLIST" in info.value.problems["NOTIFY_URL_ALLOWLIST"]
+    assert load_settings(GOOD).notify_url_allowlist == "*"
