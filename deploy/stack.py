@@ -102,6 +102,7 @@ class LocalStack:
             "CALLBACK_SECRET": DEMO_CALLBACK_SECRET,
             "API_TOKENS": DEMO_API_TOKEN,
             "NOTIFY_SECRET": DEMO_NOTIFY_SECRET,
+            "NOTIFY_URL_ALLOWLIST": "http://127.0.0.1",
             "S3_BUCKET": BUCKET,
             "S3_ENDPOINT_URL": self.relay_s3_endpoint or self.s3_endpoint,
             "VIDEO_URL_ALLOWLIST": f"http://127.0.0.1:{self.sim_port}",
@@ -161,7 +162,7 @@ class LocalStack:
                 "webhook.wsgi:app"]
         self._spawn("web", argv, self.web_port)
 
-    def start_worker(self, name: str = "worker1", queues: str = "submit,copy,notify") -> Process:
+    def start_worker(self, name: str = "worker1", queues: str = "submit,copy,notify,reconcile") -> Process:
         argv = [self.python, "-m", "celery", "-A", "worker.celery_app", "worker", "--queues", queues,
                 "--concurrency", str(self.worker_concurrency), "--prefetch-multiplier", "1", "--hostname",
                 f"{name}@%h", "--without-gossip", "--without-mingle", "--loglevel", "INFO"]

@@ -383,7 +383,8 @@ def notify_job(rt: Runtime, job_id: str, state: str) -> str:
     attempt = rt.store.bump_attempt(job_id, "notify")
     payload = event_payload(job.public_dict())
     try:
-        status = deliver(job.notify_url, rt.settings.notify_secret, f"msg_{job_id}_{state}", payload, session=rt.http)
+        status = deliver(job.notify_url, rt.settings.notify_secret, f"msg_{job_id}_{state}", payload, session=rt.http,
+                         allowlist=rt.notify_allowlist)
     except NotifyError as exc:
         if not exc.retryable or attempt >= NOTIFY_MAX_ATTEMPTS:
             rt.store.note(job_id, source="worker", detail={"notify": "gave up", "error": str(exc)})

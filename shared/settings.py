@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 from urllib.parse import urlsplit
 
+from shared.urlguard import UrlAllowlist
+
 T = TypeVar("T")
 
 
@@ -88,6 +90,7 @@ class Settings:
     kling_pause_probe_seconds: float = 60.0
     job_lock_seconds: float = 20.0
     notify_secret: Secret | None = None
+    notify_url_allowlist: str = "*"
     events_stream: str = "kling-relay:events"
     log_level: str = "INFO"
     extra: Mapping[str, str] = field(default_factory=dict, repr=False)
@@ -199,6 +202,12 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         r.url("S3_ENDPOINT_URL", endpoint)
 
     allowlist = r.raw("VIDEO_URL_ALLOWLIST") or "*.klingai.com"
+    notify_allowlist = r.raw("NOTIFY_URL_ALLOWLIST") or "*"
+    for name, raw in (("VIDEO_URL_ALLOWLIST", allowlist), ("NOTIFY_URL_ALLOWLIST", notify_allowlist)):
+        try:
+            UrlAllowlist.parse(raw, name=name)
+        except ValueError as exc:
+            r.problems[name] = str(exc)
     log_level = (r.raw("LOG_LEVEL") or "INFO").upper()
     if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         r.problems["LOG_LEVEL"] = f"must be DEBUG, INFO, WARNING or ERROR, got {log_level!r}"
@@ -237,6 +246,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         kling_pause_probe_seconds=r.positive_float("KLING_PAUSE_PROBE_SECONDS", 60.0),
         job_lock_seconds=r.positive_float("JOB_LOCK_SECONDS", 20.0),
         notify_secret=Secret(notify_secret) if notify_secret else None,
+        notify_url_allowlist=notify_allowlist,
         events_stream=r.raw("EVENTS_STREAM") or "kling-relay:events",
         log_level=log_level,
     )
