@@ -34,5 +34,7 @@ def configure_logging(level: str | None = None) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level or os.environ.get("LOG_LEVEL", "INFO").upper())
-    # urllib3 logs full URLs at DEBUG (callback tokens, signed video URLs): keep it quiet.
-    logging.getLogger("urllib3").setLevel(logging.WARNING)
+    # At DEBUG these log full URLs (callback tokens, signed video URLs) or signed request headers (botocore):
+    # keep them quiet whatever LOG_LEVEL says.
+    for noisy in ("urllib3", "botocore", "boto3", "s3transfer"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
