@@ -56,17 +56,17 @@ end
 """
 
 # KEYS: 1 tat key. ARGV: 1 emission interval (s), 2 burst tolerance (s), 3 now ('' = Redis clock).
-# Returns '0' when the request may go now, else the seconds to wait (as a string: Lua numbers would be truncated).
+# Returns {1, '0'} when the request may go now, else {0, seconds to wait} (a string: Lua numbers would be truncated).
 _GCRA = _NOW + """
 local now = ARGV[3] ~= '' and tonumber(ARGV[3]) or now_seconds()
 local interval, tolerance = tonumber(ARGV[1]), tonumber(ARGV[2])
 local tat = tonumber(redis.call('GET', KEYS[1]) or '0') or 0
 if tat < now then tat = now end
 local allow_at = tat - tolerance
-if now < allow_at then return string.format('%.6f', allow_at - now) end
+if now < allow_at then return {0, string.format('%.6f', allow_at - now)} end
 local new_tat = tat + interval
 redis.call('SET', KEYS[1], string.format('%.6f', new_tat), 'PX', math.ceil((new_tat - now + tolerance) * 1000) + 1000)
-return '0'
+return {1, '0'}
 """
 
 # KEYS: 1 reservations, 2 submitted index, 3 processing index. ARGV: 1 job id, 2 cap, 3 ttl seconds.
@@ -171,8 +171,8 @@ class RateLimiter:
     def try_acquire(self) -> float:
         """Take a slot now if there is one (returns 0.0), else return the seconds until the next one."""
         now = "" if self._clock is None else repr(self._clock())
-        raw = self._script(keys=[self._key], args=[repr(self._interval), repr(self._tolerance), now])
-        return float(raw)
+        granted, wait = self._script(keys=[self._key], args=[repr(self._interval), repr(self._tolerance), now])
+        return 0.0 if granted == 1 else max(float(wait), 1e-6)
 
     def acquire(self, max_wait: float, sleep: Callable[[float], None] = time.sleep) -> None:
         """Take a slot, sleeping while the wait is short; raise `RateLimited` once it would exceed `max_wait`."""

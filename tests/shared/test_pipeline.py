@@ -1,0 +1,227 @@
+"""The submit and copy steps against the simulator and a real Redis: locks, pause, throttles, in-flight cap.
+
+Each test calls the plain functions (no Celery worker); what they enqueue lands in the Redis broker lists.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from shared import flow
+from shared.jobs import JobState
+from shared.locks import job_lock
+from shared.pipeline import RetryIn, copy_job, submit_job
+from shared.runtime import Runtime
+from tests.support.relay_runtime import (
+    close_runtime,
+    due_score,
+    make_runtime,
+    new_job,
+    relay_settings,
+    sim_requests,
+)
+from tests.support.sim import SimHandle, running_simulator
+
+CREATE = "POST /v1/videos/multi-image2video"
+
+
+@pytest.fixture(scope="module")
+def sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimHandle]:
+    args = ("--submitted-seconds", "0.1", "--processing-seconds", "0.1", "--callback-retries", "0")
+    with running_simulator(tmp_path_factory.mktemp("sim-logs"), *args) as handle:
+        yield handle
+
+
+@pytest.fixture()
+def runtime(redis_url: str, sim: SimHandle, request: pytest.FixtureRequest) -> Iterator[Runtime]:
+    """A Runtime; `@pytest.mark.parametrize("runtime", [{"ENV": "value"}], indirect=True)` overrides settings."""
+    sim.reset()
+    env: dict[str, Any] = getattr(request, "param", {})
+    rt = make_runtime(relay_settings(redis_url, sim, **env))
+    yield rt
+    close_runtime(rt)
+
+
+def events(rt: Runtime, job_id: str) -> list[dict[str, Any]]:
+    return [e.as_dict() for e in rt.store.events(job_id)]
+
+
+def test_submit_creates_one_task_and_records_it(runtime: Runtime, sim: SimHandle) -> None:
+    job = new_job(runtime)
+    assert submit_job(runtime, job.id) == "submitted"
+    after = runtime.store.require(job.id)
+    assert after.state is JobState.SUBMITTED and after.kling_task_id
+    assert sim.stats()["tasks_by_external_id"] == {job.id: [after.kling_task_id]}
+    assert flow.in_flight(runtime.redis) == {"submitted": 1, "processing": 0, "reserved": 0}
+    assert not job_lock(runtime.redis, "submit", job.id, 1).held_by_anyone()
+    assert submit_job(runtime, job.id) == "skipped"
+
+
+def test_1302_backs_off_without_using_an_attempt(runtime: Runtime, sim: SimHandle) -> None:
+    job = new_job(runtime)
+    sim.control(rate_limit_every_n=1)
+    before = time.time()
+    for _ in range(3):
+        with pytest.raises(RetryIn) as info:
+            submit_job(runtime, job.id)
+    assert info.value.reason.startswith("retry_later")
+    after = runtime.store.require(job.id)
+    assert after.state is JobState.QUEUED
+    assert after.attempts == {"submit": 3, "submit_throttled": 3}
+    score = due_score(runtime.redis, job.id)
+    assert score is not None and score >= before + runtime.settings.reconcile_quiet_seconds
+    assert [e["detail"].get("throttled", "")[:11] for e in events(runtime, job.id)[1:]] == ["retry_later"] * 3
+
+    sim.control(rate_limit_every_n=0)
+    assert submit_job(runtime, job.id) == "submitted"
+    requests_seen = sim_requests(sim)
+    assert requests_seen == {CREATE: 4}, "no lookup after throttles: no create could have succeeded"
+    assert len(sim.stats()["tasks_by_external_id"][job.id]) == 1
+
+
+@pytest.mark.parametrize("runtime", [{"SUBMIT_MAX_ATTEMPTS": "2"}], indirect=True)
+def test_throttles_never_exhaust_the_submit_budget(runtime: Runtime, sim: SimHandle) -> None:
+    job = new_job(runtime)
+    sim.control(rate_limit_every_n=1)
+    for _ in range(5):
+        with pytest.raises(RetryIn):
+            submit_job(runtime, job.id)
+    sim.control(rate_limit_every_n=0, server_error_every_n=1, server_error_code=5001)
+    with pytest.raises(RetryIn):
+        submit_job(runtime, job.id)  # a real failed attempt: the first of two
+    assert runtime.store.require(job.id).state is JobState.QUEUED
+    assert submit_job(runtime, job.id) == "failed"
+    failed = runtime.store.require(job.id)
+    assert failed.state is JobState.FAILED and failed.error is not None
+    assert failed.error["reason"] == "submit_exhausted"
+
+
+def test_account_error_pauses_submission_and_keeps_jobs_queued(runtime: Runtime, sim: SimHandle) -> None:
+    first, second = new_job(runtime), new_job(runtime)
+    sim.control(force_error_code=1101)
+    assert submit_job(runtime, first.id) == "paused"
+    job = runtime.store.require(first.id)
+    assert job.state is JobState.QUEUED and job.error is None
+    assert job.attempts == {"submit": 1, "submit_throttled": 1}
+    note = events(runtime, first.id)[-1]
+    assert note["detail"]["paused"] == "account" and note["detail"]["code"] == 1101
+    status = flow.status(runtime.redis)
+    assert status["submission"] == "paused"
+    assert status["pause"]["code"] == 1101 and status["pause"]["reason"] == "account"
+    assert status["pause"]["message"] and status["pause"]["job_id"] == first.id
+    assert sim.stats()["error_codes"] == {"1101": 1}
+
+    assert submit_job(runtime, second.id) == "paused"
+    assert sim.stats()["requests"] == {CREATE: 1}, "a paused submit does not call Kling"
+    assert runtime.store.require(second.id).state is JobState.QUEUED
+    assert events(runtime, second.id)[-1]["detail"]["waiting"] == "submission paused"
+    score = due_score(runtime.redis, second.id)
+    assert score is not None and score <= time.time() + runtime.settings.kling_pause_probe_seconds
+
+    flow.resume(runtime.redis, by="ops")
+    sim.control(force_error_code=0)
+    assert submit_job(runtime, first.id) == "submitted"
+    assert submit_job(runtime, second.id) == "submitted"
+    assert runtime.store.require(first.id).attempts["submit"] == 2
+
+
+@pytest.mark.parametrize("code", [1002, 1304])
+def test_auth_errors_pause_too(runtime: Runtime, sim: SimHandle, code: int) -> None:
+    job = new_job(runtime)
+    sim.control(force_error_code=code)
+    assert submit_job(runtime, job.id) == "paused"
+    assert flow.status(runtime.redis)["pause"]["reason"] == "auth"
+    assert runtime.store.require(job.id).state is JobState.QUEUED
+
+
+def test_a_trial_submit_resumes_submission_on_success(runtime: Runtime, sim: SimHandle) -> None:
+    a, b = new_job(runtime), new_job(runtime)
+    sim.control(force_error_code=1102)
+    assert submit_job(runtime, a.id) == "paused"
+    flow.open_trial(runtime.redis, 30)
+    assert submit_job(runtime, a.id) == "paused", "the trial create failed again"
+    assert flow.current_pause(runtime.redis)["hits"] == 2  # type: ignore[index]
+    flow.open_trial(runtime.redis, 30)
+    sim.control(force_error_code=0)
+    assert submit_job(runtime, b.id) == "submitted"
+    assert flow.status(runtime.redis)["submission"] == "open"
+    assert submit_job(runtime, a.id) == "submitted"
+
+
+def test_a_held_lock_means_busy_and_no_kling_call(runtime: Runtime, sim: SimHandle) -> None:
+    job = new_job(runtime)
+    other = job_lock(runtime.redis, "submit", job.id, 30)
+    assert other.acquire()
+    assert submit_job(runtime, job.id) == "busy"
+    assert sim.stats()["requests"] == {}
+    assert runtime.store.require(job.id).attempts == {}
+    other.release()
+    assert submit_job(runtime, job.id) == "submitted"
+
+
+@pytest.mark.parametrize("runtime", [{"KLING_MAX_IN_FLIGHT": "1"}], indirect=True)
+def test_in_flight_cap_holds_submits_back(runtime: Runtime, sim: SimHandle) -> None:
+    a, b = new_job(runtime), new_job(runtime)
+    assert submit_job(runtime, a.id) == "submitted"
+    with pytest.raises(RetryIn) as info:
+        submit_job(runtime, b.id)
+    assert "in flight" in info.value.reason
+    assert sim.stats()["requests"] == {CREATE: 1}
+    assert runtime.store.require(b.id).attempts == {"submit_throttled": 1}
+    runtime.store.step(a.id, JobState.GENERATED, source="callback")
+    assert submit_job(runtime, b.id) == "submitted"
+
+
+@pytest.mark.parametrize("runtime", [{"KLING_RATE_LIMIT_PER_SECOND": "0.02"}], indirect=True)
+def test_shared_rate_limit_reschedules_without_sending(runtime: Runtime, sim: SimHandle) -> None:
+    a, b = new_job(runtime), new_job(runtime)
+    assert submit_job(runtime, a.id) == "submitted"
+    with pytest.raises(RetryIn) as info:
+        submit_job(runtime, b.id)
+    assert info.value.seconds >= 40
+    assert sim.stats()["requests"] == {CREATE: 1}
+    assert runtime.store.require(b.id).attempts == {"submit": 1, "submit_throttled": 1}
+    assert flow.in_flight(runtime.redis)["reserved"] == 0, "the reservation is released"
+
+
+def test_ambiguous_create_is_looked_up_not_sent_again(runtime: Runtime, sim: SimHandle) -> None:
+    job = new_job(runtime)
+    sim.control(ambiguous_create_every_n=1)
+    with pytest.raises(RetryIn):
+        submit_job(runtime, job.id)
+    sim.control(ambiguous_create_every_n=0)
+    assert submit_job(runtime, job.id) == "found"
+    stats = sim.stats()
+    assert len(stats["tasks_by_external_id"][job.id]) == 1
+    assert stats["requests"][CREATE] == 1
+
+
+def test_copy_lock_held_means_busy(runtime: Runtime, sim: SimHandle) -> None:
+    job = new_job(runtime)
+    assert submit_job(runtime, job.id) == "submitted"
+    runtime.store.step(job.id, JobState.GENERATED, source="callback")
+    lock = job_lock(runtime.redis, "copy", job.id, 30)
+    assert lock.acquire()
+    before = sim.stats()["requests"]
+    assert copy_job(runtime, job.id) == "busy"
+    assert sim.stats()["requests"] == before
+    assert "copy" not in runtime.store.require(job.id).attempts
+
+
+@pytest.mark.parametrize("runtime", [{"KLING_RATE_LIMIT_PER_SECOND": "0.02", "COPY_MAX_ATTEMPTS": "1"}],
+                         indirect=True)
+def test_copy_rate_limited_retries_without_using_its_attempt(runtime: Runtime, sim: SimHandle) -> None:
+    job = new_job(runtime)
+    assert submit_job(runtime, job.id) == "submitted"  # takes the only slot
+    runtime.store.step(job.id, JobState.GENERATED, source="callback")
+    for _ in range(2):
+        with pytest.raises(RetryIn):
+            copy_job(runtime, job.id)
+    after = runtime.store.require(job.id)
+    assert after.state is JobState.GENERATED
+    assert after.attempts["copy"] == 2 and after.attempts["copy_throttled"] == 2
+    assert not job_lock(runtime.redis, "copy", job.id, 1).held_by_anyone()

@@ -1,0 +1,310 @@
+"""Reconcile passes (the plain function) against the simulator and a real Redis job store and broker."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+
+from shared import flow
+from shared.jobs import JobState
+from shared.locks import RedisLock, job_lock
+from shared.pipeline import submit_job
+from shared.reconcile import LOCK_KEY, reconcile
+from shared.runtime import Runtime
+from tests.support.relay_runtime import (
+    close_runtime,
+    due_score,
+    make_runtime,
+    new_job,
+    queued_job_ids,
+    relay_settings,
+)
+from tests.support.sim import SimHandle, running_simulator
+
+GET_ONE = "GET /v1/videos/multi-image2video/{id}"
+LIST = "GET /v1/videos/multi-image2video"
+
+
+@pytest.fixture(scope="module")
+def sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimHandle]:
+    args = ("--submitted-seconds", "0.05", "--processing-seconds", "0.05", "--callback-retries", "0",
+            "--video-bytes", "2000")
+    with running_simulator(tmp_path_factory.mktemp("sim-logs"), *args) as handle:
+        yield handle
+
+
+@pytest.fixture()
+def runtime(redis_url: str, sim: SimHandle, request: pytest.FixtureRequest) -> Iterator[Runtime]:
+    sim.reset()
+    env: dict[str, Any] = {"KLING_RATE_LIMIT_PER_SECOND": "1000", **getattr(request, "param", {})}
+    rt = make_runtime(relay_settings(redis_url, sim, **env))
+    yield rt
+    close_runtime(rt)
+
+
+def make_due(rt: Runtime, *ids: str) -> None:
+    for job_id in ids:
+        rt.store.set_due(job_id, -1)
+
+
+def submitted_job(rt: Runtime, sim: SimHandle, *, final: str = "succeed") -> str:
+    """A job whose Kling task exists and has reached `final`; its callbacks went nowhere (lost)."""
+    job = new_job(rt)
+    assert submit_job(rt, job.id) == "submitted"
+    task_id = rt.store.require(job.id).kling_task_id
+    assert task_id is not None
+    deadline = time.monotonic() + 10
+    while sim.task(task_id)["task_status"] != final:
+        assert time.monotonic() < deadline, "the simulator's task never finished"
+        time.sleep(0.02)
+    return job.id
+
+
+def sources(rt: Runtime, job_id: str) -> list[tuple[str, str]]:
+    return [(e.to_state, e.source) for e in rt.store.events(job_id) if e.from_state != e.to_state]
+
+
+# --- what a pass does to each kind of due job -----------------------------------------------------------------------
+
+def test_lost_callbacks_are_learned_by_polling(runtime: Runtime, sim: SimHandle) -> None:
+    job_id = submitted_job(runtime, sim)
+    assert runtime.store.require(job_id).state is JobState.SUBMITTED
+    assert reconcile(runtime).polled == [], "not due yet: quiet period not over"
+    make_due(runtime, job_id)
+
+    report = reconcile(runtime)
+
+    assert report.polled == [job_id] and report.advanced == [job_id]
+    job = runtime.store.require(job_id)
+    assert job.state is JobState.GENERATED
+    assert sources(runtime, job_id)[-1] == ("generated", "reconciler")
+    assert queued_job_ids(runtime.redis, "copy") == [job_id]
+    score = due_score(runtime.redis, job_id)
+    assert score is not None and score > time.time() + 30
+
+
+def test_a_failed_task_fails_the_job_through_the_same_step(runtime: Runtime, sim: SimHandle) -> None:
+    sim.control(fail_every_n=1, fail_message="nope")
+    job_id = submitted_job(runtime, sim, final="failed")
+    make_due(runtime, job_id)
+    reconcile(runtime)
+    job = runtime.store.require(job_id)
+    assert job.state is JobState.FAILED and job.error == {"reason": "kling_failed", "code": None, "message": "nope"}
+    assert due_score(runtime.redis, job_id) is None
+
+
+def test_lost_submit_and_copy_messages_are_sent_again(runtime: Runtime, sim: SimHandle) -> None:
+    queued = new_job(runtime, due_in=0)
+    generated = new_job(runtime)
+    runtime.store.step(generated.id, JobState.GENERATED, source="callback", set_fields={"kling_task_id": "t1"})
+    make_due(runtime, generated.id)
+    not_due = new_job(runtime, due_in=600)
+
+    report = reconcile(runtime)
+
+    assert report.resubmitted == [queued.id] and report.recopied == [generated.id]
+    assert queued_job_ids(runtime.redis, "submit") == [queued.id]
+    assert queued_job_ids(runtime.redis, "copy") == [generated.id]
+    assert sim.stats()["requests"] == {}
+    assert runtime.store.events(queued.id)[-1].detail == {"requeued": "submit"}
+    assert runtime.store.events(not_due.id)[-1].to_state == "queued"
+    again = reconcile(runtime)
+    assert again.due == 0, "due times moved forward: the next pass leaves them alone"
+
+
+def test_running_steps_are_left_alone(runtime: Runtime) -> None:
+    queued = new_job(runtime, due_in=0)
+    generated = new_job(runtime)
+    runtime.store.step(generated.id, JobState.GENERATED, source="callback", set_fields={"kling_task_id": "t1"})
+    make_due(runtime, generated.id)
+    assert job_lock(runtime.redis, "submit", queued.id, 30).acquire()
+    assert job_lock(runtime.redis, "copy", generated.id, 30).acquire()
+
+    report = reconcile(runtime)
+
+    assert sorted(report.waiting) == sorted([queued.id, generated.id])
+    assert queued_job_ids(runtime.redis, "submit") == [] and queued_job_ids(runtime.redis, "copy") == []
+    assert all((due_score(runtime.redis, j) or 0) > time.time() for j in (queued.id, generated.id))
+
+
+def test_jobs_past_their_deadline_time_out(runtime: Runtime, sim: SimHandle) -> None:
+    queued = new_job(runtime, deadline=1)
+    processing = new_job(runtime, deadline=1)
+    runtime.store.step(processing.id, JobState.PROCESSING, source="callback", set_fields={"kling_task_id": "t"})
+    later = time.time() + 120
+
+    report = reconcile(runtime, now=later)
+
+    assert sorted(report.timed_out) == sorted([queued.id, processing.id])
+    for job_id in (queued.id, processing.id):
+        job = runtime.store.require(job_id)
+        assert job.state is JobState.FAILED and job.error is not None and job.error["reason"] == "timed_out"
+        assert sources(runtime, job_id)[-1] == ("failed", "reconciler")
+        assert due_score(runtime.redis, job_id) is None
+    assert sim.stats()["requests"] == {}
+
+
+def test_a_deadline_reached_while_paused_fails_with_the_pause_reason(runtime: Runtime) -> None:
+    job = new_job(runtime, deadline=1)
+    flow.pause(runtime.redis, code=1101, message="account in arrears")
+    reconcile(runtime, now=time.time() + 120)
+    error = runtime.store.require(job.id).error
+    assert error is not None and error["reason"] == "account" and error["code"] == 1101
+    assert "account in arrears" in error["message"]
+
+
+def test_missing_jobs_leave_the_due_index(runtime: Runtime) -> None:
+    runtime.redis.zadd("kr:jobs:due", {"job_gone": 1})
+    assert reconcile(runtime).missing == ["job_gone"]
+    assert runtime.redis.zscore("kr:jobs:due", "job_gone") is None
+
+
+def test_a_task_kling_does_not_know_is_noted_and_retried_later(runtime: Runtime) -> None:
+    job = new_job(runtime)
+    runtime.store.step(job.id, JobState.SUBMITTED, source="worker", set_fields={"kling_task_id": "no-such-task"})
+    make_due(runtime, job.id)
+    report = reconcile(runtime)
+    assert report.errors == [job.id]
+    assert runtime.store.require(job.id).state is JobState.SUBMITTED
+    assert runtime.store.events(job.id)[-1].detail["poll"] == "Kling does not know the task"
+    assert (due_score(runtime.redis, job.id) or 0) > time.time()
+
+
+# --- pause and probe ---------------------------------------------------------------------------------------------
+
+def test_while_paused_queued_jobs_wait_and_an_account_probe_opens_one_trial(runtime: Runtime,
+                                                                            sim: SimHandle) -> None:
+    jobs = [new_job(runtime, due_in=0).id for _ in range(3)]
+    flow.pause(runtime.redis, code=1101, message="arrears")
+    sim.control(force_error_code=1101, force_error_on="all")
+
+    report = reconcile(runtime)
+    assert report.probe == "still_failing"
+    assert report.resubmitted == [] and sorted(report.waiting) == sorted(jobs)
+    assert sim.stats()["requests"] == {LIST: 1}
+
+    assert reconcile(runtime, now=time.time() + 600).probe is None, "one probe per interval"
+
+    sim.control(force_error_on="create")  # lists work again, creates still fail: a trial decides
+    runtime.redis.delete("kr:flow:probe")
+    report = reconcile(runtime, now=time.time() + 600)
+    assert report.probe == "trial"
+    assert len(report.resubmitted) == 1 and len(report.waiting) == 2
+    trial_job = report.resubmitted[0]
+    assert queued_job_ids(runtime.redis, "submit") == [trial_job]
+    assert submit_job(runtime, trial_job) == "paused"
+    assert flow.status(runtime.redis)["submission"] == "paused"
+
+    sim.control(force_error_code=0)
+    runtime.redis.delete("kr:flow:probe")
+    report = reconcile(runtime, now=time.time() + 600)
+    assert report.probe == "trial" and len(report.resubmitted) == 1
+    assert submit_job(runtime, report.resubmitted[0]) == "submitted"
+    assert flow.status(runtime.redis)["submission"] == "open"
+    report = reconcile(runtime, now=time.time() + 600)
+    assert len(report.resubmitted) == 2, "resumed: the others are sent again"
+    assert not any(runtime.store.require(j).state is JobState.FAILED for j in jobs)
+
+
+def test_an_auth_pause_is_cleared_by_a_successful_probe(runtime: Runtime, sim: SimHandle) -> None:
+    jobs = [new_job(runtime, due_in=0).id for _ in range(2)]
+    flow.pause(runtime.redis, code=1002, message="token invalid")
+    report = reconcile(runtime)
+    assert report.probe == "resumed"
+    assert sorted(report.resubmitted) == sorted(jobs)
+    assert flow.status(runtime.redis)["submission"] == "open"
+
+
+# --- one pass at a time, rate limit ----------------------------------------------------------------------------------
+
+def test_a_second_pass_does_nothing_while_one_runs(runtime: Runtime) -> None:
+    new_job(runtime, due_in=0)
+    held = RedisLock(runtime.redis, LOCK_KEY, 30)
+    assert held.acquire()
+    report = reconcile(runtime)
+    assert not report.ran and report.due == 0
+    assert queued_job_ids(runtime.redis, "submit") == []
+    held.release()
+    assert reconcile(runtime).ran
+    assert not runtime.redis.exists(LOCK_KEY)
+
+
+@pytest.mark.parametrize("runtime", [{"KLING_RATE_LIMIT_PER_SECOND": "1000"}], indirect=True)
+def test_polling_stops_at_the_rate_limit_and_leaves_the_rest_due(runtime: Runtime, sim: SimHandle,
+                                                                  redis_url: str) -> None:
+    ids = [submitted_job(runtime, sim) for _ in range(3)]
+    make_due(runtime, *ids)
+    gets_before = sim.stats()["requests"][GET_ONE]
+    slow = make_runtime(relay_settings(redis_url, sim, KLING_RATE_LIMIT_PER_SECOND="0.01"))
+    try:
+        slow.redis.delete("kr:flow:rate")
+        report = reconcile(slow)
+    finally:
+        close_runtime(slow)
+    assert len(report.polled) == 1 and report.stopped_polling == "rate_limited"
+    rest = [j for j in ids if j not in report.polled]
+    assert all((due_score(runtime.redis, j) or 1e18) <= time.time() for j in rest)
+    assert sim.stats()["requests"][GET_ONE] == gets_before + 1
+
+
+# --- cost follows the due jobs, not the stored ones ----------------------------------------------------------------
+
+def commandstats(client: redis.Redis) -> dict[str, int]:
+    info = client.info("commandstats")
+    return {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in info.items()}
+
+
+def due_scenario(rt: Runtime, sim: SimHandle, finished: int) -> list[str]:
+    """`finished` stored jobs, then 10 due ones: 4 submitted (tasks done, callbacks lost), 3 queued, 3 generated."""
+    for _ in range(finished):
+        job = new_job(rt, due_in=None)
+        rt.store.step(job.id, JobState.STORED, source="worker")
+    due = [submitted_job(rt, sim) for _ in range(4)]
+    due += [new_job(rt).id for _ in range(3)]
+    for _ in range(3):
+        job = new_job(rt)
+        rt.store.step(job.id, JobState.GENERATED, source="callback", set_fields={"kling_task_id": "t"})
+        due.append(job.id)
+    make_due(rt, *due)
+    return due
+
+
+def measured_pass(redis_url: str, sim: SimHandle) -> tuple[dict[str, int], int, Any]:
+    rt = make_runtime(relay_settings(redis_url, sim, KLING_RATE_LIMIT_PER_SECOND="1000"))
+    try:
+        kling_before = sum(sim.stats()["requests"].values())
+        rt.redis.config_resetstat()
+        report = reconcile(rt)
+        stats = commandstats(rt.redis)
+        kling = sum(sim.stats()["requests"].values()) - kling_before
+    finally:
+        close_runtime(rt)
+    stats.pop("info", None)
+    return stats, kling, report
+
+
+@pytest.mark.timeout(120)
+def test_a_pass_reads_only_the_due_jobs_not_the_10000_finished(runtime: Runtime, sim: SimHandle,
+                                                                redis_url: str) -> None:
+    runs = []
+    # the first run warms up what happens once per process or server (script loads, queue declarations)
+    for finished in (0, 0, 10_000):
+        runtime.redis.flushall()
+        sim.reset()
+        due = due_scenario(runtime, sim, finished=finished)
+        assert runtime.store.counts()["stored"] == finished
+        runs.append((due, *measured_pass(redis_url, sim)))
+    (_, small_stats, small_kling, _), (due, big_stats, big_kling, report) = runs[1:]
+
+    assert report.due == 10
+    assert sorted(report.polled) == sorted(due[:4])
+    assert sorted(report.resubmitted) == sorted(due[4:7]) and sorted(report.recopied) == sorted(due[7:])
+    assert big_kling == small_kling == 4, "one Kling request per polled job"
+    assert big_stats == small_stats, "the same Redis commands, whatever the number of stored jobs"
+    assert big_stats["zrangebyscore"] == 1
+    assert not {"keys", "scan", "zrange", "zrevrange", "zscan", "hscan", "sscan", "smembers"} & set(big_stats)
+    assert sum(big_stats.values()) < 40 * len(due)
