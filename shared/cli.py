@@ -41,8 +41,8 @@ def _jobs_parser() -> argparse.ArgumentParser:
         prog="kling-relay jobs",
         description="Read and act on jobs, straight in Redis, with the settings from the environment (REDIS_URL "
                     "and the rest, as `kling-relay config` checks them). Prints JSON. Exit status: 0 done, "
-                    f"2 bad usage or settings, {EXIT_NOT_FOUND} no such job, {EXIT_REFUSED} refused in the job's "
-                    "state (the reason is printed on stderr).")
+                    f"1 Redis unreachable, 2 bad usage or settings, {EXIT_NOT_FOUND} no such job, "
+                    f"{EXIT_REFUSED} refused in the job's state (the reason is printed on stderr).")
     sub = parser.add_subparsers(dest="action", required=True, metavar="{get,list,retry,cancel}")
     get = sub.add_parser("get", help="one job with its timeline")
     get.add_argument("job_id")
@@ -63,6 +63,8 @@ def _print_json(value: object) -> None:
 
 
 def _jobs(argv: Sequence[str]) -> int:
+    from redis.exceptions import RedisError
+
     from shared.client import Relay
     from shared.jobs import JobNotFound
     from shared.ops import ActionRefused
@@ -101,6 +103,9 @@ def _jobs(argv: Sequence[str]) -> int:
     except ActionRefused as exc:
         print(f"refused: {exc.reason}", file=sys.stderr)
         return EXIT_REFUSED
+    except RedisError as exc:
+        print(f"Redis did not answer: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
     finally:
         relay.close()
 
