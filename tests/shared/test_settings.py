@@ -106,3 +106,30 @@ def test_allowlists_are_checked_at_start_up() -> None:
     assert "VIDEO_URL_ALLOWLIST" in info.value.problems["VIDEO_URL_ALLOWLIST"]
     assert "NOTIFY_URL_ALLOWLIST" in info.value.problems["NOTIFY_URL_ALLOWLIST"]
     assert load_settings(GOOD).notify_url_allowlist == "*"
+
+
+def test_flow_and_reconcile_settings_defaults() -> None:
+    s = load_settings(GOOD)
+    assert (s.reconcile_interval_seconds, s.reconcile_quiet_seconds, s.reconcile_batch_size) == (30.0, 120.0, 500)
+    assert (s.kling_rate_limit_per_second, s.kling_max_in_flight) == (5.0, 20)
+    assert (s.kling_pause_probe_seconds, s.job_lock_seconds) == (60.0, 20.0)
+
+
+def test_flow_and_reconcile_settings_from_env() -> None:
+    s = load_settings({**GOOD, "KLING_RATE_LIMIT_PER_SECOND": "0.5", "KLING_MAX_IN_FLIGHT": "3",
+                       "KLING_PAUSE_PROBE_SECONDS": "15", "JOB_LOCK_SECONDS": "7.5", "RECONCILE_BATCH_SIZE": "50"})
+    assert s.kling_rate_limit_per_second == 0.5 and s.kling_max_in_flight == 3
+    assert s.kling_pause_probe_seconds == 15.0 and s.job_lock_seconds == 7.5 and s.reconcile_batch_size == 50
+
+
+def test_flow_settings_refuse_bad_values() -> None:
+    env = {**GOOD, "KLING_RATE_LIMIT_PER_SECOND": "fast", "KLING_MAX_IN_FLIGHT": "0", "JOB_LOCK_SECONDS": "nan",
+           "KLING_PAUSE_PROBE_SECONDS": "-1", "RECONCILE_BATCH_SIZE": "1.5"}
+    with pytest.raises(SettingsError) as info:
+        load_settings(env)
+    problems = info.value.problems
+    assert problems["KLING_RATE_LIMIT_PER_SECOND"] == "must be a number of requests per second, got 'fast'"
+    assert problems["KLING_MAX_IN_FLIGHT"] == "must be greater than 0, got 0"
+    assert problems["JOB_LOCK_SECONDS"] == "must be a number of seconds, got nan"
+    assert problems["KLING_PAUSE_PROBE_SECONDS"] == "must be greater than 0, got -1.0"
+    assert problems["RECONCILE_BATCH_SIZE"] == "must be a whole number, got '1.5'"
