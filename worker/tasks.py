@@ -36,6 +36,7 @@ def consume_reconcile_queue(sender: str, instance: Any, **kwargs: Any) -> None:
 def worker_runtime(settings: Settings, app: Celery) -> Runtime:
     """The Runtime of one worker process: its Kling client takes every request through the shared rate limit."""
     rt = Runtime.from_settings(settings, app)
+    rt.kling.close()
     rt.kling = flow.limited_kling_client(settings, rt.redis)
     return rt
 
