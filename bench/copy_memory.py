@@ -3,7 +3,7 @@
     python bench/copy_memory.py [--size-mib 512] [--baseline-size-mib 512]   # `make bench`
 
 Starts moto's S3 server and a source HTTP server (subprocesses), then runs each copy in its OWN subprocess so
-that ru_maxrss measures that copy alone:
+that its peak resident memory (VmHWM) measures that copy alone:
 
 * ``stream``   — this project's copy: `download_chunks` + `Storage.copy_stream` (8 MiB parts, one at a time);
 * ``upload_fileobj`` — the baseline: boto3's managed transfer reading the response's raw stream (default
@@ -106,6 +106,23 @@ def serve(port: int) -> None:
 
 # --- one copy, in its own process ---------------------------------------------------------------------------
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory: VmHWM of /proc/self/status.
+
+    Not getrusage's ru_maxrss: Linux carries that across fork and exec, so a probe started from a big parent
+    (pytest after a few hundred tests) would report the parent's peak. VmHWM belongs to the address space that
+    exec made, so it measures this process alone.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def probe(mode: str, url: str, endpoint: str, bucket: str, key: str, part_size: int) -> dict[str, object]:
     import boto3
     import requests
@@ -120,7 +137,7 @@ def probe(mode: str, url: str, endpoint: str, bucket: str, key: str, part_size: 
     host = url.split("/")[2]
     allowlist = UrlAllowlist.parse(f"http://{host}")
     session = requests.Session()
-    rss_after_imports = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    rss_after_imports = peak_rss_bytes()
     started = time.monotonic()
     sha256: str | None = None
     if mode == "stream":
@@ -145,7 +162,7 @@ def probe(mode: str, url: str, endpoint: str, bucket: str, key: str, part_size: 
         raise SystemExit(f"unknown mode {mode}")
     seconds = time.monotonic() - started
     return {"mode": mode, "bytes": size, "sha256": sha256, "seconds": round(seconds, 3),
-            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "peak_rss_bytes": peak_rss_bytes(),
             "rss_after_imports_bytes": rss_after_imports}
 
 
