@@ -87,8 +87,22 @@ def test_parse_empty_allows_nothing() -> None:
         allow.check("https://cdn.klingai.com/v.mp4")
 
 
+def test_a_bare_star_allows_any_public_https_host_only() -> None:
+    """`*` (the NOTIFY_URL_ALLOWLIST default): any host name, https only, public addresses only."""
+    table = {"hooks.example.com": ["93.184.216.34"], "inside.example.com": ["10.0.0.7"]}
+    allow = UrlAllowlist.parse("*", resolver=lambda host, port: table.get(host, ["127.0.0.1"]),
+                               name="NOTIFY_URL_ALLOWLIST")
+    assert allow.check("https://hooks.example.com/k").addresses == ("93.184.216.34",)
+    for url in ("http://hooks.example.com/k", "https://inside.example.com/", "https://127.0.0.1/",
+                "https://localhost/", "https://169.254.169.254/"):
+        with pytest.raises(UrlRefused):
+            allow.check(url)
+    with pytest.raises(UrlRefused, match="NOTIFY_URL_ALLOWLIST"):
+        UrlAllowlist.parse("*.example.org", name="NOTIFY_URL_ALLOWLIST").check("https://x.example.com/")
+
+
 @pytest.mark.parametrize("entry", [
-    "ftp://files.example.com", "*.com", "*klingai.com", "a.*.klingai.com", "*", "http://x.com/path",
+    "ftp://files.example.com", "*.com", "*klingai.com", "a.*.klingai.com", "**", "http://x.com/path",
     "user@x.com", "x.com:99999", "x.com:port", "http://", "x.com?a=1", "bad host.com", "evil.com\\x",
 ])
 def test_parse_rejects_bad_entries_naming_them(entry: str) -> None:
