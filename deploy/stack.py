@@ -192,8 +192,25 @@ class LocalStack:
         spec = self._specs[name]
         return self._spawn(name, spec.argv, spec.port, env=spec.env, timeout=timeout)
 
-    def restart_redis(self, down_seconds: float = 0.0) -> None:
-        """Stop redis-server (SIGTERM: it syncs its AOF first) and start it on the same port and data dir."""
+    def revive(self) -> list[str]:
+        """Start again every process of the stack that has exited, as a process manager would; returns their names.
+
+        Processes taken out with kill() are not revived (they are no longer in `processes`).
+        """
+        dead = [name for name, proc in self.processes.items() if not proc.alive()]
+        for name in dead:
+            self.restart(name)
+        return dead
+
+    def restart_redis(self, down_seconds: float = 0.0, *, crash: bool = False) -> None:
+        """Stop redis-server and start it again on the same port and data dir, down for down_seconds.
+
+        By default it is stopped with SIGTERM (it syncs its AOF and exits); `crash=True` SIGKILLs it instead,
+        so only what was already written to the AOF survives (with `appendfsync always`: every acknowledged write).
+        """
+        if crash and self.redis.process is not None:
+            self.redis.process.kill(signal.SIGKILL)
+            self.redis.process.proc.wait(30)
         self.redis.stop()
         if down_seconds > 0:
             time.sleep(down_seconds)
