@@ -52,6 +52,10 @@ def make_celery(redis_url: str, **overrides: Any) -> Celery:
         },
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
+        # No remote control (`celery inspect/control`): its pub/sub connection is where kombu's Redis transport
+        # crashes the worker when the broker goes away with messages unacknowledged (Channel.close ->
+        # restore_unacked: 'NoneType' object has no attribute 'hostname'); tests/e2e/test_faults_redis.py.
+        worker_enable_remote_control=False,
         enable_utc=True,
     )
     app.conf.update(overrides)
