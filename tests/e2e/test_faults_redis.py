@@ -4,12 +4,11 @@ accepted just before the restart, and every job ends stored, with one Kling task
 
 The web process, the worker and beat must reconnect on their own. The test checks that separately from the
 data: while it waits it revives any process that exited (as a process manager would), so a crash cannot hide a
-lost job, and at the end a process that had to be revived fails the test. One crash is known and reported as
-an expected failure rather than an error: kombu 5.7's Redis transport, when the broker connection is lost
-while messages are unacknowledged and the loss is seen on the worker's remote-control (pub/sub) connection,
-raises AttributeError ('NoneType' object has no attribute 'hostname') from Channel.close → restore_unacked,
-and the Celery worker exits with "Unrecoverable error". Turning remote control off in the worker's Celery
-config (`worker_enable_remote_control = False`) avoids that path.
+lost job, and at the end a process that had to be revived fails the test with its log. This caught a worker
+crash: kombu 5.7's Redis transport, when the broker connection is lost with messages unacknowledged and the
+loss is seen on the worker's remote-control (pub/sub) connection, raises AttributeError ('NoneType' object has
+no attribute 'hostname') from Channel.close -> restore_unacked and the worker exits ("Unrecoverable error");
+shared/queue.py now turns remote control off (`worker_enable_remote_control=False`).
 """
 
 from __future__ import annotations
@@ -25,9 +24,6 @@ from tests.e2e.conftest import TERMINAL, job_body, submit
 from tests.e2e.faults_conftest import assert_stored_once, fault_stack, get_jobs, needs_reconciler, wait_until
 
 pytestmark = [pytest.mark.e2e, needs_reconciler]
-
-KOMBU_RESTORE_CRASH = "'NoneType' object has no attribute 'hostname'"
-
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
@@ -88,7 +84,5 @@ def test_redis_restart_mid_run_loses_no_job(stack: LocalStack, crash: bool) -> N
     assert set(ids + late) <= {j["id"] for j in listed}
 
     # the processes: each should have reconnected by itself
-    if revived and all(name.startswith("worker") and KOMBU_RESTORE_CRASH in tail for name, tail in revived.items()):
-        pytest.xfail(f"{sorted(revived)} exited after the broker connection was lost (kombu Redis transport: "
-                     f"AttributeError {KOMBU_RESTORE_CRASH} in Channel.close -> restore_unacked); no job was lost")
-    assert revived == {}, f"processes exited and had to be restarted: {sorted(revived)}"
+    assert not revived, "processes exited and had to be restarted:\n" + "\n".join(
+        f"--- {name} ---\n{tail}" for name, tail in revived.items())
