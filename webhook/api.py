@@ -8,7 +8,6 @@ does not allow, with the reason). `webhook/openapi.py` describes all of it; keep
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from typing import Any
 
@@ -20,24 +19,12 @@ from shared.jobs import IdempotencyConflict, JobNotFound, JobState, StepResult
 from shared.ops import ActionRefused, cancel_job, retry_job
 from shared.tokens import bearer_ok
 from shared.validation import FieldProblem, ValidationFailed, problems_payload
-from webhook.common import error, runtime, token_number, valid_job_id
+from webhook.common import error, parse_json, read_body, runtime, token_number, valid_job_id
 
 bp = Blueprint("api", __name__, url_prefix="/v1")
 MAX_LIST_LIMIT = 200
 MAX_ACTION_BODY_BYTES = 16 * 1024
 MAX_REASON_CHARS = 500
-
-
-def _no_constants(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
-def parse_json(raw: bytes) -> Any:
-    """Strict JSON: NaN/Infinity are refused (they would come back as invalid JSON); ValueError on any problem."""
-    try:
-        return json.loads(raw, parse_constant=_no_constants)
-    except RecursionError as exc:
-        raise ValueError("nested too deeply") from exc
 
 
 @bp.before_request
@@ -58,7 +45,9 @@ def create_job() -> Any:
     rt = runtime()
     if request.mimetype != "application/json":
         return error(400, "send the job as JSON with Content-Type: application/json")
-    raw = request.get_data(cache=False)  # over MAX_CONTENT_LENGTH → 413 before we read it
+    raw = read_body(rt.settings.max_request_bytes)
+    if raw is None:
+        return error(413, f"body over {rt.settings.max_request_bytes} bytes")
     try:
         body = parse_json(raw)
     except ValueError as exc:
@@ -125,10 +114,8 @@ def _action_detail() -> tuple[dict[str, Any] | None, Any]:
     rt = runtime()
     detail: dict[str, Any] = {"via": "http",
                               "api_token": token_number(request.headers.get("Authorization"), rt.settings.api_tokens)}
-    if request.content_length is not None and request.content_length > MAX_ACTION_BODY_BYTES:
-        return None, error(413, f"body over {MAX_ACTION_BODY_BYTES} bytes")
-    raw = request.stream.read(MAX_ACTION_BODY_BYTES + 1)
-    if len(raw) > MAX_ACTION_BODY_BYTES:
+    raw = read_body(MAX_ACTION_BODY_BYTES)
+    if raw is None:
         return None, error(413, f"body over {MAX_ACTION_BODY_BYTES} bytes")
     if not raw.strip():
         return detail, None

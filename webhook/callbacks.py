@@ -7,8 +7,6 @@ copy re-reads the task from Kling). Duplicates and stale updates get a 2xx and c
 
 from __future__ import annotations
 
-import json
-import re
 from typing import Any
 
 from flask import Blueprint, jsonify, request
@@ -16,29 +14,26 @@ from flask import Blueprint, jsonify, request
 from shared.kling import KlingTask
 from shared.pipeline import apply_task_status
 from shared.tokens import callback_token_ok
-from webhook.common import error, runtime
+from webhook.common import error, parse_json, read_body, runtime, valid_job_id
 
 bp = Blueprint("callbacks", __name__)
-JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
 @bp.post("/callbacks/kling/<job_id>")
 def kling_callback(job_id: str) -> Any:
     rt = runtime()
-    if not JOB_ID.match(job_id) or not callback_token_ok(rt.settings.callback_secret, job_id,
-                                                          request.args.get("token")):
+    if not valid_job_id(job_id) or not callback_token_ok(rt.settings.callback_secret, job_id,
+                                                         request.args.get("token")):
         return error(403, "bad callback token")
     limit = rt.settings.max_callback_bytes
-    if request.content_length is not None and request.content_length > limit:
-        return error(413, f"callback body over {limit} bytes")
-    raw = request.stream.read(limit + 1)
-    if len(raw) > limit:
+    raw = read_body(limit)
+    if raw is None:
         return error(413, f"callback body over {limit} bytes")
     job = rt.store.get(job_id)
     if job is None:
         return error(404, "unknown job")
     try:
-        task = KlingTask.from_json(json.loads(raw))
+        task = KlingTask.from_json(parse_json(raw))
     except (ValueError, TypeError) as exc:
         return error(400, f"not a Kling task object: {exc}")
     if task.external_task_id is not None and task.external_task_id != job_id:
@@ -46,6 +41,10 @@ def kling_callback(job_id: str) -> Any:
     if job.kling_task_id != task.task_id:
         if job.kling_task_id is not None:
             return error(409, "task_id does not match this job's Kling task")
+        if task.external_task_id != job_id:
+            # Before the worker has recorded the task, only a task that names this job may claim it: a token
+            # alone must not bind the job to another job's task (whose video the copy would then store here).
+            return error(409, "task_info.external_task_id must name this job until its task id is known")
         ok, _existing = rt.store.set_kling_task_id(job_id, task.task_id, source="callback")
         if not ok:
             return error(409, "task_id does not match this job's Kling task")

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import hmac
+import json
 import re
 from collections.abc import Iterable
 from typing import Any
 
-from flask import current_app, jsonify
+from flask import current_app, jsonify, request
 
 from shared.runtime import Runtime
 from shared.settings import Secret
@@ -43,3 +44,27 @@ def token_number(authorization: str | None, tokens: Iterable[Secret]) -> int | N
         if hmac.compare_digest(token.reveal().encode(), given) and found is None:
             found = number
     return found
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def parse_json(raw: bytes) -> Any:
+    """Strict JSON: NaN/Infinity are refused (they would come back as invalid JSON); ValueError on any problem."""
+    try:
+        return json.loads(raw, parse_constant=_no_constants)
+    except RecursionError as exc:
+        raise ValueError("nested too deeply") from exc
+
+
+def read_body(limit: int) -> bytes | None:
+    """The request body, or None when it is over `limit` bytes (Content-Length or not: chunked bodies too).
+
+    The app's MAX_CONTENT_LENGTH is one byte over the largest limit, so a chunked body that Werkzeug would cut
+    at the maximum shows up here as too long instead of arriving truncated.
+    """
+    if request.content_length is not None and request.content_length > limit:
+        return None
+    raw = request.stream.read(limit + 1)
+    return None if len(raw) > limit else raw

@@ -104,3 +104,22 @@ def test_get_and_list(clean_sim: LocalStack) -> None:
         bad = stack.api("GET", "/v1/jobs", params=params)
         assert bad.status_code == 422, (params, bad.text)
         assert [f["field"] for f in bad.json()["fields"]] == [field]
+
+
+def test_a_chunked_body_over_the_limit_is_413_not_cut(clean_sim: LocalStack) -> None:
+    """Without Content-Length (chunked), a body over MAX_REQUEST_BYTES (2,000,000 here) is refused whole."""
+    stack = clean_sim
+    jobs_before = _job_count(stack)
+    body = b'{"prompt": "' + b"x" * 2_100_000 + b'"}'
+
+    def chunks() -> Any:
+        for i in range(0, len(body), 65536):
+            yield body[i:i + 65536]
+
+    response = stack.api("POST", "/v1/jobs", data=chunks(), headers={"Content-Type": "application/json"})
+    assert response.status_code == 413, response.text
+    exact = b'{"prompt": "' + b"x" * (2_000_000 - 14) + b'"}'
+    assert len(exact) == 2_000_000
+    response = stack.api("POST", "/v1/jobs", data=iter([exact]), headers={"Content-Type": "application/json"})
+    assert response.status_code == 422, response.text  # read whole: only the missing images are wrong
+    assert _job_count(stack) == jobs_before
