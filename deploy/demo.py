@@ -66,7 +66,8 @@ def run(timeout: float = 240.0) -> int:
                 return 1
             job = response.json()
             ids[job["id"]] = spec["name"]
-            _say(f"submitted {spec['name']:<24} job {job['id']}  ({len(spec['images'])} image{'s' if len(spec['images']) > 1 else ''}, "
+            count = len(spec["images"])
+            _say(f"submitted {spec['name']:<24} job {job['id']}  ({count} image{'s' if count > 1 else ''}, "
                  f"{spec['aspect_ratio']})")
 
         seen: dict[str, str] = {}

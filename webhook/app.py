@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import redis
 from flask import Flask, jsonify
 from werkzeug.exceptions import HTTPException
 
@@ -44,6 +45,15 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> Any:
         return jsonify(error=exc.description or exc.name), exc.code or 500
+
+    @app.errorhandler(redis.exceptions.ConnectionError)
+    @app.errorhandler(redis.exceptions.TimeoutError)
+    def store_unavailable(exc: Exception) -> Any:
+        # Redis is down or restarting: nothing was recorded, and the caller (Kling, a backend app) should retry.
+        app.logger.warning("job store unavailable: %s", type(exc).__name__)
+        response = jsonify(error="job store unavailable, try again shortly")
+        response.headers["Retry-After"] = "5"
+        return response, 503
 
     @app.errorhandler(Exception)
     def unexpected(exc: Exception) -> Any:

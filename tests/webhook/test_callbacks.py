@@ -66,3 +66,13 @@ def test_job_ids_are_matched_whole(client: FlaskClient, runtime: Runtime) -> Non
     token = callback_token(Secret(CALLBACK_SECRET), job_id)
     answer = client.post(f"/callbacks/kling/{job_id}?token={token}", json=_task("t", "succeed", job.id))
     assert answer.status_code == 403
+
+
+def test_store_down_is_503_with_retry_after(client: FlaskClient, runtime: Runtime, redis_url: str) -> None:
+    from tests.support.procs import free_port
+
+    runtime.store._r.connection_pool.connection_kwargs["port"] = free_port()  # nothing listens there
+    runtime.store._r.connection_pool.disconnect()
+    answer = _post(client, "job_whatever", _task("t", "succeed", "job_whatever"))
+    assert answer.status_code == 503 and answer.headers["Retry-After"] == "5"
+    assert "unavailable" in answer.json["error"]
