@@ -26,8 +26,38 @@ def _config(argv: Sequence[str]) -> int:
     except SettingsError as exc:
         print(exc, file=sys.stderr)
         return 2
-    print(settings)
+    _print_json(settings.redacted())
     return 0
+
+
+def _submission(argv: Sequence[str]) -> int:
+    from redis.exceptions import RedisError
+
+    from shared.client import Relay
+    from shared.settings import SettingsError
+
+    parser = argparse.ArgumentParser(prog="kling-relay submission",
+                                     description="Is submission to Kling open or paused (after an account or auth "
+                                                 "error)? Resume it once the account or keys are fixed.")
+    parser.add_argument("action", choices=["status", "resume"])
+    args = parser.parse_args(argv)
+    try:
+        relay = Relay.from_env()
+    except SettingsError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    try:
+        if args.action == "status":
+            _print_json(relay.status())
+        else:
+            cleared = relay.resume_submission(via=f"cli:{_user()}")
+            _print_json({"resumed": cleared is not None, "pause": cleared})
+        return 0
+    except RedisError as exc:
+        print(f"Redis did not answer: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        relay.close()
 
 
 EXIT_NOT_FOUND = 3
@@ -120,6 +150,7 @@ def _user() -> str:
 COMMANDS = {
     "simulate": (_simulate, "run the local Kling simulator (see `kling-relay simulate --help`)"),
     "jobs": (_jobs, "read and act on jobs in Redis: get, list, retry, cancel (see `kling-relay jobs --help`)"),
+    "submission": (_submission, "submission to Kling: status (open/paused, why) or resume after a pause"),
     "config": (_config, "check the settings from the environment and print them (secrets masked)"),
 }
 

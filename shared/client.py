@@ -21,6 +21,7 @@ from typing import Any
 
 import redis
 
+from shared import flow
 from shared.intake import accept_job
 from shared.jobs import TERMINAL, Job, JobNotFound, JobState, JobStore
 from shared.ops import cancel_job, retry_job
@@ -89,6 +90,14 @@ class Relay:
         """Cancel a queued or in-flight job; the job now. A Kling task already made still runs at Kling (no
         cancel API) but its outcome is ignored. Raises `JobNotFound`, or `ActionRefused` for a finished job."""
         return cancel_job(self.store, job_id, detail=_who(via, reason)).job
+
+    def status(self) -> dict[str, Any]:
+        """Submission open or paused (and why), tasks in flight at Kling, jobs per state: as GET /v1/status."""
+        return {**flow.status(self.store.redis), "jobs": self.store.counts()}
+
+    def resume_submission(self, *, via: str = "python") -> dict[str, Any] | None:
+        """Clear a pause (account or keys fixed); returns the pause that was cleared, or None."""
+        return flow.resume(self.store.redis, by=via)
 
     def wait(self, job_id: str, *, timeout: float = 900.0, poll: float = 1.0,
              on_change: Callable[[Job], None] | None = None) -> Job:

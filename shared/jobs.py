@@ -96,6 +96,11 @@ class JobStore:
         self._bump = redis.register_script(jobs_lua.BUMP_ATTEMPT)
         self._set_due = redis.register_script(jobs_lua.SET_DUE)
 
+    @property
+    def redis(self) -> redis.Redis:
+        """The client this store uses (decode_responses=True), for modules that keep their own keys beside it."""
+        return self._r
+
     def __repr__(self) -> str:
         return f"JobStore(prefix={self._prefix!r})"
 

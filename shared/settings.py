@@ -11,8 +11,8 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from typing import TypeVar
+from dataclasses import dataclass, field, fields
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from shared.urlguard import UrlAllowlist
@@ -59,9 +59,9 @@ class Secret:
 class Settings:
     """Everything a process needs; built once by load_settings() and passed in, never read from os.environ later."""
 
-    redis_url: str
+    redis_url: str = field(repr=False)  # may carry a password: see redacted()
     kling_base_url: str
-    kling_access_key: str | None
+    kling_access_key: str | None = field(repr=False)
     kling_secret_key: Secret | None
     kling_api_key: Secret | None
     public_base_url: str
@@ -95,9 +95,35 @@ class Settings:
     log_level: str = "INFO"
     extra: Mapping[str, str] = field(default_factory=dict, repr=False)
 
+    def redacted(self) -> dict[str, Any]:
+        """Every setting, printable: secrets as "***", URL passwords removed, the access key shortened."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "extra":
+                continue
+            if isinstance(value, Secret):
+                value = "***"
+            elif isinstance(value, tuple):
+                value = ["***" for _ in value]
+            elif f.name == "kling_access_key" and value:
+                value = value[:4] + "…"
+            elif isinstance(value, str) and "@" in value and "://" in value:
+                value = _without_password(value)
+            out[f.name] = value
+        return out
+
     @property
     def kling_auth_mode(self) -> str:
         return "api_key" if self.kling_api_key else "access_key"
+
+
+def _without_password(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return parts._replace(netloc=netloc).geturl()
 
 
 class _Reader:
@@ -160,7 +186,7 @@ class _Reader:
             return value
         parts = urlsplit(value)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            self.problems[name] = f"must be an http(s) URL with a host, got {value!r}"
+            self.problems[name] = f"must be an http(s) URL with a host, got {_without_password(value)!r}"
         return value.rstrip("/")
 
 
@@ -170,7 +196,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
 
     redis_url = r.raw("REDIS_URL") or "redis://127.0.0.1:6379/0"
     if urlsplit(redis_url).scheme not in ("redis", "rediss", "unix"):
-        r.problems["REDIS_URL"] = f"must be a redis://, rediss:// or unix:// URL, got {redis_url!r}"
+        r.problems["REDIS_URL"] = f"must be a redis://, rediss:// or unix:// URL, got {_without_password(redis_url)!r}"
 
     base_url = r.url("KLING_BASE_URL", r.required("KLING_BASE_URL"))
     access_key = r.raw("KLING_ACCESS_KEY", secret=True)

@@ -14,6 +14,7 @@ from typing import Any
 import redis
 from flask import Blueprint, jsonify, request
 
+from shared import flow
 from shared.intake import accept_job
 from shared.jobs import IdempotencyConflict, JobNotFound, JobState, StepResult
 from shared.ops import ActionRefused, cancel_job, retry_job
@@ -168,3 +169,19 @@ def cancel(job_id: str) -> Any:
     """Queued/submitted/processing/generated → canceled; 409 for a finished job."""
     rt = runtime()
     return _act(job_id, lambda detail: cancel_job(rt.store, job_id, detail=detail))
+
+
+@bp.get("/status")
+def submission_status() -> Any:
+    """Whether submission to Kling is open or paused (and why), tasks in flight, and jobs per state."""
+    rt = runtime()
+    return jsonify({**flow.status(rt.redis), "jobs": rt.store.counts()})
+
+
+@bp.post("/submission/resume")
+def resume_submission() -> Any:
+    """Clear a pause after an account or auth error was fixed; queued jobs resume as the reconciler finds them."""
+    rt = runtime()
+    who = token_number(request.headers.get("Authorization"), rt.settings.api_tokens)
+    cleared = flow.resume(rt.redis, by=f"api_token:{who}")
+    return jsonify(resumed=cleared is not None, pause=cleared)

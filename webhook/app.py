@@ -9,6 +9,7 @@ import redis
 from flask import Flask, jsonify
 from werkzeug.exceptions import HTTPException
 
+from shared import flow
 from shared.runtime import Runtime
 from shared.settings import Settings, load_settings
 
@@ -38,9 +39,10 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
         rt: Runtime = app.extensions["kling_relay"]
         try:
             rt.redis.ping()
+            submission = flow.status(rt.redis)["submission"]
         except Exception:
             return jsonify(status="unhealthy", redis="unreachable"), 503
-        return jsonify(status="ok")
+        return jsonify(status="ok", submission=submission)
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> Any:

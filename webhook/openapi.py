@@ -159,7 +159,30 @@ def _schemas(settings: Settings) -> dict[str, Any]:
         "Health": {
             "type": "object", "required": ["status"],
             "properties": {"status": {"type": "string", "enum": ["ok", "unhealthy"]},
-                           "redis": {"type": "string"}},
+                           "redis": {"type": "string"},
+                           "submission": {"type": "string", "enum": ["open", "paused"]}},
+        },
+        "Pause": {
+            "type": ["object", "null"],
+            "description": "Why submission to Kling is paused: an account or auth error (codes 1000-1004, "
+                           "1100-1103, 1304) and Kling's message.",
+            "properties": {"reason": {"type": "string", "enum": ["auth", "account"]},
+                           "code": {"type": ["integer", "null"]}, "message": {"type": "string"},
+                           "since": _NULLABLE_STRING, "updated_at": _NULLABLE_STRING},
+        },
+        "Status": {
+            "type": "object", "required": ["submission", "pause", "in_flight", "jobs"],
+            "properties": {
+                "submission": {"type": "string", "enum": ["open", "paused"]},
+                "pause": _ref("Pause"),
+                "in_flight": {"type": "object", "additionalProperties": {"type": "integer"}},
+                "jobs": {"type": "object", "additionalProperties": {"type": "integer"},
+                         "description": "Jobs per state."},
+            },
+        },
+        "Resumed": {
+            "type": "object", "required": ["resumed", "pause"],
+            "properties": {"resumed": {"type": "boolean"}, "pause": _ref("Pause")},
         },
     }
 
@@ -254,6 +277,23 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
                 "Cancel a queued or in-flight job", "queued, submitted, processing or generated: canceled. Kling "
                 "cannot cancel a task, so one already made may finish (and be billed); its callbacks and copy "
                 "change nothing. A finished job: 409.", "cancelJob")},
+            "/v1/status": {
+                "get": {
+                    "summary": "Submission status", "operationId": "status", "tags": ["ops"],
+                    "description": "Whether submission to Kling is open or paused after an account or auth error, "
+                                   "tasks in flight, and jobs per state.",
+                    "responses": {"200": _json(_ref("Status"), "The status."), "401": _UNAUTHORIZED},
+                },
+            },
+            "/v1/submission/resume": {
+                "post": {
+                    "summary": "Resume submission", "operationId": "resumeSubmission", "tags": ["ops"],
+                    "description": "Clear a pause once the account or keys are fixed (the reconciler also probes "
+                                   "Kling and clears it by itself). Queued jobs then resume.",
+                    "responses": {"200": _json(_ref("Resumed"), "Cleared, or nothing was paused."),
+                                  "401": _UNAUTHORIZED},
+                },
+            },
             "/healthz": {
                 "get": {
                     "summary": "Health", "operationId": "health", "tags": ["ops"], "security": [],

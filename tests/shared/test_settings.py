@@ -133,3 +133,16 @@ def test_flow_settings_refuse_bad_values() -> None:
     assert problems["JOB_LOCK_SECONDS"] == "must be a number of seconds, got nan"
     assert problems["KLING_PAUSE_PROBE_SECONDS"] == "must be greater than 0, got -1.0"
     assert problems["RECONCILE_BATCH_SIZE"] == "must be a whole number, got '1.5'"
+
+
+def test_redacted_view_and_repr_hide_passwords_and_keys() -> None:
+    s = load_settings({**GOOD, "REDIS_URL": "redis://:s3cr3tpass@cache.internal:6379/0"})
+    shown = repr(s) + str(s.redacted())
+    for secret in ("s3cr3tpass", "ak-123", "sk-very-secret-value", "callback-secret-0123456789",
+                   "token-aaaaaaaaaaaaaaaa"):
+        assert secret not in shown
+    assert s.redacted()["redis_url"] == "redis://:***@cache.internal:6379/0"
+    assert s.redacted()["api_tokens"] == ["***", "***"]
+    with pytest.raises(SettingsError) as info:
+        load_settings({**GOOD, "REDIS_URL": "http://user:hunter2@x/"})
+    assert "hunter2" not in str(info.value)
