@@ -157,9 +157,8 @@ class LocalStack:
         self._spawn("simulator", argv, self.sim_port)
 
     def start_web(self) -> None:
-        argv = [self.python, "-m", "gunicorn", "--bind", f"127.0.0.1:{self.web_port}", "--workers",
-                str(self.web_workers), "--threads", "4", "--timeout", "30", "--graceful-timeout", "5",
-                "webhook.wsgi:app"]
+        argv = [self.python, "-m", "gunicorn", "--config", "deploy/gunicorn.conf.py", "--bind",
+                f"127.0.0.1:{self.web_port}", "--workers", str(self.web_workers), "webhook.wsgi:app"]
         self._spawn("web", argv, self.web_port)
 
     def start_worker(self, name: str = "worker1", queues: str = "submit,copy,notify,reconcile") -> Process:
@@ -169,8 +168,8 @@ class LocalStack:
         return self._spawn(name, argv)
 
     def start_beat(self) -> Process:
-        argv = [self.python, "-m", "celery", "-A", "worker.celery_app", "beat", "--loglevel", "INFO",
-                "--schedule", str(self.workdir / "beat-schedule")]
+        argv = [self.python, "-m", "celery", "-A", "worker.celery_app", "beat", "--scheduler",
+                "celery.beat:Scheduler", "--loglevel", "INFO"]  # as in the Procfile: no schedule file
         return self._spawn("beat", argv)
 
     def route_s3_through(self, endpoint_url: str) -> None:

@@ -63,6 +63,15 @@ def test_twenty_jobs_reach_stored_byte_identical(clean_sim: LocalStack) -> None:
             states[0] == "queued" and states[-2:] == ["generated", "stored"]), states
 
 
+def test_access_log_never_shows_a_callback_token(clean_sim: LocalStack) -> None:
+    stack = clean_sim
+    job_id = submit(stack, job_body(31))
+    assert wait_jobs(stack, [job_id])[job_id]["state"] == "stored"
+    log = stack.processes["web"].log_path.read_text(errors="replace")
+    assert f"/callbacks/kling/{job_id}" in log
+    assert "token=" not in log and callback_token_for(job_id) not in log
+
+
 def test_duplicate_and_reordered_callbacks_leave_one_copy(clean_sim: LocalStack) -> None:
     stack = clean_sim
     stack.sim_control(callback_duplicate=3, callback_reorder=True)
