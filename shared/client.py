@@ -40,7 +40,7 @@ class Relay:
             client = redis.Redis.from_url(settings.redis_url, decode_responses=True, socket_timeout=10,
                                           socket_connect_timeout=5)
             self._owned.append(client)
-            store = JobStore(client)
+            store = JobStore(client, job_ttl_seconds=settings.job_ttl_seconds)
         self.store = store
         if enqueuer is None:
             app = make_celery(settings.redis_url)

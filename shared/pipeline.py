@@ -328,6 +328,11 @@ def _copy_locked(rt: Runtime, job_id: str) -> str:
                       note=not isinstance(exc, RateLimited))
         _retry_or_fail(rt, job_id, attempt, max_attempts, f"re-reading task: {exc.message}", exhausted)
         return "failed"
+    if task.task_id != job.kling_task_id or task.external_task_id not in (None, job.id):
+        # Never store another job's video under this job's keys, whatever bound the task id.
+        message = f"Kling task {task.task_id} belongs to {task.external_task_id!r}, not this job"
+        fail(rt, job_id, Failure("copy_exhausted", message), source="worker")
+        return "failed"
     if task.status != "succeed" or not task.videos:
         rt.store.note(job_id, source="worker", detail={"copy": "task has no video", "kling_status": task.status})
         _retry_or_fail(rt, job_id, attempt, max_attempts, "task has no video yet", exhausted)
@@ -337,6 +342,7 @@ def _copy_locked(rt: Runtime, job_id: str) -> str:
             job.id, job.created_at, task.task_id, [(v.id, v.url, v.duration) for v in task.videos],
             rt.storage, rt.allowlist, rt.http,
             extra_manifest={"metadata": job.metadata, "request": _manifest_request(rt.store.request(job.id))},
+            max_bytes=rt.settings.max_video_bytes,
         )
     except UrlRefused as exc:
         fail(rt, job_id, Failure("copy_exhausted", f"video URL refused: {exc.reason}"), source="worker")

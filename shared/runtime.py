@@ -56,7 +56,7 @@ class Runtime:
         return cls(
             settings=settings,
             redis=client,
-            store=JobStore(client),
+            store=JobStore(client, job_ttl_seconds=settings.job_ttl_seconds),
             kling=make_kling_client(settings),
             storage=Storage(make_s3_client(settings), settings.s3_bucket, settings.s3_prefix),
             allowlist=UrlAllowlist.parse(settings.video_url_allowlist),

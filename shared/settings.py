@@ -77,6 +77,8 @@ class Settings:
     prompt_max_chars: int = 2500
     max_request_bytes: int = 60 * 1024 * 1024
     max_callback_bytes: int = 256 * 1024
+    max_video_bytes: int = 4 * 1024 * 1024 * 1024
+    job_ttl_seconds: int = 30 * 24 * 3600
     submit_max_attempts: int = 8
     copy_max_attempts: int = 8
     retry_base_seconds: float = 2.0
@@ -124,6 +126,9 @@ def _without_password(url: str) -> str:
         return url
     netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
     return parts._replace(netloc=netloc).geturl()
+
+
+_LOOPBACK = frozenset({"localhost", "127.0.0.1", "::1"})
 
 
 class _Reader:
@@ -181,12 +186,16 @@ class _Reader:
             self.problems[name] = f"must be greater than 0, got {value}"
         return value
 
-    def url(self, name: str, value: str) -> str:
+    def url(self, name: str, value: str, *, https: bool = False) -> str:
+        """An http(s) URL with a host; with `https`, plain http only for a loopback host (a local simulator)."""
         if not value:
             return value
         parts = urlsplit(value)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             self.problems[name] = f"must be an http(s) URL with a host, got {_without_password(value)!r}"
+        elif https and parts.scheme == "http" and parts.hostname not in _LOOPBACK:
+            self.problems[name] = ("must be https (it carries credentials or tokens); plain http only for "
+                                   "localhost, 127.0.0.1 or ::1")
         return value.rstrip("/")
 
 
@@ -198,7 +207,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     if urlsplit(redis_url).scheme not in ("redis", "rediss", "unix"):
         r.problems["REDIS_URL"] = f"must be a redis://, rediss:// or unix:// URL, got {_without_password(redis_url)!r}"
 
-    base_url = r.url("KLING_BASE_URL", r.required("KLING_BASE_URL"))
+    base_url = r.url("KLING_BASE_URL", r.required("KLING_BASE_URL"), https=True)
     access_key = r.raw("KLING_ACCESS_KEY", secret=True)
     secret_key = r.raw("KLING_SECRET_KEY", secret=True)
     api_key = r.raw("KLING_API_KEY", secret=True)
@@ -210,7 +219,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         if not secret_key:
             r.problems.setdefault("KLING_SECRET_KEY", "is required (with KLING_ACCESS_KEY), or set KLING_API_KEY")
 
-    public_base_url = r.url("PUBLIC_BASE_URL", r.required("PUBLIC_BASE_URL"))
+    public_base_url = r.url("PUBLIC_BASE_URL", r.required("PUBLIC_BASE_URL"), https=True)
     callback_secret = r.required("CALLBACK_SECRET", secret=True)
     if callback_secret and len(callback_secret) < 16:
         r.problems["CALLBACK_SECRET"] = "must be at least 16 characters"
@@ -258,6 +267,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         prompt_max_chars=r.positive_int("PROMPT_MAX_CHARS", 2500),
         max_request_bytes=r.positive_int("MAX_REQUEST_BYTES", 60 * 1024 * 1024),
         max_callback_bytes=r.positive_int("MAX_CALLBACK_BYTES", 256 * 1024),
+        max_video_bytes=r.positive_int("MAX_VIDEO_BYTES", 4 * 1024 * 1024 * 1024),
+        job_ttl_seconds=r.positive_int("JOB_TTL_SECONDS", 30 * 24 * 3600),
         submit_max_attempts=r.positive_int("SUBMIT_MAX_ATTEMPTS", 8),
         copy_max_attempts=r.positive_int("COPY_MAX_ATTEMPTS", 8),
         retry_base_seconds=r.positive_float("RETRY_BASE_SECONDS", 2.0),

@@ -20,12 +20,28 @@ def callback_token_ok(secret: Secret, job_id: str, token: str | None) -> bool:
     return hmac.compare_digest(callback_token(secret, job_id).encode(), token.encode("utf-8", "replace"))
 
 
+def bearer_value(authorization: str | None) -> bytes | None:
+    """The credentials of an `Authorization: Bearer <token>` header (the scheme is case-insensitive, RFC 7235)."""
+    if not authorization or authorization[:7].lower() != "bearer ":
+        return None
+    return authorization[7:].strip().encode("utf-8", "replace")
+
+
+def bearer_token_number(authorization: str | None, tokens: Iterable[Secret]) -> int | None:
+    """Which of `tokens` (1-based) the Bearer header carries, or None; compares with every token (no early exit).
+
+    Ops events record this number as "who", never any part of the token itself.
+    """
+    given = bearer_value(authorization)
+    if given is None:
+        return None
+    found = None
+    for number, token in enumerate(tokens, start=1):
+        if hmac.compare_digest(token.reveal().encode(), given) and found is None:
+            found = number
+    return found
+
+
 def bearer_ok(authorization: str | None, tokens: Iterable[Secret]) -> bool:
-    """True when the Authorization header is `Bearer <one of tokens>`; checks every token (no early exit)."""
-    if not authorization or not authorization.startswith("Bearer "):
-        return False
-    given = authorization[len("Bearer "):].strip().encode("utf-8", "replace")
-    ok = False
-    for token in tokens:
-        ok |= hmac.compare_digest(token.reveal().encode(), given)
-    return ok
+    """True when the Authorization header is `Bearer <one of tokens>`."""
+    return bearer_token_number(authorization, tokens) is not None

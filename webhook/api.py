@@ -19,8 +19,9 @@ from shared.intake import accept_job
 from shared.jobs import IdempotencyConflict, JobNotFound, JobState, StepResult
 from shared.ops import ActionRefused, cancel_job, retry_job
 from shared.tokens import bearer_ok
+from shared.tokens import bearer_token_number as token_number
 from shared.validation import FieldProblem, ValidationFailed, problems_payload
-from webhook.common import error, parse_json, read_body, runtime, token_number, valid_job_id
+from webhook.common import error, parse_json, read_body, runtime, valid_job_id
 
 bp = Blueprint("api", __name__, url_prefix="/v1")
 MAX_LIST_LIMIT = 200

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import hmac
 import json
 import re
-from collections.abc import Iterable
 from typing import Any
 
 from flask import current_app, jsonify, request
 
 from shared.runtime import Runtime
-from shared.settings import Secret
 
 # What a job id can look like (ours are `job_` + 26 base32 characters); anything else is never looked up, so a
 # path segment cannot name another key of the store (e.g. a job's `:events` list).
@@ -29,21 +26,6 @@ def error(status: int, message: str, **fields: Any) -> Any:
 
 def valid_job_id(job_id: str) -> bool:
     return JOB_ID.fullmatch(job_id) is not None
-
-
-def token_number(authorization: str | None, tokens: Iterable[Secret]) -> int | None:
-    """Which of API_TOKENS (1-based) the `Bearer` header carries, or None; compares with every token.
-
-    Recorded in ops events as "who" without recording any part of the token itself.
-    """
-    if not authorization or not authorization.startswith("Bearer "):
-        return None
-    given = authorization[len("Bearer "):].strip().encode("utf-8", "replace")
-    found = None
-    for number, token in enumerate(tokens, start=1):
-        if hmac.compare_digest(token.reveal().encode(), given) and found is None:
-            found = number
-    return found
 
 
 def _no_constants(name: str) -> Any:

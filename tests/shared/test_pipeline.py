@@ -225,3 +225,20 @@ def test_copy_rate_limited_retries_without_using_its_attempt(runtime: Runtime, s
     assert after.state is JobState.GENERATED
     assert after.attempts["copy"] == 2 and after.attempts["copy_throttled"] == 2
     assert not job_lock(runtime.redis, "copy", job.id, 1).held_by_anyone()
+
+
+def test_copy_refuses_a_task_that_belongs_to_another_job(runtime: Runtime, sim: SimHandle) -> None:
+    """Whatever bound the task id, the copy re-reads the task and stores nothing that names another job."""
+    owner = new_job(runtime)
+    assert submit_job(runtime, owner.id) == "submitted"
+    task_id = runtime.store.require(owner.id).kling_task_id
+    assert task_id
+    sim.wait_for(lambda stats: stats["tasks"].get(task_id) == "succeed", timeout=30)
+    victim = new_job(runtime)
+    assert runtime.store.set_kling_task_id(victim.id, task_id, source="worker")[0]
+    for state in (JobState.SUBMITTED, JobState.GENERATED):
+        runtime.store.step(victim.id, state, source="worker")
+    assert copy_job(runtime, victim.id) == "failed"
+    after = runtime.store.require(victim.id)
+    assert after.state is JobState.FAILED and after.videos == []
+    assert after.error is not None and "belongs to" in after.error["message"]

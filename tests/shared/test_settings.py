@@ -146,3 +146,20 @@ def test_redacted_view_and_repr_hide_passwords_and_keys() -> None:
     with pytest.raises(SettingsError) as info:
         load_settings({**GOOD, "REDIS_URL": "http://user:hunter2@x/"})
     assert "hunter2" not in str(info.value)
+
+
+def test_kling_and_public_urls_must_be_https_except_on_loopback() -> None:
+    with pytest.raises(SettingsError) as info:
+        load_settings({**GOOD, "KLING_BASE_URL": "http://api.example.com/kling",
+                       "PUBLIC_BASE_URL": "http://relay.example.com"})
+    assert set(info.value.problems) == {"KLING_BASE_URL", "PUBLIC_BASE_URL"}
+    assert "must be https" in info.value.problems["KLING_BASE_URL"]
+    local = load_settings({**GOOD, "KLING_BASE_URL": "http://127.0.0.1:9000/kling",
+                           "PUBLIC_BASE_URL": "http://localhost:8000"})
+    assert local.kling_base_url == "http://127.0.0.1:9000/kling"
+
+
+def test_video_size_cap_and_job_retention() -> None:
+    s = load_settings({**GOOD, "MAX_VIDEO_BYTES": "1000", "JOB_TTL_SECONDS": "60"})
+    assert (s.max_video_bytes, s.job_ttl_seconds) == (1000, 60)
+    assert load_settings(GOOD).job_ttl_seconds == 30 * 24 * 3600
