@@ -7,6 +7,10 @@ import getpass
 import json
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from shared.client import Relay
 
 
 def _simulate(argv: Sequence[str]) -> int:
@@ -33,18 +37,14 @@ def _config(argv: Sequence[str]) -> int:
 def _submission(argv: Sequence[str]) -> int:
     from redis.exceptions import RedisError
 
-    from shared.client import Relay
-    from shared.settings import SettingsError
 
     parser = argparse.ArgumentParser(prog="kling-relay submission",
                                      description="Is submission to Kling open or paused (after an account or auth "
                                                  "error)? Resume it once the account or keys are fixed.")
     parser.add_argument("action", choices=["status", "resume"])
     args = parser.parse_args(argv)
-    try:
-        relay = Relay.from_env()
-    except SettingsError as exc:
-        print(exc, file=sys.stderr)
+    relay = _open_relay()
+    if relay is None:
         return 2
     try:
         if args.action == "status":
@@ -95,19 +95,15 @@ def _print_json(value: object) -> None:
 def _jobs(argv: Sequence[str]) -> int:
     from redis.exceptions import RedisError
 
-    from shared.client import Relay
     from shared.jobs import JobNotFound
     from shared.ops import ActionRefused
-    from shared.settings import SettingsError
 
     args = _jobs_parser().parse_args(argv)
     if args.action == "list" and not 1 <= args.limit <= 200:
         print("--limit must be from 1 to 200", file=sys.stderr)
         return 2
-    try:
-        relay = Relay.from_env()
-    except SettingsError as exc:
-        print(exc, file=sys.stderr)
+    relay = _open_relay()
+    if relay is None:
         return 2
     try:
         if args.action == "list":
@@ -138,6 +134,18 @@ def _jobs(argv: Sequence[str]) -> int:
         return 1
     finally:
         relay.close()
+
+
+def _open_relay() -> Relay | None:
+    """A Relay from the environment's settings, or None after printing what is wrong with them."""
+    from shared.client import Relay
+    from shared.settings import SettingsError
+
+    try:
+        return Relay.from_env()
+    except SettingsError as exc:
+        print(exc, file=sys.stderr)
+        return None
 
 
 def _user() -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -152,19 +153,7 @@ def submit_job(rt: Runtime, job_id: str) -> str:
     in-flight cap and the shared rate limit (RetryIn, no attempt used). Then a lookup by external_task_id if an
     earlier attempt may have reached Kling, and the create.
     """
-    job = rt.store.get(job_id)
-    if job is None:
-        return "missing"
-    if job.state is not JobState.QUEUED:
-        return "skipped"
-    lock = job_lock(rt.redis, "submit", job_id, rt.settings.job_lock_seconds)
-    if not lock.acquire():
-        return "busy"
-    try:
-        with lock.heartbeat():
-            return _submit_locked(rt, job_id)
-    finally:
-        lock.release()
+    return _under_job_lock(rt, "submit", job_id, JobState.QUEUED, _submit_locked)
 
 
 def _submit_locked(rt: Runtime, job_id: str) -> str:
@@ -291,17 +280,27 @@ def copy_job(rt: Runtime, job_id: str) -> str:
     redelivered message) from copying the same job at the same time: the second one returns `busy`. A worker
     killed mid-copy stops the heartbeat, so the lock lapses within `JOB_LOCK_SECONDS` and the job can be rescued.
     """
+    return _under_job_lock(rt, "copy", job_id, JobState.GENERATED, _copy_locked)
+
+
+def _under_job_lock(rt: Runtime, step: str, job_id: str, expected: JobState,
+                    body: Callable[[Runtime, str], str]) -> str:
+    """Run `body` for a job in state `expected` while holding its per-job `step` lock (renewed by a heartbeat).
+
+    `missing` / `skipped` when the job is gone or not in that state, `busy` when another worker holds the lock;
+    `body` checks the state again under the lock.
+    """
     job = rt.store.get(job_id)
     if job is None:
         return "missing"
-    if job.state is not JobState.GENERATED:
+    if job.state is not expected:
         return "skipped"
-    lock = job_lock(rt.redis, "copy", job_id, rt.settings.job_lock_seconds)
+    lock = job_lock(rt.redis, step, job_id, rt.settings.job_lock_seconds)
     if not lock.acquire():
         return "busy"
     try:
         with lock.heartbeat():
-            return _copy_locked(rt, job_id)
+            return body(rt, job_id)
     finally:
         lock.release()
 
