@@ -337,6 +337,8 @@ def _copy_locked(rt: Runtime, job_id: str) -> str:
         _retry_or_fail(rt, job_id, attempt, max_attempts, "task has no video yet", exhausted)
         return "failed"
     try:
+        for video in task.videos:  # scheme/host/port first, before touching S3 (addresses are checked on connect)
+            rt.allowlist.match(video.url)
         stored = copy_videos(
             job.id, job.created_at, task.task_id, [(v.id, v.url, v.duration) for v in task.videos],
             rt.storage, rt.allowlist, rt.http,

@@ -242,3 +242,20 @@ def test_copy_refuses_a_task_that_belongs_to_another_job(runtime: Runtime, sim: 
     after = runtime.store.require(victim.id)
     assert after.state is JobState.FAILED and after.videos == []
     assert after.error is not None and "belongs to" in after.error["message"]
+
+
+@pytest.mark.parametrize("runtime", [{"VIDEO_URL_ALLOWLIST": "*.klingai.com"}], indirect=True)
+def test_a_video_url_off_the_allowlist_fails_the_job_without_a_download(runtime: Runtime, sim: SimHandle) -> None:
+    """Kling answers with a URL on 127.0.0.1 (the simulator), which this allow-list does not name: refused."""
+    job = new_job(runtime)
+    assert submit_job(runtime, job.id) == "submitted"
+    task_id = runtime.store.require(job.id).kling_task_id
+    assert task_id
+    sim.wait_for(lambda stats: stats["tasks"].get(task_id) == "succeed", timeout=30)
+    for state in (JobState.PROCESSING, JobState.GENERATED):
+        runtime.store.step(job.id, state, source="callback")
+    assert copy_job(runtime, job.id) == "failed"
+    after = runtime.store.require(job.id)
+    assert after.state is JobState.FAILED and after.error is not None
+    assert after.error["reason"] == "copy_exhausted" and "refused" in after.error["message"]
+    assert sim.stats()["downloads"] == {}
