@@ -30,4 +30,4 @@ bench: setup ## Benchmarks (on demand, not part of test)
 	@$(PY) bench/copy_memory.py
 
 clean: ## Remove .venv/, caches and demo output
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis demo-output .demo
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis demo-output .demo .bench *.egg-info

@@ -100,7 +100,7 @@ def run(timeout: float = 240.0) -> int:
                 target = OUTPUT / f"{name}{suffix}.mp4"
                 target.write_bytes(data)
                 _say(f"{name}: s3://{video['bucket']}/{video['key']}  ({video['bytes']} bytes, sha256 "
-                     f"{video['sha256'][:12]}…)  →  {target.relative_to(ROOT)}")
+                     f"{video['sha256'][:12]}… matches the manifest)  →  {target.relative_to(ROOT)}")
         if failed or len(jobs) < len(ids):
             _say("\nthe demo did not finish cleanly; process logs:\n" + stack.logs_tail())
             return 1

@@ -25,7 +25,7 @@ from simulator.server import SimHTTPServer
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="kling-simulator",
+        prog="kling-relay simulate",
         description="A local stand-in for the Kling multi-image2video API, with fault knobs. "
                     f"Without key flags it accepts AK {DEMO_ACCESS_KEY!r} / SK {DEMO_SECRET_KEY!r}.")
     parser.add_argument("--host", default="127.0.0.1")

@@ -103,12 +103,17 @@ class Source(http.server.BaseHTTPRequestHandler):
         pass
 
 
+class _QuietServer(http.server.ThreadingHTTPServer):
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that hangs up mid-body (a refused or truncated download) is expected here: no traceback."""
+
+
 class SourceServer:
     def __init__(self) -> None:
         self.payloads: dict[str, bytes] = {}
         self.seen: list[str] = []
         handler = type("Handler", (Source,), {"payloads": self.payloads, "seen": self.seen})
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.httpd = _QuietServer(("127.0.0.1", 0), handler)
         self.port = self.httpd.server_address[1]
         self.base = f"http://127.0.0.1:{self.port}"
         self.allowlist = UrlAllowlist.parse(self.base)
