@@ -101,6 +101,14 @@ def _is_throttle(exc: KlingError) -> bool:
     return isinstance(exc, RateLimited) or exc.code in flow.THROTTLE_CODES
 
 
+def _throttle_if_throttled(rt: Runtime, job_id: str, kind: str, exc: KlingError, reason: str) -> None:
+    """Back off without using an attempt when `exc` is a throttle (1302/1303 or our own rate limit)."""
+    if isinstance(exc, RateLimited):  # our own limiter: wait what it says, no event (it is not Kling's answer)
+        _throttle(rt, job_id, kind, reason, retry_after=exc.retry_after, note=False)
+    if _is_throttle(exc):
+        _throttle(rt, job_id, kind, reason)
+
+
 def _throttle(rt: Runtime, job_id: str, kind: str, reason: str, *, retry_after: float | None = None,
               note: bool = True) -> NoReturn:
     """Try `kind` (submit, copy) again later without using up its attempts: back off on its own counter.
@@ -193,10 +201,7 @@ def _submit_to_kling(rt: Runtime, job: Job, *, trial: bool) -> str:
         except KlingFixAccount as exc:
             return _pause_for(rt, job_id, "submit", exc)
         except KlingError as exc:
-            if _is_throttle(exc):
-                _throttle(rt, job_id, "submit", f"lookup: {exc.message}",
-                          retry_after=exc.retry_after if isinstance(exc, RateLimited) else None,
-                          note=not isinstance(exc, RateLimited))
+            _throttle_if_throttled(rt, job_id, "submit", exc, f"lookup: {exc.message}")
             if not exc.retryable:
                 fail(rt, job_id, _failure_for(exc), source="worker")
                 return "failed"
@@ -225,10 +230,7 @@ def _submit_to_kling(rt: Runtime, job: Job, *, trial: bool) -> str:
     except KlingFixAccount as exc:
         return _pause_for(rt, job_id, "submit", exc)
     except KlingError as exc:
-        if _is_throttle(exc):
-            _throttle(rt, job_id, "submit", f"{exc.kind}: {exc.message}",
-                      retry_after=exc.retry_after if isinstance(exc, RateLimited) else None,
-                      note=not isinstance(exc, RateLimited))
+        _throttle_if_throttled(rt, job_id, "submit", exc, f"{exc.kind}: {exc.message}")
         _retry_or_fail(rt, job_id, attempt, max_attempts, f"{exc.kind}: {exc.message}", exhausted)
         return "failed"
     record_task(rt, job_id, task, source="worker", detail={"created": True})
@@ -321,10 +323,7 @@ def _copy_locked(rt: Runtime, job_id: str) -> str:
         flow.pause(rt.redis, code=exc.code, message=exc.message, job_id=job_id)
         _throttle(rt, job_id, "copy", f"{flow.pause_reason(exc.code)} error {exc.code}: {exc.message}")
     except KlingError as exc:
-        if _is_throttle(exc):
-            _throttle(rt, job_id, "copy", f"re-reading task: {exc.message}",
-                      retry_after=exc.retry_after if isinstance(exc, RateLimited) else None,
-                      note=not isinstance(exc, RateLimited))
+        _throttle_if_throttled(rt, job_id, "copy", exc, f"re-reading task: {exc.message}")
         _retry_or_fail(rt, job_id, attempt, max_attempts, f"re-reading task: {exc.message}", exhausted)
         return "failed"
     if task.task_id != job.kling_task_id or task.external_task_id not in (None, job.id):
