@@ -206,6 +206,10 @@ class JobStore:
         request: dict[str, Any] = json.loads(raw)
         return request
 
+    def replace_request(self, job_id: str, request: dict[str, Any]) -> bool:
+        """Overwrite the stored request (keeping its expiry), e.g. without its images once the job is stored."""
+        return bool(self._r.set(f"{self._job_key(job_id)}:request", dumps(request), xx=True, keepttl=True))
+
     def require(self, job_id: str) -> Job:
         """The job; raises `JobNotFound` if there is none."""
         job = self.get(job_id)

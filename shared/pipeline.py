@@ -335,13 +335,14 @@ def _copy_locked(rt: Runtime, job_id: str) -> str:
         rt.store.note(job_id, source="worker", detail={"copy": "task has no video", "kling_status": task.status})
         _retry_or_fail(rt, job_id, attempt, max_attempts, "task has no video yet", exhausted)
         return "failed"
+    recorded = _manifest_request(rt.store.request(job.id))
     try:
         for video in task.videos:  # scheme/host/port first, before touching S3 (addresses are checked on connect)
             rt.allowlist.match(video.url)
         stored = copy_videos(
             job.id, job.created_at, task.task_id, [(v.id, v.url, v.duration) for v in task.videos],
             rt.storage, rt.allowlist, rt.http,
-            extra_manifest={"metadata": job.metadata, "request": _manifest_request(rt.store.request(job.id))},
+            extra_manifest={"metadata": job.metadata, "request": recorded},
             max_bytes=rt.settings.max_video_bytes,
         )
     except UrlRefused as exc:
@@ -355,12 +356,15 @@ def _copy_locked(rt: Runtime, job_id: str) -> str:
                            set_fields={"videos": videos}, only_from=[JobState.GENERATED], due_in=None)
     if result.applied:
         log.info("stored", extra={"job_id": job_id, "keys": [v["key"] for v in videos]})
+        rt.store.replace_request(job_id, recorded)  # the images are no longer needed: free their memory in Redis
         finished(rt, result.job)
     return "stored"
 
 
 def _manifest_request(request: dict[str, Any]) -> dict[str, Any]:
-    """The request as the manifest records it: everything but the images' base64 payloads."""
+    """The request as the manifest records it: everything but the images' base64 payloads (idempotent)."""
+    if "image_list" not in request:
+        return request  # already recorded this way (a stored job's request)
     images = [item["image"] if str(item.get("image", "")).startswith(("http://", "https://")) else "<base64>"
               for item in request.get("image_list", [])]
     return {**{k: v for k, v in request.items() if k != "image_list"}, "images": images}

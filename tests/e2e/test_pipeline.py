@@ -156,3 +156,5 @@ def test_finished_job_is_published_to_the_stream(clean_sim: LocalStack) -> None:
     assert len(entries) == 1
     payload = json.loads(entries[0]["payload"])
     assert payload["type"] == "job.stored" and payload["data"]["metadata"] == {"order": 42}
+    kept = json.loads(client.get(f"kr:job:{job_id}:request"))  # a stored job keeps its request without images
+    assert "image_list" not in kept and kept["images"] == ["<base64>", "<base64>"] and kept["prompt"] == "test job 9"

@@ -648,3 +648,15 @@ def test_a_key_whose_job_is_gone_makes_a_new_job(store: JobStore, redis_client: 
     redis_client.delete(f"kr:job:{first.id}")  # expired
     second, created = store.create(dict(REQUEST), idempotency_key="k")
     assert created and second.id != first.id
+
+
+def test_replace_request_keeps_the_expiry_and_needs_an_existing_request(redis_client: redis.Redis,
+                                                                        clock: Clock) -> None:
+    store = JobStore(redis_client, clock=clock, job_ttl_seconds=3600)
+    job = make_job(store, S.GENERATED)
+    store.step(job.id, S.STORED, source="worker")
+    assert store.replace_request(job.id, {"prompt": "p", "images": ["<base64>"]})
+    assert store.request(job.id) == {"prompt": "p", "images": ["<base64>"]}
+    assert 0 < redis_client.ttl(f"kr:job:{job.id}:request") <= 3600
+    assert not store.replace_request("job_missing", {})
+    assert not redis_client.exists("kr:job:job_missing:request")
