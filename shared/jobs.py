@@ -338,6 +338,12 @@ class JobStore:
             raise JobNotFound(job_id)
         return count
 
+    def forget_attempt(self, job_id: str, kind: str) -> None:
+        """Remove the job's `kind` counter (as if never bumped)."""
+        if not _KIND.match(kind):
+            raise ValueError("attempt kind must match [a-z][a-z0-9_]{0,31}")
+        self._r.hdel(self._job_key(job_id), ATTEMPT_PREFIX + kind)
+
     # -- due index --------------------------------------------------------------------------------------
 
     def set_due(self, job_id: str, in_seconds: float) -> None:

@@ -31,6 +31,7 @@ from collections.abc import Callable
 from typing import Any
 
 from shared.jobs import Job, JobNotFound, JobState, JobStore, StepResult
+from shared.pipeline import CREATE_SENT
 from shared.queue import Enqueuer
 
 log = logging.getLogger(__name__)
@@ -94,11 +95,11 @@ def retry_job(store: JobStore, enqueuer: Enqueuer, job_id: str, *, detail: dict[
     result = store.retry(job_id, source="api", due_in=due_in)
     if not result.applied:  # it changed between the read and the step (another retry won)
         raise ActionRefused(result.job, f"only a failed job can be retried; this job is {result.job.state.value}")
-    # Spend one submit attempt now: any submit of this job from here on is not a first attempt, so it looks the
-    # task up by external_task_id before it creates one (an earlier, ambiguous create may have made it). For a
-    # copy retry this only matters if we die before the next step: the reconciler then re-sends the submit, and
-    # the lookup finds the succeeded task instead of a create being refused as a duplicate.
-    store.bump_attempt(job_id, "submit")
+    # The retry reset the attempt counters; mark a create as possibly sent, so any submit of this job from here on
+    # looks the task up by external_task_id before it creates one (an earlier, ambiguous create may have made it).
+    # For a copy retry this only matters if we die before the next step: the reconciler then re-sends the submit,
+    # and the lookup finds the succeeded task instead of a create being refused as a duplicate.
+    store.bump_attempt(job_id, CREATE_SENT)
     if mode == "copy":
         # copy_exhausted happens only to a generated job: Kling's task succeeded, so this restores its state.
         result = store.step(job_id, JobState.GENERATED, source="api", detail=who, only_from=[JobState.QUEUED],

@@ -46,6 +46,8 @@ KLING_STATUS_TO_STATE = {
     "failed": JobState.FAILED,
 }
 NOTIFY_MAX_ATTEMPTS = 10
+#: Attempt counter of creates sent to Kling for a job (see _submit_to_kling: a lookup comes first once it is > 0).
+CREATE_SENT = "create_sent"
 
 
 class RetryIn(Exception):  # noqa: N818 - it is an instruction, not an error
@@ -192,8 +194,11 @@ def _submit_to_kling(rt: Runtime, job: Job, *, trial: bool) -> str:
     max_attempts = rt.settings.submit_max_attempts
     exhausted = Failure("submit_exhausted", f"Kling did not accept the task after {attempt} attempts")
 
-    if attempt > 1:
-        # An earlier attempt may have reached Kling (ambiguous create, a worker killed mid-request): look first.
+    # Look first whenever a create may already have reached Kling: counted by creates sent (and kept by an ops
+    # retry), never inferred from the attempt budget, which throttles leave out.
+    create_sent = job.attempts.get(CREATE_SENT, 0) > 0 or job.kling_task_id is not None
+    if create_sent:
+        # An earlier create may have reached Kling (ambiguous create, a worker killed mid-request): look first.
         try:
             task = rt.kling.get_task_by_external_id(job_id)
         except KlingTaskNotFound:
@@ -212,8 +217,14 @@ def _submit_to_kling(rt: Runtime, job: Job, *, trial: bool) -> str:
             return "found"
 
     body = {**rt.store.request(job_id), "callback_url": callback_url(rt, job_id), "external_task_id": job_id}
+    rt.store.bump_attempt(job_id, CREATE_SENT)  # before sending: a worker killed mid-create still looks first next
     try:
-        task = rt.kling.create_multi_image2video(body)
+        try:
+            task = rt.kling.create_multi_image2video(body)
+        except KlingError as exc:
+            if not create_sent and not isinstance(exc, KlingAmbiguous):
+                rt.store.forget_attempt(job_id, CREATE_SENT)  # Kling said no (or it was never sent): no task exists
+            raise
     except KlingAmbiguous as exc:
         _retry_or_fail(rt, job_id, attempt, max_attempts, f"ambiguous create: {exc.message}", exhausted)
         return "failed"
@@ -221,7 +232,7 @@ def _submit_to_kling(rt: Runtime, job: Job, *, trial: bool) -> str:
         _retry_or_fail(rt, job_id, attempt, max_attempts, exc.message, exhausted)
         return "failed"
     except KlingFixRequest as exc:
-        if attempt > 1 and exc.code == 1201 and "external_task_id" in exc.message:
+        if create_sent and exc.code == 1201 and "external_task_id" in exc.message:
             # our own earlier create exists but the lookup did not see it yet: look again later, never create twice
             _retry_or_fail(rt, job_id, attempt, max_attempts, "external_task_id exists; looking it up", exhausted)
             return "failed"

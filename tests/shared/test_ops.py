@@ -65,7 +65,7 @@ def test_retry_after_copy_exhausted_goes_back_to_generated_and_queues_the_copy(
     assert result.applied and result.from_state is JobState.FAILED
     job = store.require(job_id)
     assert job.state is JobState.GENERATED and job.kling_task_id == "task-1" and job.error is None
-    assert job.attempts == {"submit": 1}  # copy budget fresh; a stray submit would look up first
+    assert job.attempts == {"create_sent": 1}  # copy budget fresh; a stray submit would look up first
     assert messages(redis_client, COPY_QUEUE) == [[job_id]] and messages(redis_client, SUBMIT_QUEUE) == []
     events = store.events(job_id)
     assert [(e.from_state, e.to_state, e.source) for e in events[-2:]] == [
@@ -82,7 +82,7 @@ def test_retry_of_a_submit_side_failure_requeues_the_submit_with_a_lookup_first(
     result = retry_job(store, enqueuer, job_id, detail={"via": "test"})
     job = result.job
     assert job.state is JobState.QUEUED and job.error is None and job.kling_task_id is None
-    assert job.attempts == {"submit": 1}  # the next submit is attempt 2: look up by external_task_id first
+    assert job.attempts == {"create_sent": 1}  # the next submit looks up by external_task_id first
     assert messages(redis_client, SUBMIT_QUEUE) == [[job_id]] and messages(redis_client, COPY_QUEUE) == []
     last = store.events(job_id)[-1]
     assert (last.from_state, last.to_state) == ("queued", "queued")
@@ -112,7 +112,7 @@ def test_a_submit_side_failure_with_a_task_id_from_a_late_callback_resubmits_wit
     job_id = failed_job(store, "submit_exhausted")
     assert store.set_kling_task_id(job_id, "task-late", source="callback") == (True, None)
     job = retry_job(store, enqueuer, job_id).job
-    assert job.state is JobState.QUEUED and job.kling_task_id == "task-late" and job.attempts == {"submit": 1}
+    assert job.state is JobState.QUEUED and job.kling_task_id == "task-late" and job.attempts == {"create_sent": 1}
     assert messages(redis_client, SUBMIT_QUEUE) == [[job_id]]
 
 

@@ -200,6 +200,36 @@ def test_ambiguous_create_is_looked_up_not_sent_again(runtime: Runtime, sim: Sim
     assert stats["requests"][CREATE] == 1
 
 
+@pytest.mark.parametrize("runtime", [{"KLING_MAX_IN_FLIGHT": "1"}], indirect=True)
+def test_a_throttle_after_an_ambiguous_create_still_looks_first(runtime: Runtime, sim: SimHandle) -> None:
+    """Throttles leave the attempt budget alone, and must not make the next submit forget the lost create."""
+    job = new_job(runtime)
+    sim.control(ambiguous_create_every_n=1)
+    with pytest.raises(RetryIn):
+        submit_job(runtime, job.id)
+    sim.control(ambiguous_create_every_n=0)
+    other = new_job(runtime)
+    assert flow.reserve_in_flight(runtime.redis, other.id, 1, 60)  # the cap is full now
+    with pytest.raises(RetryIn):
+        submit_job(runtime, job.id)
+    flow.release_in_flight(runtime.redis, other.id)
+    assert submit_job(runtime, job.id) == "found"
+    stats = sim.stats()
+    assert stats["tasks_by_external_id"][job.id] and len(stats["tasks_by_external_id"][job.id]) == 1
+    assert stats["requests"][CREATE] == 1
+
+
+def test_a_definite_refusal_needs_no_lookup(runtime: Runtime, sim: SimHandle) -> None:
+    """1302 means Kling made nothing: the next submit creates at once, without a lookup first."""
+    job = new_job(runtime)
+    sim.control(rate_limit_every_n=1)
+    with pytest.raises(RetryIn):
+        submit_job(runtime, job.id)
+    sim.control(rate_limit_every_n=0)
+    assert submit_job(runtime, job.id) == "submitted"
+    assert sim.stats()["requests"] == {CREATE: 2}
+
+
 def test_copy_lock_held_means_busy(runtime: Runtime, sim: SimHandle) -> None:
     job = new_job(runtime)
     assert submit_job(runtime, job.id) == "submitted"
