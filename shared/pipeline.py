@@ -33,7 +33,7 @@ from shared.kling import (
 from shared.locks import job_lock
 from shared.notify import NotifyError, deliver, event_payload, publish
 from shared.runtime import Runtime
-from shared.storage import CopyError, copy_videos
+from shared.storage import CopyCanceled, CopyError, copy_videos
 from shared.tokens import callback_token
 from shared.urlguard import UrlRefused
 
@@ -354,8 +354,11 @@ def _copy_locked(rt: Runtime, job_id: str) -> str:
             job.id, job.created_at, task.task_id, [(v.id, v.url, v.duration) for v in task.videos],
             rt.storage, rt.allowlist, rt.http,
             extra_manifest={"metadata": job.metadata, "request": recorded},
-            max_bytes=rt.settings.max_video_bytes,
+            max_bytes=rt.settings.max_video_bytes, still_wanted=lambda: _in_state(rt, job_id, JobState.GENERATED),
         )
+    except CopyCanceled:
+        log.info("copy dropped: the job was canceled or ended meanwhile", extra={"job_id": job_id})
+        return "skipped"
     except UrlRefused as exc:
         fail(rt, job_id, Failure("copy_exhausted", f"video URL refused: {exc.reason}"), source="worker")
         return "failed"
@@ -365,11 +368,22 @@ def _copy_locked(rt: Runtime, job_id: str) -> str:
     videos = [v.as_dict() for v in stored]
     result = rt.store.step(job_id, JobState.STORED, source="worker", detail={"videos": len(videos)},
                            set_fields={"videos": videos}, only_from=[JobState.GENERATED], due_in=None)
+    if not result.applied and result.job.state is not JobState.STORED:
+        # Canceled or ended between the manifest and this step: take the result back out of S3.
+        rt.storage.delete([*(v["key"] for v in videos), rt.storage.manifest_key(job.id, job.created_at)])
+        log.warning("copy withdrawn: the job ended meanwhile", extra={"job_id": job_id,
+                                                                     "state": result.job.state.value})
+        return "skipped"
     if result.applied:
         log.info("stored", extra={"job_id": job_id, "keys": [v["key"] for v in videos]})
         rt.store.replace_request(job_id, recorded)  # the images are no longer needed: free their memory in Redis
         finished(rt, result.job)
     return "stored"
+
+
+def _in_state(rt: Runtime, job_id: str, state: JobState) -> bool:
+    job = rt.store.get(job_id)
+    return job is not None and job.state is state
 
 
 def _manifest_request(request: dict[str, Any]) -> dict[str, Any]:

@@ -32,7 +32,7 @@ import json
 import logging
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -247,6 +247,14 @@ class Storage:
                 parts.append(in_flight.popleft().result())
         return sha.hexdigest(), size, parts
 
+    def delete(self, keys: Sequence[str]) -> None:
+        """Delete these objects (a copy that must leave nothing behind); CopyError if S3 refuses."""
+        try:
+            for key in keys:
+                self.s3.delete_object(Bucket=self.bucket, Key=key)
+        except (ClientError, BotoCoreError) as exc:
+            raise _s3_error(exc, "delete") from exc
+
     def abort_stale_uploads(self, key: str) -> int:
         """Abort every open multipart upload on exactly `key`; returns how many were aborted.
 
@@ -390,16 +398,23 @@ def download_chunks(url: str, allowlist: UrlAllowlist, *, session: requests.Sess
                     final_url=response.url or url, _response=response)
 
 
+class CopyCanceled(Exception):  # noqa: N818 - an outcome, not a failure
+    """The job stopped wanting its copy (canceled, timed out) before the manifest: nothing is left in S3."""
+
+
 def copy_videos(job_id: str, created_at: float, kling_task_id: str,
                 videos: Sequence[tuple[str, str, str | None]], storage: Storage, allowlist: UrlAllowlist,
                 session: requests.Session, *, extra_manifest: dict[str, Any],
-                timeout: tuple[float, float] = (5, 60), max_bytes: int | None = None) -> list[StoredVideo]:
+                timeout: tuple[float, float] = (5, 60), max_bytes: int | None = None,
+                still_wanted: Callable[[], bool] | None = None) -> list[StoredVideo]:
     """Copy a finished task's videos (video_id, url, duration) into S3, exactly once per job.
 
     If the job's manifest exists the videos it lists are returned and nothing is downloaded. Otherwise each
     video is streamed into its key, then the manifest ``{"job_id", "kling_task_id", "created_at",
     "stored_at" (epoch seconds), "videos": [...], **extra_manifest}`` is created last, conditionally; if
     another copy won that race, its manifest's videos are returned. Raises CopyError / UrlRefused.
+    `still_wanted()` is asked right before the manifest: if it says no, the videos just written are deleted and
+    CopyCanceled is raised, so consumers (who trigger on the manifest) never see a canceled job's video.
     """
     clash = _MANIFEST_CORE_KEYS & extra_manifest.keys()
     if clash:
@@ -421,6 +436,9 @@ def copy_videos(job_id: str, created_at: float, kling_task_id: str,
         stored.append(StoredVideo(bucket=storage.bucket, key=key, sha256=sha256, bytes=size, duration=duration))
         log.info("copied video", extra={"job_id": job_id, "key": key, "bytes": size,
                                         "seconds": round(time.monotonic() - started, 3)})
+    if still_wanted is not None and not still_wanted():
+        storage.delete([v.key for v in stored])
+        raise CopyCanceled(job_id)
     manifest = {"job_id": job_id, "kling_task_id": kling_task_id, "created_at": created_at,
                 "stored_at": time.time(), "videos": [v.as_dict() for v in stored], **extra_manifest}
     if storage.write_manifest(job_id, created_at, manifest):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from typing import Any
 
 import pytest
@@ -158,3 +159,29 @@ def test_finished_job_is_published_to_the_stream(clean_sim: LocalStack) -> None:
     assert payload["type"] == "job.stored" and payload["data"]["metadata"] == {"order": 42}
     kept = json.loads(client.get(f"kr:job:{job_id}:request"))  # a stored job keeps its request without images
     assert "image_list" not in kept and kept["images"] == ["<base64>", "<base64>"] and kept["prompt"] == "test job 9"
+
+
+def test_a_job_canceled_during_its_copy_leaves_nothing_in_s3(clean_sim: LocalStack) -> None:
+    stack = clean_sim
+    stack.sim_control(download_rate=2_000)  # the copy of a small video takes a few seconds
+    try:
+        job_id = submit(stack, job_body(41))
+        deadline = time.monotonic() + 60
+        while stack.api("GET", f"/v1/jobs/{job_id}").json()["state"] != "generated":
+            assert time.monotonic() < deadline, stack.logs_tail()
+            time.sleep(0.1)
+        time.sleep(0.3)  # the copy is downloading now
+        assert stack.api("POST", f"/v1/jobs/{job_id}/cancel").status_code == 200
+        task_id = stack.api("GET", f"/v1/jobs/{job_id}").json()["kling_task_id"]
+        while stack.sim_stats()["downloads"].get(task_id, {}).get("completed", 0) < 1:
+            assert time.monotonic() < deadline, stack.logs_tail()
+            time.sleep(0.2)
+        time.sleep(2)  # let the copy finish what it does after the download
+    finally:
+        stack.sim_control(download_rate=0)
+    job = stack.api("GET", f"/v1/jobs/{job_id}").json()
+    assert job["state"] == "canceled" and job["videos"] == []
+    listing = stack.s3().list_objects_v2(Bucket="kling-relay-demo")
+    assert [o["Key"] for o in listing.get("Contents", []) if job_id in o["Key"]] == []
+    uploads = stack.s3().list_multipart_uploads(Bucket="kling-relay-demo").get("Uploads", [])
+    assert [u["Key"] for u in uploads if job_id in u["Key"]] == []

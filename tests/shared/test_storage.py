@@ -22,7 +22,7 @@ import requests
 from botocore.exceptions import ClientError
 
 from bench.copy_memory import expected_digests, run_probe
-from shared.storage import CopyError, Storage, StoredVideo, copy_videos, download_chunks
+from shared.storage import CopyCanceled, CopyError, Storage, StoredVideo, copy_videos, download_chunks
 from shared.urlguard import UrlAllowlist, UrlRefused
 from tests.support.procs import Process, free_port, wait_for_port
 from tests.support.s3 import MotoS3, start_moto_s3
@@ -425,6 +425,27 @@ def test_copy_videos_failure_writes_no_manifest(source: SourceServer, session: r
     assert not info.value.retryable  # expired URL: re-read the task for fresh URLs
     assert storage.read_manifest("job-2", CREATED_AT) is None
     assert incomplete_uploads(s3, bucket) == []
+
+
+def test_a_copy_no_longer_wanted_leaves_nothing(source: SourceServer, session: requests.Session,
+                                               storage: Storage, s3: Any, bucket: str) -> None:
+    videos = [("a", source.add("wa", payload(1000)), "5"), ("b", source.add("wb", payload(2000)), "5")]
+    asked: list[bool] = []
+
+    def still_wanted() -> bool:
+        asked.append(True)
+        return False
+
+    with pytest.raises(CopyCanceled):
+        copy_videos("job-9", CREATED_AT, "task-9", videos, storage, source.allowlist, session, extra_manifest={},
+                    still_wanted=still_wanted)
+    assert asked == [True]
+    listing = s3.list_objects_v2(Bucket=bucket, Prefix=storage.job_prefix("job-9", CREATED_AT))
+    assert listing.get("KeyCount", 0) == 0
+    assert incomplete_uploads(s3, bucket) == []
+    stored = copy_videos("job-9", CREATED_AT, "task-9", videos, storage, source.allowlist, session,
+                         extra_manifest={}, still_wanted=lambda: True)
+    assert [v.bytes for v in stored] == [1000, 2000] and storage.read_manifest("job-9", CREATED_AT) is not None
 
 
 def test_copy_videos_refused_url_propagates(source: SourceServer, session: requests.Session,
