@@ -33,11 +33,18 @@ local function move_index(cur, to, id, score)
   redis.call('ZADD', KEYS[IDX[to]], score, id)
 end
 
+-- A due time never lies past the job's deadline, so the reconciler always gets to end a job that overran it.
+local function by_deadline(job_key, due_at)
+  local deadline = redis.call('HGET', job_key, 'deadline_at')
+  if deadline and deadline ~= '' and tonumber(deadline) < tonumber(due_at) then return deadline end
+  return due_at
+end
+
 local function update_due(to, mode, due_at, id)
   if TERMINAL[to] or mode == 'none' then
     redis.call('ZREM', KEYS[3], id)
   elseif mode == 'set' then
-    redis.call('ZADD', KEYS[3], due_at, id)
+    redis.call('ZADD', KEYS[3], by_deadline(KEYS[1], due_at), id)
   end
 end
 """
@@ -162,6 +169,9 @@ local TERMINAL = {stored=true, failed=true, canceled=true}
 local cur = redis.call('HGET', KEYS[1], 'state')
 if not cur then return -1 end
 if TERMINAL[cur] then return 0 end
-redis.call('ZADD', KEYS[2], ARGV[1], redis.call('HGET', KEYS[1], 'id'))
+local due_at = ARGV[1]
+local deadline = redis.call('HGET', KEYS[1], 'deadline_at')
+if deadline and deadline ~= '' and tonumber(deadline) < tonumber(due_at) then due_at = deadline end
+redis.call('ZADD', KEYS[2], due_at, redis.call('HGET', KEYS[1], 'id'))
 return 1
 """

@@ -660,3 +660,17 @@ def test_replace_request_keeps_the_expiry_and_needs_an_existing_request(redis_cl
     assert 0 < redis_client.ttl(f"kr:job:{job.id}:request") <= 3600
     assert not store.replace_request("job_missing", {})
     assert not redis_client.exists("kr:job:job_missing:request")
+
+
+def test_due_times_never_pass_the_deadline(store: JobStore, redis_client: redis.Redis, clock: Clock) -> None:
+    job, _ = store.create(dict(REQUEST), deadline_seconds=100, due_in=10)
+    deadline = clock.t + 100
+    store.set_due(job.id, 3600)
+    assert redis_client.zscore("kr:jobs:due", job.id) == deadline
+    store.step(job.id, S.SUBMITTED, source="worker", due_in=5000)
+    assert redis_client.zscore("kr:jobs:due", job.id) == deadline
+    store.step(job.id, S.PROCESSING, source="callback", due_in=30)
+    assert redis_client.zscore("kr:jobs:due", job.id) == clock.t + 30
+    free, _ = store.create(dict(REQUEST), due_in=10)  # no deadline: as asked
+    store.set_due(free.id, 3600)
+    assert redis_client.zscore("kr:jobs:due", free.id) == clock.t + 3600

@@ -289,3 +289,23 @@ def test_a_video_url_off_the_allowlist_fails_the_job_without_a_download(runtime:
     assert after.state is JobState.FAILED and after.error is not None
     assert after.error["reason"] == "copy_exhausted" and "refused" in after.error["message"]
     assert sim.stats()["downloads"] == {}
+
+
+@pytest.mark.parametrize("runtime", [{"KLING_MAX_IN_FLIGHT": "1"}], indirect=True)
+def test_a_job_throttled_past_its_deadline_is_timed_out(runtime: Runtime, sim: SimHandle) -> None:
+    """Throttles push the due time forward, but never past the deadline: the reconciler ends the job."""
+    from shared.reconcile import reconcile
+
+    job = new_job(runtime, deadline=1.0)
+    other = new_job(runtime)
+    assert flow.reserve_in_flight(runtime.redis, other.id, 1, 60)  # the cap stays full
+    with pytest.raises(RetryIn):
+        submit_job(runtime, job.id)
+    score = due_score(runtime.redis, job.id)
+    assert score is not None and score <= runtime.store.require(job.id).created_at + 1.0 + 1e-6
+    time.sleep(1.1)
+    report = reconcile(runtime)
+    assert job.id in report.timed_out
+    after = runtime.store.require(job.id)
+    assert after.state is JobState.FAILED and after.error is not None and after.error["reason"] == "timed_out"
+    assert sim.stats()["requests"] == {}
