@@ -49,7 +49,7 @@ MAX_PAGE_NUM = 1000
 MAX_BODY_BYTES = 16 * 1024 * 1024
 _MAX_MESSAGE_CHARS = 500
 #: Codes that mean "the direct lookup did not understand this id": fall back to scanning the list.
-_LOOKUP_FALLBACK_CODES = frozenset({1200, 1201, 1203})
+_LOOKUP_FALLBACK_CODES = frozenset({1200, 1201, 1202, 1203})
 _CODE_TOKEN_EXPIRED = 1004
 
 
@@ -353,7 +353,8 @@ class KlingClient:
         Kling says a task can be looked up by its external_task_id but not whether in the task_id
         path slot. So first ``GET .../multi-image2video/{external_task_id}``, accepted only if the
         returned task really carries that external_task_id (an id could also match another task's
-        task_id). If that answers something else, or 1203/1201/1200, scan the task list, newest first,
+        task_id). If that answers something else, 1200-1203, or a 4xx that is not a Kling envelope (a
+        gateway's own page), scan the task list, newest first,
         ``max_pages`` pages of 500. Raises KlingTaskNotFound only when neither finds it; other errors
         (retry later, account, ...) propagate as they are.
         """
@@ -362,8 +363,12 @@ class KlingClient:
             task = _task_from(self._call("GET", f"{MULTI_IMAGE2VIDEO_PATH}/{segment}"))
             if task.external_task_id == external_task_id:
                 return task
-        except KlingFixRequest as err:
-            if err.code not in _LOOKUP_FALLBACK_CODES:
+        except (KlingFixRequest, KlingProtocolError) as err:
+            # Any "I don't understand this id here" answer (a Kling 12xx code, or a gateway's plain 4xx page)
+            # falls back to the list; a retry-later or account error propagates.
+            if isinstance(err, KlingFixRequest) and err.code not in _LOOKUP_FALLBACK_CODES:
+                raise
+            if isinstance(err, KlingProtocolError) and not (err.http_status and 400 <= err.http_status < 500):
                 raise
         scanned = 0
         for page_num in range(1, max_pages + 1):

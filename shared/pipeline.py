@@ -207,10 +207,8 @@ def _submit_to_kling(rt: Runtime, job: Job, *, trial: bool) -> str:
             return _pause_for(rt, job_id, "submit", exc)
         except KlingError as exc:
             _throttle_if_throttled(rt, job_id, "submit", exc, f"lookup: {exc.message}")
-            if not exc.retryable:
-                fail(rt, job_id, _failure_for(exc), source="worker")
-                return "failed"
-            _retry_or_fail(rt, job_id, attempt, max_attempts, f"lookup: {exc.kind}", exhausted)
+            # Whatever the lookup's error, the task may exist at Kling: never fail at once, spend the budget.
+            _retry_or_fail(rt, job_id, attempt, max_attempts, f"lookup: {exc.kind}: {exc.message}", exhausted)
             return "failed"
         else:
             record_task(rt, job_id, task, source="worker", detail={"found_by": "external_task_id"})

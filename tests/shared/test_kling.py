@@ -630,6 +630,8 @@ def test_lookup_by_external_id_direct(scripted: ScriptedKling, make_client: Any)
     (404, envelope(1203, message="not found")),
     (400, envelope(1201, message="bad id")),
     (200, envelope(data=task_json("job-7", external_task_id="other"))),  # an id that is another task's task_id
+    (404, envelope(1202, message="invalid request method")),
+    (404, b"<html>404 page not found</html>"),  # a gateway's own page, not a Kling envelope
 ])
 def test_lookup_by_external_id_falls_back_to_the_list(scripted: ScriptedKling, make_client: Any,
                                                       direct: Any) -> None:
