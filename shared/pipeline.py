@@ -379,6 +379,17 @@ def _copy_locked(rt: Runtime, job_id: str) -> str:
     return "stored"
 
 
+def copy_overran(rt: Runtime, job_id: str) -> str:
+    """The copy hit its time limit (the worker's soft limit): count it like any failed copy attempt."""
+    job = rt.store.get(job_id)
+    if job is None or job.state is not JobState.GENERATED:
+        return "skipped"
+    attempt = job.attempts.get("copy", 0) - job.attempts.get("copy_throttled", 0)
+    exhausted = Failure("copy_exhausted", f"the copy overran its time limit ({attempt} attempts)")
+    _retry_or_fail(rt, job_id, attempt, rt.settings.copy_max_attempts, "copy overran its time limit", exhausted)
+    return "failed"
+
+
 def _in_state(rt: Runtime, job_id: str, state: JobState) -> bool:
     job = rt.store.get(job_id)
     return job is not None and job.state is state

@@ -6,6 +6,7 @@ import logging
 from typing import Any
 
 from celery import Celery, Task
+from celery.exceptions import SoftTimeLimitExceeded
 from celery.signals import celeryd_after_setup
 
 from shared import flow, pipeline
@@ -25,6 +26,7 @@ from shared.settings import Settings, load_settings
 log = logging.getLogger(__name__)
 
 RECONCILE_TIME_LIMIT_SECONDS = 600
+SUBMIT_TIME_LIMIT_SECONDS = 600
 
 
 @celeryd_after_setup.connect
@@ -69,14 +71,20 @@ def create_worker_app(settings: Settings | None = None) -> Celery:
         log.info("task done", extra={"job_id": args[0], "task": task.name, "outcome": outcome})
         return outcome
 
-    @app.task(name=SUBMIT_TASK, bind=True)
+    # A submit that hangs (a resolver without timeout, a trickling answer) is cut off: its lock lapses and the
+    # job, still queued and due, is sent again by the reconciler, which looks the task up first.
+    @app.task(name=SUBMIT_TASK, bind=True, time_limit=SUBMIT_TIME_LIMIT_SECONDS,
+              soft_time_limit=SUBMIT_TIME_LIMIT_SECONDS - 30)
     def submit_job(self: Task, job_id: str) -> str:
         return run(self, pipeline.submit_job, job_id)
 
     @app.task(name=COPY_TASK, bind=True, time_limit=COPY_TIME_LIMIT_SECONDS,
               soft_time_limit=COPY_TIME_LIMIT_SECONDS - 60)
     def copy_video(self: Task, job_id: str) -> str:
-        return run(self, pipeline.copy_job, job_id)
+        try:
+            return run(self, pipeline.copy_job, job_id)
+        except SoftTimeLimitExceeded:  # the upload was aborted on the way out; count it as a failed attempt
+            return run(self, pipeline.copy_overran, job_id)
 
     @app.task(name=NOTIFY_TASK, bind=True)
     def notify_job(self: Task, job_id: str, state: str) -> str:

@@ -309,3 +309,21 @@ def test_a_job_throttled_past_its_deadline_is_timed_out(runtime: Runtime, sim: S
     after = runtime.store.require(job.id)
     assert after.state is JobState.FAILED and after.error is not None and after.error["reason"] == "timed_out"
     assert sim.stats()["requests"] == {}
+
+
+def test_a_copy_that_overran_its_time_limit_counts_as_an_attempt(runtime: Runtime, sim: SimHandle) -> None:
+    from shared.pipeline import copy_overran
+
+    job = new_job(runtime)
+    for state in (JobState.SUBMITTED, JobState.GENERATED):
+        runtime.store.step(job.id, state, source="worker")
+    runtime.store.bump_attempt(job.id, "copy")
+    with pytest.raises(RetryIn):
+        copy_overran(runtime, job.id)
+    for _ in range(runtime.settings.copy_max_attempts):
+        runtime.store.bump_attempt(job.id, "copy")
+    assert copy_overran(runtime, job.id) == "failed"
+    after = runtime.store.require(job.id)
+    assert after.state is JobState.FAILED and after.error is not None
+    assert after.error["reason"] == "copy_exhausted" and "time limit" in after.error["message"]
+    assert copy_overran(runtime, "job_missing") == "skipped"
