@@ -24,7 +24,7 @@ import redis
 from shared import flow
 from shared.intake import accept_job
 from shared.jobs import TERMINAL, Job, JobNotFound, JobState, JobStore
-from shared.ops import cancel_job, retry_job
+from shared.ops import cancel_job, retry_job, submission_status
 from shared.queue import Enqueuer, make_celery
 from shared.settings import Settings, load_settings
 
@@ -93,7 +93,7 @@ class Relay:
 
     def status(self) -> dict[str, Any]:
         """Submission open or paused (and why), tasks in flight at Kling, jobs per state: as GET /v1/status."""
-        return {**flow.status(self.store.redis), "jobs": self.store.counts()}
+        return submission_status(self.store)
 
     def resume_submission(self, *, via: str = "python") -> dict[str, Any] | None:
         """Clear a pause (account or keys fixed); returns the pause that was cleared, or None."""

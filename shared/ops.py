@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from shared import flow
 from shared.jobs import Job, JobNotFound, JobState, JobStore, StepResult
 from shared.pipeline import CREATE_SENT
 from shared.queue import Enqueuer
@@ -78,6 +79,11 @@ def retry_mode(job: Job, *, now: float | None = None) -> str:
         # looks the task up first and adopts it; it creates only when Kling has none for this job.
         return "submit"
     raise ActionRefused(job, f"no retry rule for a job that failed with {reason or 'no reason'!r}")
+
+
+def submission_status(store: JobStore) -> dict[str, Any]:
+    """Submission open or paused (and why), tasks in flight at Kling, and jobs per state (GET /v1/status)."""
+    return {**flow.status(store.redis), "jobs": store.counts()}
 
 
 def retry_job(store: JobStore, enqueuer: Enqueuer, job_id: str, *, detail: dict[str, Any] | None = None,

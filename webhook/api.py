@@ -17,7 +17,7 @@ from flask import Blueprint, jsonify, request
 from shared import flow
 from shared.intake import accept_job
 from shared.jobs import IdempotencyConflict, JobNotFound, JobState, StepResult
-from shared.ops import ActionRefused, cancel_job, retry_job
+from shared.ops import ActionRefused, cancel_job, retry_job, submission_status
 from shared.tokens import bearer_ok
 from shared.tokens import bearer_token_number as token_number
 from shared.validation import FieldProblem, ValidationFailed, problems_payload
@@ -173,10 +173,10 @@ def cancel(job_id: str) -> Any:
 
 
 @bp.get("/status")
-def submission_status() -> Any:
+def get_status() -> Any:
     """Whether submission to Kling is open or paused (and why), tasks in flight, and jobs per state."""
     rt = runtime()
-    return jsonify({**flow.status(rt.redis), "jobs": rt.store.counts()})
+    return jsonify(submission_status(rt.store))
 
 
 @bp.post("/submission/resume")

@@ -67,9 +67,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
 
 @pytest.fixture()
 def clean_sim(stack: LocalStack) -> LocalStack:
-    """Knobs back to defaults (fast schedule) and counters at zero for each test."""
-    import requests
-
-    requests.post(stack.sim_root + "/_sim/reset", timeout=10).raise_for_status()
-    stack.sim_control(submitted_seconds=0.2, processing_seconds=0.5)
+    """Knobs back to their startup values (the fast schedule above) and counters at zero for each test."""
+    stack.sim_reset()
     return stack

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import requests
 
 from deploy.stack import LocalStack
 from shared.client import Relay
@@ -40,7 +39,7 @@ def ops_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
 
 @pytest.fixture()
 def stack(ops_stack: LocalStack) -> LocalStack:
-    requests.post(ops_stack.sim_root + "/_sim/reset", timeout=10).raise_for_status()
+    ops_stack.sim_reset()
     ops_stack.sim_control(**FAST)
     return ops_stack
 
