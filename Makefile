@@ -21,6 +21,7 @@ test: setup ## Run the whole test suite (starts its own redis-server, moto S3, s
 
 lint: setup ## ruff and mypy
 	@$(VENV)/bin/ruff check .
+	@mkdir -p .lint/kling_relay && for d in shared worker webhook simulator; do ln -sfn ../../$$d .lint/kling_relay/$$d; done
 	@$(VENV)/bin/mypy
 
 fmt: setup ## Sort imports and fix what ruff can fix
@@ -30,4 +31,4 @@ bench: setup ## Benchmarks (on demand, not part of test)
 	@$(PY) bench/copy_memory.py
 
 clean: ## Remove .venv/, caches and demo output
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis demo-output .demo .bench *.egg-info
+	rm -rf $(VENV) .lint .pytest_cache .mypy_cache .ruff_cache .hypothesis demo-output .demo .bench *.egg-info

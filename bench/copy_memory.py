@@ -128,8 +128,8 @@ def probe(mode: str, url: str, endpoint: str, bucket: str, key: str, part_size: 
     import requests
     from botocore.config import Config
 
-    from shared.storage import Storage, download_chunks
-    from shared.urlguard import UrlAllowlist
+    from kling_relay.shared.storage import Storage, download_chunks
+    from kling_relay.shared.urlguard import UrlAllowlist
 
     s3 = boto3.session.Session().client(
         "s3", endpoint_url=endpoint, region_name="us-east-1",

@@ -150,7 +150,7 @@ class LocalStack:
             self.s3().put_bucket_versioning(Bucket=BUCKET, VersioningConfiguration={"Status": "Enabled"})
 
     def start_simulator(self) -> None:
-        argv = [self.python, "-m", "simulator", "--host", "127.0.0.1", "--port", str(self.sim_port),
+        argv = [self.python, "-m", "kling_relay.simulator", "--host", "127.0.0.1", "--port", str(self.sim_port),
                 "--access-key", DEMO_ACCESS_KEY, "--secret-key", DEMO_SECRET_KEY, *self.sim_args]
         if self.sim_prefix:
             argv += ["--prefix", self.sim_prefix]
@@ -158,17 +158,17 @@ class LocalStack:
 
     def start_web(self) -> None:
         argv = [self.python, "-m", "gunicorn", "--config", "deploy/gunicorn.conf.py", "--bind",
-                f"127.0.0.1:{self.web_port}", "--workers", str(self.web_workers), "webhook.wsgi:app"]
+                f"127.0.0.1:{self.web_port}", "--workers", str(self.web_workers), "kling_relay.webhook.wsgi:app"]
         self._spawn("web", argv, self.web_port)
 
     def start_worker(self, name: str = "worker1", queues: str = "submit,copy,notify,reconcile") -> Process:
-        argv = [self.python, "-m", "celery", "-A", "worker.celery_app", "worker", "--queues", queues,
+        argv = [self.python, "-m", "celery", "-A", "kling_relay.worker.celery_app", "worker", "--queues", queues,
                 "--concurrency", str(self.worker_concurrency), "--prefetch-multiplier", "1", "--hostname",
                 f"{name}@%h", "--without-gossip", "--without-mingle", "--loglevel", "INFO"]
         return self._spawn(name, argv)
 
     def start_beat(self) -> Process:
-        argv = [self.python, "-m", "celery", "-A", "worker.celery_app", "beat", "--scheduler",
+        argv = [self.python, "-m", "celery", "-A", "kling_relay.worker.celery_app", "beat", "--scheduler",
                 "celery.beat:Scheduler", "--loglevel", "INFO"]  # as in the Procfile: no schedule file
         return self._spawn("beat", argv)
 

@@ -10,17 +10,17 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from shared.client import Relay
+    from kling_relay.shared.client import Relay
 
 
 def _simulate(argv: Sequence[str]) -> int:
-    from simulator import main as simulator_main
+    from kling_relay.simulator import main as simulator_main
 
     return simulator_main(list(argv))
 
 
 def _config(argv: Sequence[str]) -> int:
-    from shared.settings import SettingsError, load_settings
+    from kling_relay.shared.settings import SettingsError, load_settings
 
     argparse.ArgumentParser(prog="kling-relay config", description="Check the environment's settings").parse_args(
         argv
@@ -65,7 +65,7 @@ EXIT_REFUSED = 4
 
 
 def _jobs_parser() -> argparse.ArgumentParser:
-    from shared.jobs import JobState
+    from kling_relay.shared.jobs import JobState
 
     parser = argparse.ArgumentParser(
         prog="kling-relay jobs",
@@ -95,8 +95,8 @@ def _print_json(value: object) -> None:
 def _jobs(argv: Sequence[str]) -> int:
     from redis.exceptions import RedisError
 
-    from shared.jobs import JobNotFound
-    from shared.ops import ActionRefused
+    from kling_relay.shared.jobs import JobNotFound
+    from kling_relay.shared.ops import ActionRefused
 
     args = _jobs_parser().parse_args(argv)
     if args.action == "list" and not 1 <= args.limit <= 200:
@@ -138,8 +138,8 @@ def _jobs(argv: Sequence[str]) -> int:
 
 def _open_relay() -> Relay | None:
     """A Relay from the environment's settings, or None after printing what is wrong with them."""
-    from shared.client import Relay
-    from shared.settings import SettingsError
+    from kling_relay.shared.client import Relay
+    from kling_relay.shared.settings import SettingsError
 
     try:
         return Relay.from_env()

@@ -1,6 +1,6 @@
 """The Python client for backend apps: submit a job, read it, wait for it — in-process, no HTTP needed.
 
-    from shared.client import Relay
+    from kling_relay.shared.client import Relay
     relay = Relay.from_env()                      # the same environment variables as the relay's processes
     job = relay.submit(image_list=[{"image": "https://..."}], prompt="...", idempotency_key="order-42")
     job = relay.wait(job.id, timeout=900)         # returns when stored, failed or canceled
@@ -21,12 +21,12 @@ from typing import Any
 
 import redis
 
-from shared import flow
-from shared.intake import accept_job
-from shared.jobs import TERMINAL, Job, JobNotFound, JobState, JobStore
-from shared.ops import cancel_job, retry_job, submission_status
-from shared.queue import Enqueuer, make_celery
-from shared.settings import Settings, load_settings
+from kling_relay.shared import flow
+from kling_relay.shared.intake import accept_job
+from kling_relay.shared.jobs import TERMINAL, Job, JobNotFound, JobState, JobStore
+from kling_relay.shared.ops import cancel_job, retry_job, submission_status
+from kling_relay.shared.queue import Enqueuer, make_celery
+from kling_relay.shared.settings import Settings, load_settings
 
 
 class Relay:
@@ -80,8 +80,8 @@ class Relay:
     def retry(self, job_id: str, *, reason: str | None = None, via: str = "python") -> Job:
         """Put a failed job back to work (copy failures re-copy, submit-side failures re-submit); the job now.
 
-        Raises `JobNotFound`, or `shared.ops.ActionRefused` saying why (e.g. Kling's task failed: a new job is
-        needed, since Kling allows one task per job id).
+        Raises `JobNotFound`, or `kling_relay.shared.ops.ActionRefused` saying why (e.g. Kling's task failed: a
+        new job is needed, since Kling allows one task per job id).
         """
         return retry_job(self.store, self.enqueuer, job_id, detail=_who(via, reason),
                          due_in=self.settings.reconcile_quiet_seconds).job

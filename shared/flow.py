@@ -37,9 +37,9 @@ import redis
 import requests
 from requests.adapters import HTTPAdapter
 
-from shared.kling import KlingClient, KlingRetryLater
-from shared.runtime import make_kling_client
-from shared.settings import Settings
+from kling_relay.shared.kling import KlingClient, KlingRetryLater
+from kling_relay.shared.runtime import make_kling_client
+from kling_relay.shared.settings import Settings
 
 log = logging.getLogger(__name__)
 

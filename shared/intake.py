@@ -12,11 +12,11 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from shared.jobs import Job, JobStore
-from shared.queue import Enqueuer
-from shared.settings import Settings
-from shared.urlguard import UrlAllowlist, UrlRefused
-from shared.validation import FieldProblem, Limits, ValidationFailed, validate_multi_image2video
+from kling_relay.shared.jobs import Job, JobStore
+from kling_relay.shared.queue import Enqueuer
+from kling_relay.shared.settings import Settings
+from kling_relay.shared.urlguard import UrlAllowlist, UrlRefused
+from kling_relay.shared.validation import FieldProblem, Limits, ValidationFailed, validate_multi_image2video
 
 log = logging.getLogger(__name__)
 

@@ -36,8 +36,8 @@ from typing import Any, Literal, cast
 
 import redis
 
-from shared import jobs_lua
-from shared.jobs_model import (
+from kling_relay.shared import jobs_lua
+from kling_relay.shared.jobs_model import (
     ATTEMPT_PREFIX,
     RANK,
     SETTABLE_FIELDS,

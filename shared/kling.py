@@ -34,7 +34,7 @@ from urllib.parse import parse_qs, quote, urlsplit
 import requests
 from urllib3.exceptions import MaxRetryError, NewConnectionError
 
-from shared.kling_auth import DEFAULT_RENEW_MARGIN_S, JwtTokenSource, StaticApiKey, TokenSource
+from kling_relay.shared.kling_auth import DEFAULT_RENEW_MARGIN_S, JwtTokenSource, StaticApiKey, TokenSource
 
 log = logging.getLogger(__name__)
 

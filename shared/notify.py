@@ -18,8 +18,8 @@ from typing import Any
 import redis
 import requests
 
-from shared.settings import Secret
-from shared.urlguard import UrlAllowlist, UrlRefused, UrlResolutionError, close_response, send_checked
+from kling_relay.shared.settings import Secret
+from kling_relay.shared.urlguard import UrlAllowlist, UrlRefused, UrlResolutionError, close_response, send_checked
 
 MAX_ANSWER_BYTES = 4096
 

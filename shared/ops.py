@@ -30,10 +30,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from shared import flow
-from shared.jobs import Job, JobNotFound, JobState, JobStore, StepResult
-from shared.pipeline import CREATE_SENT
-from shared.queue import Enqueuer
+from kling_relay.shared import flow
+from kling_relay.shared.jobs import Job, JobNotFound, JobState, JobStore, StepResult
+from kling_relay.shared.pipeline import CREATE_SENT
+from kling_relay.shared.queue import Enqueuer
 
 log = logging.getLogger(__name__)
 

@@ -18,11 +18,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
-from shared import flow
-from shared.backoff import backoff_seconds
-from shared.flow import RateLimited
-from shared.jobs import Job, JobState, StepResult
-from shared.kling import (
+from kling_relay.shared import flow
+from kling_relay.shared.backoff import backoff_seconds
+from kling_relay.shared.flow import RateLimited
+from kling_relay.shared.jobs import Job, JobState, StepResult
+from kling_relay.shared.kling import (
     KlingAmbiguous,
     KlingError,
     KlingFixAccount,
@@ -30,12 +30,12 @@ from shared.kling import (
     KlingTask,
     KlingTaskNotFound,
 )
-from shared.locks import job_lock
-from shared.notify import NotifyError, deliver, event_payload, publish
-from shared.runtime import Runtime
-from shared.storage import CopyCanceled, CopyError, copy_videos
-from shared.tokens import callback_token
-from shared.urlguard import UrlRefused
+from kling_relay.shared.locks import job_lock
+from kling_relay.shared.notify import NotifyError, deliver, event_payload, publish
+from kling_relay.shared.runtime import Runtime
+from kling_relay.shared.storage import CopyCanceled, CopyError, copy_videos
+from kling_relay.shared.tokens import callback_token
+from kling_relay.shared.urlguard import UrlRefused
 
 log = logging.getLogger(__name__)
 

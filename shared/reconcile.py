@@ -31,12 +31,12 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from shared import flow
-from shared.jobs import Job, JobState
-from shared.kling import KlingError, KlingFixAccount, KlingTask, KlingTaskNotFound
-from shared.locks import RedisLock, job_lock
-from shared.pipeline import Failure, apply_task_status, fail
-from shared.runtime import Runtime
+from kling_relay.shared import flow
+from kling_relay.shared.jobs import Job, JobState
+from kling_relay.shared.kling import KlingError, KlingFixAccount, KlingTask, KlingTaskNotFound
+from kling_relay.shared.locks import RedisLock, job_lock
+from kling_relay.shared.pipeline import Failure, apply_task_status, fail
+from kling_relay.shared.runtime import Runtime
 
 log = logging.getLogger(__name__)
 

@@ -11,12 +11,12 @@ import requests
 from botocore.config import Config
 from celery import Celery
 
-from shared.jobs import JobStore
-from shared.kling import KlingClient
-from shared.queue import Enqueuer, make_celery
-from shared.settings import Settings
-from shared.storage import Storage
-from shared.urlguard import UrlAllowlist
+from kling_relay.shared.jobs import JobStore
+from kling_relay.shared.kling import KlingClient
+from kling_relay.shared.queue import Enqueuer, make_celery
+from kling_relay.shared.settings import Settings
+from kling_relay.shared.storage import Storage
+from kling_relay.shared.urlguard import UrlAllowlist
 
 
 def make_s3_client(settings: Settings) -> Any:

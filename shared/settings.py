@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-from shared.urlguard import UrlAllowlist
+from kling_relay.shared.urlguard import UrlAllowlist
 
 T = TypeVar("T")
 

@@ -19,7 +19,7 @@ lifecycle rule ``AbortIncompleteMultipartUpload`` too (a day is plenty).
 `CopyError.retryable` tells the caller whether a retry can help: network errors, 5xx, truncated downloads and
 S3 hiccups are retryable; 403/404/410 from the source (expired result URL: re-read the task from Kling for a
 fresh one), oversize sources and S3 configuration errors (no bucket, access denied) are not. Policy refusals
-of a URL raise `shared.urlguard.UrlRefused` unchanged.
+of a URL raise `kling_relay.shared.urlguard.UrlRefused` unchanged.
 
 Result URLs are signed and temporary: logs and error messages carry them without their query string.
 The S3 client (boto3, credentials from its usual chain) is created by the caller, with its own timeouts.
@@ -42,7 +42,7 @@ import requests
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 from urllib3.exceptions import HTTPError as Urllib3Error
 
-from shared.urlguard import UrlAllowlist, UrlResolutionError, close_response, get_checked, redact_url
+from kling_relay.shared.urlguard import UrlAllowlist, UrlResolutionError, close_response, get_checked, redact_url
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client

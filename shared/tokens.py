@@ -6,7 +6,7 @@ import hashlib
 import hmac
 from collections.abc import Iterable
 
-from shared.settings import Secret
+from kling_relay.shared.settings import Secret
 
 
 def callback_token(secret: Secret, job_id: str) -> str:

@@ -21,7 +21,7 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from shared.images import image_problems
+from kling_relay.shared.images import image_problems
 
 MODEL_NAMES = ("kling-v1-6",)
 DEFAULT_MODEL_NAME = "kling-v1-6"

@@ -1,9 +1,9 @@
 """A faithful local stand-in for the Kling multi-image2video API, with fault knobs for tests.
 
-`main(argv)` runs it (also `python -m simulator`); see simulator.cli for flags and simulator.knobs
-for every fault knob. It imports no project code.
+`main(argv)` runs it (also `python -m kling_relay.simulator`); see kling_relay.simulator.cli for flags and
+kling_relay.simulator.knobs for every fault knob. It imports no project code.
 """
 
-from simulator.cli import main
+from kling_relay.simulator.cli import main
 
 __all__ = ["main"]

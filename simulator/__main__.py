@@ -1,7 +1,7 @@
-"""`python -m simulator ...`: run the Kling simulator (see simulator.cli)."""
+"""`python -m kling_relay.simulator ...`: run the Kling simulator (see kling_relay.simulator.cli)."""
 
 import sys
 
-from simulator.cli import main
+from kling_relay.simulator.cli import main
 
 raise SystemExit(main(sys.argv[1:]))

@@ -17,12 +17,12 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 from urllib.parse import unquote
 
-from simulator.errors import ApiError
-from simulator.replies import Reply, Request, envelope, error_envelope
-from simulator.validation import parse_create
+from kling_relay.simulator.errors import ApiError
+from kling_relay.simulator.replies import Reply, Request, envelope, error_envelope
+from kling_relay.simulator.validation import parse_create
 
 if TYPE_CHECKING:
-    from simulator.app import SimulatorApp
+    from kling_relay.simulator.app import SimulatorApp
 
 COLLECTION = "/v1/videos/multi-image2video"
 ITEM = COLLECTION + "/{id}"

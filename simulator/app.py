@@ -10,17 +10,17 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from simulator import api, control
-from simulator.auth import Authenticator
-from simulator.callbacks import CallbackDispatcher
-from simulator.engine import Engine
-from simulator.errors import ApiError
-from simulator.faults import Faults
-from simulator.knobs import Knobs
-from simulator.replies import Reply, Request, error_envelope
-from simulator.stats import Stats
-from simulator.timers import Scheduler
-from simulator.urls import UrlSigner
+from kling_relay.simulator import api, control
+from kling_relay.simulator.auth import Authenticator
+from kling_relay.simulator.callbacks import CallbackDispatcher
+from kling_relay.simulator.engine import Engine
+from kling_relay.simulator.errors import ApiError
+from kling_relay.simulator.faults import Faults
+from kling_relay.simulator.knobs import Knobs
+from kling_relay.simulator.replies import Reply, Request, error_envelope
+from kling_relay.simulator.stats import Stats
+from kling_relay.simulator.timers import Scheduler
+from kling_relay.simulator.urls import UrlSigner
 
 
 def normalize_prefix(prefix: str) -> str:

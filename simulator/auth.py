@@ -14,7 +14,7 @@ import hmac
 import json
 from typing import Any
 
-from simulator.errors import ApiError
+from kling_relay.simulator.errors import ApiError
 
 DEMO_ACCESS_KEY = "demo-access-key"
 DEMO_SECRET_KEY = "demo-secret-key"  # noqa: S105 - the documented demo credential

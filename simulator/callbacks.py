@@ -20,10 +20,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from simulator.faults import Faults
-from simulator.stats import Stats
-from simulator.tasks import now_ms
-from simulator.timers import Scheduler
+from kling_relay.simulator.faults import Faults
+from kling_relay.simulator.stats import Stats
+from kling_relay.simulator.tasks import now_ms
+from kling_relay.simulator.timers import Scheduler
 
 log = logging.getLogger("simulator")
 

@@ -17,10 +17,10 @@ import threading
 from pathlib import Path
 from types import FrameType
 
-from simulator.app import SimulatorApp, normalize_prefix
-from simulator.auth import DEMO_ACCESS_KEY, DEMO_SECRET_KEY, Authenticator
-from simulator.knobs import add_knob_arguments, knobs_from_args
-from simulator.server import SimHTTPServer
+from kling_relay.simulator.app import SimulatorApp, normalize_prefix
+from kling_relay.simulator.auth import DEMO_ACCESS_KEY, DEMO_SECRET_KEY, Authenticator
+from kling_relay.simulator.knobs import add_knob_arguments, knobs_from_args
+from kling_relay.simulator.server import SimHTTPServer
 
 
 def build_parser() -> argparse.ArgumentParser:

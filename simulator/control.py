@@ -2,7 +2,7 @@
 
 - `GET /_sim/control` -> current knobs; `POST /_sim/control` with a JSON object of knob -> value
   applies them (400 `{"error"}` naming a bad knob, nothing applied) and returns the knobs.
-- `GET /_sim/stats` -> counters (see simulator.stats) plus `videos` (per task: video_id, size,
+- `GET /_sim/stats` -> counters (see kling_relay.simulator.stats) plus `videos` (per task: video_id, size,
   sha256, synthetic), `tasks` (task_id -> status) and `in_flight`.
 - `POST /_sim/reset` -> forget tasks, queued callbacks, files and counters, and restore the startup
   knobs; send `{"knobs": false}` to keep the current knobs.
@@ -14,12 +14,12 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
-from simulator import downloads
-from simulator.replies import Reply, Request, json_reply
-from simulator.urls import VIDEO_PATH_PREFIX
+from kling_relay.simulator import downloads
+from kling_relay.simulator.replies import Reply, Request, json_reply
+from kling_relay.simulator.urls import VIDEO_PATH_PREFIX
 
 if TYPE_CHECKING:
-    from simulator.app import SimulatorApp
+    from kling_relay.simulator.app import SimulatorApp
 
 
 def _json_object(body: bytes) -> dict[str, Any] | None:

@@ -18,13 +18,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import unquote
 
-from simulator.replies import Reply, Request
-from simulator.synthetic import SyntheticVideo
-from simulator.tasks import Video
-from simulator.urls import VIDEO_PATH_PREFIX
+from kling_relay.simulator.replies import Reply, Request
+from kling_relay.simulator.synthetic import SyntheticVideo
+from kling_relay.simulator.tasks import Video
+from kling_relay.simulator.urls import VIDEO_PATH_PREFIX
 
 if TYPE_CHECKING:
-    from simulator.app import SimulatorApp
+    from kling_relay.simulator.app import SimulatorApp
 
 _PATH = re.compile(r"^([^/]+)/([^/]+)\.mp4$")
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")

@@ -18,17 +18,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from simulator.callbacks import CallbackDispatcher
-from simulator.errors import ApiError
-from simulator.faults import Faults
-from simulator.images import ImageError, load_image
-from simulator.stats import Stats
-from simulator.synthetic import SyntheticVideo
-from simulator.tasks import FINAL, Task, TaskStore, Video, now_ms
-from simulator.timers import Scheduler
-from simulator.urls import UrlSigner
-from simulator.validation import CreateRequest
-from simulator.video import FfmpegRunner, RenderError, render_slideshow
+from kling_relay.simulator.callbacks import CallbackDispatcher
+from kling_relay.simulator.errors import ApiError
+from kling_relay.simulator.faults import Faults
+from kling_relay.simulator.images import ImageError, load_image
+from kling_relay.simulator.stats import Stats
+from kling_relay.simulator.synthetic import SyntheticVideo
+from kling_relay.simulator.tasks import FINAL, Task, TaskStore, Video, now_ms
+from kling_relay.simulator.timers import Scheduler
+from kling_relay.simulator.urls import UrlSigner
+from kling_relay.simulator.validation import CreateRequest
+from kling_relay.simulator.video import FfmpegRunner, RenderError, render_slideshow
 
 log = logging.getLogger("simulator")
 

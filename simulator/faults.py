@@ -12,7 +12,7 @@ import random
 import threading
 from typing import Any
 
-from simulator.knobs import Knobs
+from kling_relay.simulator.knobs import Knobs
 
 
 class Faults:

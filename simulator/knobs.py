@@ -15,7 +15,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from simulator.errors import ERROR_TABLE, SERVER_ERROR_CODES
+from kling_relay.simulator.errors import ERROR_TABLE, SERVER_ERROR_CODES
 
 
 def _knob(default: Any, help: str, *, choices: tuple[Any, ...] | None = None,

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from email.message import Message
 from typing import Any
 
-from simulator.errors import ApiError
+from kling_relay.simulator.errors import ApiError
 
 
 @dataclass

@@ -15,9 +15,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from simulator.app import SimulatorApp
-from simulator.errors import ApiError
-from simulator.replies import Reply, Request, error_envelope
+from kling_relay.simulator.app import SimulatorApp
+from kling_relay.simulator.errors import ApiError
+from kling_relay.simulator.replies import Reply, Request, error_envelope
 
 log = logging.getLogger("simulator")
 

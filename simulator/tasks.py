@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from simulator.errors import ApiError
-from simulator.validation import CreateRequest
+from kling_relay.simulator.errors import ApiError
+from kling_relay.simulator.validation import CreateRequest
 
 IN_FLIGHT = ("submitted", "processing")
 FINAL = ("succeed", "failed")

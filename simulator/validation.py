@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from simulator.errors import ApiError
+from kling_relay.simulator.errors import ApiError
 
 MODELS = ("kling-v1-6",)
 MODES = ("std", "pro")

@@ -14,14 +14,14 @@ from typing import Any
 import redis
 from flask import Blueprint, jsonify, request
 
-from shared import flow
-from shared.intake import accept_job
-from shared.jobs import IdempotencyConflict, JobNotFound, JobState, StepResult
-from shared.ops import ActionRefused, cancel_job, retry_job, submission_status
-from shared.tokens import bearer_ok
-from shared.tokens import bearer_token_number as token_number
-from shared.validation import FieldProblem, ValidationFailed, problems_payload
-from webhook.common import error, parse_json, read_body, runtime, valid_job_id
+from kling_relay.shared import flow
+from kling_relay.shared.intake import accept_job
+from kling_relay.shared.jobs import IdempotencyConflict, JobNotFound, JobState, StepResult
+from kling_relay.shared.ops import ActionRefused, cancel_job, retry_job, submission_status
+from kling_relay.shared.tokens import bearer_ok
+from kling_relay.shared.tokens import bearer_token_number as token_number
+from kling_relay.shared.validation import FieldProblem, ValidationFailed, problems_payload
+from kling_relay.webhook.common import error, parse_json, read_body, runtime, valid_job_id
 
 bp = Blueprint("api", __name__, url_prefix="/v1")
 MAX_LIST_LIMIT = 200

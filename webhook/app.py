@@ -9,9 +9,9 @@ import redis
 from flask import Flask, jsonify
 from werkzeug.exceptions import HTTPException
 
-from shared import flow
-from shared.runtime import Runtime
-from shared.settings import Settings, load_settings
+from kling_relay.shared import flow
+from kling_relay.shared.runtime import Runtime
+from kling_relay.shared.settings import Settings, load_settings
 
 
 def create_app(settings: Settings | None = None, runtime: Runtime | None = None) -> Flask:
@@ -22,9 +22,9 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     app.config["MAX_CONTENT_LENGTH"] = max(settings.max_request_bytes, settings.max_callback_bytes) + 1
     app.extensions["kling_relay"] = runtime or Runtime.from_settings(settings)
 
-    from webhook.api import bp as api_bp
-    from webhook.callbacks import bp as callbacks_bp
-    from webhook.openapi import openapi_document
+    from kling_relay.webhook.api import bp as api_bp
+    from kling_relay.webhook.callbacks import bp as callbacks_bp
+    from kling_relay.webhook.openapi import openapi_document
 
     app.register_blueprint(api_bp)
     app.register_blueprint(callbacks_bp)

@@ -11,10 +11,10 @@ from typing import Any
 
 from flask import Blueprint, jsonify, request
 
-from shared.kling import KlingTask
-from shared.pipeline import apply_task_status
-from shared.tokens import callback_token_ok
-from webhook.common import error, parse_json, read_body, runtime, valid_job_id
+from kling_relay.shared.kling import KlingTask
+from kling_relay.shared.pipeline import apply_task_status
+from kling_relay.shared.tokens import callback_token_ok
+from kling_relay.webhook.common import error, parse_json, read_body, runtime, valid_job_id
 
 bp = Blueprint("callbacks", __name__)
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from flask import current_app, jsonify, request
 
-from shared.runtime import Runtime
+from kling_relay.shared.runtime import Runtime
 
 # What a job id can look like (ours are `job_` + 26 base32 characters); anything else is never looked up, so a
 # path segment cannot name another key of the store (e.g. a job's `:events` list).

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from shared.jobs import SOURCES, JobState
-from shared.settings import Settings
-from shared.validation import ASPECT_RATIOS, DURATIONS, MODEL_NAMES, MODES
+from kling_relay.shared.jobs import SOURCES, JobState
+from kling_relay.shared.settings import Settings
+from kling_relay.shared.validation import ASPECT_RATIOS, DURATIONS, MODEL_NAMES, MODES
 
 JOB_ID_PATTERN = "^[A-Za-z0-9_-]{1,64}$"
 MAX_REASON_CHARS = 500  # webhook/api.py: MAX_REASON_CHARS

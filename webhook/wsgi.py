@@ -1,7 +1,7 @@
-"""Entry shim for gunicorn (`webhook.wsgi:app`, Procfile); nothing imports it."""
+"""Entry shim for gunicorn (`kling_relay.webhook.wsgi:app`, Procfile); nothing imports it."""
 
-from shared.logs import configure_logging
-from webhook.app import create_app
+from kling_relay.shared.logs import configure_logging
+from kling_relay.webhook.app import create_app
 
 configure_logging()
 app = create_app()

@@ -1,7 +1,7 @@
-"""Entry shim for `celery -A worker.celery_app worker|beat` (Procfile); nothing imports it."""
+"""Entry shim for `celery -A kling_relay.worker.celery_app worker|beat` (Procfile); nothing imports it."""
 
-from shared.logs import configure_logging
-from worker.tasks import create_worker_app
+from kling_relay.shared.logs import configure_logging
+from kling_relay.worker.tasks import create_worker_app
 
 configure_logging()
 app = create_worker_app()

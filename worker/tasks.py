@@ -1,4 +1,5 @@
-"""Celery tasks: thin wrappers that hand a job id to the plain functions in shared.pipeline and shared.reconcile."""
+"""Celery tasks: thin wrappers that hand a job id to the plain functions in kling_relay.shared.pipeline and
+kling_relay.shared.reconcile."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ from celery import Celery, Task
 from celery.exceptions import SoftTimeLimitExceeded
 from celery.signals import celeryd_after_setup
 
-from shared import flow, pipeline
-from shared.queue import (
+from kling_relay.shared import flow, pipeline
+from kling_relay.shared.queue import (
     COPY_TASK,
     COPY_TIME_LIMIT_SECONDS,
     NOTIFY_TASK,
@@ -19,9 +20,9 @@ from shared.queue import (
     SUBMIT_TASK,
     make_celery,
 )
-from shared.reconcile import reconcile
-from shared.runtime import Runtime
-from shared.settings import Settings, load_settings
+from kling_relay.shared.reconcile import reconcile
+from kling_relay.shared.runtime import Runtime
+from kling_relay.shared.settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
 

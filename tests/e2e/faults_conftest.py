@@ -34,7 +34,7 @@ FAST_ENV = {
 }
 
 needs_reconciler = pytest.mark.skipif(
-    importlib.util.find_spec("shared.reconcile") is None,
+    importlib.util.find_spec("kling_relay.shared.reconcile") is None,
     reason="needs the reconciler (shared/reconcile.py, issue 4), not in this tree yet",
 )
 

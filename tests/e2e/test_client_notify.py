@@ -12,11 +12,11 @@ from typing import Any
 import pytest
 
 from deploy.stack import DEMO_NOTIFY_SECRET, LocalStack
-from shared.client import Relay
-from shared.jobs import JobState
-from shared.notify import verify
-from shared.settings import Secret
-from shared.validation import ValidationFailed
+from kling_relay.shared.client import Relay
+from kling_relay.shared.jobs import JobState
+from kling_relay.shared.notify import verify
+from kling_relay.shared.settings import Secret
+from kling_relay.shared.validation import ValidationFailed
 from tests.e2e.conftest import job_body, submit, wait_jobs
 
 pytestmark = pytest.mark.e2e

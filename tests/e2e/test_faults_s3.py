@@ -15,7 +15,7 @@ from botocore.config import Config
 from botocore.exceptions import ClientError, ConnectionClosedError, EndpointConnectionError
 
 from deploy.stack import BUCKET, LocalStack
-from shared.storage import Storage
+from kling_relay.shared.storage import Storage
 from tests.e2e.conftest import job_body, submit, wait_jobs
 from tests.e2e.faults_conftest import assert_stored_once, fault_stack, get_jobs, retry_notes, wait_until
 from tests.support.faulty_proxy import FaultyProxy

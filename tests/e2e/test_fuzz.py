@@ -30,11 +30,11 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from deploy.stack import DEMO_API_TOKEN, DEMO_CALLBACK_SECRET, LocalStack
-from shared.jobs import JobState, JobStore
-from shared.settings import Secret, load_settings
-from shared.tokens import callback_token
+from kling_relay.shared.jobs import JobState, JobStore
+from kling_relay.shared.settings import Secret, load_settings
+from kling_relay.shared.tokens import callback_token
+from kling_relay.webhook.openapi import openapi_document
 from tests.shared.test_ops import REQUEST, failed_job
-from webhook.openapi import openapi_document
 
 pytestmark = pytest.mark.e2e
 MAX_EXAMPLES = 100

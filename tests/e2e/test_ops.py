@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 
 from deploy.stack import LocalStack
-from shared.client import Relay
-from shared.jobs import JobState
-from shared.ops import ActionRefused
+from kling_relay.shared.client import Relay
+from kling_relay.shared.jobs import JobState
+from kling_relay.shared.ops import ActionRefused
 from tests.e2e.conftest import job_body, submit, wait_jobs
 
 pytestmark = pytest.mark.e2e
@@ -65,7 +65,7 @@ def keys_of(stack: LocalStack, job_id: str) -> list[str]:
 
 
 def cli(stack: LocalStack, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "shared.cli", "jobs", *args], env=stack.env, cwd=REPO_ROOT,
+    return subprocess.run([sys.executable, "-m", "kling_relay.shared.cli", "jobs", *args], env=stack.env, cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=60)
 
 
@@ -197,6 +197,6 @@ def test_cli_get_list_and_exit_codes(stack: LocalStack) -> None:
     assert cli(stack, "list", "--limit", "0").returncode == 2
     assert cli(stack, "list", "--cursor", "garbage!").returncode == 2
     env = {**stack.env, "REDIS_URL": "http://nope"}  # settings are checked: a bad REDIS_URL is named
-    bad = subprocess.run([sys.executable, "-m", "shared.cli", "jobs", "get", job_id], env=env, cwd=REPO_ROOT,
-                         capture_output=True, text=True, timeout=60)
+    bad = subprocess.run([sys.executable, "-m", "kling_relay.shared.cli", "jobs", "get", job_id], env=env,
+                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "REDIS_URL" in bad.stderr

@@ -12,7 +12,7 @@ import redis
 import requests
 
 from deploy.stack import LocalStack
-from shared.tokens import callback_token
+from kling_relay.shared.tokens import callback_token
 from tests.e2e.conftest import job_body, submit, wait_jobs
 
 pytestmark = pytest.mark.e2e
@@ -143,7 +143,7 @@ def test_forged_callbacks_are_refused_and_change_nothing(clean_sim: LocalStack) 
 
 def callback_token_for(job_id: str) -> str:
     from deploy.stack import DEMO_CALLBACK_SECRET
-    from shared.settings import Secret
+    from kling_relay.shared.settings import Secret
 
     return callback_token(Secret(DEMO_CALLBACK_SECRET), job_id)
 

@@ -16,7 +16,7 @@ import pytest
 import redis
 
 from deploy.stack import LocalStack
-from shared import flow
+from kling_relay.shared import flow
 from tests.e2e.conftest import job_body, submit, wait_jobs
 
 pytestmark = pytest.mark.e2e

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import redis
 
-from shared import flow
-from shared.jobs import JobState, JobStore
-from shared.kling import KlingRetryLater
+from kling_relay.shared import flow
+from kling_relay.shared.jobs import JobState, JobStore
+from kling_relay.shared.kling import KlingRetryLater
 from tests.support.relay_runtime import REQUEST, relay_settings
 from tests.support.sim import SimHandle, running_simulator
 

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import redis
 
-from shared.jobs import (
+from kling_relay.shared.jobs import (
     TERMINAL,
     IdempotencyConflict,
     Job,

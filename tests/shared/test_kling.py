@@ -25,7 +25,7 @@ import jwt
 import pytest
 import requests
 
-from shared.kling import (
+from kling_relay.shared.kling import (
     ErrorKind,
     KlingAmbiguous,
     KlingClient,
@@ -40,7 +40,7 @@ from shared.kling import (
     error_for,
     kind_for_code,
 )
-from shared.kling_auth import JwtTokenSource, StaticApiKey
+from kling_relay.shared.kling_auth import JwtTokenSource, StaticApiKey
 from tests.support.procs import free_port
 from tests.support.sim import SimHandle, running_simulator, start_simulator
 

@@ -8,7 +8,7 @@ import time
 import pytest
 import redis
 
-from shared.locks import RedisLock, job_lock
+from kling_relay.shared.locks import RedisLock, job_lock
 
 
 def test_only_one_holder_and_release_frees_it(redis_client: redis.Redis) -> None:

@@ -5,7 +5,7 @@ import logging
 
 import pytest
 
-from shared.logs import JsonFormatter, configure_logging
+from kling_relay.shared.logs import JsonFormatter, configure_logging
 
 
 def test_json_lines_with_fields() -> None:

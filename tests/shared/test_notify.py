@@ -12,9 +12,9 @@ import pytest
 import redis
 import requests
 
-from shared.notify import NotifyError, deliver, event_payload, publish, sign, verify
-from shared.settings import Secret
-from shared.urlguard import UrlAllowlist
+from kling_relay.shared.notify import NotifyError, deliver, event_payload, publish, sign, verify
+from kling_relay.shared.settings import Secret
+from kling_relay.shared.urlguard import UrlAllowlist
 
 LOCAL = UrlAllowlist.parse("http://127.0.0.1", name="NOTIFY_URL_ALLOWLIST")
 

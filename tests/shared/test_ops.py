@@ -15,13 +15,13 @@ import pytest
 import redis
 from PIL import Image
 
-from shared import pipeline
-from shared.jobs import JobNotFound, JobState, JobStore
-from shared.kling import KlingClient
-from shared.ops import ActionRefused, cancel_job, retry_job, retry_mode
-from shared.queue import COPY_QUEUE, SUBMIT_QUEUE, Enqueuer, make_celery
-from shared.runtime import Runtime
-from shared.settings import load_settings
+from kling_relay.shared import pipeline
+from kling_relay.shared.jobs import JobNotFound, JobState, JobStore
+from kling_relay.shared.kling import KlingClient
+from kling_relay.shared.ops import ActionRefused, cancel_job, retry_job, retry_mode
+from kling_relay.shared.queue import COPY_QUEUE, SUBMIT_QUEUE, Enqueuer, make_celery
+from kling_relay.shared.runtime import Runtime
+from kling_relay.shared.settings import load_settings
 from tests.support.sim import running_simulator
 
 REQUEST: dict[str, Any] = {"model_name": "kling-v1-6", "image_list": [{"image": "https://example.com/a.png"}],

@@ -11,11 +11,11 @@ from typing import Any
 
 import pytest
 
-from shared import flow
-from shared.jobs import JobState
-from shared.locks import job_lock
-from shared.pipeline import RetryIn, copy_job, submit_job
-from shared.runtime import Runtime
+from kling_relay.shared import flow
+from kling_relay.shared.jobs import JobState
+from kling_relay.shared.locks import job_lock
+from kling_relay.shared.pipeline import RetryIn, copy_job, submit_job
+from kling_relay.shared.runtime import Runtime
 from tests.support.relay_runtime import (
     close_runtime,
     due_score,
@@ -294,7 +294,7 @@ def test_a_video_url_off_the_allowlist_fails_the_job_without_a_download(runtime:
 @pytest.mark.parametrize("runtime", [{"KLING_MAX_IN_FLIGHT": "1"}], indirect=True)
 def test_a_job_throttled_past_its_deadline_is_timed_out(runtime: Runtime, sim: SimHandle) -> None:
     """Throttles push the due time forward, but never past the deadline: the reconciler ends the job."""
-    from shared.reconcile import reconcile
+    from kling_relay.shared.reconcile import reconcile
 
     job = new_job(runtime, deadline=1.0)
     other = new_job(runtime)
@@ -312,7 +312,7 @@ def test_a_job_throttled_past_its_deadline_is_timed_out(runtime: Runtime, sim: S
 
 
 def test_a_copy_that_overran_its_time_limit_counts_as_an_attempt(runtime: Runtime, sim: SimHandle) -> None:
-    from shared.pipeline import copy_overran
+    from kling_relay.shared.pipeline import copy_overran
 
     job = new_job(runtime)
     for state in (JobState.SUBMITTED, JobState.GENERATED):

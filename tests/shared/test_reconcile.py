@@ -9,12 +9,12 @@ from typing import Any
 import pytest
 import redis
 
-from shared import flow
-from shared.jobs import JobState
-from shared.locks import RedisLock, job_lock
-from shared.pipeline import submit_job
-from shared.reconcile import LOCK_KEY, reconcile
-from shared.runtime import Runtime
+from kling_relay.shared import flow
+from kling_relay.shared.jobs import JobState
+from kling_relay.shared.locks import RedisLock, job_lock
+from kling_relay.shared.pipeline import submit_job
+from kling_relay.shared.reconcile import LOCK_KEY, reconcile
+from kling_relay.shared.runtime import Runtime
 from tests.support.relay_runtime import (
     close_runtime,
     due_score,

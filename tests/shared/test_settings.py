@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.settings import Secret, SettingsError, load_settings
+from kling_relay.shared.settings import Secret, SettingsError, load_settings
 
 GOOD = {
     "REDIS_URL": "redis://127.0.0.1:6379/0",

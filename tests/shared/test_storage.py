@@ -22,8 +22,8 @@ import requests
 from botocore.exceptions import ClientError
 
 from bench.copy_memory import expected_digests, run_probe
-from shared.storage import CopyCanceled, CopyError, Storage, StoredVideo, copy_videos, download_chunks
-from shared.urlguard import UrlAllowlist, UrlRefused
+from kling_relay.shared.storage import CopyCanceled, CopyError, Storage, StoredVideo, copy_videos, download_chunks
+from kling_relay.shared.urlguard import UrlAllowlist, UrlRefused
 from tests.support.procs import Process, free_port, wait_for_port
 from tests.support.s3 import MotoS3, start_moto_s3
 

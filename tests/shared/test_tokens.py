@@ -4,9 +4,9 @@ import random
 
 import pytest
 
-from shared.backoff import backoff_seconds
-from shared.settings import Secret
-from shared.tokens import bearer_ok, callback_token, callback_token_ok
+from kling_relay.shared.backoff import backoff_seconds
+from kling_relay.shared.settings import Secret
+from kling_relay.shared.tokens import bearer_ok, callback_token, callback_token_ok
 
 SECRET = Secret("callback-secret-0123456789")
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from shared.urlguard import (
+from kling_relay.shared.urlguard import (
     MAX_REDIRECTS,
     AllowRule,
     PinnedAdapter,

@@ -17,8 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from shared.images import sniff_format
-from shared.validation import (
+from kling_relay.shared.images import sniff_format
+from kling_relay.shared.validation import (
     FieldProblem,
     Limits,
     Validated,

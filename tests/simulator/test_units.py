@@ -9,10 +9,10 @@ import time
 
 import pytest
 
-from simulator.auth import Authenticator
-from simulator.errors import ApiError
-from simulator.knobs import Knobs
-from simulator.synthetic import SyntheticVideo
+from kling_relay.simulator.auth import Authenticator
+from kling_relay.simulator.errors import ApiError
+from kling_relay.simulator.knobs import Knobs
+from kling_relay.simulator.synthetic import SyntheticVideo
 from tests.support.sim import make_jwt
 
 AK, SK = "ak-unit", "sk-unit-0123456789abcdef0123456789abcdef"

@@ -14,10 +14,10 @@ from typing import Any
 import redis
 from PIL import Image
 
-from shared import flow
-from shared.jobs import Job, JobState
-from shared.runtime import Runtime
-from shared.settings import Settings, load_settings
+from kling_relay.shared import flow
+from kling_relay.shared.jobs import Job, JobState
+from kling_relay.shared.runtime import Runtime
+from kling_relay.shared.settings import Settings, load_settings
 from tests.support.procs import free_port
 from tests.support.sim import SimHandle
 

@@ -13,10 +13,10 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
-from shared.queue import make_celery
-from shared.runtime import Runtime
-from shared.settings import Settings, load_settings
-from webhook.app import create_app
+from kling_relay.shared.queue import make_celery
+from kling_relay.shared.runtime import Runtime
+from kling_relay.shared.settings import Settings, load_settings
+from kling_relay.webhook.app import create_app
 
 TOKENS = ("first-api-token-0123456789", "second-api-token-0123456789")
 CALLBACK_SECRET = "callback-secret-0123456789abcdef"

@@ -10,9 +10,9 @@ import pytest
 import redis
 from flask.testing import FlaskClient
 
-from shared.jobs import JobState, JobStore
-from shared.queue import COPY_QUEUE, SUBMIT_QUEUE
-from shared.runtime import Runtime
+from kling_relay.shared.jobs import JobState, JobStore
+from kling_relay.shared.queue import COPY_QUEUE, SUBMIT_QUEUE
+from kling_relay.shared.runtime import Runtime
 from tests.shared.test_ops import REQUEST, failed_job, messages
 from tests.webhook.conftest import TOKENS, auth
 

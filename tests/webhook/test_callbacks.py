@@ -6,10 +6,10 @@ from typing import Any
 
 from flask.testing import FlaskClient
 
-from shared.jobs import JobState
-from shared.runtime import Runtime
-from shared.settings import Secret
-from shared.tokens import callback_token
+from kling_relay.shared.jobs import JobState
+from kling_relay.shared.runtime import Runtime
+from kling_relay.shared.settings import Secret
+from kling_relay.shared.tokens import callback_token
 from tests.webhook.conftest import CALLBACK_SECRET
 
 REQUEST = {"model_name": "kling-v1-6", "image_list": [{"image": "https://img.example.com/a.png"}], "prompt": "p",

@@ -10,9 +10,9 @@ from flask.testing import FlaskClient
 from jsonschema import Draft202012Validator
 from openapi_spec_validator import validate
 
-from shared.jobs import JobState, JobStore
-from shared.runtime import Runtime
-from shared.validation import FieldProblem, problems_payload
+from kling_relay.shared.jobs import JobState, JobStore
+from kling_relay.shared.runtime import Runtime
+from kling_relay.shared.validation import FieldProblem, problems_payload
 from tests.shared.test_ops import REQUEST, failed_job
 from tests.webhook.conftest import auth
 
@@ -97,8 +97,8 @@ def test_the_422_schema_is_the_validation_payload(document: dict[str, Any]) -> N
 
 
 def test_limits_come_from_the_settings(redis_url: str) -> None:
+    from kling_relay.webhook.openapi import openapi_document
     from tests.webhook.conftest import app_settings
-    from webhook.openapi import openapi_document
 
     document = openapi_document(app_settings(redis_url, PROMPT_MAX_CHARS="5000"))
     assert document["components"]["schemas"]["JobRequest"]["properties"]["prompt"]["maxLength"] == 5000

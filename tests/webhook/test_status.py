@@ -10,9 +10,9 @@ from pathlib import Path
 
 from flask.testing import FlaskClient
 
-from shared import flow
-from shared.client import Relay
-from shared.runtime import Runtime
+from kling_relay.shared import flow
+from kling_relay.shared.client import Relay
+from kling_relay.shared.runtime import Runtime
 from tests.webhook.conftest import auth
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -53,12 +53,12 @@ def test_status_and_resume_from_python_and_the_cli(runtime: Runtime) -> None:
     relay = Relay.from_env(env)
     flow.pause(runtime.redis, code=1002, message="token invalid")
     assert relay.status()["submission"] == "paused"
-    out = subprocess.run([sys.executable, "-m", "shared.cli", "submission", "status"], env=env, cwd=REPO_ROOT,
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run([sys.executable, "-m", "kling_relay.shared.cli", "submission", "status"], env=env,
+                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["pause"]["reason"] == "auth"
-    out = subprocess.run([sys.executable, "-m", "shared.cli", "submission", "resume"], env=env, cwd=REPO_ROOT,
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run([sys.executable, "-m", "kling_relay.shared.cli", "submission", "resume"], env=env,
+                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and json.loads(out.stdout)["resumed"] is True
     assert relay.status()["submission"] == "open"
     assert relay.resume_submission() is None
@@ -67,7 +67,7 @@ def test_status_and_resume_from_python_and_the_cli(runtime: Runtime) -> None:
 
 def test_config_prints_no_secret(runtime: Runtime) -> None:
     env = {**_env(runtime), "REDIS_URL": runtime.settings.redis_url.replace("redis://", "redis://:pw1234567@")}
-    out = subprocess.run([sys.executable, "-m", "shared.cli", "config"], env=env, cwd=REPO_ROOT,
+    out = subprocess.run([sys.executable, "-m", "kling_relay.shared.cli", "config"], env=env, cwd=REPO_ROOT,
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     shown = json.loads(out.stdout)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from shared.queue import COPY_TASK, NOTIFY_TASK, RECONCILE_QUEUE, RECONCILE_TASK, SUBMIT_TASK
-from shared.settings import load_settings
-from worker.tasks import create_worker_app
+from kling_relay.shared.queue import COPY_TASK, NOTIFY_TASK, RECONCILE_QUEUE, RECONCILE_TASK, SUBMIT_TASK
+from kling_relay.shared.settings import load_settings
+from kling_relay.worker.tasks import create_worker_app
 
 ENV = {
     "REDIS_URL": "redis://127.0.0.1:1/0",
