@@ -16,7 +16,7 @@ from kling_relay.shared.settings import Settings, load_settings
 
 def create_app(settings: Settings | None = None, runtime: Runtime | None = None) -> Flask:
     settings = settings or (runtime.settings if runtime else load_settings())
-    app = Flask("kling_relay")
+    app = Flask(__name__)
     # One byte over the largest body any view accepts: views read with read_body(), which tells "over" apart
     # from "cut at the maximum" (what Werkzeug does to a chunked body at exactly MAX_CONTENT_LENGTH).
     app.config["MAX_CONTENT_LENGTH"] = max(settings.max_request_bytes, settings.max_callback_bytes) + 1
