@@ -4,7 +4,7 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: help setup demo test lint fmt bench clean
+.PHONY: help setup demo test lint fmt bench lock clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | \
@@ -29,6 +29,11 @@ fmt: setup ## Sort imports and fix what ruff can fix
 
 bench: setup ## Benchmarks (on demand, not part of test)
 	@$(PY) bench/copy_memory.py
+
+lock: setup ## Re-resolve every dependency into requirements.lock (then `make setup` installs it)
+	@$(PY) -m pip install --disable-pip-version-check -q uv
+	@$(VENV)/bin/uv pip compile pyproject.toml --extra dev --python-version 3.11 --universal --upgrade \
+		-o requirements.lock
 
 clean: ## Remove .venv/, caches and demo output
 	rm -rf $(VENV) .lint .pytest_cache .mypy_cache .ruff_cache .hypothesis demo-output .demo .bench *.egg-info

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up what `make demo` and `make test` need on a fresh Debian/Ubuntu machine:
-# a Python >= 3.11 with venv, redis-server, then .venv/ with the project installed (editable, with test extras).
-# Idempotent: a second run only re-installs when pyproject.toml changed.
+# a Python >= 3.11 with venv, redis-server, then .venv/ with the project installed (editable, with test extras),
+# every dependency pinned by requirements.lock (`make lock` refreshes it).
+# Idempotent: a second run only re-installs when pyproject.toml or requirements.lock changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -51,11 +52,11 @@ if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
   fi
 fi
-if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
+if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ] || [ requirements.lock -nt "$STAMP" ]; then
   echo "bootstrap: installing kling-relay and its dependencies into .venv/ (first run takes a minute)"
   log=.venv/install.log
   if ! { .venv/bin/python -m pip install --disable-pip-version-check --upgrade pip &&
-         .venv/bin/python -m pip install --disable-pip-version-check -e '.[dev]'; } >"$log" 2>&1; then
+         .venv/bin/python -m pip install --disable-pip-version-check -c requirements.lock -e '.[dev]'; } >"$log" 2>&1; then
     tail -n 40 "$log" >&2
     echo "bootstrap: pip install failed; full log in $log" >&2
     exit 1

@@ -15,7 +15,6 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-import imageio_ffmpeg
 from PIL import Image, ImageOps
 
 FRAME_SIZES = {"16:9": (640, 360), "9:16": (360, 640), "1:1": (480, 480)}
@@ -84,6 +83,17 @@ def sha256_file(path: Path) -> tuple[int, str]:
     return size, digest.hexdigest()
 
 
+def _ffmpeg_exe() -> str:
+    """The ffmpeg binary of imageio-ffmpeg (the `simulator` extra: `pip install 'kling-relay[simulator]'`)."""
+    try:
+        import imageio_ffmpeg
+    except ImportError as exc:
+        raise RenderError("real MP4 output needs imageio-ffmpeg: pip install 'kling-relay[simulator]' "
+                          "(or run the simulator with synthetic videos)") from exc
+    exe: str = imageio_ffmpeg.get_ffmpeg_exe()
+    return exe
+
+
 def render_slideshow(images: list[Image.Image], *, aspect_ratio: str, duration: int, fps: int,
                      out_path: Path, runner: FfmpegRunner) -> Rendered:
     """Write the slideshow MP4 to out_path and return its size, sha256 and duration in seconds."""
@@ -92,7 +102,7 @@ def render_slideshow(images: list[Image.Image], *, aspect_ratio: str, duration: 
     counts = _frame_counts(total_frames, len(images))
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_path.parent) as tmp:
-        argv = [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-nostdin", "-y", "-loglevel", "error"]
+        argv = [_ffmpeg_exe(), "-hide_banner", "-nostdin", "-y", "-loglevel", "error"]
         inputs: list[str] = []
         for i, (img, frames) in enumerate(zip(images, counts, strict=True)):
             if frames == 0:
