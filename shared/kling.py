@@ -151,7 +151,7 @@ _CLASS_FOR_KIND: dict[ErrorKind, type[KlingError]] = {
 
 
 def kind_for_code(code: int, http_status: int | None) -> ErrorKind:
-    """The kind of a non-zero Kling ``code`` (per docs/kling-api.md); unknown codes go by HTTP status."""
+    """The kind of a non-zero Kling ``code`` (per docs/kling-contract.md); unknown codes go by HTTP status."""
     if code in (1302, 1303) or 5000 <= code <= 5002:
         return ErrorKind.RETRY_LATER
     if code == 1203:

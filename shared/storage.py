@@ -1,6 +1,6 @@
 """The copy of finished videos into S3: a streaming download, a multipart upload, the manifest last.
 
-Layout (docs/design.md): ``<prefix><yyyy>/<mm>/<dd>/<job_id>/video.mp4`` (``video-<n>.mp4``, n from 1, when a task
+Layout (docs/architecture.md): ``<prefix><yyyy>/<mm>/<dd>/<job_id>/video.mp4`` (``video-<n>.mp4``, n from 1, when a task
 has several videos), then ``manifest.json`` beside them, written LAST with a conditional create
 (``IfNoneMatch="*"``): consumers trigger on the manifest, and a copy that finds it in place does nothing, so a
 re-run after success neither downloads nor uploads again. Moto (the test S3) honours ``If-None-Match: *`` on

@@ -1,7 +1,7 @@
 """Validation of a multi-image2video request before it costs money.
 
 ``validate_multi_image2video(body)`` checks a user's body against Kling's contract
-(docs/kling-api.md) and returns either a normalized Kling body, defaults filled in, or the
+(docs/kling-contract.md) and returns either a normalized Kling body, defaults filled in, or the
 complete list of problems, every field at once, each as ``{field, problem}``: a path such as
 ``"image_list[2].image"`` and a sentence saying what is wrong and what is allowed.
 

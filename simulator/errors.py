@@ -1,7 +1,7 @@
 """Kling's error table: business code -> HTTP status and default message.
 
 Every failure the simulator answers on the Kling API goes through `ApiError`, so the HTTP status and
-the envelope `code` always agree with the table in docs/kling-api.md.
+the envelope `code` always agree with the table in docs/kling-contract.md.
 """
 
 from __future__ import annotations

@@ -62,7 +62,7 @@ class Task:
         self.updated_at = self.updated_at or self.created_at
 
     def to_json(self) -> dict[str, Any]:
-        """The task object of docs/kling-api.md (task_result only once succeeded)."""
+        """The task object of docs/kling-contract.md (task_result only once succeeded)."""
         info: dict[str, Any] = {}
         if self.request.external_task_id is not None:
             info["external_task_id"] = self.request.external_task_id

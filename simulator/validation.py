@@ -1,4 +1,4 @@
-"""Validation of the multi-image2video create body, the way docs/kling-api.md describes it.
+"""Validation of the multi-image2video create body, the way docs/kling-contract.md describes it.
 
 A body that is not a JSON object answers 1200; any bad field answers 1201 with a message naming it.
 Fields of the single-image endpoint (`image`, `image_tail`, `cfg_scale`, ...) and unknown fields are
