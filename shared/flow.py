@@ -38,15 +38,13 @@ import requests
 from requests.adapters import HTTPAdapter
 
 from kling_relay.shared.kling import KlingClient, KlingRetryLater
+from kling_relay.shared.kling_codes import ACCOUNT_CODES, AUTH_CODES, PAUSE_CODES, THROTTLE_CODES, pause_reason
 from kling_relay.shared.runtime import make_kling_client
 from kling_relay.shared.settings import Settings
 
 log = logging.getLogger(__name__)
 
-AUTH_CODES = frozenset([*range(1000, 1005), 1304])
-ACCOUNT_CODES = frozenset(range(1100, 1104))
-PAUSE_CODES = AUTH_CODES | ACCOUNT_CODES
-THROTTLE_CODES = frozenset({1302, 1303})
+__all__ = ["ACCOUNT_CODES", "AUTH_CODES", "PAUSE_CODES", "THROTTLE_CODES", "pause_reason"]  # from kling_codes
 
 _NOW = """
 local function now_seconds()
@@ -245,11 +243,6 @@ def in_flight(client: redis.Redis, *, prefix: str = "kr:") -> dict[str, int]:
 
 
 # --- pause --------------------------------------------------------------------------------------------------------
-
-def pause_reason(code: int | None) -> str:
-    """`auth` for credential and IP allow-list codes (1000-1004, 1304), `account` for 1100-1103."""
-    return "account" if code in ACCOUNT_CODES else "auth"
-
 
 def pause(client: redis.Redis, *, code: int | None, message: str, job_id: str | None = None,
           prefix: str = "kr:") -> bool:

@@ -35,6 +35,7 @@ import requests
 from urllib3.exceptions import MaxRetryError, NewConnectionError
 
 from kling_relay.shared.kling_auth import DEFAULT_RENEW_MARGIN_S, JwtTokenSource, StaticApiKey, TokenSource
+from kling_relay.shared.kling_codes import LOOKUP_FALLBACK_CODES, TOKEN_EXPIRED, Handling, handling
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +49,6 @@ MAX_PAGE_NUM = 1000
 #: An answer bigger than this is not a Kling envelope (a list page of 500 tasks is well under 1 MiB).
 MAX_BODY_BYTES = 16 * 1024 * 1024
 _MAX_MESSAGE_CHARS = 500
-#: Codes that mean "the direct lookup did not understand this id": fall back to scanning the list.
-_LOOKUP_FALLBACK_CODES = frozenset({1200, 1201, 1202, 1203})
-_CODE_TOKEN_EXPIRED = 1004
 
 
 # --------------------------------------------------------------------------------------------- errors
@@ -150,19 +148,19 @@ _CLASS_FOR_KIND: dict[ErrorKind, type[KlingError]] = {
 }
 
 
+_KIND_FOR_HANDLING: dict[Handling, ErrorKind] = {
+    Handling.RETRY: ErrorKind.RETRY_LATER,
+    Handling.THROTTLE: ErrorKind.RETRY_LATER,
+    Handling.REJECT: ErrorKind.FIX_REQUEST,
+    Handling.NOT_FOUND: ErrorKind.NOT_FOUND,
+    Handling.PAUSE_AUTH: ErrorKind.FIX_ACCOUNT,
+    Handling.PAUSE_ACCOUNT: ErrorKind.FIX_ACCOUNT,
+}
+
+
 def kind_for_code(code: int, http_status: int | None) -> ErrorKind:
-    """The kind of a non-zero Kling ``code`` (per docs/kling-contract.md); unknown codes go by HTTP status."""
-    if code in (1302, 1303) or 5000 <= code <= 5002:
-        return ErrorKind.RETRY_LATER
-    if code == 1203:
-        return ErrorKind.NOT_FOUND
-    if 1200 <= code <= 1202 or code in (1300, 1301):
-        return ErrorKind.FIX_REQUEST
-    if 1000 <= code <= 1004 or 1100 <= code <= 1103 or code == 1304:
-        return ErrorKind.FIX_ACCOUNT
-    if http_status is not None and http_status >= 500:
-        return ErrorKind.RETRY_LATER
-    return ErrorKind.FIX_REQUEST
+    """The kind of a non-zero Kling ``code`` (the table in `kling_codes`); unknown codes go by HTTP status."""
+    return _KIND_FOR_HANDLING[handling(code, http_status)]
 
 
 def error_for(kind: ErrorKind, message: str, **fields: Any) -> KlingError:
@@ -366,7 +364,7 @@ class KlingClient:
         except (KlingFixRequest, KlingProtocolError) as err:
             # Any "I don't understand this id here" answer (a Kling 12xx code, or a gateway's plain 4xx page)
             # falls back to the list; a retry-later or account error propagates.
-            if isinstance(err, KlingFixRequest) and err.code not in _LOOKUP_FALLBACK_CODES:
+            if isinstance(err, KlingFixRequest) and err.code not in LOOKUP_FALLBACK_CODES:
                 raise
             if isinstance(err, KlingProtocolError) and not (err.http_status and 400 <= err.http_status < 500):
                 raise
@@ -391,7 +389,7 @@ class KlingClient:
         try:
             return self._send(method, path, token, params=params, json_body=json_body, create=create)
         except KlingFixAccount as err:
-            if err.code != _CODE_TOKEN_EXPIRED or self._auth.mode != "jwt":
+            if err.code != TOKEN_EXPIRED or self._auth.mode != "jwt":
                 raise
             log.info("kling token expired, renewing once", extra={"path": path, "request_id": err.request_id})
             token = self._auth.renew(token)

@@ -29,7 +29,7 @@ VISIBILITY_TIMEOUT_SECONDS = 2 * COPY_TIME_LIMIT_SECONDS
 
 
 def make_celery(redis_url: str, **overrides: Any) -> Celery:
-    """A Celery app on Redis with the delivery guarantees docs/architecture.md asks for (JSON only, late acks, prefetch 1)."""
+    """A Celery app on Redis with the delivery guarantees of docs/architecture.md (JSON only, late acks, prefetch 1)."""
     app = Celery("kling_relay", broker=redis_url)
     app.conf.update(
         task_serializer="json",
