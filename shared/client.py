@@ -1,7 +1,9 @@
-"""The Python client for backend apps: submit a job, read it, wait for it — in-process, no HTTP needed.
+"""The in-process Python client, for code on the relay's own hosts: submit, read, wait — straight in Redis, no HTTP.
+
+Backend apps elsewhere use `kling_relay.shared.http_client.RelayClient` (the relay's URL and an API token).
 
     from kling_relay.shared.client import Relay
-    relay = Relay.from_env()                      # the same environment variables as the relay's processes
+    relay = Relay.from_env()                      # REDIS_URL (and the optional intake limits) only
     job = relay.submit(image_list=[{"image": "https://..."}], prompt="...", idempotency_key="order-42")
     job = relay.wait(job.id, timeout=900)         # returns when stored, failed or canceled
     job.videos                                    # [{"bucket", "key", "sha256", "bytes", "duration"}]
@@ -26,13 +28,18 @@ from kling_relay.shared.intake import accept_job
 from kling_relay.shared.jobs import TERMINAL, Job, JobNotFound, JobState, JobStore
 from kling_relay.shared.ops import cancel_job, retry_job, submission_status
 from kling_relay.shared.queue import Enqueuer, make_celery
-from kling_relay.shared.settings import Settings, load_settings
+from kling_relay.shared.settings import ClientSettings, Settings, load_client_settings
 
 
 class Relay:
-    """Backend-app side of kling-relay: needs Redis (REDIS_URL) only; Kling and S3 are the workers' business."""
+    """In-process client for code on the relay's own hosts: needs Redis (REDIS_URL) only; Kling, S3 and the API
+    tokens are the relay processes' business. Backend apps elsewhere use the HTTP client
+    (`kling_relay.shared.http_client.RelayClient`) with the relay's URL and an API token instead.
 
-    def __init__(self, settings: Settings, *, store: JobStore | None = None,
+    `settings` may be the relay processes' full `Settings` or the `ClientSettings` that `from_env()` loads.
+    """
+
+    def __init__(self, settings: Settings | ClientSettings, *, store: JobStore | None = None,
                  enqueuer: Enqueuer | None = None) -> None:
         self.settings = settings
         self._owned: list[Any] = []  # clients made here, closed by close()
@@ -62,7 +69,11 @@ class Relay:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Relay:
-        return cls(load_settings(env))
+        """A Relay from the environment (default os.environ): REDIS_URL, plus the optional PROMPT_MAX_CHARS,
+        JOB_TTL_SECONDS, JOB_DEADLINE_SECONDS, RECONCILE_QUIET_SECONDS, NOTIFY_SECRET and NOTIFY_URL_ALLOWLIST
+        (as the relay's processes read them, so jobs are taken in alike). Raises SettingsError naming each bad
+        variable. No Kling key, CALLBACK_SECRET, API_TOKENS or S3_BUCKET is needed."""
+        return cls(load_client_settings(env))
 
     def submit(self, *, idempotency_key: str | None = None, **fields: Any) -> Job:
         """Queue one job; `fields` are the POST /v1/jobs body (Kling's names plus notify_url and metadata)."""

@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 
 from kling_relay.shared.jobs import Job, JobStore
 from kling_relay.shared.queue import Enqueuer
-from kling_relay.shared.settings import Settings
+from kling_relay.shared.settings import ClientSettings, Settings
 from kling_relay.shared.urlguard import UrlAllowlist, UrlRefused
 from kling_relay.shared.validation import FieldProblem, Limits, ValidationFailed, validate_multi_image2video
 
@@ -31,7 +31,7 @@ class Accepted:
     created: bool  # False: an idempotent replay of an earlier identical request
 
 
-def _extra_problems(extras: dict[str, Any], settings: Settings) -> list[FieldProblem]:
+def _extra_problems(extras: dict[str, Any], settings: Settings | ClientSettings) -> list[FieldProblem]:
     problems: list[FieldProblem] = []
     if "notify_url" in extras and extras["notify_url"] is not None:
         url = extras["notify_url"]
@@ -63,7 +63,7 @@ def idempotency_key_problem(key: str | None) -> FieldProblem | None:
     return None
 
 
-def accept_job(body: object, *, store: JobStore, enqueuer: Enqueuer, settings: Settings,
+def accept_job(body: object, *, store: JobStore, enqueuer: Enqueuer, settings: Settings | ClientSettings,
                idempotency_key: str | None = None) -> Accepted:
     """Validate, store and queue one job; raises ValidationFailed (every problem) or IdempotencyConflict."""
     result = validate_multi_image2video(body, limits=Limits(prompt_max_chars=settings.prompt_max_chars),

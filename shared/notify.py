@@ -8,16 +8,15 @@ job's `notify_url` is signed per the Standard Webhooks scheme: headers `webhook-
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
 import json
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import redis
 import requests
 
+from kling_relay.shared import http_client
 from kling_relay.shared.settings import Secret
 from kling_relay.shared.urlguard import UrlAllowlist, UrlRefused, UrlResolutionError, close_response, send_checked
 
@@ -32,32 +31,22 @@ class NotifyError(Exception):
         self.retryable = retryable
 
 
-def secret_bytes(secret: Secret) -> bytes:
-    raw = secret.reveal()
-    if raw.startswith("whsec_"):
-        return base64.b64decode(raw[len("whsec_"):])
-    return raw.encode()
+def secret_bytes(secret: Secret | str) -> bytes:
+    """The HMAC key of NOTIFY_SECRET (see `kling_relay.shared.http_client.secret_bytes`)."""
+    return http_client.secret_bytes(secret)
 
 
-def sign(secret: Secret, msg_id: str, timestamp: int, body: bytes) -> str:
-    to_sign = f"{msg_id}.{timestamp}.".encode() + body
-    digest = hmac.new(secret_bytes(secret), to_sign, hashlib.sha256).digest()
-    return "v1," + base64.b64encode(digest).decode()
+def sign(secret: Secret | str, msg_id: str, timestamp: int, body: bytes) -> str:
+    """The `webhook-signature` of one message; the one implementation is in `kling_relay.shared.http_client`."""
+    return http_client.sign(secret, msg_id, timestamp, body)
 
 
-def verify(secret: Secret, headers: dict[str, str], body: bytes, *, tolerance: int = 300,
+def verify(secret: Secret | str, headers: Mapping[str, str], body: bytes | str, *, tolerance: int = 300,
            now: float | None = None) -> bool:
-    """Check a Standard Webhooks signature (what a receiver does); used by tests and offered to consumers."""
-    try:
-        msg_id = headers["webhook-id"]
-        timestamp = int(headers["webhook-timestamp"])
-        signatures = headers["webhook-signature"].split()
-    except (KeyError, ValueError):
-        return False
-    if abs((now or time.time()) - timestamp) > tolerance:
-        return False
-    expected = sign(secret, msg_id, timestamp, body)
-    return any(hmac.compare_digest(expected, s) for s in signatures)
+    """Check a Standard Webhooks signature (what a receiver does): `kling_relay.shared.http_client.verify`, which
+    backend apps import without the relay's dependencies. `secret` is a plain string, `whsec_<base64>`, or a
+    Secret."""
+    return http_client.verify(secret, headers, body, tolerance=tolerance, now=now)
 
 
 def event_payload(job_public: dict[str, Any]) -> dict[str, Any]:

@@ -4,6 +4,10 @@
 and what is wrong, so a misconfigured process fails at start-up rather than on its first job. Secrets can be
 given inline (`CALLBACK_SECRET=...`) or as a file (`CALLBACK_SECRET_FILE=/run/secrets/cb`); they are wrapped in
 `Secret`, whose repr and str never show the value.
+
+`load_client_settings()` reads only what the in-process client (`kling_relay.shared.client.Relay`) needs on
+the relay's own hosts: REDIS_URL and the optional limits that shape a job at intake. It requires no Kling key,
+CALLBACK_SECRET, API_TOKENS or S3_BUCKET.
 """
 
 from __future__ import annotations
@@ -120,6 +124,31 @@ class Settings:
         return "api_key" if self.kling_api_key else "access_key"
 
 
+@dataclass(frozen=True)
+class ClientSettings:
+    """What `Relay` needs to take jobs in and act on them in Redis: no Kling, S3 or API secrets.
+
+    The names and meanings are those of `Settings` (which has every one of these fields too), so code that takes
+    jobs in accepts either. `notify_secret` is read only to know whether a job may set `notify_url`.
+    """
+
+    redis_url: str = field(default="redis://127.0.0.1:6379/0", repr=False)  # may carry a password
+    prompt_max_chars: int = 2500
+    job_ttl_seconds: int = 30 * 24 * 3600
+    job_deadline_seconds: float = 6 * 3600.0
+    reconcile_quiet_seconds: float = 120.0
+    notify_secret: Secret | None = None
+    notify_url_allowlist: str = "*"
+
+    def redacted(self) -> dict[str, Any]:
+        """Every setting, printable: the secret as "***", a Redis password removed."""
+        return {"redis_url": _without_password(self.redis_url), "prompt_max_chars": self.prompt_max_chars,
+                "job_ttl_seconds": self.job_ttl_seconds, "job_deadline_seconds": self.job_deadline_seconds,
+                "reconcile_quiet_seconds": self.reconcile_quiet_seconds,
+                "notify_secret": "***" if self.notify_secret else None,
+                "notify_url_allowlist": self.notify_url_allowlist}
+
+
 def _without_password(url: str) -> str:
     parts = urlsplit(url)
     if parts.password is None:
@@ -199,13 +228,50 @@ class _Reader:
         return value.rstrip("/")
 
 
+def _redis_url(r: _Reader) -> str:
+    redis_url = r.raw("REDIS_URL") or "redis://127.0.0.1:6379/0"
+    if urlsplit(redis_url).scheme not in ("redis", "rediss", "unix"):
+        r.problems["REDIS_URL"] = f"must be a redis://, rediss:// or unix:// URL, got {_without_password(redis_url)!r}"
+    return redis_url
+
+
+def _notify_allowlist(r: _Reader) -> str:
+    notify_allowlist = r.raw("NOTIFY_URL_ALLOWLIST") or "*"
+    try:
+        UrlAllowlist.parse(notify_allowlist, name="NOTIFY_URL_ALLOWLIST")
+    except ValueError as exc:
+        r.problems["NOTIFY_URL_ALLOWLIST"] = str(exc)
+    return notify_allowlist
+
+
+def load_client_settings(env: Mapping[str, str] | None = None) -> ClientSettings:
+    """Build ClientSettings from `env` (default: os.environ): REDIS_URL (default local) and the optional
+    PROMPT_MAX_CHARS, JOB_TTL_SECONDS, JOB_DEADLINE_SECONDS, RECONCILE_QUIET_SECONDS, NOTIFY_SECRET(_FILE) and
+    NOTIFY_URL_ALLOWLIST, checked as load_settings() checks them; raise SettingsError listing every problem.
+    Kling keys, CALLBACK_SECRET, API_TOKENS and S3_BUCKET are neither required nor read."""
+    r = _Reader(os.environ if env is None else env)
+    redis_url = _redis_url(r)
+    notify_allowlist = _notify_allowlist(r)
+    notify_secret = r.raw("NOTIFY_SECRET", secret=True)
+    settings = ClientSettings(
+        redis_url=redis_url,
+        prompt_max_chars=r.positive_int("PROMPT_MAX_CHARS", 2500),
+        job_ttl_seconds=r.positive_int("JOB_TTL_SECONDS", 30 * 24 * 3600),
+        job_deadline_seconds=r.positive_float("JOB_DEADLINE_SECONDS", 6 * 3600.0),
+        reconcile_quiet_seconds=r.positive_float("RECONCILE_QUIET_SECONDS", 120.0),
+        notify_secret=Secret(notify_secret) if notify_secret else None,
+        notify_url_allowlist=notify_allowlist,
+    )
+    if r.problems:
+        raise SettingsError(r.problems)
+    return settings
+
+
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     """Build Settings from `env` (default: os.environ); raise SettingsError listing every problem."""
     r = _Reader(os.environ if env is None else env)
 
-    redis_url = r.raw("REDIS_URL") or "redis://127.0.0.1:6379/0"
-    if urlsplit(redis_url).scheme not in ("redis", "rediss", "unix"):
-        r.problems["REDIS_URL"] = f"must be a redis://, rediss:// or unix:// URL, got {_without_password(redis_url)!r}"
+    redis_url = _redis_url(r)
 
     base_url = r.url("KLING_BASE_URL", r.required("KLING_BASE_URL"), https=True)
     access_key = r.raw("KLING_ACCESS_KEY", secret=True)
@@ -237,12 +303,11 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         r.url("S3_ENDPOINT_URL", endpoint)
 
     allowlist = r.raw("VIDEO_URL_ALLOWLIST") or "*.klingai.com"
-    notify_allowlist = r.raw("NOTIFY_URL_ALLOWLIST") or "*"
-    for name, raw in (("VIDEO_URL_ALLOWLIST", allowlist), ("NOTIFY_URL_ALLOWLIST", notify_allowlist)):
-        try:
-            UrlAllowlist.parse(raw, name=name)
-        except ValueError as exc:
-            r.problems[name] = str(exc)
+    try:
+        UrlAllowlist.parse(allowlist, name="VIDEO_URL_ALLOWLIST")
+    except ValueError as exc:
+        r.problems["VIDEO_URL_ALLOWLIST"] = str(exc)
+    notify_allowlist = _notify_allowlist(r)
     log_level = (r.raw("LOG_LEVEL") or "INFO").upper()
     if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         r.problems["LOG_LEVEL"] = f"must be DEBUG, INFO, WARNING or ERROR, got {log_level!r}"
