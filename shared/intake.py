@@ -42,8 +42,8 @@ def _extra_problems(extras: dict[str, Any], settings: Settings | ClientSettings)
             problems.append(FieldProblem("notify_url", "this relay has no NOTIFY_SECRET configured to sign "
                                                        "notifications; ask its operator or leave notify_url out"))
         else:
-            try:  # scheme, host and port now; the addresses are checked again at delivery, after DNS
-                UrlAllowlist.parse(settings.notify_url_allowlist, name="NOTIFY_URL_ALLOWLIST").match(url)
+            try:  # scheme, host, port and a literal address now; a name's addresses at delivery, after DNS
+                UrlAllowlist.parse(settings.notify_url_allowlist, name="NOTIFY_URL_ALLOWLIST").check_without_dns(url)
             except UrlRefused as exc:
                 problems.append(FieldProblem("notify_url", f"not allowed: {exc.reason}"))
     if "metadata" in extras and extras["metadata"] is not None:

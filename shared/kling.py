@@ -17,6 +17,11 @@ answer into either a :class:`KlingTask` or a :class:`KlingError` subclass:
 An unknown non-zero code is classed by HTTP status: 5xx retry later, anything else fix request.
 The envelope's ``code`` decides success, whatever the HTTP status. Secrets (keys, tokens) never
 appear in reprs, error strings or log lines.
+
+Every string taken from Kling (a task, a callback, an error envelope) can be stored as UTF-8: JSON may carry a
+lone UTF-16 surrogate (``"\\ud800"``), which no store can encode. Ids that have one are refused (ValueError /
+KlingProtocolError: they could never be looked up again); free text (``task_status_msg``, messages, video
+URLs and durations) has each one replaced by U+FFFD.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -49,6 +55,7 @@ MAX_PAGE_NUM = 1000
 #: An answer bigger than this is not a Kling envelope (a list page of 500 tasks is well under 1 MiB).
 MAX_BODY_BYTES = 16 * 1024 * 1024
 _MAX_MESSAGE_CHARS = 500
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # a valid pair is one code point once JSON is decoded
 
 
 # --------------------------------------------------------------------------------------------- errors
@@ -208,6 +215,8 @@ class KlingTask:
         task_id = obj.get("task_id")
         if not isinstance(task_id, str) or not task_id:
             raise ValueError("task_id must be a non-empty string")
+        if _LONE_SURROGATE.search(task_id):
+            raise ValueError("task_id must be valid Unicode (it has a lone surrogate)")
         status = obj.get("task_status")
         if status not in TASK_STATUSES:
             raise ValueError(f"task_status must be one of {', '.join(TASK_STATUSES)}, not {status!r}")
@@ -217,12 +226,21 @@ class KlingTask:
         return cls(
             task_id=task_id,
             status=cast(TaskStatus, status),
-            status_msg=_optional(obj, "task_status_msg", str) or "",
-            external_task_id=_optional(info, "external_task_id", str),
+            status_msg=safe_text(_optional(obj, "task_status_msg", str) or ""),
+            external_task_id=_safe_or_none(_optional(info, "external_task_id", str)),
             created_at_ms=_timestamp(obj, "created_at"),
             updated_at_ms=_timestamp(obj, "updated_at"),
             videos=tuple(_video(v, i) for i, v in enumerate(videos)),
         )
+
+
+def safe_text(text: str) -> str:
+    """`text` with every lone UTF-16 surrogate replaced by U+FFFD, so that it can be encoded as UTF-8."""
+    return _LONE_SURROGATE.sub("\ufffd", text)
+
+
+def _safe_or_none(text: str | None) -> str | None:
+    return None if text is None else safe_text(text)
 
 
 def _optional(obj: Mapping[str, Any], key: str, kind: type[Any]) -> Any:
@@ -253,8 +271,8 @@ def _video(obj: object, index: int) -> KlingVideo:
         raise ValueError(f"task_result.videos[{index}].id must be a string")
     if isinstance(duration, bool) or not isinstance(duration, str | int | float | None):
         raise ValueError(f"task_result.videos[{index}].duration must be a string")
-    return KlingVideo(id="" if vid is None else str(vid), url=url,
-                      duration="" if duration is None else str(duration))
+    return KlingVideo(id="" if vid is None else safe_text(str(vid)), url=safe_text(url),
+                      duration="" if duration is None else safe_text(str(duration)))
 
 
 # --------------------------------------------------------------------------------------------- client
@@ -465,8 +483,8 @@ def _parse_envelope(raw: bytes) -> _Envelope | None:
     if isinstance(code, bool) or not isinstance(code, int):
         return None
     message, request_id = obj.get("message"), obj.get("request_id")
-    return _Envelope(code=code, message=message if isinstance(message, str) else "",
-                     request_id=request_id if isinstance(request_id, str) and request_id else None,
+    return _Envelope(code=code, message=safe_text(message) if isinstance(message, str) else "",
+                     request_id=safe_text(request_id) if isinstance(request_id, str) and request_id else None,
                      data=obj.get("data"))
 
 
@@ -559,5 +577,5 @@ def _log_outcome(method: str, path: str, started: float, error: KlingError | Non
 __all__ = [
     "TASK_STATUSES", "ErrorKind", "KlingAmbiguous", "KlingClient", "KlingError", "KlingFixAccount",
     "KlingFixRequest", "KlingProtocolError", "KlingRetryLater", "KlingTask", "KlingTaskNotFound",
-    "KlingVideo", "TaskStatus", "error_for", "kind_for_code",
+    "KlingVideo", "TaskStatus", "error_for", "kind_for_code", "safe_text",
 ]

@@ -14,8 +14,8 @@ scheme/host/port matches no entry. It then resolves the host (``socket.getaddrin
 address: private, loopback, link-local (cloud metadata 169.254.169.254), unspecified, multicast, reserved and
 other non-global addresses, IPv6 included (``::1``, ``fc00::/7``, ``fe80::/10``) and IPv4-mapped IPv6 judged by
 the IPv4 address they carry, are refused unless the matching entry names that host or IP literally (not a
-wildcard). A host that does not resolve raises `UrlResolutionError` — a network problem worth a retry,
-not a policy refusal.
+wildcard; an entry naming the host is chosen over a wildcard that matches it too). A host that does not resolve
+raises `UrlResolutionError` — a network problem worth a retry, not a policy refusal.
 
 DNS rebinding: `get_checked()` never lets requests resolve the name again. It sends through `PinnedAdapter`,
 whose connections open a socket to one of the vetted addresses while keeping the original host name for the
@@ -24,6 +24,11 @@ parser disagreement between urllib.parse and urllib3 cannot smuggle in another h
 (``HTTPS_PROXY``...) are deliberately not used for these downloads: a proxy would resolve the name itself.
 Redirects are never followed automatically: each ``Location`` is re-checked with the same rules, at most
 `MAX_REDIRECTS` hops.
+
+`UrlAllowlist.check_without_dns(url)` is every check that needs no DNS, for intake (a job's ``notify_url``):
+the rules, and for a host that is an address literal the same address rule. An address literal is what the
+system resolver reads as one without asking DNS: IPv4 and IPv6 literals and also the old numeric IPv4 forms
+of ``inet_aton`` (``2130706433``, ``0x7f.1``, ``0177.0.0.1``, ``127.1``), see `literal_address`.
 
 Residual risks: ``getaddrinfo`` has no timeout of its own (the system resolver's, see resolv.conf, applies);
 a host named literally in an entry may be private by design (that is the point of naming it).
@@ -134,6 +139,37 @@ def _as_ip(host: str) -> IPAddress | None:
         return None
 
 
+_INET_ATON_PART = re.compile(r"0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*")
+
+
+def _inet_aton(host: str) -> ipaddress.IPv4Address | None:
+    """The IPv4 address glibc's inet_aton (and so getaddrinfo) reads in `host`, or None.
+
+    One to four dot-separated parts, each decimal, octal (leading ``0``) or hex (``0x``); every part but the
+    last is one byte, the last fills the bytes left (``127.1`` is 127.0.0.1, ``2130706433`` is 127.0.0.1).
+    """
+    parts = host.split(".")
+    if not 1 <= len(parts) <= 4 or not all(_INET_ATON_PART.fullmatch(p) for p in parts):
+        return None
+    values = [int(p, 16) if p[:2].lower() == "0x" else int(p, 8) if p.startswith("0") else int(p)
+              for p in parts]
+    *head, last = values
+    if any(v > 0xFF for v in head) or last >= 1 << (8 * (4 - len(head))):
+        return None
+    number = last
+    for i, value in enumerate(head):
+        number |= value << (8 * (3 - i))
+    return ipaddress.IPv4Address(number)
+
+
+def literal_address(host: str) -> IPAddress | None:
+    """The address `host` names without DNS: an IP literal (brackets optional, IPv6 scope dropped) or a
+    numeric IPv4 form the system resolver accepts (``2130706433``, ``0x7f.1``, ``0177.0.0.1``); else None."""
+    host = _normalise_host(host)
+    ip = _as_ip(host.split("%", 1)[0])
+    return ip if ip is not None else _inet_aton(host)
+
+
 def _normalise_host(host: str) -> str:
     host = host.strip().lower().rstrip(".")
     if host.startswith("[") and host.endswith("]"):
@@ -239,16 +275,28 @@ class UrlAllowlist:
         return parts, scheme, host, port if port is not None else _DEFAULT_PORTS[scheme]
 
     def match(self, url: str) -> tuple[AllowRule, str, str, int]:
-        """The first rule allowing url's scheme/host/port (no DNS); raises UrlRefused if none does."""
+        """The rule allowing url's scheme/host/port (no DNS): an entry naming the host itself before a wildcard,
+        else the first; raises UrlRefused if none does."""
         _, scheme, host, port = self._split(url)
-        for rule in self.rules:
-            if rule.matches(scheme, host, port):
-                return rule, scheme, host, port
-        raise UrlRefused(f"{_display(scheme, host, port)} is not on {self.name}")
+        matching = [rule for rule in self.rules if rule.matches(scheme, host, port)]
+        if not matching:
+            raise UrlRefused(f"{_display(scheme, host, port)} is not on {self.name}")
+        named = [rule for rule in matching if not rule.is_wildcard]
+        return (named or matching)[0], scheme, host, port
+
+    def check_without_dns(self, url: str) -> tuple[AllowRule, str, str, int]:
+        """match(url), and for a host that is an address literal (`literal_address`) the address rule of check():
+        refused unless the address is public or the matching entry names the host itself. Host names pass
+        here; check() vets what they resolve to."""
+        rule, scheme, host, port = self.match(url)
+        ip = literal_address(host)
+        if ip is not None and rule.is_wildcard and not is_public_address(ip):
+            raise UrlRefused(f"{host} is the non-public address {ip}")
+        return rule, scheme, host, port
 
     def check(self, url: str) -> ResolvedTarget:
         """Vet url against the rules and every address its host resolves to (see the module docstring)."""
-        rule, scheme, host, port = self.match(url)
+        rule, scheme, host, port = self.check_without_dns(url)
         literal = not rule.is_wildcard  # the entry names this host/IP itself
         addresses: list[str] = []
         for text in self.resolver(host, port):

@@ -3,19 +3,37 @@
 Callbacks are unsigned, so the per-job token (HMAC of the job id) is the only proof the caller knows the URL we
 gave Kling. The body is checked for shape and its task_id must be the job's; the URL in it is never used (the
 copy re-reads the task from Kling). Duplicates and stale updates get a 2xx and change nothing.
+
+A callback never binds a job to a task. Only the worker does, with a task that Kling itself answered: the create's
+answer, or a lookup by `external_task_id` (the worker's, or the reconciler's poll). So a callback that arrives
+before the worker has recorded the job's task (a real one racing the create's answer, or one forged with a
+stolen token, `external_task_id` = the job id and a made-up `task_id`) is answered `202` and changes neither the
+job's task nor its state: the real task always wins, and no made-up task can orphan the billed one. When a
+create may have reached Kling and the job is still `queued` (its answer lost, the worker backing off), such a
+callback only makes the job due now, so the reconciler re-sends the submit, whose lookup by `external_task_id`
+finds the real task sooner.
+
+Why not confirm the callback's task with Kling here (a GET by task id) and bind it then? The web process would
+call Kling inside a request that must answer fast and never fail: Kling's timeouts, rate limit and account
+errors would hold the threads Kling's callbacks need, and a stolen token could make us spend the rate limit.
+It would also bind nothing more than the worker's own lookup, and neither works where Kling's read routes do
+not exist (gateways that serve only the create): there a callback could be trusted only with Kling's signature.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from flask import Blueprint, jsonify, request
 
+from kling_relay.shared.jobs import Job, JobNotFound, JobState
 from kling_relay.shared.kling import KlingTask
-from kling_relay.shared.pipeline import apply_task_status
+from kling_relay.shared.pipeline import CREATE_SENT, apply_task_status
 from kling_relay.shared.tokens import callback_token_ok
 from kling_relay.webhook.common import error, parse_json, read_body, runtime, valid_job_id
 
+log = logging.getLogger(__name__)
 bp = Blueprint("callbacks", __name__)
 
 
@@ -38,15 +56,28 @@ def kling_callback(job_id: str) -> Any:
         return error(400, f"not a Kling task object: {exc}")
     if task.external_task_id is not None and task.external_task_id != job_id:
         return error(409, "external_task_id does not match this job")
-    if job.kling_task_id != task.task_id:
-        if job.kling_task_id is not None:
-            return error(409, "task_id does not match this job's Kling task")
+    if job.kling_task_id is None:
         if task.external_task_id != job_id:
-            # Before the worker has recorded the task, only a task that names this job may claim it: a token
-            # alone must not bind the job to another job's task (whose video the copy would then store here).
+            # Only a task that names this job could ever be its own: a token alone must not pass another job's
+            # task off as this one's (whose video the copy would then store here).
             return error(409, "task_info.external_task_id must name this job until its task id is known")
-        ok, _existing = rt.store.set_kling_task_id(job_id, task.task_id, source="callback")
-        if not ok:
-            return error(409, "task_id does not match this job's Kling task")
+        return _before_task_recorded(job, task)
+    if job.kling_task_id != task.task_id:
+        return error(409, "task_id does not match this job's Kling task")
     result = apply_task_status(rt, job_id, task, source="callback")
     return jsonify(ok=True, applied=result.applied, state=result.job.state.value)
+
+
+def _before_task_recorded(job: Job, task: KlingTask) -> Any:
+    """A callback naming this job before its task is recorded: change nothing; maybe make the job due now."""
+    log.info("callback before the job's task is recorded: not applied",
+             extra={"job_id": job.id, "kling_status": task.status, "state": job.state.value})
+    if job.terminal:
+        return jsonify(ok=True, applied=False, state=job.state.value)
+    if job.state is JobState.QUEUED and job.attempts.get(CREATE_SENT, 0) > 0:
+        try:  # the reconciler re-sends the submit, which looks the task up first
+            runtime().store.set_due(job.id, 0)
+        except JobNotFound:
+            pass
+    return jsonify(ok=True, applied=False, state=job.state.value,
+                   note="the job's Kling task is not recorded yet; the worker confirms it with Kling"), 202

@@ -154,7 +154,8 @@ def _schemas(settings: Settings) -> dict[str, Any]:
             "type": "object", "required": ["ok", "applied", "state"], "additionalProperties": False,
             "properties": {"ok": {"type": "boolean", "const": True},
                            "applied": {"type": "boolean", "description": "False: a duplicate or stale update."},
-                           "state": {"type": "string", "enum": _STATES}},
+                           "state": {"type": "string", "enum": _STATES},
+                           "note": {"type": "string", "description": "Why a 202 changed nothing."}},
         },
         "Health": {
             "type": "object", "required": ["status"],
@@ -312,7 +313,8 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
                     "summary": "Kling's task callback (Kling's side only)", "operationId": "klingCallback",
                     "tags": ["kling"], "security": [],
                     "description": "The URL, with its per-job token, is given to Kling at submit. Duplicates and "
-                                   "stale updates answer 200 and change nothing.",
+                                   "stale updates answer 200 and change nothing; a callback that arrives before "
+                                   "the worker has recorded the job's task answers 202 and changes nothing.",
                     "parameters": [
                         {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}},
                         {"name": "token", "in": "query", "required": True, "schema": {"type": "string"},
@@ -322,6 +324,8 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
                                     "content": {"application/json": {"schema": _ref("KlingTask")}}},
                     "responses": {
                         "200": _json(_ref("CallbackAck"), "Recorded (or a duplicate/stale update)."),
+                        "202": _json(_ref("CallbackAck"), "Noted, nothing changed: the job's task is not recorded "
+                                                          "yet; the worker confirms it with Kling."),
                         "400": _error("Not a Kling task object."),
                         "403": _error("Bad callback token."),
                         "404": _error("Unknown job."),

@@ -288,6 +288,37 @@ def test_task_from_json_rejects_malformed_objects(obj: Any) -> None:
         KlingTask.from_json(obj)
 
 
+LONE = "\ud800"
+
+
+def test_lone_surrogates_in_task_text_become_replacement_characters() -> None:
+    """Issue 7 item 2: a lone UTF-16 surrogate in Kling's text could not be stored (UTF-8) and made a 500."""
+    obj = json.loads(json.dumps(task_json("t-1", "failed", "job" + LONE, task_status_msg=f"bad {LONE} \udfff x",
+                                          task_result={"videos": [{"id": "v" + LONE, "duration": "5" + LONE,
+                                                                   "url": "https://cdn.example.com/a" + LONE}]})))
+    task = KlingTask.from_json(obj)
+    assert task.status_msg == "bad \ufffd \ufffd x" and task.external_task_id == "job\ufffd"
+    assert task.videos == (KlingVideo("v\ufffd", "https://cdn.example.com/a\ufffd", "5\ufffd"),)
+    video = task.videos[0]
+    "".join([task.status_msg, task.external_task_id, video.id, video.url, video.duration]).encode()
+    pair = KlingTask.from_json(json.loads('{"task_id": "t", "task_status": "failed", '
+                                          '"task_status_msg": "\\ud83d\\ude00"}'))
+    assert pair.status_msg == "\U0001f600"  # a valid surrogate pair is one character, kept
+
+
+def test_a_task_id_with_a_lone_surrogate_is_malformed() -> None:
+    with pytest.raises(ValueError, match="task_id"):
+        KlingTask.from_json({"task_id": "t" + LONE, "task_status": "submitted"})
+
+
+def test_lone_surrogates_in_an_error_envelope_are_replaced(scripted: ScriptedKling, make_client: Any) -> None:
+    scripted.reply((400, envelope(1201, message=f"bad {LONE}", request_id="rq" + LONE)))
+    with pytest.raises(KlingError) as info:
+        make_client(scripted.url, api_key=API_KEY).get_task("t-1")
+    assert (info.value.message, info.value.request_id) == ("bad \ufffd", "rq\ufffd")
+    str(info.value).encode()
+
+
 # --------------------------------------------------------------- transport against a scripted server
 
 DROP = "drop"  # read the request, then close the connection without answering

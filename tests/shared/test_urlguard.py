@@ -28,6 +28,7 @@ from kling_relay.shared.urlguard import (
     UrlResolutionError,
     close_response,
     get_checked,
+    literal_address,
     redact_url,
     system_resolver,
 )
@@ -201,6 +202,60 @@ def test_wildcard_never_allows_private_addresses_even_with_a_literal_entry_elsew
     allow = UrlAllowlist.parse("*.klingai.com, http://127.0.0.1", resolver=table_resolver)
     with pytest.raises(UrlRefused):
         allow.check("https://loop.klingai.com/v.mp4")
+
+
+# --- without DNS (a job's notify_url at intake) ---------------------------------------------------------------
+
+NON_PUBLIC_LITERALS = [
+    "https://127.0.0.1/x", "https://169.254.169.254/latest/meta-data/", "https://0.0.0.0/", "https://10.0.0.1/",
+    "https://172.16.0.1/", "https://192.168.1.1/", "https://100.64.0.1/", "https://224.0.0.1/",
+    "https://255.255.255.255/", "https://[::1]/x", "https://[::]/", "https://[fe80::1]/", "https://[fe80::1%25eth0]/",
+    "https://[fd00::1]/", "https://[ff02::1]/", "https://[::ffff:127.0.0.1]/", "https://[::ffff:169.254.169.254]/",
+    "https://2130706433/", "https://0x7f.1/", "https://0177.0.0.1/", "https://127.1/", "https://0x7f000001/",
+    "https://0/", "https://127.0.0.1./", "https://0xA9.0xFE.0xA9.0xFE/", "https://[::1]:8443/",
+]
+
+
+@pytest.mark.parametrize("url", NON_PUBLIC_LITERALS)
+def test_a_non_public_address_literal_is_refused_without_dns(url: str) -> None:
+    """Issue 7: `https://127.0.0.1/x` and `https://169.254.169.254/x` passed intake (`match`) under `*` and were
+    refused only at delivery; any form the resolver reads as an address is judged before a job is stored."""
+    def no_dns(host: str, port: int) -> list[str]:
+        raise AssertionError(f"asked DNS for {host}")
+
+    allow = UrlAllowlist.parse("*", resolver=no_dns, name="NOTIFY_URL_ALLOWLIST")
+    with pytest.raises(UrlRefused, match="non-public address"):
+        allow.check_without_dns(url)
+
+
+def test_without_dns_names_pass_and_public_or_named_literals_are_allowed() -> None:
+    allow = UrlAllowlist.parse("*, https://127.0.0.1:8443, https://[::1], https://10.1.2.3",
+                               name="NOTIFY_URL_ALLOWLIST")
+    for url in ("https://hooks.example.com/k", "https://localhost/k", "https://93.184.216.34/k",
+                "https://[2606:2800:220:1:248:1893:25c8:1946]/k", "https://1.2.3.4.example.com/",
+                "https://127.0.0.1:8443/k", "https://[::1]/k", "https://10.1.2.3/k"):
+        assert allow.check_without_dns(url)[0] is not None, url
+    assert allow.check("https://127.0.0.1:8443/k").addresses == ("127.0.0.1",)  # the named entry wins over `*`
+    for url in ("https://127.0.0.1/k", "https://127.0.0.2:8443/k"):
+        with pytest.raises(UrlRefused):  # another port or address than the entry names: only `*` matches
+            allow.check_without_dns(url)
+
+
+@pytest.mark.parametrize("host", [
+    "2130706433", "0x7f.1", "0177.0.0.1", "127.1", "0x7f000001", "0", "017700000001", "1.2.3", "1.2.3.4",
+    "08.0.0.1", "0x", "1.2.3.4.5", "4294967296", "0x100000000", "1e1", "00x7f.1", "256.0.0.1", "1.256.1",
+    "1.2.65536", "0.0.0.0", "example.com", "1.2.3.com", "-1", "1..2", "",
+])
+def test_literal_address_reads_numeric_hosts_as_the_system_resolver_does(host: str) -> None:
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, 443, socket.AF_INET, socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST)
+    except (socket.gaierror, UnicodeError):
+        expected = None
+    else:
+        expected = ipaddress.ip_address(infos[0][4][0])
+    assert literal_address(host) == expected
 
 
 # --- allowed ------------------------------------------------------------------------------------------------

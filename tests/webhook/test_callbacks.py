@@ -7,6 +7,9 @@ from typing import Any
 from flask.testing import FlaskClient
 
 from kling_relay.shared.jobs import JobState
+from kling_relay.shared.kling import KlingTask
+from kling_relay.shared.pipeline import CREATE_SENT, record_task
+from kling_relay.shared.queue import COPY_QUEUE
 from kling_relay.shared.runtime import Runtime
 from kling_relay.shared.settings import Secret
 from kling_relay.shared.tokens import callback_token
@@ -38,14 +41,62 @@ def test_a_token_alone_cannot_bind_a_job_to_another_task(client: FlaskClient, ru
     assert after.state is JobState.QUEUED and after.kling_task_id is None
 
 
-def test_a_task_naming_the_job_may_arrive_before_the_worker_records_it(client: FlaskClient,
-                                                                      runtime: Runtime) -> None:
+def test_a_forged_callback_before_the_task_is_recorded_changes_nothing(client: FlaskClient,
+                                                                     runtime: Runtime) -> None:
+    """Issue 7 item 6: a stolen token, `external_task_id` = the job id and a made-up task_id used to bind the job
+    (it went `processing` with kling_task_id "attacker-made-up"; the real create's record then only logged an
+    error and the billed task was orphaned). Now nothing changes and the worker's real task wins."""
     job, _ = runtime.store.create(dict(REQUEST))
-    answer = _post(client, job.id, _task("t-1", "processing", job.id))
-    assert answer.status_code == 200 and answer.json["applied"] is True
+    for status in ("submitted", "processing", "succeed", "failed"):
+        answer = _post(client, job.id, _task("attacker-made-up", status, job.id))
+        assert answer.status_code == 202, answer.json
+        assert answer.json["applied"] is False and answer.json["state"] == "queued"
     after = runtime.store.require(job.id)
-    assert after.state is JobState.PROCESSING and after.kling_task_id == "t-1"
-    assert _post(client, job.id, _task("t-2", "succeed", job.id)).status_code == 409
+    assert after.state is JobState.QUEUED and after.kling_task_id is None and after.error is None
+    assert [e.to_state for e in runtime.store.events(job.id)] == ["queued"]  # the creation event only
+    assert runtime.redis.llen(COPY_QUEUE) == 0
+
+    record_task(runtime, job.id, KlingTask("real-task", "submitted", external_task_id=job.id),
+                source="worker", detail={"created": True})
+    after = runtime.store.require(job.id)
+    assert after.state is JobState.SUBMITTED and after.kling_task_id == "real-task"
+    assert _post(client, job.id, _task("attacker-made-up", "succeed", job.id)).status_code == 409
+    answer = _post(client, job.id, _task("real-task", "processing", job.id))
+    assert answer.status_code == 200 and answer.json["applied"] is True
+    assert runtime.store.require(job.id).kling_task_id == "real-task"
+
+
+def test_a_callback_before_the_record_makes_a_job_with_a_create_sent_due_now(client: FlaskClient,
+                                                                            runtime: Runtime) -> None:
+    """A create may have reached Kling (its answer lost): the reconciler re-sends the submit, which looks first."""
+    untouched, _ = runtime.store.create(dict(REQUEST), due_in=120)
+    sent, _ = runtime.store.create(dict(REQUEST), due_in=120)
+    runtime.store.bump_attempt(sent.id, CREATE_SENT)
+    for job in (untouched, sent):
+        assert _post(client, job.id, _task("t-1", "processing", job.id)).status_code == 202
+    assert runtime.store.due(limit=10) == [sent.id]
+    assert runtime.store.require(sent.id).state is JobState.QUEUED
+
+
+def test_a_callback_for_an_ended_job_without_a_task_changes_nothing(client: FlaskClient, runtime: Runtime) -> None:
+    job, _ = runtime.store.create(dict(REQUEST))
+    runtime.store.step(job.id, JobState.CANCELED, source="api")
+    answer = _post(client, job.id, _task("t-1", "succeed", job.id))
+    assert answer.status_code == 200 and answer.json == {"ok": True, "applied": False, "state": "canceled"}
+    assert runtime.store.require(job.id).kling_task_id is None
+
+
+def test_a_lone_surrogate_in_task_status_msg_is_stored_made_safe(client: FlaskClient, runtime: Runtime) -> None:
+    """Issue 7 item 2: `"\\ud800"` in a failed callback's task_status_msg was a 500 that Kling would retry forever."""
+    job, _ = runtime.store.create(dict(REQUEST))
+    runtime.store.step(job.id, JobState.SUBMITTED, source="worker", set_fields={"kling_task_id": "t-1"})
+    body = {**_task("t-1", "failed", job.id), "task_status_msg": "bad \ud800 image"}
+    answer = _post(client, job.id, body)
+    assert answer.status_code == 200 and answer.json["state"] == "failed", answer.json
+    after = runtime.store.require(job.id)
+    assert after.error is not None and after.error["message"] == "bad \ufffd image"
+    bad_id = _post(client, job.id, {**_task("t-1", "failed", job.id), "task_id": "t\ud800"})
+    assert bad_id.status_code == 400
 
 
 def test_bodies_that_are_not_task_objects(client: FlaskClient, runtime: Runtime) -> None:
