@@ -3,7 +3,7 @@
 Three guards, each one atomic Lua script so that N workers cannot overshoot together:
 
 - **Rate limit** (`KLING_RATE_LIMIT_PER_SECOND`): a GCRA limiter (`RateLimiter`) that every Kling request of a
-  worker passes through (`limited_kling_client` mounts it under the client's HTTP session, so creates, gets,
+  worker passes through (`rate_limited_session` mounts it under the client's HTTP session, so creates, gets,
   lists and the lookups inside `get_task_by_external_id` all count). Bursts of up to one second's worth are
   let through; a request that would exceed the rate waits up to `max_wait` seconds, or raises `RateLimited`
   (a `KlingRetryLater` carrying `retry_after`) without sending anything.
@@ -20,8 +20,8 @@ Three guards, each one atomic Lua script so that N workers cannot overshoot toge
   the pause. 1103 (no permission for the resource or model) pauses too: the relay sends one model
   (`kling-v1-6`), so the permission is the account's, not the request's.
 
-Keys (prefix `kr:` by default): `kr:flow:rate` (GCRA theoretical arrival time), `kr:flow:in_flight` (sorted set of
-reservations), `kr:flow:pause` (hash), `kr:flow:probe` (marks a recent probe; expires after the probe interval).
+Keys (`keys`): `kr:flow:rate` (GCRA theoretical arrival time), `kr:flow:in_flight` (sorted set of reservations),
+`kr:flow:pause` (hash), `kr:flow:probe` (marks a recent probe; expires after the probe interval).
 Times inside the scripts come from Redis' own clock (`TIME`), so workers on hosts with skewed clocks agree.
 """
 
@@ -37,14 +37,11 @@ import redis
 import requests
 from requests.adapters import HTTPAdapter
 
-from kling_relay.shared.kling import KlingClient, KlingRetryLater
-from kling_relay.shared.kling_codes import ACCOUNT_CODES, AUTH_CODES, PAUSE_CODES, THROTTLE_CODES, pause_reason
-from kling_relay.shared.runtime import make_kling_client
-from kling_relay.shared.settings import Settings
+from kling_relay.shared import keys
+from kling_relay.shared.kling import KlingRetryLater
+from kling_relay.shared.kling_codes import pause_reason
 
 log = logging.getLogger(__name__)
-
-__all__ = ["ACCOUNT_CODES", "AUTH_CODES", "PAUSE_CODES", "THROTTLE_CODES", "pause_reason"]  # from kling_codes
 
 _NOW = """
 local function now_seconds()
@@ -124,10 +121,6 @@ return record
 """
 
 
-def _key(prefix: str, name: str) -> str:
-    return f"{prefix}flow:{name}"
-
-
 def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
@@ -149,7 +142,7 @@ class RateLimiter:
     clock, the one clock every worker shares.
     """
 
-    def __init__(self, client: redis.Redis, per_second: float, *, burst: int | None = None, prefix: str = "kr:",
+    def __init__(self, client: redis.Redis, per_second: float, *, burst: int | None = None,
                  clock: Callable[[], float] | None = None) -> None:
         if per_second <= 0:
             raise ValueError("per_second must be positive")
@@ -159,7 +152,7 @@ class RateLimiter:
             raise ValueError("burst must be at least 1")
         self._interval = 1.0 / per_second
         self._tolerance = self._interval * (self.burst - 1)
-        self._key = _key(prefix, "rate")
+        self._key = keys.FLOW_RATE
         self._clock = clock
         self._script = client.register_script(_GCRA)
 
@@ -201,21 +194,19 @@ class RateLimitedAdapter(HTTPAdapter):
         return super().send(request, stream=stream, timeout=timeout, verify=verify, cert=cert, proxies=proxies)
 
 
-def limited_kling_client(settings: Settings, client: redis.Redis, *, max_wait: float = 1.0,
-                         prefix: str = "kr:") -> KlingClient:
-    """A KlingClient whose every request first takes a slot of the shared rate limit (see module docstring)."""
+def rate_limited_session(client: redis.Redis, per_second: float, *, max_wait: float = 1.0) -> requests.Session:
+    """An HTTP session whose every request first takes a slot of the shared rate limit (see module docstring)."""
     session = requests.Session()
     session.headers["user-agent"] = "kling-relay"
-    adapter = RateLimitedAdapter(RateLimiter(client, settings.kling_rate_limit_per_second, prefix=prefix),
-                                 max_wait)
+    adapter = RateLimitedAdapter(RateLimiter(client, per_second), max_wait)
     session.mount("http://", adapter)
     session.mount("https://", adapter)
-    return make_kling_client(settings, session=session)
+    return session
 
 
 # --- in-flight cap ------------------------------------------------------------------------------------------------
 
-def reserve_in_flight(client: redis.Redis, job_id: str, cap: int, ttl: float, *, prefix: str = "kr:") -> bool:
+def reserve_in_flight(client: redis.Redis, job_id: str, cap: int, ttl: float) -> bool:
     """Reserve a place under the in-flight cap for this job's submit; False if the cap is reached.
 
     Counts jobs in `submitted` and `processing` plus live reservations, and adds this job's reservation, in one
@@ -223,57 +214,56 @@ def reserve_in_flight(client: redis.Redis, job_id: str, cap: int, ttl: float, *,
     is recorded as submitted (it then counts through the state index) or the submit ends otherwise; a
     reservation not released lapses after `ttl` seconds.
     """
-    keys = [_key(prefix, "in_flight"), f"{prefix}jobs:state:submitted", f"{prefix}jobs:state:processing"]
-    return bool(client.register_script(_RESERVE)(keys=keys, args=[job_id, cap, repr(ttl)]))
+    names = [keys.FLOW_IN_FLIGHT, keys.jobs_in_state("submitted"), keys.jobs_in_state("processing")]
+    return bool(client.register_script(_RESERVE)(keys=names, args=[job_id, cap, repr(ttl)]))
 
 
-def release_in_flight(client: redis.Redis, job_id: str, *, prefix: str = "kr:") -> None:
+def release_in_flight(client: redis.Redis, job_id: str) -> None:
     """Drop this job's reservation (no-op if it has none)."""
-    client.zrem(_key(prefix, "in_flight"), job_id)
+    client.zrem(keys.FLOW_IN_FLIGHT, job_id)
 
 
-def in_flight(client: redis.Redis, *, prefix: str = "kr:") -> dict[str, int]:
+def in_flight(client: redis.Redis) -> dict[str, int]:
     """Counts the cap is checked against: jobs submitted, processing, and reservations (expired ones included)."""
     pipe = client.pipeline(transaction=False)
-    pipe.zcard(f"{prefix}jobs:state:submitted")
-    pipe.zcard(f"{prefix}jobs:state:processing")
-    pipe.zcard(_key(prefix, "in_flight"))
+    pipe.zcard(keys.jobs_in_state("submitted"))
+    pipe.zcard(keys.jobs_in_state("processing"))
+    pipe.zcard(keys.FLOW_IN_FLIGHT)
     submitted, processing, reserved = (int(n) for n in pipe.execute())
     return {"submitted": submitted, "processing": processing, "reserved": reserved}
 
 
 # --- pause --------------------------------------------------------------------------------------------------------
 
-def pause(client: redis.Redis, *, code: int | None, message: str, job_id: str | None = None,
-          prefix: str = "kr:") -> bool:
+def pause(client: redis.Redis, *, code: int | None, message: str, job_id: str | None = None) -> bool:
     """Pause submission because Kling answered an account/auth error; True if it was not paused before.
 
     A repeated pause keeps `since`, updates code and message, counts `hits` and closes any trial window.
     """
     now = repr(time.time())
     args = [pause_reason(code), "" if code is None else str(code), message[:500], job_id or "", now]
-    newly = bool(client.register_script(_PAUSE)(keys=[_key(prefix, "pause")], args=args))
+    newly = bool(client.register_script(_PAUSE)(keys=[keys.FLOW_PAUSE], args=args))
     if newly:
         log.error("kling submission paused", extra={"code": code, "kling_message": message[:500], "job_id": job_id})
     return newly
 
 
-def gate(client: redis.Redis, job_id: str, *, prefix: str = "kr:") -> str:
+def gate(client: redis.Redis, job_id: str) -> str:
     """Whether this job's submit may call Kling: `open`, `trial` (the one job let through a trial) or `paused`."""
-    return cast(str, client.register_script(_GATE)(keys=[_key(prefix, "pause")], args=[job_id]))
+    return cast(str, client.register_script(_GATE)(keys=[keys.FLOW_PAUSE], args=[job_id]))
 
 
-def open_trial(client: redis.Redis, seconds: float, *, prefix: str = "kr:") -> bool:
+def open_trial(client: redis.Redis, seconds: float) -> bool:
     """Let one job's submit through the pause for the next `seconds`; False if submission is not paused."""
-    return bool(client.register_script(_OPEN_TRIAL)(keys=[_key(prefix, "pause")], args=[repr(seconds)]))
+    return bool(client.register_script(_OPEN_TRIAL)(keys=[keys.FLOW_PAUSE], args=[repr(seconds)]))
 
 
-def resume(client: redis.Redis, *, by: str = "ops", prefix: str = "kr:") -> dict[str, Any] | None:
+def resume(client: redis.Redis, *, by: str = "ops") -> dict[str, Any] | None:
     """Clear the pause (the ops action, or the reconciler's probe). Returns the pause that was cleared, or None.
 
     Queued jobs are not sent here: the reconciler re-enqueues them as they come due (within the probe interval).
     """
-    raw = cast(list[str], client.register_script(_RESUME)(keys=[_key(prefix, "pause")]))
+    raw = cast(list[str], client.register_script(_RESUME)(keys=[keys.FLOW_PAUSE]))
     if not raw:
         return None
     record = _decode_pause(dict(zip(raw[0::2], raw[1::2], strict=True)))
@@ -281,9 +271,9 @@ def resume(client: redis.Redis, *, by: str = "ops", prefix: str = "kr:") -> dict
     return record
 
 
-def current_pause(client: redis.Redis, *, prefix: str = "kr:") -> dict[str, Any] | None:
+def current_pause(client: redis.Redis) -> dict[str, Any] | None:
     """The pause in force, decoded (see `status`), or None."""
-    raw = cast(dict[str, str], client.hgetall(_key(prefix, "pause")))
+    raw = cast(dict[str, str], client.hgetall(keys.FLOW_PAUSE))
     return _decode_pause(raw) if raw else None
 
 
@@ -306,18 +296,18 @@ def _decode_pause(raw: dict[str, str]) -> dict[str, Any]:
     }
 
 
-def claim_probe(client: redis.Redis, every: float, *, prefix: str = "kr:") -> bool:
+def claim_probe(client: redis.Redis, every: float) -> bool:
     """True at most once per `every` seconds across all processes: whether the caller should probe Kling now."""
-    return bool(client.set(_key(prefix, "probe"), "1", nx=True, px=max(1, int(every * 1000))))
+    return bool(client.set(keys.FLOW_PROBE, "1", nx=True, px=max(1, int(every * 1000))))
 
 
-def status(client: redis.Redis, *, prefix: str = "kr:") -> dict[str, Any]:
+def status(client: redis.Redis) -> dict[str, Any]:
     """Flow state for /healthz and the ops views.
 
     `{"submission": "open" | "paused", "pause": None | {"reason": "auth" | "account", "code", "message",
     "since", "updated_at", "job_id", "hits", "trial_until", "trial_job"}, "in_flight": {"submitted",
     "processing", "reserved"}}`; times are ISO-8601 UTC. Never contains a secret.
     """
-    record = current_pause(client, prefix=prefix)
+    record = current_pause(client)
     return {"submission": "paused" if record else "open", "pause": record,
-            "in_flight": in_flight(client, prefix=prefix)}
+            "in_flight": in_flight(client)}

@@ -46,6 +46,9 @@ SOURCES: frozenset[str] = frozenset({"api", "worker", "callback", "reconciler"})
 SETTABLE_FIELDS: frozenset[str] = frozenset({"kling_task_id", "error", "videos"})
 
 ATTEMPT_PREFIX = "attempt:"
+#: Attempt counter of creates sent to Kling for a job: while it is > 0, a submit looks the task up before any
+#: create (set before each create is sent, cleared when Kling definitely refused a first create).
+CREATE_SENT = "create_sent"
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 

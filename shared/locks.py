@@ -8,7 +8,7 @@ The expiry is short on purpose: a SIGKILLed worker cannot release its lock, and 
 free again quickly for the reconciler to rescue it. Long work (a copy of a big video) keeps its lock with
 `heartbeat()`, a thread that extends it every `ttl/4` while the work runs; a dead process stops extending it.
 
-Keys (prefix `kr:` by default): `kr:lock:submit:<job_id>`, `kr:lock:copy:<job_id>`, `kr:lock:reconcile`.
+Keys (`keys`): `kr:lock:submit:<job_id>`, `kr:lock:copy:<job_id>`, `kr:lock:reconcile`.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ from contextlib import contextmanager
 from types import TracebackType
 
 import redis
+
+from kling_relay.shared import keys
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +121,6 @@ class RedisLock:
         self.release()
 
 
-def job_lock(client: redis.Redis, step: str, job_id: str, ttl: float, *, prefix: str = "kr:") -> RedisLock:
+def job_lock(client: redis.Redis, step: str, job_id: str, ttl: float) -> RedisLock:
     """The lock that keeps two workers from running the same step (`submit`, `copy`) of one job at once."""
-    return RedisLock(client, f"{prefix}lock:{step}:{job_id}", ttl)
+    return RedisLock(client, keys.job_lock(step, job_id), ttl)

@@ -32,7 +32,7 @@ from typing import Any
 
 from kling_relay.shared import flow
 from kling_relay.shared.jobs import Job, JobNotFound, JobState, JobStore, StepResult
-from kling_relay.shared.pipeline import CREATE_SENT
+from kling_relay.shared.jobs_model import CREATE_SENT
 from kling_relay.shared.queue import Enqueuer
 
 log = logging.getLogger(__name__)

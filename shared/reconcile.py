@@ -29,19 +29,19 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from kling_relay.shared import flow
+from kling_relay.shared import flow, keys
 from kling_relay.shared.jobs import Job, JobState
 from kling_relay.shared.kling import KlingError, KlingFixAccount, KlingTask, KlingTaskNotFound
 from kling_relay.shared.locks import RedisLock, job_lock
 from kling_relay.shared.pipeline import Failure, apply_task_status, fail
-from kling_relay.shared.runtime import Runtime
+
+if TYPE_CHECKING:  # the wiring module is handed in, never imported at run time
+    from kling_relay.shared.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
-PREFIX = "kr:"  # the JobStore's default key prefix: the due index is `kr:jobs:due`
-LOCK_KEY = f"{PREFIX}lock:reconcile"
 
 
 @dataclass
@@ -71,7 +71,7 @@ class ReconcileReport:
 
 def reconcile(rt: Runtime, *, now: float | None = None, limit: int | None = None) -> ReconcileReport:
     """Run one pass (see the module docstring); `now` defaults to the clock, `limit` to RECONCILE_BATCH_SIZE."""
-    lock = RedisLock(rt.redis, LOCK_KEY, rt.settings.job_lock_seconds)
+    lock = RedisLock(rt.redis, keys.RECONCILE_LOCK, rt.settings.job_lock_seconds)
     if not lock.acquire():
         return ReconcileReport(ran=False)
     try:
@@ -135,7 +135,7 @@ class _Pass:
     def _one(self, job_id: str) -> None:
         job = self.rt.store.get(job_id)
         if job is None or job.terminal:  # deleted by hand, or expired: nothing to look after
-            self.rt.redis.zrem(f"{PREFIX}jobs:due", job_id)
+            self.rt.redis.zrem(keys.JOBS_DUE, job_id)
             self.report.missing.append(job_id)
             return
         if job.deadline_at is not None and job.deadline_at <= self.now and self._time_out(job):

@@ -11,6 +11,7 @@ import requests
 from botocore.config import Config
 from celery import Celery
 
+from kling_relay.shared import flow
 from kling_relay.shared.jobs import JobStore
 from kling_relay.shared.kling import KlingClient
 from kling_relay.shared.queue import Enqueuer, make_celery
@@ -33,6 +34,12 @@ def make_kling_client(settings: Settings, session: requests.Session | None = Non
     assert settings.kling_secret_key is not None
     return KlingClient(settings.kling_base_url, access_key=settings.kling_access_key,
                        secret_key=settings.kling_secret_key.reveal(), timeout=timeout, session=session)
+
+
+def limited_kling_client(settings: Settings, client: redis.Redis, *, max_wait: float = 1.0) -> KlingClient:
+    """A KlingClient whose every request first takes a slot of the shared rate limit (`flow.RateLimiter`)."""
+    session = flow.rate_limited_session(client, settings.kling_rate_limit_per_second, max_wait=max_wait)
+    return make_kling_client(settings, session=session)
 
 
 @dataclass

@@ -96,6 +96,19 @@ def _field_types() -> dict[str, Any]:
     return typing.get_type_hints(Knobs)
 
 
+def _typed(name: str, base: Any, value: Any) -> Any:
+    """`value` checked against the knob's type (int, float or str; a float knob takes an int too)."""
+    if base is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ValueError(f"knob {name!r} needs an integer")
+    if base is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"knob {name!r} needs a number")
+        return float(value)
+    if base is str and not isinstance(value, str):
+        raise ValueError(f"knob {name!r} needs a string")
+    return value
+
+
 def _coerce(f: dataclasses.Field[Any], value: Any) -> Any:
     kind = _field_types()[f.name]
     optional = isinstance(kind, types.UnionType)
@@ -108,14 +121,7 @@ def _coerce(f: dataclasses.Field[Any], value: Any) -> Any:
         if not isinstance(value, bool):
             raise ValueError(f"knob {f.name!r} needs true or false")
         return value
-    if base is int and (isinstance(value, bool) or not isinstance(value, int)):
-        raise ValueError(f"knob {f.name!r} needs an integer")
-    if base is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ValueError(f"knob {f.name!r} needs a number")
-        value = float(value)
-    if base is str and not isinstance(value, str):
-        raise ValueError(f"knob {f.name!r} needs a string")
+    value = _typed(f.name, base, value)
     choices = f.metadata["choices"]
     if choices is not None and value not in choices:
         raise ValueError(f"knob {f.name!r} must be one of {list(choices)}")

@@ -10,7 +10,7 @@ from celery import Celery, Task
 from celery.exceptions import SoftTimeLimitExceeded
 from celery.signals import celeryd_after_setup
 
-from kling_relay.shared import flow, pipeline
+from kling_relay.shared import pipeline
 from kling_relay.shared.queue import (
     COPY_TASK,
     COPY_TIME_LIMIT_SECONDS,
@@ -21,7 +21,7 @@ from kling_relay.shared.queue import (
     make_celery,
 )
 from kling_relay.shared.reconcile import reconcile
-from kling_relay.shared.runtime import Runtime
+from kling_relay.shared.runtime import Runtime, limited_kling_client
 from kling_relay.shared.settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ def worker_runtime(settings: Settings, app: Celery) -> Runtime:
     """The Runtime of one worker process: its Kling client takes every request through the shared rate limit."""
     rt = Runtime.from_settings(settings, app)
     rt.kling.close()
-    rt.kling = flow.limited_kling_client(settings, rt.redis)
+    rt.kling = limited_kling_client(settings, rt.redis)
     return rt
 
 

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import redis
 
-from kling_relay.shared import flow
+from kling_relay.shared import flow, kling_codes
 from kling_relay.shared.jobs import JobState, JobStore
 from kling_relay.shared.kling import KlingRetryLater
+from kling_relay.shared.runtime import limited_kling_client
 from tests.support.relay_runtime import REQUEST, relay_settings
 from tests.support.sim import SimHandle, running_simulator
 
@@ -95,7 +96,7 @@ def test_limited_client_sends_nothing_over_the_limit(redis_url: str, redis_clien
                                                      sim: SimHandle) -> None:
     sim.reset()
     settings = relay_settings(redis_url, sim, KLING_RATE_LIMIT_PER_SECOND="0.01")
-    client = flow.limited_kling_client(settings, redis_client, max_wait=0)
+    client = limited_kling_client(settings, redis_client, max_wait=0)
     try:
         assert client.list_tasks(page_size=1) == []
         with pytest.raises(flow.RateLimited) as info:
@@ -157,9 +158,9 @@ def test_a_reservation_left_behind_lapses(redis_client: redis.Redis) -> None:
 # --- pause --------------------------------------------------------------------------------------------------------
 
 def test_pause_reasons() -> None:
-    assert [flow.pause_reason(c) for c in (1000, 1004, 1304)] == ["auth"] * 3
-    assert [flow.pause_reason(c) for c in (1100, 1101, 1102, 1103)] == ["account"] * 4
-    assert flow.PAUSE_CODES == frozenset([*range(1000, 1005), *range(1100, 1104), 1304])
+    assert [kling_codes.pause_reason(c) for c in (1000, 1004, 1304)] == ["auth"] * 3
+    assert [kling_codes.pause_reason(c) for c in (1100, 1101, 1102, 1103)] == ["account"] * 4
+    assert kling_codes.PAUSE_CODES == frozenset([*range(1000, 1005), *range(1100, 1104), 1304])
 
 
 def test_pause_gates_every_submit_until_resumed(redis_client: redis.Redis) -> None:

@@ -11,9 +11,10 @@ import redis
 
 from kling_relay.shared import flow
 from kling_relay.shared.jobs import JobState
+from kling_relay.shared.keys import RECONCILE_LOCK as LOCK_KEY
 from kling_relay.shared.locks import RedisLock, job_lock
 from kling_relay.shared.pipeline import submit_job
-from kling_relay.shared.reconcile import LOCK_KEY, reconcile
+from kling_relay.shared.reconcile import reconcile
 from kling_relay.shared.runtime import Runtime
 from tests.support.relay_runtime import (
     close_runtime,

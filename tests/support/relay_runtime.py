@@ -14,9 +14,8 @@ from typing import Any
 import redis
 from PIL import Image
 
-from kling_relay.shared import flow
 from kling_relay.shared.jobs import Job, JobState
-from kling_relay.shared.runtime import Runtime
+from kling_relay.shared.runtime import Runtime, limited_kling_client
 from kling_relay.shared.settings import Settings, load_settings
 from tests.support.procs import free_port
 from tests.support.sim import SimHandle
@@ -65,7 +64,7 @@ def make_runtime(settings: Settings, *, limited: bool = True) -> Runtime:
     rt = Runtime.from_settings(settings)
     if limited:
         rt.kling.close()
-        rt.kling = flow.limited_kling_client(settings, rt.redis)
+        rt.kling = limited_kling_client(settings, rt.redis)
     return rt
 
 

@@ -1,0 +1,54 @@
+"""The Redis key layout, written once. Every module that keeps keys in Redis builds them here.
+
+All keys start with `kr:`; one Redis (database) serves one relay.
+- `kr:job:<id>` hash: the job (`jobs_model` has the field encoding); `kr:job:<id>:request` string: its Kling
+  request as JSON; `kr:job:<id>:events` list: its timeline
+- `kr:jobs:all`, `kr:jobs:state:<state>` sorted sets (score = created_at): listing newest first, counts
+- `kr:jobs:due` sorted set (score = when the reconciler should look next)
+- `kr:idem:<sha256(idempotency key)>` hash: `job_id` and `body` (sha256 of the canonical body)
+- `kr:flow:rate` (GCRA theoretical arrival time), `kr:flow:in_flight` (sorted set of submit reservations),
+  `kr:flow:pause` (hash), `kr:flow:probe` (a recent probe's mark)
+- `kr:lock:<step>:<job_id>` (submit, copy) and `kr:lock:reconcile`: locks with a token and an expiry
+- the consumers' events stream: its name is the `EVENTS_STREAM` setting
+
+Celery's own keys (queues `submit`, `copy`, `notify`, `reconcile`, `unacked*`, `_kombu.*`) share the database.
+"""
+
+from __future__ import annotations
+
+PREFIX = "kr:"
+
+JOBS_ALL = f"{PREFIX}jobs:all"
+JOBS_DUE = f"{PREFIX}jobs:due"
+JOB_KEY_PREFIX = f"{PREFIX}job:"  # the Lua create script builds `<this><id>` itself
+
+FLOW_RATE = f"{PREFIX}flow:rate"
+FLOW_IN_FLIGHT = f"{PREFIX}flow:in_flight"
+FLOW_PAUSE = f"{PREFIX}flow:pause"
+FLOW_PROBE = f"{PREFIX}flow:probe"
+
+RECONCILE_LOCK = f"{PREFIX}lock:reconcile"
+
+
+def job(job_id: str) -> str:
+    return f"{JOB_KEY_PREFIX}{job_id}"
+
+
+def job_request(job_id: str) -> str:
+    return f"{JOB_KEY_PREFIX}{job_id}:request"
+
+
+def job_events(job_id: str) -> str:
+    return f"{JOB_KEY_PREFIX}{job_id}:events"
+
+
+def jobs_in_state(state: str) -> str:
+    return f"{PREFIX}jobs:state:{state}"
+
+
+def idempotency(key_hash: str) -> str:
+    return f"{PREFIX}idem:{key_hash}"
+
+
+def job_lock(step: str, job_id: str) -> str:
+    return f"{PREFIX}lock:{step}:{job_id}"

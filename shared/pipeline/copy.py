@@ -1,0 +1,119 @@
+"""Copy: stream a generated job's video(s) into S3, then mark it stored. A re-run after success does nothing.
+
+A per-job lock, kept alive by a heartbeat while the copy runs, keeps a re-queued copy (the reconciler's, or a
+redelivered message) from copying the same job at the same time: the second one returns `busy`. A worker killed
+mid-copy stops the heartbeat, so the lock lapses within `JOB_LOCK_SECONDS` and the job can be rescued.
+
+The task is read again from Kling for a fresh URL (never the callback's body), and must be this job's task.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from kling_relay.shared.jobs import Job, JobState
+from kling_relay.shared.kling import KlingError, KlingTask
+from kling_relay.shared.pipeline.common import (
+    Budget,
+    Failure,
+    Outcome,
+    count_attempt,
+    fail,
+    finished,
+    in_state,
+    on_kling_error,
+    retry_or_fail,
+    under_job_lock,
+)
+from kling_relay.shared.storage import CopyCanceled, CopyError, StoredVideo, copy_videos
+from kling_relay.shared.urlguard import UrlRefused
+
+if TYPE_CHECKING:  # the wiring module is handed in, never imported at run time
+    from kling_relay.shared.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+
+def copy_job(rt: Runtime, job_id: str) -> Outcome:
+    """Copy a generated job's video(s) into S3, then mark it stored (see the module docstring)."""
+    return under_job_lock(rt, "copy", job_id, JobState.GENERATED, _copy_locked)
+
+
+def _copy_locked(rt: Runtime, job: Job) -> Outcome:
+    assert job.kling_task_id is not None
+    attempt = count_attempt(rt, job, "copy")
+    budget = Budget("copy", attempt, rt.settings.copy_max_attempts,
+                    Failure("copy_exhausted", f"could not copy the video after {attempt} attempts"))
+    try:
+        task = rt.kling.get_task(job.kling_task_id)  # a fresh URL: never trust the callback body for it
+    except KlingError as exc:  # the copy never fails on Kling's word: a refusal retries within the budget
+        return on_kling_error(rt, job.id, budget, exc, "re-reading task", refusal_fails=False)
+    if task.task_id != job.kling_task_id or task.external_task_id not in (None, job.id):
+        # Never store another job's video under this job's keys, whatever bound the task id.
+        message = f"Kling task {task.task_id} belongs to {task.external_task_id!r}, not this job"
+        fail(rt, job.id, Failure("copy_exhausted", message), source="worker")
+        return Outcome.FAILED
+    if task.status != "succeed" or not task.videos:
+        rt.store.note(job.id, source="worker", detail={"copy": "task has no video", "kling_status": task.status})
+        return retry_or_fail(rt, job.id, budget, "task has no video yet")
+    recorded = _manifest_request(rt.store.request(job.id))
+    try:
+        stored = _copy_videos(rt, job, task, recorded)
+    except CopyCanceled:
+        log.info("copy dropped: the job was canceled or ended meanwhile", extra={"job_id": job.id})
+        return Outcome.SKIPPED
+    except UrlRefused as exc:
+        fail(rt, job.id, Failure("copy_exhausted", f"video URL refused: {exc.reason}"), source="worker")
+        return Outcome.FAILED
+    except CopyError as exc:
+        return retry_or_fail(rt, job.id, budget, f"copy: {exc}")
+    return _mark_stored(rt, job, stored, recorded)
+
+
+def _copy_videos(rt: Runtime, job: Job, task: KlingTask, recorded: dict[str, Any]) -> list[StoredVideo]:
+    for video in task.videos:  # scheme/host/port first, before touching S3 (addresses are checked on connect)
+        rt.allowlist.match(video.url)
+    return copy_videos(
+        job.id, job.created_at, task.task_id, [(v.id, v.url, v.duration) for v in task.videos],
+        rt.storage, rt.allowlist, rt.http,
+        extra_manifest={"metadata": job.metadata, "request": recorded},
+        max_bytes=rt.settings.max_video_bytes, still_wanted=lambda: in_state(rt, job.id, JobState.GENERATED),
+    )
+
+
+def _mark_stored(rt: Runtime, job: Job, stored: list[StoredVideo], recorded: dict[str, Any]) -> Outcome:
+    videos = [v.as_dict() for v in stored]
+    result = rt.store.step(job.id, JobState.STORED, source="worker", detail={"videos": len(videos)},
+                           set_fields={"videos": videos}, only_from=[JobState.GENERATED], due_in=None)
+    if not result.applied and result.job.state is not JobState.STORED:
+        # Canceled or ended between the manifest and this step: take the result back out of S3.
+        rt.storage.delete([*(v["key"] for v in videos), rt.storage.manifest_key(job.id, job.created_at)])
+        log.warning("copy withdrawn: the job ended meanwhile", extra={"job_id": job.id,
+                                                                     "state": result.job.state.value})
+        return Outcome.SKIPPED
+    if result.applied:
+        log.info("stored", extra={"job_id": job.id, "keys": [v["key"] for v in videos]})
+        rt.store.replace_request(job.id, recorded)  # the images are no longer needed: free their memory in Redis
+        finished(rt, result.job)
+    return Outcome.STORED
+
+
+def copy_overran(rt: Runtime, job_id: str) -> Outcome:
+    """The copy hit its time limit (the worker's soft limit): count it like any failed copy attempt."""
+    job = rt.store.get(job_id)
+    if job is None or job.state is not JobState.GENERATED:
+        return Outcome.SKIPPED
+    attempt = job.attempts.get("copy", 0) - job.attempts.get("copy_throttled", 0)
+    budget = Budget("copy", attempt, rt.settings.copy_max_attempts,
+                    Failure("copy_exhausted", f"the copy overran its time limit ({attempt} attempts)"))
+    return retry_or_fail(rt, job_id, budget, "copy overran its time limit")
+
+
+def _manifest_request(request: dict[str, Any]) -> dict[str, Any]:
+    """The request as the manifest records it: everything but the images' base64 payloads (idempotent)."""
+    if "image_list" not in request:
+        return request  # already recorded this way (a stored job's request)
+    images = [item["image"] if str(item.get("image", "")).startswith(("http://", "https://")) else "<base64>"
+              for item in request.get("image_list", [])]
+    return {**{k: v for k, v in request.items() if k != "image_list"}, "images": images}

@@ -1,0 +1,55 @@
+"""Status changes from Kling (the worker's create or lookup, the webhook, the reconciler): one state step each."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from kling_relay.shared.jobs import JobState, StepResult
+from kling_relay.shared.kling import KlingTask
+from kling_relay.shared.pipeline.common import Failure, finished
+
+if TYPE_CHECKING:  # the wiring module is handed in, never imported at run time
+    from kling_relay.shared.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+KLING_STATUS_TO_STATE = {
+    "submitted": JobState.SUBMITTED,
+    "processing": JobState.PROCESSING,
+    "succeed": JobState.GENERATED,
+    "failed": JobState.FAILED,
+}
+
+
+def record_task(rt: Runtime, job_id: str, task: KlingTask, *, source: str, detail: dict[str, Any]) -> None:
+    """Bind the job to the task Kling answered for it (create or lookup), then apply the task's status."""
+    ok, existing = rt.store.set_kling_task_id(job_id, task.task_id, source=source)
+    if not ok:
+        log.error("job already has another Kling task", extra={"job_id": job_id, "kling_task_id": existing})
+        return
+    rt.store.step(job_id, JobState.SUBMITTED, source=source, detail={"kling_task_id": task.task_id, **detail},
+                  set_fields={"kling_task_id": task.task_id}, due_in=rt.settings.reconcile_quiet_seconds)
+    if task.status != "submitted":
+        apply_task_status(rt, job_id, task, source=source)
+
+
+def apply_task_status(rt: Runtime, job_id: str, task: KlingTask, *, source: str) -> StepResult:
+    """One state step from a Kling task status; a generated job gets its copy queued exactly once."""
+    to = KLING_STATUS_TO_STATE[task.status]
+    detail: dict[str, Any] = {"kling_status": task.status}
+    if to is JobState.FAILED:
+        failure = Failure("kling_failed", task.status_msg or "Kling reported the task failed")
+        result = rt.store.step(job_id, to, source=source, detail={**detail, **failure.as_error()},
+                               set_fields={"error": failure.as_error()}, due_in=None)
+        if result.applied:
+            finished(rt, result.job)
+        return result
+    due = rt.settings.reconcile_quiet_seconds
+    result = rt.store.step(job_id, to, source=source, detail=detail, due_in=due)
+    if result.applied and to is JobState.GENERATED:
+        try:
+            rt.enqueuer.copy(job_id)
+        except Exception:  # the job is generated and due: the reconciler re-queues its copy
+            log.exception("could not queue copy", extra={"job_id": job_id})
+    return result

@@ -1,0 +1,99 @@
+"""Submit: create the Kling task of a queued job, at most once.
+
+Guards, in order: the job must be `queued`; a per-job lock (another worker submitting the same job: `busy`, the
+reconciler comes back); the pause (`paused`: the job stays queued and due, no Kling call); the in-flight cap and
+the shared rate limit (RetryIn, no attempt used). Then, whenever a create may already have reached Kling (counted by
+`create_sent`, set before each create is sent and cleared on a definite refusal of a first create), a lookup by
+`external_task_id` before any new create; and the create.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from kling_relay.shared import flow
+from kling_relay.shared.jobs_model import CREATE_SENT, Job, JobState
+from kling_relay.shared.kling import KlingAmbiguous, KlingError, KlingTaskNotFound
+from kling_relay.shared.pipeline.common import (
+    Budget,
+    Failure,
+    Outcome,
+    count_attempt,
+    on_kling_error,
+    throttle,
+    under_job_lock,
+)
+from kling_relay.shared.pipeline.status import record_task
+from kling_relay.shared.tokens import callback_token
+
+if TYPE_CHECKING:  # the wiring module is handed in, never imported at run time
+    from kling_relay.shared.runtime import Runtime
+
+
+def callback_url(rt: Runtime, job_id: str) -> str:
+    token = callback_token(rt.settings.callback_secret, job_id)
+    return f"{rt.settings.public_base_url}/callbacks/kling/{job_id}?token={token}"
+
+
+def submit_job(rt: Runtime, job_id: str) -> Outcome:
+    """Create the Kling task for a queued job, at most once (see the module docstring)."""
+    return under_job_lock(rt, "submit", job_id, JobState.QUEUED, _submit_locked)
+
+
+def _submit_locked(rt: Runtime, job: Job) -> Outcome:
+    gate = flow.gate(rt.redis, job.id)
+    if gate == "paused":
+        pause = flow.current_pause(rt.redis) or {}
+        rt.store.note(job.id, source="worker", detail={"waiting": "submission paused", "code": pause.get("code")})
+        rt.store.set_due(job.id, rt.settings.kling_pause_probe_seconds)
+        return Outcome.PAUSED
+    cap = rt.settings.kling_max_in_flight
+    reservation_ttl = 2 * (rt.settings.kling_connect_timeout_seconds + rt.settings.kling_timeout_seconds) + 10
+    if not flow.reserve_in_flight(rt.redis, job.id, cap, reservation_ttl):
+        throttle(rt, job.id, "submit", f"{cap} tasks in flight at Kling", note=False)
+    try:
+        return _submit_to_kling(rt, job, trial=gate == "trial")
+    finally:
+        flow.release_in_flight(rt.redis, job.id)
+
+
+def _submit_to_kling(rt: Runtime, job: Job, *, trial: bool) -> Outcome:
+    attempt = count_attempt(rt, job, "submit")
+    budget = Budget("submit", attempt, rt.settings.submit_max_attempts,
+                    Failure("submit_exhausted", f"Kling did not accept the task after {attempt} attempts"))
+    # Counted by creates sent (and kept by an ops retry), never inferred from the attempt budget, which throttles
+    # leave out.
+    create_sent = job.attempts.get(CREATE_SENT, 0) > 0 or job.kling_task_id is not None
+    if create_sent:
+        found = _look_up(rt, job, budget)
+        if found is not None:
+            return found
+    body = {**rt.store.request(job.id), "callback_url": callback_url(rt, job.id), "external_task_id": job.id}
+    rt.store.bump_attempt(job.id, CREATE_SENT)  # before sending: a worker killed mid-create still looks first next
+    try:
+        task = rt.kling.create_multi_image2video(body)
+    except KlingError as exc:
+        if not create_sent and not isinstance(exc, KlingAmbiguous):
+            rt.store.forget_attempt(job.id, CREATE_SENT)  # Kling said no (or it was never sent): no task exists
+        # A refusal fails the job only when no earlier create can have made its task: otherwise the next attempt
+        # looks it up first (Kling keeps external_task_id unique, so our own task may be why it refused).
+        return on_kling_error(rt, job.id, budget, exc, "create", refusal_fails=not create_sent)
+    record_task(rt, job.id, task, source="worker", detail={"created": True})
+    if trial:
+        flow.resume(rt.redis, by=f"trial submit of {job.id}")
+    return Outcome.SUBMITTED
+
+
+def _look_up(rt: Runtime, job: Job, budget: Budget) -> Outcome | None:
+    """Adopt the job's task if Kling has it (`found`); None when Kling has none and a create may go ahead.
+
+    Whatever the lookup's error, the task may exist at Kling: never fail at once, spend the budget.
+    """
+    try:
+        task = rt.kling.get_task_by_external_id(job.id)
+    except KlingTaskNotFound:
+        return None
+    except KlingError as exc:
+        return on_kling_error(rt, job.id, budget, exc, "lookup", refusal_fails=False)
+    record_task(rt, job.id, task, source="worker", detail={"found_by": "external_task_id"})
+    return Outcome.FOUND
