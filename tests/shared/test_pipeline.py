@@ -327,3 +327,27 @@ def test_a_copy_that_overran_its_time_limit_counts_as_an_attempt(runtime: Runtim
     assert after.state is JobState.FAILED and after.error is not None
     assert after.error["reason"] == "copy_exhausted" and "time limit" in after.error["message"]
     assert copy_overran(runtime, "job_missing") == "skipped"
+
+
+def test_a_refused_create_after_one_that_may_have_reached_kling_retries_instead_of_failing(
+        runtime: Runtime, sim: SimHandle) -> None:
+    """Kling keeps external_task_id unique: a refusal may be about our own earlier task, which the lookup has not
+    seen yet. The job must not fail as kling_rejected while that task may exist (and be billed): the next attempt
+    looks it up first. No Kling message text is read to decide."""
+    job = new_job(runtime)
+    runtime.store.bump_attempt(job.id, "create_sent")  # an earlier create's outcome is unknown
+    sim.control(force_error_code=1201, force_error_on="create")
+    with pytest.raises(RetryIn):
+        submit_job(runtime, job.id)
+    assert runtime.store.require(job.id).state is JobState.QUEUED
+    assert sim.stats()["requests"][CREATE] == 1  # it looked first, found nothing, created, was refused
+
+
+def test_a_refused_first_create_fails_the_job_with_klings_code(runtime: Runtime, sim: SimHandle) -> None:
+    job = new_job(runtime)
+    sim.control(force_error_code=1301, force_error_on="create")
+    assert submit_job(runtime, job.id) == "failed"
+    failed = runtime.store.require(job.id)
+    assert failed.state is JobState.FAILED and failed.error is not None
+    assert failed.error["reason"] == "kling_rejected:1301"
+    assert "create_sent" not in failed.attempts  # a definite refusal: no task exists, nothing to look up later
