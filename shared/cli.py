@@ -21,10 +21,11 @@ def _simulate(argv: Sequence[str]) -> int:
 
 def _config(argv: Sequence[str]) -> int:
     from kling_relay.shared.settings import SettingsError, load_settings
+    from kling_relay.shared.settings_spec import settings_table
 
-    argparse.ArgumentParser(prog="kling-relay config", description="Check the environment's settings").parse_args(
-        argv
-    )
+    argparse.ArgumentParser(prog="kling-relay config", description="Check the environment's settings",
+                            epilog=settings_table(), formatter_class=argparse.RawDescriptionHelpFormatter
+                            ).parse_args(argv)
     try:
         settings = load_settings()
     except SettingsError as exc:

@@ -1,0 +1,220 @@
+"""The one table of settings: each environment variable's name, default, parser and meaning, written once.
+
+`kling_relay.shared.settings` builds `Settings` and `ClientSettings` by walking `SETTINGS`; the README's
+configuration table is checked against it by a test (tests/shared/test_settings_spec.py), and
+`kling-relay config --help` prints it (`settings_table()`).
+
+A parser takes the variable's raw text (stripped, never empty) and its name and returns the typed value, or
+raises ValueError whose text is the problem as `SettingsError` shows it after the name ("must be a whole number,
+got 'eighty'"). A variable that is unset or blank takes its default without being parsed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from kling_relay.shared.secret import Secret, without_password
+from kling_relay.shared.urlguard import UrlAllowlist
+
+Parser = Callable[[str, str], Any]
+
+_LOOPBACK = frozenset({"localhost", "127.0.0.1", "::1"})
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+_MIN_SECRET_CHARS = 16
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One environment variable. Its field in `Settings` is its name in lower case.
+
+    `secret`: may be given as a file (`<env>_FILE`) instead, and is never shown. `required`: there is no default;
+    load_settings() names it when missing (load_client_settings() reads only `client` settings, none required).
+    `client`: also read by load_client_settings() for `ClientSettings`.
+    """
+
+    env: str
+    default: Any
+    parse: Parser
+    help: str
+    secret: bool = False
+    required: bool = False
+    client: bool = False
+
+    @property
+    def field(self) -> str:
+        return self.env.lower()
+
+    @property
+    def shown_default(self) -> str:
+        """The default as the README and `settings_table()` write it: `required`, `—` (none), `empty` or the value
+        (a whole float without its `.0`)."""
+        if self.required:
+            return "required"
+        value = self.default
+        if value is None:
+            return "—"
+        if value == "":
+            return "empty"
+        if isinstance(value, float) and value.is_integer():
+            return str(int(value))
+        return str(value)
+
+
+# -- parsers ---------------------------------------------------------------------------------------------------
+
+
+def text(raw: str, env: str) -> str:
+    return raw
+
+
+def secret(raw: str, env: str) -> Secret:
+    return Secret(raw)
+
+
+def long_secret(raw: str, env: str) -> Secret:
+    """A secret of at least 16 characters."""
+    if len(raw) < _MIN_SECRET_CHARS:
+        raise ValueError(f"must be at least {_MIN_SECRET_CHARS} characters")
+    return Secret(raw)
+
+
+def tokens(raw: str, env: str) -> tuple[Secret, ...]:
+    """Comma-separated secrets, at least one, each of at least 16 characters."""
+    found = tuple(Secret(t.strip()) for t in raw.split(",") if t.strip())
+    if not found:
+        raise ValueError("must list at least one token (comma-separated)")
+    if any(len(t.reveal()) < _MIN_SECRET_CHARS for t in found):
+        raise ValueError(f"each token must be at least {_MIN_SECRET_CHARS} characters")
+    return found
+
+
+def whole_number(raw: str, env: str) -> int:
+    """A whole number greater than 0."""
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"must be a whole number, got {raw!r}") from None
+    if value <= 0:
+        raise ValueError(f"must be greater than 0, got {value}")
+    return value
+
+
+def _positive_number(raw: str, what: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"must be {what}, got {raw!r}") from None
+    if not math.isfinite(value):
+        raise ValueError(f"must be {what}, got {value}")
+    if value <= 0:
+        raise ValueError(f"must be greater than 0, got {value}")
+    return value
+
+
+def seconds(raw: str, env: str) -> float:
+    """A finite number of seconds greater than 0."""
+    return _positive_number(raw, "a number of seconds")
+
+
+def per_second(raw: str, env: str) -> float:
+    """A finite rate greater than 0."""
+    return _positive_number(raw, "a number of requests per second")
+
+
+def redis_url(raw: str, env: str) -> str:
+    if urlsplit(raw).scheme not in ("redis", "rediss", "unix"):
+        raise ValueError(f"must be a redis://, rediss:// or unix:// URL, got {without_password(raw)!r}")
+    return raw
+
+
+def url(raw: str, env: str) -> str:
+    """An http(s) URL with a host, without a trailing slash."""
+    parts = urlsplit(raw)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"must be an http(s) URL with a host, got {without_password(raw)!r}")
+    return raw.rstrip("/")
+
+
+def https_url(raw: str, env: str) -> str:
+    """As `url`, and https: plain http only for a loopback host (a local simulator). For URLs that carry
+    credentials or tokens."""
+    value = url(raw, env)
+    parts = urlsplit(raw)
+    if parts.scheme == "http" and parts.hostname not in _LOOPBACK:
+        raise ValueError("must be https (it carries credentials or tokens); plain http only for localhost, "
+                         "127.0.0.1 or ::1")
+    return value
+
+
+def allowlist(raw: str, env: str) -> str:
+    """A URL allow-list as `UrlAllowlist.parse` reads it; kept as text (each process parses it where used)."""
+    UrlAllowlist.parse(raw, name=env)
+    return raw
+
+
+def log_level(raw: str, env: str) -> str:
+    level = raw.upper()
+    if level not in _LOG_LEVELS:
+        raise ValueError(f"must be DEBUG, INFO, WARNING or ERROR, got {level!r}")
+    return level
+
+
+# -- the table (in the README's order) -------------------------------------------------------------------------
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("REDIS_URL", "redis://127.0.0.1:6379/0", redis_url, "broker and job store", client=True),
+    Setting("KLING_BASE_URL", None, https_url, "Kling's API base (a reseller's with its prefix)", required=True),
+    Setting("KLING_ACCESS_KEY", None, text, "official auth: access key (with KLING_SECRET_KEY)", secret=True),
+    Setting("KLING_SECRET_KEY", None, secret, "official auth: secret key signing the JWT", secret=True),
+    Setting("KLING_API_KEY", None, secret, "a reseller's static Bearer key, instead of the pair", secret=True),
+    Setting("PUBLIC_BASE_URL", None, https_url, "where Kling reaches the web process (callbacks)", required=True),
+    Setting("CALLBACK_SECRET", None, long_secret, "key of the per-job callback token, >= 16 chars", secret=True,
+            required=True),
+    Setting("API_TOKENS", None, tokens, "comma-separated Bearer tokens for /v1/*, each >= 16 chars", secret=True,
+            required=True),
+    Setting("S3_BUCKET", None, text, "destination bucket", required=True),
+    Setting("S3_PREFIX", "", text, "key prefix, e.g. videos/"),
+    Setting("S3_ENDPOINT_URL", None, url, "another S3 endpoint (MinIO, moto); none: AWS"),
+    Setting("VIDEO_URL_ALLOWLIST", "*.klingai.com", allowlist, "hosts the copy may download from"),
+    Setting("NOTIFY_URL_ALLOWLIST", "*", allowlist, "where notify_url may point", client=True),
+    Setting("PORT", 8000, whole_number, "the web process's port"),
+    Setting("NOTIFY_SECRET", None, secret, "Standard Webhooks signing secret; enables notify_url", secret=True,
+            client=True),
+    Setting("EVENTS_STREAM", "kling-relay:events", text, "Redis stream of finished jobs"),
+    Setting("KLING_TIMEOUT_SECONDS", 30.0, seconds, "read timeout of every Kling call"),
+    Setting("KLING_CONNECT_TIMEOUT_SECONDS", 5.0, seconds, "connect timeout of every Kling call"),
+    Setting("PROMPT_MAX_CHARS", 2500, whole_number, "longest prompt accepted", client=True),
+    Setting("MAX_REQUEST_BYTES", 60 * 1024 * 1024, whole_number, "largest POST /v1/jobs body"),
+    Setting("MAX_CALLBACK_BYTES", 256 * 1024, whole_number, "largest callback body"),
+    Setting("MAX_VIDEO_BYTES", 4 * 1024 * 1024 * 1024, whole_number, "largest video the copy accepts"),
+    Setting("JOB_TTL_SECONDS", 30 * 24 * 3600, whole_number, "how long a finished job is kept in Redis",
+            client=True),
+    Setting("SUBMIT_MAX_ATTEMPTS", 8, whole_number, "tries before a job fails submit_exhausted"),
+    Setting("COPY_MAX_ATTEMPTS", 8, whole_number, "tries before a job fails copy_exhausted"),
+    Setting("RETRY_BASE_SECONDS", 2.0, seconds, "first back-off between tries"),
+    Setting("RETRY_MAX_SECONDS", 300.0, seconds, "longest back-off between tries"),
+    Setting("JOB_DEADLINE_SECONDS", 6 * 3600.0, seconds, "a job older than this fails timed_out", client=True),
+    Setting("RECONCILE_INTERVAL_SECONDS", 30.0, seconds, "how often the reconciler runs"),
+    Setting("RECONCILE_QUIET_SECONDS", 120.0, seconds, "how long a job may stay quiet before it is polled",
+            client=True),
+    Setting("RECONCILE_BATCH_SIZE", 500, whole_number, "most due jobs one reconciler pass handles"),
+    Setting("KLING_RATE_LIMIT_PER_SECOND", 5.0, per_second, "requests per second to Kling from all workers"),
+    Setting("KLING_MAX_IN_FLIGHT", 20, whole_number, "most jobs submitted or processing at Kling at once"),
+    Setting("KLING_PAUSE_PROBE_SECONDS", 60.0, seconds, "how often a paused submission probes Kling"),
+    Setting("JOB_LOCK_SECONDS", 20.0, seconds, "expiry of a job's submit/copy lock, renewed while held"),
+    Setting("LOG_LEVEL", "INFO", log_level, "DEBUG, INFO, WARNING or ERROR"),
+)
+
+CLIENT_SETTINGS: tuple[Setting, ...] = tuple(s for s in SETTINGS if s.client)
+
+
+def settings_table() -> str:
+    """Every setting as aligned text columns: variable (`[_FILE]` when a file may give it), default, meaning."""
+    rows = [("variable", "default", "meaning")]
+    rows += [(s.env + ("[_FILE]" if s.secret else ""), s.shown_default, s.help) for s in SETTINGS]
+    width = [max(len(row[i]) for row in rows) for i in range(2)]
+    return "\n".join(f"{a:<{width[0]}}  {b:<{width[1]}}  {c}" for a, b, c in rows)
