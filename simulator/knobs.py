@@ -2,8 +2,9 @@
 
 Every knob is a field of `Knobs`; `add_knob_arguments` turns each into a `--kebab-case` flag and
 `Knobs.updated` applies a JSON object from `POST /_sim/control`, checking names, types and ranges.
-Conventions: `*_every_n` = 0 and `*_probability` = 0 mean "off"; "every Nth" counts the requests
-that reach that check (the Nth, 2Nth, ... hit), and its counter restarts whenever the knob is set.
+Conventions: `*_every_n` = 0, `*_first_n` = 0 and `*_probability` = 0 mean "off"; "every Nth" counts
+the requests that reach that check (the Nth, 2Nth, ... hit), "first N" fires on the first N of them; both
+counters restart whenever their knob is set.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class Knobs:
     # rate limit and concurrency (creates only)
     rate_limit_every_n: int = _knob(0, "every Nth create answers 429 1302")
     rate_limit_probability: float = _knob(0.0, "probability that a create answers 429 1302")
+    rate_limit_first_n: int = _knob(0, "the first N creates (since set or reset) answer 429 1302")
     max_in_flight: int = _knob(0, "tasks in submitted/processing above which a create answers 429 1303")
     # server errors
     server_error_every_n: int = _knob(0, "every Nth request in scope answers a 5xx")

@@ -28,6 +28,11 @@ log = logging.getLogger(__name__)
 
 RECONCILE_TIME_LIMIT_SECONDS = 600
 SUBMIT_TIME_LIMIT_SECONDS = 600
+# Every task that retries (submit, copy, notify) is declared with `max_retries=None`: Celery never caps its
+# retries. Celery's default `max_retries` is 3, and `task.retry(max_retries=None)` falls back to it, so without
+# it a fourth retry raises MaxRetriesExceededError and the job drops out of its back-off. The budgets counted
+# in the job record (SUBMIT_MAX_ATTEMPTS, COPY_MAX_ATTEMPTS, the notify budget) are the only limits, and
+# throttles, which spend no attempt, back off for as long as the job's deadline allows.
 
 
 @celeryd_after_setup.connect
@@ -68,18 +73,19 @@ def create_worker_app(settings: Settings | None = None) -> Celery:
             outcome: str = step(rt(), *args)
         except pipeline.RetryIn as retry:
             log.info("retrying later", extra={"job_id": args[0], "countdown": retry.seconds, "reason": retry.reason})
-            raise task.retry(countdown=retry.seconds, max_retries=None) from None
+            # no limit: the task's own max_retries is None (see above); the job's attempt budgets decide
+            raise task.retry(countdown=retry.seconds) from None
         log.info("task done", extra={"job_id": args[0], "task": task.name, "outcome": outcome})
         return outcome
 
     # A submit that hangs (a resolver without timeout, a trickling answer) is cut off: its lock lapses and the
     # job, still queued and due, is sent again by the reconciler, which looks the task up first.
-    @app.task(name=SUBMIT_TASK, bind=True, time_limit=SUBMIT_TIME_LIMIT_SECONDS,
+    @app.task(name=SUBMIT_TASK, bind=True, max_retries=None, time_limit=SUBMIT_TIME_LIMIT_SECONDS,
               soft_time_limit=SUBMIT_TIME_LIMIT_SECONDS - 30)
     def submit_job(self: Task, job_id: str) -> str:
         return run(self, pipeline.submit_job, job_id)
 
-    @app.task(name=COPY_TASK, bind=True, time_limit=COPY_TIME_LIMIT_SECONDS,
+    @app.task(name=COPY_TASK, bind=True, max_retries=None, time_limit=COPY_TIME_LIMIT_SECONDS,
               soft_time_limit=COPY_TIME_LIMIT_SECONDS - 60)
     def copy_video(self: Task, job_id: str) -> str:
         try:
@@ -87,7 +93,7 @@ def create_worker_app(settings: Settings | None = None) -> Celery:
         except SoftTimeLimitExceeded:  # the upload was aborted on the way out; count it as a failed attempt
             return run(self, pipeline.copy_overran, job_id)
 
-    @app.task(name=NOTIFY_TASK, bind=True)
+    @app.task(name=NOTIFY_TASK, bind=True, max_retries=None)
     def notify_job(self: Task, job_id: str, state: str) -> str:
         return run(self, pipeline.notify_job, job_id, state)
 

@@ -28,6 +28,15 @@ def test_every_nth_create_is_rate_limited(sim: SimHandle, http: requests.Session
     assert stats["error_codes"] == {"1302": 2}
 
 
+def test_the_first_n_creates_are_rate_limited_then_none(sim: SimHandle, http: requests.Session) -> None:
+    sim.control(rate_limit_first_n=2)
+    answers = [code_of(create(sim, http)) for _ in range(4)]
+    assert answers == [(429, 1302), (429, 1302), (200, 0), (200, 0)]
+    sim.control(rate_limit_first_n=1)  # setting the knob again counts from zero
+    assert [code_of(create(sim, http)) for _ in range(2)] == [(429, 1302), (200, 0)]
+    assert sim.stats()["error_codes"] == {"1302": 3}
+
+
 def test_queries_are_not_rate_limited(sim: SimHandle, http: requests.Session) -> None:
     sim.control(rate_limit_every_n=1)
     r = http.get(sim.base_url + CREATE_PATH, headers=sim.auth_header(), timeout=10)

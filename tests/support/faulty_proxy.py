@@ -11,7 +11,10 @@ processes reach it like any S3 endpoint (point their `S3_ENDPOINT_URL` at `proxy
 
 Modes:
 - ``"503"``: the request body is read, then answered ``503 SlowDown`` with S3's XML error body (boto3 retries
-  it, then raises ``ClientError`` with code ``SlowDown``).
+  it, then raises ``ClientError`` with code ``SlowDown``); a throttle, so boto3 waits up to 1, 2, 4, 8 s
+  between its tries.
+- ``"500"``: the same with ``500 InternalError`` ("please try again"); not a throttle, so boto3's tries
+  follow each other within a fraction of a second and a refused call fails fast.
 - ``"reset"``: the request is read, then the TCP connection is closed with an RST (SO_LINGER 0), no answer
   at all (boto3 sees a connection reset / closed connection).
 
@@ -37,13 +40,16 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Literal
 from urllib.parse import urlsplit
 
-Mode = Literal["503", "reset"]
+Mode = Literal["503", "500", "reset"]
 Matcher = Callable[[str, str], bool]
 
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
                         "trailer", "transfer-encoding", "upgrade", "expect", "proxy-connection"})
 SLOW_DOWN = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
              b"<Message>Please reduce your request rate.</Message><RequestId>faulty-proxy</RequestId></Error>")
+INTERNAL_ERROR = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>InternalError</Code>'
+                  b"<Message>We encountered an internal error. Please try again.</Message>"
+                  b"<RequestId>faulty-proxy</RequestId></Error>")
 UPSTREAM_TIMEOUT = 30.0
 
 
@@ -82,6 +88,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._reset()
         elif mode == "503":
             self._answer(503, [("Content-Type", "application/xml")], SLOW_DOWN)
+        elif mode == "500":
+            self._answer(500, [("Content-Type", "application/xml")], INTERNAL_ERROR)
         else:
             self._forward(body)
 
@@ -193,7 +201,7 @@ class FaultyProxy:
     # --- faults -------------------------------------------------------------------------------------------------
     def refuse(self, mode: Mode, *, match: Matcher | None = None, count: int | None = None) -> None:
         """Refuse matching requests (all if match is None) in `mode`, until heal() or `count` refusals."""
-        if mode not in ("503", "reset"):
+        if mode not in ("503", "500", "reset"):
             raise ValueError(f"unknown mode {mode!r}")
         if count is not None and count <= 0:
             raise ValueError("count must be positive")
