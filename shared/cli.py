@@ -72,7 +72,9 @@ def _jobs_parser() -> argparse.ArgumentParser:
         prog="kling-relay jobs",
         description="Read and act on jobs, straight in Redis, with the settings from the environment (REDIS_URL "
                     "and the rest, as `kling-relay config` checks them). Prints JSON. Exit status: 0 done, "
-                    f"1 Redis unreachable, 2 bad usage or settings, {EXIT_NOT_FOUND} no such job, "
+                    f"1 Redis unreachable, 2 bad usage, settings or input (e.g. a --reason over 500 characters or "
+                    f"not valid text, a --cursor this command did not print), {EXIT_NOT_FOUND} no such job (or an "
+                    f"id that cannot be one), "
                     f"{EXIT_REFUSED} refused in the job's state (the reason is printed on stderr).")
     sub = parser.add_subparsers(dest="action", required=True, metavar="{get,list,retry,cancel}")
     get = sub.add_parser("get", help="one job with its timeline")
@@ -96,8 +98,10 @@ def _print_json(value: object) -> None:
 def _jobs(argv: Sequence[str]) -> int:
     from redis.exceptions import RedisError
 
-    from kling_relay.shared.jobs import JobNotFound
+    from kling_relay.shared.inputs import safe_text
+    from kling_relay.shared.jobs import InvalidCursor, JobNotFound
     from kling_relay.shared.ops import ActionRefused
+    from kling_relay.shared.validation import ValidationFailed
 
     args = _jobs_parser().parse_args(argv)
     if args.action == "list" and not 1 <= args.limit <= 200:
@@ -110,7 +114,7 @@ def _jobs(argv: Sequence[str]) -> int:
         if args.action == "list":
             try:
                 jobs, cursor = relay.list(state=args.state, limit=args.limit, cursor=args.cursor)
-            except ValueError as exc:
+            except InvalidCursor as exc:
                 print(f"--cursor: {exc}", file=sys.stderr)
                 return 2
             _print_json({"jobs": [j.public_dict() for j in jobs], "next_cursor": cursor})
@@ -125,8 +129,12 @@ def _jobs(argv: Sequence[str]) -> int:
         _print_json(job.public_dict(relay.store.events(job.id)))
         return 0
     except JobNotFound:
-        print(f"no such job: {args.job_id}", file=sys.stderr)
+        print(f"no such job: {safe_text(args.job_id)}", file=sys.stderr)
         return EXIT_NOT_FOUND
+    except ValidationFailed as exc:  # the checks of the HTTP API (shared/ops.py: check_action)
+        for problem in exc.problems:
+            print(f"--{problem.field}: {problem.problem}", file=sys.stderr)
+        return 2
     except ActionRefused as exc:
         print(f"refused: {exc.reason}", file=sys.stderr)
         return EXIT_REFUSED
@@ -150,8 +158,10 @@ def _open_relay() -> Relay | None:
 
 
 def _user() -> str:
+    from kling_relay.shared.inputs import safe_text
+
     try:
-        return getpass.getuser()
+        return safe_text(getpass.getuser())  # from the environment: maybe bytes that are not UTF-8
     except (OSError, KeyError):  # no login name in this environment
         return "unknown"
 

@@ -12,7 +12,9 @@ Backend apps elsewhere use `kling_relay.shared.http_client.RelayClient` (the rel
     relay.retry(job.id)                           # or retry a failed one (see shared/ops.py for which)
 
 Bad input raises `ValidationFailed` (its `.problems` list every `{field, problem}`) and stores nothing. The ops
-actions raise `JobNotFound` for an unknown id and `ActionRefused` (`.reason`) when the job's state forbids them.
+actions raise `JobNotFound` for an unknown id (or one that cannot be a job id), `ValidationFailed` for a reason the HTTP
+API would refuse (over 500 characters, not valid text, control characters), and `ActionRefused` (`.reason`) when the
+job's state forbids them. `list` raises `InvalidCursor` (a ValueError) for a cursor it did not return.
 """
 
 from __future__ import annotations
@@ -81,6 +83,7 @@ class Relay:
                           idempotency_key=idempotency_key).job
 
     def get(self, job_id: str) -> Job | None:
+        """The job, or None if there is none (or `job_id` cannot be a job id)."""
         return self.store.get(job_id)
 
     def list(self, *, state: JobState | str | None = None, limit: int = 50,

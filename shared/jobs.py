@@ -29,6 +29,7 @@ import base64
 import binascii
 import hashlib
 import json
+import math
 import re
 import time
 from collections.abc import Callable, Collection
@@ -37,6 +38,7 @@ from typing import Any, Literal, cast
 import redis
 
 from kling_relay.shared import jobs_lua
+from kling_relay.shared.inputs import is_job_id
 from kling_relay.shared.jobs_model import (
     ATTEMPT_PREFIX,
     RANK,
@@ -54,14 +56,26 @@ from kling_relay.shared.jobs_model import (
 )
 
 __all__ = [
-    "RANK", "SOURCES", "TERMINAL", "Event", "IdempotencyConflict", "Job", "JobNotFound", "JobState",
-    "JobStore", "StepResult",
+    "RANK", "SOURCES", "TERMINAL", "Event", "IdempotencyConflict", "InvalidCursor", "Job", "JobNotFound",
+    "JobState", "JobStore", "StepResult",
 ]
 
 _STATES: tuple[JobState, ...] = tuple(JobState)
 _KIND = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 _FORBIDDEN_REQUEST_KEYS = ("callback_url", "external_task_id")
 MAX_LIST_LIMIT = 200
+#: Longer than any cursor `list()` makes (a created_at and a job id of at most 64 characters, in base64).
+MAX_CURSOR_CHARS = 256
+#: Scores are created_at times (seconds); a cursor's must be a finite number in this range.
+MAX_CURSOR_SCORE = 2.0**53
+
+
+class InvalidCursor(ValueError):
+    """A cursor `list()` did not make: not base64, not `[score, job_id]`, a score that is not a finite number
+    in range, an id that is not a job id, or too long."""
+
+    def __init__(self) -> None:
+        super().__init__("invalid cursor: pass back the next_cursor of a previous page, unchanged")
 
 
 def _reply(raw: Any) -> list[Any]:
@@ -107,10 +121,13 @@ class JobStore:
     # -- keys -------------------------------------------------------------------------------------------
 
     def _job_key(self, job_id: str) -> str:
+        """The job's hash key; JobNotFound for a string that is not a job id (it could name another key)."""
+        if not is_job_id(job_id):
+            raise JobNotFound(job_id)
         return f"{self._prefix}job:{job_id}"
 
     def _events_key(self, job_id: str) -> str:
-        return f"{self._prefix}job:{job_id}:events"
+        return f"{self._job_key(job_id)}:events"
 
     def _index_key(self, state: JobState | None) -> str:
         return f"{self._prefix}jobs:all" if state is None else f"{self._prefix}jobs:state:{state.value}"
@@ -194,7 +211,9 @@ class JobStore:
         return job, status == "created"
 
     def get(self, job_id: str) -> Job | None:
-        """The job, or None if there is none with this id."""
+        """The job, or None if there is none with this id (or the id is not a job id: nothing is read then)."""
+        if not is_job_id(job_id):
+            return None
         h = cast(dict[str, str], self._r.hgetall(self._job_key(job_id)))
         return Job.from_hash(h) if h else None
 
@@ -208,6 +227,8 @@ class JobStore:
 
     def replace_request(self, job_id: str, request: dict[str, Any]) -> bool:
         """Overwrite the stored request (keeping its expiry), e.g. without its images once the job is stored."""
+        if not is_job_id(job_id):
+            return False
         return bool(self._r.set(f"{self._job_key(job_id)}:request", dumps(request), xx=True, keepttl=True))
 
     def require(self, job_id: str) -> Job:
@@ -221,6 +242,8 @@ class JobStore:
         """The job's latest `limit` events, oldest first (empty for an unknown job)."""
         if limit < 1:
             raise ValueError("limit must be at least 1")
+        if not is_job_id(job_id):
+            return []
         raw = cast(list[str], self._r.lrange(self._events_key(job_id), -limit, -1))
         return [Event.from_json(r) for r in raw]
 
@@ -342,6 +365,8 @@ class JobStore:
         """Remove the job's `kind` counter (as if never bumped)."""
         if not _KIND.match(kind):
             raise ValueError("attempt kind must match [a-z][a-z0-9_]{0,31}")
+        if not is_job_id(job_id):
+            return
         self._r.hdel(self._job_key(job_id), ATTEMPT_PREFIX + kind)
 
     # -- due index --------------------------------------------------------------------------------------
@@ -367,14 +392,20 @@ class JobStore:
 
     @staticmethod
     def _decode_cursor(cursor: str) -> tuple[float, str]:
+        """`(score, job_id)` of a cursor `_encode_cursor` made; InvalidCursor for anything else."""
         try:
+            if not isinstance(cursor, str) or len(cursor) > MAX_CURSOR_CHARS:
+                raise ValueError
             raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
             score, job_id = json.loads(raw)
-            if isinstance(score, bool) or not isinstance(score, int | float) or not isinstance(job_id, str):
+            if isinstance(score, bool) or not isinstance(score, int | float) or not is_job_id(job_id):
                 raise ValueError
-            return float(score), job_id
-        except (ValueError, TypeError, binascii.Error, UnicodeDecodeError) as exc:
-            raise ValueError("invalid cursor") from exc
+            value = float(score)  # OverflowError for an int too large for a float
+            if not (math.isfinite(value) and -MAX_CURSOR_SCORE <= value <= MAX_CURSOR_SCORE):
+                raise ValueError
+            return value, job_id
+        except (ValueError, TypeError, OverflowError, RecursionError, binascii.Error) as exc:
+            raise InvalidCursor from exc
 
     def _page(self, key: str, limit: int, cursor: str | None) -> list[tuple[str, float]]:
         """Up to limit+1 (id, score) entries after the cursor, newest first (ties: higher id first)."""
@@ -400,7 +431,7 @@ class JobStore:
         Reads only the sorted-set index and the listed jobs (never a scan). `next_cursor` is an opaque string
         for the next page, None after the last. A job that changed state between the index read and its own
         read is left out of a by-state page; an expired job is left out and its index entry dropped.
-        `limit` 1..200; a malformed cursor raises ValueError.
+        `limit` 1..200; a malformed cursor raises InvalidCursor (a ValueError).
         """
         if not 1 <= limit <= MAX_LIST_LIMIT:
             raise ValueError(f"limit must be between 1 and {MAX_LIST_LIMIT}")

@@ -18,6 +18,11 @@ Cancel: queued, submitted, processing and generated jobs become `canceled`. Klin
 already made keeps running there (and is billed); its callbacks change nothing afterwards, and the copy of a
 canceled job does nothing. Terminal jobs are refused.
 
+Input is checked first, the same way for the HTTP API, the Python client and the CLI (`check_action`): an id that
+is not a job id is `JobNotFound` (nothing is read), and a `reason` in the detail must be valid text of at most
+MAX_REASON_CHARS characters without control characters other than newline and tab (`ValidationFailed` otherwise,
+with the problem under the field `reason`; nothing is changed).
+
 Both raise `JobNotFound` for an unknown job and `ActionRefused` (with a sentence saying why) when the job's state
 or history does not allow the action. Every applied action is a state step with `source="api"` and an event
 whose detail says what was done and by whom (`detail` from the caller: e.g. `{"via": "cli", "reason": ...}`).
@@ -31,13 +36,16 @@ from collections.abc import Callable
 from typing import Any
 
 from kling_relay.shared import flow
+from kling_relay.shared.inputs import MAX_REASON_CHARS, is_job_id, reason_problem
 from kling_relay.shared.jobs import Job, JobNotFound, JobState, JobStore, StepResult
 from kling_relay.shared.jobs_model import CREATE_SENT
 from kling_relay.shared.queue import Enqueuer
+from kling_relay.shared.validation import FieldProblem, ValidationFailed, text_problems
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ActionRefused", "JobNotFound", "cancel_job", "retry_job", "retry_mode"]
+__all__ = ["MAX_REASON_CHARS", "ActionRefused", "JobNotFound", "action_problems", "cancel_job", "check_action",
+           "retry_job", "retry_mode"]
 
 CANCELABLE: frozenset[JobState] = frozenset(
     {JobState.QUEUED, JobState.SUBMITTED, JobState.PROCESSING, JobState.GENERATED})
@@ -54,6 +62,26 @@ class ActionRefused(Exception):
         super().__init__(reason)
         self.job = job
         self.reason = reason
+
+
+def action_problems(reason: object) -> list[FieldProblem]:
+    """The problems with an ops action's `reason` (None: no reason given), each under the field `reason`."""
+    problem = reason_problem(reason)
+    return [] if problem is None else [FieldProblem("reason", problem)]
+
+
+def check_action(job_id: str, detail: dict[str, Any] | None) -> None:
+    """Refuse an ops action's input before anything is read: JobNotFound for an id that is not a job id,
+    ValidationFailed for a `reason` (in `detail`) that is not a string of valid text within the limits."""
+    if not is_job_id(job_id):
+        raise JobNotFound(job_id)
+    detail = detail or {}
+    problems = action_problems(detail.get("reason"))
+    for key, value in detail.items():  # the rest (who, via what) is the caller's own, but must be storable too
+        if key != "reason":
+            problems += text_problems(value, str(key))
+    if problems:
+        raise ValidationFailed(problems)
 
 
 def retry_mode(job: Job, *, now: float | None = None) -> str:
@@ -95,6 +123,7 @@ def retry_job(store: JobStore, enqueuer: Enqueuer, job_id: str, *, detail: dict[
     the work if the message queued here is lost. A broker that is down does not undo the retry: the job stays
     due and the reconciler sends it.
     """
+    check_action(job_id, detail)
     job = store.require(job_id)
     mode = retry_mode(job)
     who = {"action": "retry", "mode": mode, **(detail or {})}
@@ -123,6 +152,7 @@ def cancel_job(store: JobStore, job_id: str, *, detail: dict[str, Any] | None = 
 
     A Kling task the job already has is not stopped (Kling cannot cancel one); the event's detail says so.
     """
+    check_action(job_id, detail)
     job = store.require(job_id)
     if job.state not in CANCELABLE:
         raise ActionRefused(job, f"the job is already {job.state.value}; only queued, submitted, processing or "

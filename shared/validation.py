@@ -11,17 +11,23 @@ Behaviour worth knowing:
 - The single-image fields ``image``, ``image_tail`` and ``cfg_scale`` are refused with a pointer to
   ``image_list``, never dropped silently. Other unknown fields are refused unless the caller lists
   them in ``extra_fields``; their values come back untouched in ``Validated.extras``.
+- Every string anywhere in the body (values, object keys, nested ``metadata``) must be valid text: a lone
+  UTF-16 surrogate (JSON's ``"\\ud800"`` without its pair) is refused with the path of the field that holds
+  it, e.g. ``metadata.tags[2]``, since it could not be stored; such an extra field is left out of
+  ``Validated.extras`` (it is refused anyway, and nothing downstream should check it further).
 - Validating a normalized request again returns the same request.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from kling_relay.shared.images import image_problems
+from kling_relay.shared.inputs import has_lone_surrogate, safe_text, text_problem
 
 MODEL_NAMES = ("kling-v1-6",)
 DEFAULT_MODEL_NAME = "kling-v1-6"
@@ -96,6 +102,9 @@ class Validated:
 
 #: Unknown fields named one by one; the rest are counted in one problem, so a 422 never outgrows its request.
 MAX_UNKNOWN_REPORTED = 10
+#: Likewise for strings that are not valid text.
+MAX_TEXT_REPORTED = 10
+_PLAIN_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
 def problems_payload(problems: Iterable[FieldProblem]) -> dict[str, Any]:
@@ -109,7 +118,7 @@ def validate_multi_image2video(body: object, *, limits: Limits = DEFAULT_LIMITS,
     if not isinstance(body, dict):
         return Validated(None, {}, (FieldProblem("body", f"the request body must be a JSON object, "
                                                          f"got {_json_type(body)}"),))
-    out: list[FieldProblem] = []
+    out = text_problems(body)
     request: dict[str, Any] = {
         "model_name": _choice(body, "model_name", MODEL_NAMES, DEFAULT_MODEL_NAME, out),
         "image_list": _image_list(body.get("image_list"), limits, out),
@@ -121,7 +130,72 @@ def validate_multi_image2video(body: object, *, limits: Limits = DEFAULT_LIMITS,
     request["duration"] = _duration(body, out)
     request["aspect_ratio"] = _choice(body, "aspect_ratio", ASPECT_RATIOS, DEFAULT_ASPECT_RATIO, out)
     extras = _other_fields(body, extra_fields, out)
+    extras = {k: v for k, v in extras.items() if not text_problems(v)}  # refused already: not checked further
     return Validated(None if out else request, extras, tuple(out))
+
+
+def text_problems(value: object, path: str = "") -> list[FieldProblem]:
+    """A problem for each string in ``value`` (a JSON value, walked to any depth) that is not valid text.
+
+    Each names where the string is: ``prompt``, ``metadata.foo``, ``image_list[0].image``; an object key that
+    is not valid text is named by its escaped form, e.g. ``metadata["\\ud800"]``. At most MAX_TEXT_REPORTED are
+    listed, then one problem counts the rest. The walk uses no recursion (no nesting depth can break it) and
+    visits each container once (a Python caller's circular value ends).
+    """
+    out: list[FieldProblem] = []
+    found = 0
+    seen: set[int] = set()
+    # (parent, step) chains, made into a path string only for a problem: no copying per level
+    todo: list[tuple[_Where, object]] = [(None, value)]
+
+    def report(where: _Where, problem: str) -> None:
+        nonlocal found
+        found += 1
+        if found <= MAX_TEXT_REPORTED:
+            out.append(FieldProblem(_path(path, where) or "body", problem))
+
+    while todo:
+        where, item = todo.pop()
+        if isinstance(item, str):
+            problem = text_problem(item)
+            if problem is not None:
+                report(where, problem)
+        elif isinstance(item, dict | list | tuple) and id(item) not in seen:
+            seen.add(id(item))
+            if isinstance(item, dict):
+                for key, inner in reversed(list(item.items())):
+                    name = str(key)
+                    if has_lone_surrogate(name):
+                        report((where, name), "the key " + str(text_problem(name)))
+                    else:
+                        todo.append(((where, name), inner))
+            else:
+                todo += [((where, i), inner) for i, inner in reversed(list(enumerate(item)))]
+    if found > MAX_TEXT_REPORTED:
+        out.append(FieldProblem(path or "body", f"and {found - MAX_TEXT_REPORTED} more strings that are not "
+                                                f"valid text"))
+    return out
+
+
+_Where = tuple["_Where", "str | int"] | None
+
+
+def _path(root: str, where: _Where) -> str:
+    """The field path of ``where`` below ``root``: ``.key`` for a plain name, ``["..."]`` (JSON-escaped) for
+    another key, ``[i]`` for a list index."""
+    steps: list[str | int] = []
+    while where is not None:
+        where, step = where
+        steps.append(step)
+    out = root
+    for step in reversed(steps):
+        if isinstance(step, int):
+            out += f"[{step}]"
+        elif _PLAIN_KEY.match(step):
+            out += f".{step}" if out else step
+        else:
+            out += f"[{json.dumps(step)}]"
+    return out
 
 
 def _given(body: dict[Any, Any], name: str) -> bool:
@@ -216,7 +290,7 @@ def _other_fields(body: dict[Any, Any], extra_fields: Collection[str],
     unknown = 0
     for key, value in body.items():
         name = str(key)
-        if key in USER_FIELDS:
+        if key in USER_FIELDS or has_lone_surrogate(name):  # a name that is not text: reported by text_problems
             continue
         if key not in extra_fields and key not in RELAY_FIELDS and key not in SINGLE_IMAGE_FIELDS:
             unknown += 1
@@ -250,6 +324,7 @@ def _show(value: object) -> str:
         text = json.dumps(value, ensure_ascii=False, default=repr)
     except (ValueError, RecursionError):  # circular or absurdly nested: not worth showing
         text = f"<{type(value).__name__}>"
+    text = safe_text(text)
     return text if len(text) <= 40 else text[:37] + "..."
 
 

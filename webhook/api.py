@@ -11,13 +11,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import redis
 from flask import Blueprint, jsonify, request
 
 from kling_relay.shared import flow
+from kling_relay.shared.inputs import safe_text
 from kling_relay.shared.intake import accept_job
-from kling_relay.shared.jobs import IdempotencyConflict, JobNotFound, JobState, StepResult
-from kling_relay.shared.ops import ActionRefused, cancel_job, retry_job, submission_status
+from kling_relay.shared.jobs import IdempotencyConflict, InvalidCursor, JobNotFound, JobState, StepResult
+from kling_relay.shared.ops import ActionRefused, action_problems, cancel_job, retry_job, submission_status
 from kling_relay.shared.tokens import bearer_ok
 from kling_relay.shared.tokens import bearer_token_number as token_number
 from kling_relay.shared.validation import FieldProblem, ValidationFailed, problems_payload
@@ -26,7 +26,6 @@ from kling_relay.webhook.common import error, parse_json, read_body, runtime, va
 bp = Blueprint("api", __name__, url_prefix="/v1")
 MAX_LIST_LIMIT = 200
 MAX_ACTION_BODY_BYTES = 16 * 1024
-MAX_REASON_CHARS = 500
 
 
 @bp.before_request
@@ -101,12 +100,7 @@ def list_jobs() -> Any:
     cursor = request.args.get("cursor") or None
     try:
         jobs, next_cursor = rt.store.list(state=state, limit=limit, cursor=cursor)
-    except ValueError:
-        return _unprocessable([FieldProblem("cursor", "is not a cursor this API returned")])
-    except redis.ResponseError:
-        if cursor is None:
-            raise
-        # a forged cursor that decodes to a score Redis refuses (NaN): as invalid as any other forged cursor
+    except InvalidCursor:
         return _unprocessable([FieldProblem("cursor", "is not a cursor this API returned")])
     return jsonify(jobs=[j.public_dict() for j in jobs], next_cursor=next_cursor)
 
@@ -129,10 +123,9 @@ def _action_detail() -> tuple[dict[str, Any] | None, Any]:
         return None, error(400, f"body is not valid JSON: {exc}")
     if not isinstance(body, dict):
         return None, _unprocessable([FieldProblem("body", 'must be a JSON object such as {"reason": "..."}')])
-    problems = [FieldProblem(str(k), "unknown field (allowed: reason)") for k in body if k != "reason"]
+    problems = [FieldProblem(safe_text(str(k)), "unknown field (allowed: reason)") for k in body if k != "reason"]
     reason = body.get("reason")
-    if reason is not None and (not isinstance(reason, str) or len(reason) > MAX_REASON_CHARS):
-        problems.append(FieldProblem("reason", f"must be a string of at most {MAX_REASON_CHARS} characters"))
+    problems += action_problems(reason)
     if problems:
         return None, _unprocessable(problems)
     if reason:
@@ -151,6 +144,8 @@ def _act(job_id: str, action: Callable[[dict[str, Any]], StepResult]) -> Any:
         result = action(detail)
     except JobNotFound:
         return error(404, "no such job")
+    except ValidationFailed as exc:
+        return _unprocessable(list(exc.problems))
     except ActionRefused as exc:
         return error(409, exc.reason, state=exc.job.state.value)
     return jsonify(result.job.public_dict(runtime().store.events(job_id)))

@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import json
-import re
 from typing import Any
 
 from flask import current_app, jsonify, request
 
+from kling_relay.shared.inputs import is_job_id
 from kling_relay.shared.runtime import Runtime
-
-# What a job id can look like (ours are `job_` + 26 base32 characters); anything else is never looked up, so a
-# path segment cannot name another key of the store (e.g. a job's `:events` list).
-JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
 def runtime() -> Runtime:
@@ -25,7 +21,9 @@ def error(status: int, message: str, **fields: Any) -> Any:
 
 
 def valid_job_id(job_id: str) -> bool:
-    return JOB_ID.fullmatch(job_id) is not None
+    """Whether the path segment can be a job id (shared/inputs.py); anything else is never looked up, so a path
+    segment cannot name another key of the store (e.g. a job's `:events` list)."""
+    return is_job_id(job_id)
 
 
 def _no_constants(name: str) -> Any:

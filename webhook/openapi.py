@@ -9,12 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from kling_relay.shared.inputs import JOB_ID_PATTERN, MAX_REASON_CHARS
 from kling_relay.shared.jobs import SOURCES, JobState
 from kling_relay.shared.settings import Settings
 from kling_relay.shared.validation import ASPECT_RATIOS, DURATIONS, MODEL_NAMES, MODES
-
-JOB_ID_PATTERN = "^[A-Za-z0-9_-]{1,64}$"
-MAX_REASON_CHARS = 500  # webhook/api.py: MAX_REASON_CHARS
 
 _STATES = [s.value for s in JobState]
 _NULLABLE_STRING = {"type": ["string", "null"]}
@@ -130,7 +128,8 @@ def _schemas(settings: Settings) -> dict[str, Any]:
         "ActionRequest": {
             "type": "object", "additionalProperties": False,
             "properties": {"reason": {"type": "string", "maxLength": MAX_REASON_CHARS,
-                                      "description": "Why; recorded in the job's timeline."}},
+                                      "description": "Why; recorded in the job's timeline. Valid text, no "
+                                                     "control characters other than newline and tab."}},
         },
         "KlingTask": {
             "type": "object", "required": ["task_id", "task_status"],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import threading
@@ -15,6 +16,7 @@ import redis
 from kling_relay.shared.jobs import (
     TERMINAL,
     IdempotencyConflict,
+    InvalidCursor,
     Job,
     JobNotFound,
     JobState,
@@ -674,3 +676,65 @@ def test_due_times_never_pass_the_deadline(store: JobStore, redis_client: redis.
     free, _ = store.create(dict(REQUEST), due_in=10)  # no deadline: as asked
     store.set_due(free.id, 3600)
     assert redis_client.zscore("kr:jobs:due", free.id) == clock.t + 3600
+
+
+def _cursor(score: object, job_id: object) -> str:
+    raw = score if isinstance(score, str) else json.dumps([score, job_id])
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+@pytest.mark.parametrize("cursor", [
+    _cursor("[" + "9" * 400 + ', "job_x"]', None), _cursor(10**400, "job_x"), _cursor(float("nan"), "job_x"),
+    _cursor(float("inf"), "job_x"), _cursor(float("-inf"), "job_x"), _cursor("[1e400, \"job_x\"]", None),
+    _cursor(2.0**60, "job_x"), _cursor(1.0, "job_x:events"), _cursor(1.0, ""), _cursor(1.0, 5),
+    _cursor(True, "job_x"), _cursor("[1.0]", None), _cursor("[1.0, \"job_x\", 3]", None),
+    _cursor('{"a": 1, "b": 2}', None), _cursor("[" * 3000 + "]" * 3000, None), "!!not base64!!", "job_\udcff",
+    "A" * 300,
+], ids=["huge-int-text", "huge-int", "nan", "infinity", "minus-infinity", "overflowing-float", "out-of-range",
+        "id-not-a-job-id", "empty-id", "int-id", "bool-score", "one-item", "three-items", "object", "deep",
+        "not-base64", "surrogate", "too-long"])
+def test_a_malformed_cursor_is_invalid_cursor_never_another_error(store: JobStore, cursor: str) -> None:
+    """Issue: a forged cursor with a huge integer was an OverflowError (a 500); a NaN one a Redis error; an
+    infinite one was accepted. Every malformed cursor is one exception type, a ValueError, raised by the store."""
+    make_job(store)
+    with pytest.raises(InvalidCursor, match="cursor"):
+        store.list(cursor=cursor)
+    assert issubclass(InvalidCursor, ValueError)
+
+
+def test_a_cursor_the_store_made_still_works(store: JobStore, clock: Clock) -> None:
+    for _ in range(3):
+        make_job(store)
+        clock.advance(1)
+    first, cursor = store.list(limit=2)
+    assert cursor is not None
+    rest, end = store.list(limit=2, cursor=cursor)
+    assert len(first) == 2 and len(rest) == 1 and end is None
+
+
+@pytest.mark.parametrize("suffix", [":events", ":request"])
+def test_an_id_that_is_not_a_job_id_is_no_job_and_reads_no_other_key(store: JobStore, suffix: str) -> None:
+    """Issue: `job_…:events` named the job's events list and the read failed with Redis' WRONGTYPE error."""
+    job = make_job(store)
+    other = job.id + suffix
+    assert store.get(other) is None
+    assert store.events(other) == []
+    assert store.replace_request(other, {}) is False
+    store.forget_attempt(other, "submit")
+    with pytest.raises(JobNotFound):
+        store.require(other)
+    with pytest.raises(JobNotFound):
+        store.request(other)
+    with pytest.raises(JobNotFound):
+        store.step(other, S.CANCELED, source="api")
+    with pytest.raises(JobNotFound):
+        store.retry(other, source="api")
+    with pytest.raises(JobNotFound):
+        store.note(other, source="api", detail={})
+    with pytest.raises(JobNotFound):
+        store.bump_attempt(other, "submit")
+    with pytest.raises(JobNotFound):
+        store.set_due(other, 5)
+    with pytest.raises(JobNotFound):
+        store.set_kling_task_id(other, "task", source="worker")
+    assert store.require(job.id).state is S.QUEUED and len(store.events(job.id)) == 1

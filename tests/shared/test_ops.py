@@ -18,10 +18,11 @@ from PIL import Image
 from kling_relay.shared import pipeline
 from kling_relay.shared.jobs import JobNotFound, JobState, JobStore
 from kling_relay.shared.kling import KlingClient
-from kling_relay.shared.ops import ActionRefused, cancel_job, retry_job, retry_mode
+from kling_relay.shared.ops import MAX_REASON_CHARS, ActionRefused, cancel_job, retry_job, retry_mode
 from kling_relay.shared.queue import COPY_QUEUE, SUBMIT_QUEUE, Enqueuer, make_celery
 from kling_relay.shared.runtime import Runtime
 from kling_relay.shared.settings import load_settings
+from kling_relay.shared.validation import ValidationFailed
 from tests.support.sim import running_simulator
 
 REQUEST: dict[str, Any] = {"model_name": "kling-v1-6", "image_list": [{"image": "https://example.com/a.png"}],
@@ -249,3 +250,38 @@ def test_retried_submit_adopts_the_task_an_earlier_create_made(tmp_path: Path, r
     assert stats["tasks_by_external_id"] == {job.id: [made.task_id]} and stats["tasks_created"] == 1
     after = store.require(job.id)
     assert after.state is JobState.SUBMITTED and after.kling_task_id == made.task_id
+
+
+@pytest.mark.parametrize("reason", ["x" * 100_000, "bad \udcff bytes", "\ud800", "bell\x07", 5],
+                         ids=["100k-chars", "surrogateescape", "lone-surrogate", "control", "not-a-string"])
+def test_a_reason_the_api_would_refuse_is_refused_here_too_and_changes_nothing(
+        store: JobStore, enqueuer: Enqueuer, redis_client: redis.Redis, reason: object) -> None:
+    """Issue: the CLI and the client stored a 100,000-character reason, and one that is not UTF-8 crashed."""
+    failed = failed_job(store, "submit_exhausted")
+    queued, _ = store.create(dict(REQUEST))
+    before = {job_id: (store.require(job_id), store.events(job_id)) for job_id in (failed, queued.id)}
+    with pytest.raises(ValidationFailed) as refused:
+        retry_job(store, enqueuer, failed, detail={"via": "test", "reason": reason})
+    assert [p.field for p in refused.value.problems] == ["reason"]
+    with pytest.raises(ValidationFailed):
+        cancel_job(store, queued.id, detail={"via": "test", "reason": reason})
+    assert {job_id: (store.require(job_id), store.events(job_id)) for job_id in before} == before
+    assert messages(redis_client, SUBMIT_QUEUE) == []
+
+
+def test_a_reason_of_the_limit_with_newlines_is_recorded(store: JobStore) -> None:
+    queued, _ = store.create(dict(REQUEST))
+    reason = ("line\n\t" * 100)[:MAX_REASON_CHARS]
+    cancel_job(store, queued.id, detail={"reason": reason})
+    assert store.events(queued.id)[-1].detail["reason"] == reason
+
+
+@pytest.mark.parametrize("suffix", [":events", ":request"])
+def test_an_id_naming_another_key_is_an_unknown_job(store: JobStore, enqueuer: Enqueuer, suffix: str) -> None:
+    """Issue: `job_…:events` read the job's events list and failed with a Redis error instead of "no such job"."""
+    job_id = failed_job(store, "submit_exhausted")
+    with pytest.raises(JobNotFound):
+        retry_job(store, enqueuer, job_id + suffix)
+    with pytest.raises(JobNotFound):
+        cancel_job(store, job_id + suffix)
+    assert store.require(job_id).state is JobState.FAILED

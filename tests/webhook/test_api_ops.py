@@ -153,7 +153,7 @@ def _cursor(score: object, job_id: object) -> str:
 @pytest.mark.parametrize("cursor", [_cursor(float("nan"), "job_x"), _cursor(float("inf"), "job_x"),
                                     _cursor(1e308, 5), "!!", _cursor("a", "b")],
                          ids=["nan", "inf", "int-id", "garbage", "string-score"])
-def test_forged_cursors_are_422_or_a_page(client: FlaskClient, store: JobStore, cursor: str) -> None:
+def test_forged_cursors_are_422(client: FlaskClient, store: JobStore, cursor: str) -> None:
     queued_job(store)
     response = client.get("/v1/jobs", query_string={"cursor": cursor}, headers=auth())
-    assert response.status_code in (200, 422), response.json
+    assert response.status_code == 422, response.json
