@@ -35,7 +35,7 @@ from typing import Any, Literal, cast
 
 import redis
 
-from kling_relay.shared import jobs_lua, keys
+from kling_relay.shared import jobs_lua, keys, limits
 from kling_relay.shared.inputs import is_job_id
 from kling_relay.shared.jobs_model import (
     ATTEMPT_PREFIX,
@@ -61,7 +61,7 @@ __all__ = [
 _STATES: tuple[JobState, ...] = tuple(JobState)
 _KIND = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 _FORBIDDEN_REQUEST_KEYS = ("callback_url", "external_task_id")
-MAX_LIST_LIMIT = 200
+MAX_LIST_LIMIT = limits.LIST_LIMIT_MAX
 #: Longer than any cursor `list()` makes (a created_at and a job id of at most 64 characters, in base64).
 MAX_CURSOR_CHARS = 256
 #: Scores are created_at times (seconds); a cursor's must be a finite number in this range.
