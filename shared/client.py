@@ -25,7 +25,7 @@ from typing import Any
 
 import redis
 
-from kling_relay.shared import flow
+from kling_relay.shared import usage
 from kling_relay.shared.intake import accept_job
 from kling_relay.shared.jobs import TERMINAL, Job, JobNotFound, JobState, JobStore
 from kling_relay.shared.ops import cancel_job, retry_job, submission_status
@@ -110,8 +110,9 @@ class Relay:
         return submission_status(self.store)
 
     def resume_submission(self, *, via: str = "python") -> dict[str, Any] | None:
-        """Clear a pause (account or keys fixed); returns the pause that was cleared, or None."""
-        return flow.resume(self.store.redis, by=via)
+        """Clear a pause (account or keys fixed; a budget pause: the daily unit budget is off until midnight UTC);
+        returns the pause that was cleared, or None."""
+        return usage.operator_resume(self.store.redis, by=via)
 
     def wait(self, job_id: str, *, timeout: float = 900.0, poll: float = 1.0,
              on_change: Callable[[Job], None] | None = None) -> Job:

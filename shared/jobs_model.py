@@ -2,8 +2,9 @@
 
 Nothing here talks to Redis; `shared/jobs.py` stores and steps these values. A job is kept as one Redis hash
 of strings: plain strings for ids and timestamps (`""` meaning "none"), JSON for the structured fields
-(`metadata`, `error`, `videos`; the request lives in its own key), and one `attempt:<kind>` integer field
-per retry counter.
+(`metadata`, `error`, `videos`; the request lives in its own key), one `attempt:<kind>` integer field
+per retry counter, and what Kling billed once it says so (`units`, `balance_deduction`: numbers as text, each
+written once by `shared/usage.py`, never by a state step).
 """
 
 from __future__ import annotations
@@ -111,6 +112,13 @@ def _opt_float(raw: str | None) -> float | None:
     return float(raw) if raw else None
 
 
+def _number(value: float | None) -> int | float | None:
+    """A billing amount for JSON: a whole number without its `.0` (units are usually whole)."""
+    if value is None:
+        return None
+    return int(value) if value.is_integer() else value
+
+
 def _json_or(raw: str | None, default: Any) -> Any:
     if not raw:
         return default
@@ -133,6 +141,8 @@ class Job:
     videos: list[dict[str, Any]] = field(repr=False)
     attempts: dict[str, int]
     deadline_at: float | None
+    units: float | None = None  # Kling's final_unit_deduction for the job's task, once known
+    balance_deduction: float | None = None  # Kling's final_balance_deduction, when a callback carried it
 
     @property
     def terminal(self) -> bool:
@@ -154,6 +164,8 @@ class Job:
             "videos": [dict(v) for v in self.videos],
             "metadata": dict(self.metadata),
             "notify_url": self.notify_url,
+            "units": _number(self.units),
+            "balance_deduction": _number(self.balance_deduction),
         }
         if events is not None:
             out["events"] = [e.as_dict() for e in events]
@@ -175,6 +187,8 @@ class Job:
             videos=_json_or(h.get("videos"), []),
             attempts=attempts,
             deadline_at=_opt_float(h.get("deadline_at")),
+            units=_opt_float(h.get("units")),
+            balance_deduction=_opt_float(h.get("balance_deduction")),
         )
 
 

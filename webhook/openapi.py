@@ -66,7 +66,7 @@ def _schemas(settings: Settings) -> dict[str, Any]:
         "JobError": {
             "type": "object", "required": ["reason"],
             "description": "Why a job failed; `reason` is invalid, kling_rejected:<code>, kling_failed, "
-                           "submit_exhausted, copy_exhausted, timed_out, auth or account.",
+                           "submit_exhausted, copy_exhausted, timed_out, auth, account or budget.",
             "properties": {"reason": {"type": "string"}, "code": {"type": ["integer", "null"]},
                            "message": {"type": "string"}},
         },
@@ -94,6 +94,10 @@ def _schemas(settings: Settings) -> dict[str, Any]:
                 "videos": {"type": "array", "items": _ref("Video")},
                 "metadata": {"type": "object"},
                 "notify_url": _NULLABLE_STRING,
+                "units": {"type": ["number", "null"], "minimum": 0,
+                          "description": "Units Kling billed for the job's task (final_unit_deduction), once known."},
+                "balance_deduction": {"type": ["number", "null"], "minimum": 0,
+                                      "description": "Kling's final_balance_deduction, when a callback carried it."},
                 "events": {"type": "array", "items": _ref("Event"),
                            "description": "The timeline, oldest first (not in listings)."},
             },
@@ -165,19 +169,30 @@ def _schemas(settings: Settings) -> dict[str, Any]:
         "Pause": {
             "type": ["object", "null"],
             "description": "Why submission to Kling is paused: an account or auth error (codes 1000-1004, "
-                           "1100-1103, 1304) and Kling's message.",
-            "properties": {"reason": {"type": "string", "enum": ["auth", "account"]},
+                           "1100-1103, 1304) and Kling's message, or the daily unit budget (reason budget, "
+                           "with the budget and when the pause ends by itself).",
+            "properties": {"reason": {"type": "string", "enum": ["auth", "account", "budget"]},
                            "code": {"type": ["integer", "null"]}, "message": {"type": "string"},
-                           "since": _NULLABLE_STRING, "updated_at": _NULLABLE_STRING},
+                           "since": _NULLABLE_STRING, "updated_at": _NULLABLE_STRING,
+                           "budget": {"type": ["number", "null"]}, "resume_at": _NULLABLE_STRING},
         },
         "Status": {
-            "type": "object", "required": ["submission", "pause", "in_flight", "jobs"],
+            "type": "object", "required": ["submission", "pause", "in_flight", "jobs", "units"],
             "properties": {
                 "submission": {"type": "string", "enum": ["open", "paused"]},
                 "pause": _ref("Pause"),
                 "in_flight": {"type": "object", "additionalProperties": {"type": "integer"}},
                 "jobs": {"type": "object", "additionalProperties": {"type": "integer"},
                          "description": "Jobs per state."},
+                "units": {
+                    "type": "object", "required": ["day", "today", "month", "budget_override"],
+                    "description": "Units Kling deducted in the current UTC day and month; budget_override: an "
+                                   "operator resumed a budget pause today (no budget check until midnight UTC).",
+                    "properties": {"day": {"type": "string", "format": "date"},
+                                   "today": {"type": "number", "minimum": 0},
+                                   "month": {"type": "number", "minimum": 0},
+                                   "budget_override": {"type": "boolean"}},
+                },
             },
         },
         "Resumed": {

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
+from kling_relay.shared import usage
 from kling_relay.shared.jobs import JobState, StepResult
 from kling_relay.shared.kling import KlingTask
 from kling_relay.shared.pipeline.common import Failure, finished
@@ -35,7 +36,12 @@ def record_task(rt: Runtime, job_id: str, task: KlingTask, *, source: str, detai
 
 
 def apply_task_status(rt: Runtime, job_id: str, task: KlingTask, *, source: str) -> StepResult:
-    """One state step from a Kling task status; a generated job gets its copy queued exactly once."""
+    """One state step from a Kling task status; a generated job gets its copy queued exactly once.
+
+    What Kling billed (`final_unit_deduction`) is recorded first, once per job however often it is reported,
+    and whatever the step does (a canceled job's task is billed too): see `shared/usage.py`.
+    """
+    usage.record_deduction(rt.redis, job_id, task, now=rt.clock())
     to = KLING_STATUS_TO_STATE[task.status]
     detail: dict[str, Any] = {"kling_status": task.status}
     if to is JobState.FAILED:
