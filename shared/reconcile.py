@@ -22,8 +22,8 @@ Kling calls go through the shared rate limit: when it says wait, the pass stops 
 for the next pass. While submission is paused, the pass first probes Kling (one `list_tasks(page_size=1)`, at
 most every `KLING_PAUSE_PROBE_SECONDS` across all processes); a pause for the daily unit budget is never probed:
 the pass lifts it when the UTC day of `now` changed or the budget allows again (`usage.budget_pause_over`).
-Only one pass runs at a time, even with several beat
-processes: it holds a Redis lock (token, short expiry, heartbeat); a pass that finds it held returns at once.
+Only one pass runs at a time, even with several beat processes: it holds a Redis lock (token, short expiry,
+heartbeat); a pass that finds it held returns at once.
 """
 
 from __future__ import annotations
