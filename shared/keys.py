@@ -6,6 +6,7 @@ All keys start with `kr:`; one Redis (database) serves one relay.
 - `kr:jobs:all`, `kr:jobs:state:<state>` sorted sets (score = created_at): listing newest first, counts
 - `kr:jobs:due` sorted set (score = when the reconciler should look next)
 - `kr:idem:<sha256(idempotency key)>` hash: `job_id` and `body` (sha256 of the canonical body)
+- `kr:outbox` sorted set of `<id>|<state>|<at>` (score = at): steps still to be announced (`shared/notify.py`)
 - `kr:flow:rate` (GCRA theoretical arrival time), `kr:flow:in_flight` (sorted set of submit reservations),
   `kr:flow:pause` (hash), `kr:flow:probe` (a recent probe's mark)
 - `kr:usage:units:day:<yyyy-mm-dd>`, `kr:usage:units:month:<yyyy-mm>` (units Kling deducted, UTC, as floats),
@@ -25,6 +26,7 @@ PREFIX = "kr:"
 
 JOBS_ALL = f"{PREFIX}jobs:all"
 JOBS_DUE = f"{PREFIX}jobs:due"
+OUTBOX = f"{PREFIX}outbox"
 JOB_KEY_PREFIX = f"{PREFIX}job:"  # the Lua create script builds `<this><id>` itself
 
 FLOW_RATE = f"{PREFIX}flow:rate"

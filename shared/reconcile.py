@@ -18,6 +18,10 @@ For each due job:
 - `generated`: its copy may be lost: re-enqueue the copy, unless a copy holds the job's lock (still running);
 - then its due time moves forward by `RECONCILE_QUIET_SECONDS`, so a pass never hammers one job.
 
+Then it announces the steps left in the store's outbox for over `ANNOUNCE_GRACE_SECONDS` (the process that made
+the step died, or Redis or the broker failed, before it appended the consumers' stream entry or queued the
+notification; see `shared/notify.py`), up to the batch size, oldest first.
+
 Kling calls go through the shared rate limit: when it says wait, the pass stops polling and leaves the rest due
 for the next pass. While submission is paused, the pass first probes Kling (one `list_tasks(page_size=1)`, at
 most every `KLING_PAUSE_PROBE_SECONDS` across all processes); a pause for the daily unit budget is never probed:
@@ -36,6 +40,7 @@ from kling_relay.shared import flow, keys, usage
 from kling_relay.shared.jobs import Job, JobState
 from kling_relay.shared.kling import KlingError, KlingFixAccount, KlingTask, KlingTaskNotFound
 from kling_relay.shared.locks import RedisLock, job_lock
+from kling_relay.shared.notify import EventsStream, announce
 from kling_relay.shared.pipeline import Failure, apply_task_status, fail
 
 if TYPE_CHECKING:  # the wiring module is handed in, never imported at run time
@@ -43,6 +48,8 @@ if TYPE_CHECKING:  # the wiring module is handed in, never imported at run time
 
 log = logging.getLogger(__name__)
 
+#: How long a step's own process has to announce it before the reconciler does (a duplicate if it was only slow).
+ANNOUNCE_GRACE_SECONDS = 60.0
 
 
 @dataclass
@@ -62,6 +69,7 @@ class ReconcileReport:
     probe: str | None = None  # while paused: resumed, trial, still_failing, error, rate_limited; budget_lifted,
     # budget_holds (a budget pause)
     stopped_polling: str | None = None  # rate_limited, paused: the rest of this pass's polls were skipped
+    announced: list[str] = field(default_factory=list)  # jobs whose step was announced from the outbox
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -103,7 +111,18 @@ class _Pass:
         self.report.due = len(ids)
         for job_id in ids:
             self._one(job_id)
+        self._announce_left_over()
         return self.report
+
+    def _announce_left_over(self) -> None:
+        """Announce the steps whose own process did not (see the module docstring); an expired job is dropped."""
+        stream = EventsStream.of(self.rt.settings)
+        for step in self.rt.store.unannounced(before=self.now - ANNOUNCE_GRACE_SECONDS, limit=self.limit):
+            job = self.rt.store.get(step.job_id)
+            if job is None:
+                self.rt.store.announced(step)
+            elif announce(self.rt.store, self.rt.enqueuer, job, stream, transition=step):
+                self.report.announced.append(step.job_id)
 
     # -- the pause ---------------------------------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ from kling_relay.shared import limits, usage
 from kling_relay.shared.inputs import safe_text
 from kling_relay.shared.intake import accept_job
 from kling_relay.shared.jobs import IdempotencyConflict, InvalidCursor, JobNotFound, JobState, StepResult
+from kling_relay.shared.notify import EventsStream
 from kling_relay.shared.ops import ActionRefused, action_problems, cancel_job, retry_job, submission_status
 from kling_relay.shared.tokens import bearer_ok
 from kling_relay.shared.tokens import bearer_token_number as token_number
@@ -164,7 +165,8 @@ def retry(job_id: str) -> Any:
 def cancel(job_id: str) -> Any:
     """Queued/submitted/processing/generated → canceled; 409 for a finished job."""
     rt = runtime()
-    return _act(job_id, lambda detail: cancel_job(rt.store, job_id, detail=detail))
+    return _act(job_id, lambda detail: cancel_job(rt.store, rt.enqueuer, job_id, detail=detail,
+                                                  stream=EventsStream.of(rt.settings)))
 
 
 @bp.get("/status")
