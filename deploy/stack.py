@@ -162,13 +162,13 @@ class LocalStack:
         self._spawn("web", argv, self.web_port)
 
     def start_worker(self, name: str = "worker1", queues: str = "submit,copy,notify,reconcile") -> Process:
-        argv = [self.python, "-m", "celery", "-A", "kling_relay.worker.celery_app", "worker", "--queues", queues,
-                "--concurrency", str(self.worker_concurrency), "--prefetch-multiplier", "1", "--hostname",
+        argv = [self.python, "-m", "celery", "--quiet", "-A", "kling_relay.worker.celery_app", "worker", "--queues",
+                queues, "--concurrency", str(self.worker_concurrency), "--prefetch-multiplier", "1", "--hostname",
                 f"{name}@%h", "--without-gossip", "--without-mingle", "--loglevel", "INFO"]
         return self._spawn(name, argv)
 
     def start_beat(self) -> Process:
-        argv = [self.python, "-m", "celery", "-A", "kling_relay.worker.celery_app", "beat", "--scheduler",
+        argv = [self.python, "-m", "celery", "--quiet", "-A", "kling_relay.worker.celery_app", "beat", "--scheduler",
                 "celery.beat:Scheduler", "--loglevel", "INFO"]  # as in the Procfile: no schedule file
         return self._spawn("beat", argv)
 
