@@ -8,6 +8,8 @@ All keys start with `kr:`; one Redis (database) serves one relay.
 - `kr:idem:<sha256(idempotency key)>` hash: `job_id` and `body` (sha256 of the canonical body)
 - `kr:flow:rate` (GCRA theoretical arrival time), `kr:flow:in_flight` (sorted set of submit reservations),
   `kr:flow:pause` (hash), `kr:flow:probe` (a recent probe's mark)
+- `kr:flow:copy_pause` (hash: copying paused, storage unusable), `kr:flow:copy_probe` (a recent storage probe's
+  mark), `kr:flow:copy_waits` (hash: job id → JSON, jobs whose copy waits for the operator)
 - `kr:lock:<step>:<job_id>` (submit, copy) and `kr:lock:reconcile`: locks with a token and an expiry
 - the consumers' events stream: its name is the `EVENTS_STREAM` setting
 
@@ -26,6 +28,9 @@ FLOW_RATE = f"{PREFIX}flow:rate"
 FLOW_IN_FLIGHT = f"{PREFIX}flow:in_flight"
 FLOW_PAUSE = f"{PREFIX}flow:pause"
 FLOW_PROBE = f"{PREFIX}flow:probe"
+COPY_PAUSE = f"{PREFIX}flow:copy_pause"
+COPY_PROBE = f"{PREFIX}flow:copy_probe"
+COPY_WAITS = f"{PREFIX}flow:copy_waits"
 
 RECONCILE_LOCK = f"{PREFIX}lock:reconcile"
 

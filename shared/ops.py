@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from kling_relay.shared import flow
+from kling_relay.shared import copy_flow, flow
 from kling_relay.shared.inputs import MAX_REASON_CHARS, is_job_id, reason_problem
 from kling_relay.shared.jobs import Job, JobNotFound, JobState, JobStore, StepResult
 from kling_relay.shared.jobs_model import CREATE_SENT
@@ -110,8 +110,9 @@ def retry_mode(job: Job, *, now: float | None = None) -> str:
 
 
 def submission_status(store: JobStore) -> dict[str, Any]:
-    """Submission open or paused (and why), tasks in flight at Kling, and jobs per state (GET /v1/status)."""
-    return {**flow.status(store.redis), "jobs": store.counts()}
+    """Submission open or paused (and why), tasks in flight at Kling, copying open or paused (and why) with the
+    jobs whose copy waits on a setting, and jobs per state (GET /v1/status)."""
+    return {**flow.status(store.redis), **copy_flow.status(store.redis), "jobs": store.counts()}
 
 
 def retry_job(store: JobStore, enqueuer: Enqueuer, job_id: str, *, detail: dict[str, Any] | None = None,

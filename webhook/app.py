@@ -9,7 +9,7 @@ import redis
 from flask import Flask, jsonify
 from werkzeug.exceptions import HTTPException
 
-from kling_relay.shared import flow
+from kling_relay.shared import copy_flow, flow
 from kling_relay.shared.runtime import Runtime
 from kling_relay.shared.settings import Settings, load_settings
 
@@ -42,7 +42,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
             submission = flow.status(rt.redis)["submission"]
         except Exception:
             return jsonify(status="unhealthy", redis="unreachable"), 503
-        return jsonify(status="ok", submission=submission)
+        return jsonify(status="ok", submission=submission, copy=copy_flow.state(rt.redis))
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> Any:
