@@ -275,7 +275,8 @@ class Storage:
         deleted under the prefix (``<prefix>.kling-relay-probe/<random>``; consumers that trigger on
         ``manifest.json`` never see it). Returns the key used. Raises StorageUnusable (no bucket, access denied,
         no credentials...) or CopyError (retryable: S3 did not answer properly). Used by the reconciler while
-        copying is paused, and by operators' checks.
+        copying is paused, and by operators' checks. In a versioned bucket the delete leaves a delete marker (and
+        the probe's old version), as any delete there does: a lifecycle rule for noncurrent versions clears them.
         """
         key = f"{self.prefix}{PROBE_FOLDER}{uuid.uuid4().hex}"
         try:
