@@ -10,7 +10,7 @@ import redis
 from flask import Flask, jsonify
 from werkzeug.exceptions import HTTPException
 
-from kling_relay.shared import flow
+from kling_relay.shared import copy_flow, flow
 from kling_relay.shared.runtime import Runtime
 from kling_relay.shared.settings import Settings, load_settings
 from kling_relay.webhook import request_ids
@@ -51,7 +51,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
             response = jsonify(status="unhealthy")
             response.headers["Retry-After"] = "5"
             return response, 503
-        return jsonify(status="ok", submission=submission)
+        return jsonify(status="ok", submission=submission, copy=copy_flow.state(rt.redis))
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> Any:
