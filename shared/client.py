@@ -25,7 +25,7 @@ from typing import Any
 
 import redis
 
-from kling_relay.shared import copy_flow, flow, usage
+from kling_relay.shared import copy_flow, usage
 from kling_relay.shared.intake import accept_job
 from kling_relay.shared.jobs import TERMINAL, Job, JobNotFound, JobState, JobStore
 from kling_relay.shared.notify import EventsStream

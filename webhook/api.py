@@ -14,7 +14,7 @@ from typing import Any
 
 from flask import Blueprint, jsonify, request
 
-from kling_relay.shared import copy_flow, flow, limits, usage
+from kling_relay.shared import copy_flow, limits, usage
 from kling_relay.shared.inputs import safe_text
 from kling_relay.shared.intake import accept_job
 from kling_relay.shared.jobs import IdempotencyConflict, InvalidCursor, JobNotFound, JobState, StepResult
