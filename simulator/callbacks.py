@@ -24,9 +24,9 @@ import json
 import logging
 import threading
 import time
-import uuid
 import urllib.error
 import urllib.request
+import uuid
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass

@@ -4,8 +4,9 @@ Kling's callbacks are unsigned by default, so the per-job token (HMAC of the job
 the URL we gave Kling. Once a webhook secret is created in Kling's console and given as KLING_WEBHOOK_SECRET, each
 callback must also carry a valid Standard Webhooks signature (`webhook-id`, `webhook-timestamp` within five
 minutes, `webhook-signature: v1,<base64 HMAC-SHA256 of "<id>.<timestamp>.<body>">`, checked over the raw body by
-`kling_relay.shared.http_client.verify`): a missing, wrong or stale one is `401` and changes nothing. The body is checked for shape and its task_id must be the job's; the URL in it is never used (the
-copy re-reads the task from Kling). Duplicates and stale updates get a 2xx and change nothing.
+`kling_relay.shared.http_client.verify`): a missing, wrong or stale one is `401` and changes nothing. The body is
+checked for shape and its task_id must be the job's; the URL in it is never used (the copy re-reads the task from
+Kling). Duplicates and stale updates get a 2xx and change nothing.
 
 A callback never binds a job to a task. Only the worker does, with a task that Kling itself answered: the create's
 answer, or a lookup by `external_task_id` (the worker's, or the reconciler's poll). So a callback that arrives
@@ -54,7 +55,8 @@ def kling_callback(job_id: str) -> Any:
     if raw is None:
         return error(413, f"callback body over {limit} bytes")
     secret = rt.settings.kling_webhook_secret
-    if secret is not None and not verify(secret, request.headers, raw, tolerance=SIGNATURE_TOLERANCE_SECONDS):
+    signed = secret is None or verify(secret, dict(request.headers), raw, tolerance=SIGNATURE_TOLERANCE_SECONDS)
+    if not signed:
         log.warning("callback refused: missing, wrong or stale webhook signature", extra={"job_id": job_id})
         return error(401, "missing, wrong or stale webhook signature")
     job = rt.store.get(job_id)
