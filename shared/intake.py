@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from kling_relay.shared import limits
 from kling_relay.shared.jobs import Job, JobStore
 from kling_relay.shared.queue import Enqueuer
 from kling_relay.shared.settings import ClientSettings, Settings
@@ -21,8 +22,8 @@ from kling_relay.shared.validation import FieldProblem, Limits, ValidationFailed
 log = logging.getLogger(__name__)
 
 EXTRA_FIELDS = ("notify_url", "metadata")
-MAX_METADATA_BYTES = 16 * 1024
-MAX_IDEMPOTENCY_KEY_CHARS = 255
+MAX_METADATA_BYTES = limits.METADATA_MAX_BYTES
+MAX_IDEMPOTENCY_KEY_CHARS = limits.IDEMPOTENCY_KEY_MAX_CHARS
 
 
 @dataclass(frozen=True)
@@ -36,8 +37,10 @@ def _extra_problems(extras: dict[str, Any], settings: Settings | ClientSettings)
     if "notify_url" in extras and extras["notify_url"] is not None:
         url = extras["notify_url"]
         parts = urlsplit(url) if isinstance(url, str) else None
-        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname or len(url) > 2048:
-            problems.append(FieldProblem("notify_url", "must be an http(s) URL with a host, at most 2048 characters"))
+        too_long = isinstance(url, str) and len(url) > limits.URL_MAX_CHARS
+        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname or too_long:
+            problems.append(FieldProblem("notify_url", f"must be an http(s) URL with a host, at most "
+                                                       f"{limits.URL_MAX_CHARS} characters"))
         elif settings.notify_secret is None:
             problems.append(FieldProblem("notify_url", "this relay has no NOTIFY_SECRET configured to sign "
                                                        "notifications; ask its operator or leave notify_url out"))
@@ -66,8 +69,8 @@ def idempotency_key_problem(key: str | None) -> FieldProblem | None:
 def accept_job(body: object, *, store: JobStore, enqueuer: Enqueuer, settings: Settings | ClientSettings,
                idempotency_key: str | None = None) -> Accepted:
     """Validate, store and queue one job; raises ValidationFailed (every problem) or IdempotencyConflict."""
-    limits = Limits(prompt_max_chars=settings.prompt_max_chars, model_names=settings.kling_models)
-    result = validate_multi_image2video(body, limits=limits, extra_fields=EXTRA_FIELDS)
+    request_limits = Limits(prompt_max_chars=settings.prompt_max_chars, model_names=settings.kling_models)
+    result = validate_multi_image2video(body, limits=request_limits, extra_fields=EXTRA_FIELDS)
     problems = list(result.problems) + _extra_problems(result.extras, settings)
     key_problem = idempotency_key_problem(idempotency_key)
     if key_problem:

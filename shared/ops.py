@@ -20,7 +20,7 @@ canceled job does nothing. Terminal jobs are refused.
 
 Input is checked first, the same way for the HTTP API, the Python client and the CLI (`check_action`): an id that
 is not a job id is `JobNotFound` (nothing is read), and a `reason` in the detail must be valid text of at most
-MAX_REASON_CHARS characters without control characters other than newline and tab (`ValidationFailed` otherwise,
+limits.REASON_MAX_CHARS characters without control characters other than newline and tab (`ValidationFailed` otherwise,
 with the problem under the field `reason`; nothing is changed).
 
 Both raise `JobNotFound` for an unknown job and `ActionRefused` (with a sentence saying why) when the job's state
@@ -36,7 +36,7 @@ from collections.abc import Callable
 from typing import Any
 
 from kling_relay.shared import flow
-from kling_relay.shared.inputs import MAX_REASON_CHARS, is_job_id, reason_problem
+from kling_relay.shared.inputs import is_job_id, reason_problem
 from kling_relay.shared.jobs import Job, JobNotFound, JobState, JobStore, StepResult
 from kling_relay.shared.jobs_model import CREATE_SENT
 from kling_relay.shared.queue import Enqueuer
@@ -44,7 +44,7 @@ from kling_relay.shared.validation import FieldProblem, ValidationFailed, text_p
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MAX_REASON_CHARS", "ActionRefused", "JobNotFound", "action_problems", "cancel_job", "check_action",
+__all__ = ["ActionRefused", "JobNotFound", "action_problems", "cancel_job", "check_action",
            "retry_job", "retry_mode"]
 
 CANCELABLE: frozenset[JobState] = frozenset(

@@ -31,6 +31,7 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from kling_relay.shared import limits
 from kling_relay.shared.images import image_problems
 from kling_relay.shared.inputs import has_lone_surrogate, safe_text, text_problem
 
@@ -67,8 +68,8 @@ class Limits:
     """Kling's documented limits; ``prompt_max_chars`` is configurable (a reseller allows 5,000), and so are the
     models accepted (``model_names``, KLING_MODELS: resellers and newer Kling models; the first is the default)."""
 
-    prompt_max_chars: int = 2500
-    negative_prompt_max_chars: int = 2500
+    prompt_max_chars: int = limits.PROMPT_MAX_CHARS_DEFAULT
+    negative_prompt_max_chars: int = limits.NEGATIVE_PROMPT_MAX_CHARS
     image_max_bytes: int = 10 * 1024 * 1024
     image_min_side: int = 300
     aspect_min: float = 1 / 2.5

@@ -13,7 +13,7 @@ from typing import Any
 
 from flask import Blueprint, jsonify, request
 
-from kling_relay.shared import flow
+from kling_relay.shared import flow, limits
 from kling_relay.shared.inputs import safe_text
 from kling_relay.shared.intake import accept_job
 from kling_relay.shared.jobs import IdempotencyConflict, InvalidCursor, JobNotFound, JobState, StepResult
@@ -24,8 +24,8 @@ from kling_relay.shared.validation import FieldProblem, ValidationFailed, proble
 from kling_relay.webhook.common import error, parse_json, read_body, runtime, valid_job_id
 
 bp = Blueprint("api", __name__, url_prefix="/v1")
-MAX_LIST_LIMIT = 200
-MAX_ACTION_BODY_BYTES = 16 * 1024
+MAX_LIST_LIMIT = limits.LIST_LIMIT_MAX
+MAX_ACTION_BODY_BYTES = limits.ACTION_BODY_MAX_BYTES
 
 
 @bp.before_request
@@ -87,7 +87,7 @@ def list_jobs() -> Any:
             state = JobState(raw_state)
         except ValueError:
             problems.append(FieldProblem("state", f"must be one of {', '.join(s.value for s in JobState)}"))
-    limit = 50
+    limit = limits.LIST_LIMIT_DEFAULT
     raw_limit = request.args.get("limit")
     if raw_limit is not None:
         if not (raw_limit.isascii() and raw_limit.isdigit() and len(raw_limit) <= 3) or \

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from kling_relay.shared.inputs import JOB_ID_PATTERN, MAX_REASON_CHARS
+from kling_relay.shared import limits
 from kling_relay.shared.jobs import SOURCES, JobState
 from kling_relay.shared.settings import Settings
 from kling_relay.shared.validation import ASPECT_RATIOS, DURATIONS, MODES, SINGLE_IMAGE_FIELDS
@@ -88,7 +88,7 @@ def _schemas(settings: Settings) -> dict[str, Any]:
             "required": ["id", "state", "kling_task_id", "created_at", "updated_at", "error", "videos", "metadata",
                          "notify_url"],
             "properties": {
-                "id": {"type": "string", "pattern": JOB_ID_PATTERN},
+                "id": {"type": "string", "pattern": limits.JOB_ID_PATTERN},
                 "state": {"type": "string", "enum": _STATES},
                 "kling_task_id": _NULLABLE_STRING,
                 "created_at": {"type": "string", "format": "date-time"},
@@ -118,7 +118,7 @@ def _schemas(settings: Settings) -> dict[str, Any]:
                     "type": "object", "required": ["image"], "additionalProperties": False,
                     "properties": {"image": {"type": "string", "minLength": 1}}}},
                 "prompt": {"type": "string", "minLength": 1, "maxLength": settings.prompt_max_chars},
-                "negative_prompt": {"type": ["string", "null"], "maxLength": 2500},
+                "negative_prompt": {"type": ["string", "null"], "maxLength": limits.NEGATIVE_PROMPT_MAX_CHARS},
                 "mode": {"type": ["string", "null"], "enum": [*MODES, None]},
                 "duration": {"oneOf": [{"type": "string", "enum": list(DURATIONS)},
                                        {"type": "integer", "enum": [int(d) for d in DURATIONS]},
@@ -132,14 +132,14 @@ def _schemas(settings: Settings) -> dict[str, Any]:
                 **{name: {"enum": ["", None], "description": "A single-image field: accepted only empty (as "
                                                            "in a reseller's example body) and not forwarded."}
                    for name in SINGLE_IMAGE_FIELDS},
-                "notify_url": {"type": ["string", "null"], "format": "uri", "maxLength": 2048,
+                "notify_url": {"type": ["string", "null"], "format": "uri", "maxLength": limits.URL_MAX_CHARS,
                                "description": "Signed POST when the job finishes; needs NOTIFY_SECRET set."},
                 "metadata": {"type": ["object", "null"], "description": "Yours, returned as is; <= 16 KiB."},
             },
         },
         "ActionRequest": {
             "type": "object", "additionalProperties": False,
-            "properties": {"reason": {"type": "string", "maxLength": MAX_REASON_CHARS,
+            "properties": {"reason": {"type": "string", "maxLength": limits.REASON_MAX_CHARS,
                                       "description": "Why; recorded in the job's timeline. Valid text, no "
                                                      "control characters other than newline and tab."}},
         },
@@ -201,7 +201,7 @@ def _schemas(settings: Settings) -> dict[str, Any]:
 
 def _job_id_param() -> dict[str, Any]:
     return {"name": "job_id", "in": "path", "required": True,
-            "schema": {"type": "string", "pattern": JOB_ID_PATTERN}}
+            "schema": {"type": "string", "pattern": limits.JOB_ID_PATTERN}}
 
 
 def _action(summary: str, description: str, operation_id: str) -> dict[str, Any]:
@@ -227,7 +227,7 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
         "openapi": "3.1.0",
         "info": {
             "title": "kling-relay",
-            "version": "0.1.0",
+            "version": limits.API_VERSION,
             "description": "Jobs in, videos in S3 out: submit multi-image2video jobs for Kling, read them, and retry "
                            "or cancel them. `/v1` needs `Authorization: Bearer <one of API_TOKENS>`.",
         },
@@ -242,7 +242,8 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
                     "summary": "Submit a job", "operationId": "createJob", "tags": ["jobs"],
                     "parameters": [{"name": "Idempotency-Key", "in": "header", "required": False,
                                     "description": "Same key and body: the same job again (Idempotent-Replayed).",
-                                    "schema": {"type": "string", "minLength": 1, "maxLength": 255}}],
+                                    "schema": {"type": "string", "minLength": 1,
+                                               "maxLength": limits.IDEMPOTENCY_KEY_MAX_CHARS}}],
                     "requestBody": {"required": True,
                                     "content": {"application/json": {"schema": _ref("JobRequest")}}},
                     "responses": {
@@ -262,7 +263,8 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
                         {"name": "state", "in": "query", "required": False,
                          "schema": {"type": "string", "enum": _STATES}},
                         {"name": "limit", "in": "query", "required": False,
-                         "schema": {"type": "integer", "minimum": 1, "maximum": 200, "default": 50}},
+                         "schema": {"type": "integer", "minimum": 1, "maximum": limits.LIST_LIMIT_MAX,
+                                    "default": limits.LIST_LIMIT_DEFAULT}},
                         {"name": "cursor", "in": "query", "required": False, "schema": {"type": "string"},
                          "description": "next_cursor of the previous page."},
                     ],

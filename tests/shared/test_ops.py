@@ -18,7 +18,8 @@ from PIL import Image
 from kling_relay.shared import pipeline
 from kling_relay.shared.jobs import JobNotFound, JobState, JobStore
 from kling_relay.shared.kling import KlingClient
-from kling_relay.shared.ops import MAX_REASON_CHARS, ActionRefused, cancel_job, retry_job, retry_mode
+from kling_relay.shared.limits import REASON_MAX_CHARS as MAX_REASON_CHARS
+from kling_relay.shared.ops import ActionRefused, cancel_job, retry_job, retry_mode
 from kling_relay.shared.queue import COPY_QUEUE, SUBMIT_QUEUE, Enqueuer, make_celery
 from kling_relay.shared.runtime import Runtime
 from kling_relay.shared.settings import load_settings
