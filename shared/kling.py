@@ -307,8 +307,9 @@ class KlingClient:
 
     Auth is either ``access_key`` + ``secret_key`` (a cached HS256 JWT, renewed ``jwt_renew_margin``
     seconds before it expires and once more if Kling answers 1004 "token expired"; "legacy" in Kling's newer
-    docs) or ``api_key`` (a static Bearer key: an official API key, or a reseller's). ``timeout`` is (connect, read) seconds, or one number for both. A ``session``
-    passed in is used as is and not closed by :meth:`close`.
+    docs) or ``api_key`` (a static Bearer key: an official API key, or a reseller's). ``timeout`` is
+    (connect, read) seconds, or one number for both. A ``session`` passed in is used as is and not closed by
+    :meth:`close`.
     """
 
     def __init__(self, base_url: str, *, access_key: str | None = None, secret_key: str | None = None,
