@@ -9,16 +9,19 @@ its job fail `kling_rejected:1201` here.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
+from jsonschema import Draft202012Validator
 
 from deploy.stack import DEMO_ACCESS_KEY, DEMO_SECRET_KEY, LocalStack
 from tests.e2e.conftest import png_b64, submit, wait_jobs
 from tests.support.sim import make_jwt
 
 pytestmark = pytest.mark.e2e
+MANIFEST_SCHEMA = json.loads((Path(__file__).resolve().parents[2] / "docs" / "manifest.schema.json").read_text())
 
 
 def sim_task(stack: LocalStack, task_id: str) -> dict[str, Any]:
@@ -58,6 +61,7 @@ def test_the_seed_example_body_is_stored_with_kling_s_watermark_url(clean_sim: L
     key = video["key"].rsplit("/", 1)[0] + "/manifest.json"
     manifest = json.loads(stack.s3().get_object(Bucket=video["bucket"], Key=key)["Body"].read())
     assert manifest["videos"] == job["videos"]
+    assert [e.message for e in Draft202012Validator(MANIFEST_SCHEMA).iter_errors(manifest)] == []
     assert manifest["request"]["watermark_info"] == {"enabled": True}
     assert "image_tail" not in manifest["request"] and manifest["request"]["negative_prompt"] == ""
     downloads = stack.sim_stats()["downloads"][job["kling_task_id"]]
