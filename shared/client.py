@@ -72,11 +72,11 @@ class Relay:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Relay:
-        """A Relay from the environment (default os.environ): REDIS_URL, plus the optional PROMPT_MAX_CHARS,
-        JOB_TTL_SECONDS, JOB_DEADLINE_SECONDS, RECONCILE_QUIET_SECONDS, NOTIFY_SECRET, NOTIFY_URL_ALLOWLIST,
-        EVENTS_STREAM and EVENTS_STREAM_MAXLEN (as the relay's processes read them, so jobs are taken in and
-        canceled alike). Raises SettingsError naming each bad
-        variable. No Kling key, CALLBACK_SECRET, API_TOKENS or S3_BUCKET is needed."""
+        """A Relay from the environment (default os.environ): REDIS_URL, plus the optional KLING_MODELS,
+        PROMPT_MAX_CHARS, JOB_TTL_SECONDS, JOB_DEADLINE_SECONDS, RECONCILE_QUIET_SECONDS, NOTIFY_SECRET,
+        NOTIFY_URL_ALLOWLIST, EVENTS_STREAM and EVENTS_STREAM_MAXLEN (as the relay's processes read them, so jobs are
+        taken in and canceled alike). Raises SettingsError naming each bad variable. No Kling key, CALLBACK_SECRET,
+        API_TOKENS or S3_BUCKET is needed."""
         return cls(load_client_settings(env))
 
     def submit(self, *, idempotency_key: str | None = None, **fields: Any) -> Job:

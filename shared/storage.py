@@ -83,22 +83,29 @@ class CopyError(Exception):
 
 @dataclass(frozen=True)
 class StoredVideo:
-    """One video as stored: where it is, its SHA-256 (hex) and size, and Kling's duration string."""
+    """One video as stored: where it is, its SHA-256 (hex) and size, Kling's duration string, and Kling's
+    `watermark_url` (the watermarked copy's temporary URL, recorded as given, never downloaded; None without one)."""
 
     bucket: str
     key: str
     sha256: str
     bytes: int
     duration: str | None
+    watermark_url: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {"bucket": self.bucket, "key": self.key, "sha256": self.sha256, "bytes": self.bytes,
-                "duration": self.duration}
+                "duration": self.duration, "watermark_url": self.watermark_url}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> StoredVideo:
         return cls(bucket=str(data["bucket"]), key=str(data["key"]), sha256=str(data["sha256"]),
-                   bytes=int(data["bytes"]), duration=None if data.get("duration") is None else str(data["duration"]))
+                   bytes=int(data["bytes"]), duration=_str_or_none(data.get("duration")),
+                   watermark_url=_str_or_none(data.get("watermark_url")))
+
+
+def _str_or_none(value: object) -> str | None:
+    return None if value is None else str(value)
 
 
 class StorageUnusable(CopyError):
@@ -453,16 +460,21 @@ def download_chunks(url: str, allowlist: UrlAllowlist, *, session: requests.Sess
                     final_url=response.url or url, _response=response)
 
 
+#: A video to copy: (video_id, url, duration), or with Kling's watermark_url as a fourth item.
+SourceVideo = tuple[str, str, str | None] | tuple[str, str, str | None, str | None]
+
+
 class CopyCanceled(Exception):  # noqa: N818 - an outcome, not a failure
     """The job stopped wanting its copy (canceled, timed out) before the manifest: nothing is left in S3."""
 
 
 def copy_videos(job_id: str, created_at: float, kling_task_id: str,
-                videos: Sequence[tuple[str, str, str | None]], storage: Storage, allowlist: UrlAllowlist,
+                videos: Sequence[SourceVideo], storage: Storage, allowlist: UrlAllowlist,
                 session: requests.Session, *, extra_manifest: dict[str, Any],
                 timeout: tuple[float, float] = (5, 60), max_bytes: int | None = None,
                 still_wanted: Callable[[], bool] | None = None) -> list[StoredVideo]:
-    """Copy a finished task's videos (video_id, url, duration) into S3, exactly once per job.
+    """Copy a finished task's videos ((video_id, url, duration) or (video_id, url, duration, watermark_url)) into
+    S3, exactly once per job; a watermark_url is recorded with its video, not downloaded.
 
     If the job's manifest exists the videos it lists are returned and nothing is downloaded. Otherwise each
     video is streamed into its key, then the manifest ``{"schema_version": 1, "job_id", "kling_task_id",
@@ -482,14 +494,17 @@ def copy_videos(job_id: str, created_at: float, kling_task_id: str,
     if not videos:
         raise CopyError("the task has no videos to copy", retryable=False)
     stored: list[StoredVideo] = []
-    for index, (video_id, url, duration) in enumerate(videos):
+    for index, source in enumerate(videos):
+        video_id, url, duration = source[:3]
+        watermark_url = source[3] if len(source) > 3 else None
         key = storage.video_key(job_id, created_at, index, len(videos))
         started = time.monotonic()
         with download_chunks(url, allowlist, session=session, timeout=timeout, max_bytes=max_bytes) as dl:
             metadata = {"job-id": job_id, "kling-task-id": kling_task_id, "kling-video-id": video_id}
             sha256, size = storage.copy_stream(dl.chunks, key=key, expected_bytes=dl.content_length,
                                                metadata=metadata)
-        stored.append(StoredVideo(bucket=storage.bucket, key=key, sha256=sha256, bytes=size, duration=duration))
+        stored.append(StoredVideo(bucket=storage.bucket, key=key, sha256=sha256, bytes=size, duration=duration,
+                                  watermark_url=watermark_url))
         log.info("copied video", extra={"job_id": job_id, "key": key, "bytes": size,
                                         "seconds": round(time.monotonic() - started, 3)})
     if still_wanted is not None and not still_wanted():

@@ -1,7 +1,8 @@
 """`simulator.main(argv)`: parse flags, start the server, run until SIGTERM/SIGINT.
 
 Without key flags the simulator accepts the demo credentials: access key `demo-access-key`, secret
-key `demo-secret-key` (JWT mode). `--api-key K` switches to a reseller-style static Bearer key.
+key `demo-secret-key` (JWT mode). `--api-key K` switches to a static Bearer API key (Kling's newer
+official keys, or a reseller's). `--webhook-secret S` signs every callback per Standard Webhooks.
 When ready it prints exactly one line on stdout, a JSON record `{"msg": "listening", "url": "http://host:port<prefix>",
 ...}`; its logs are JSON lines on stderr.
 """
@@ -19,6 +20,7 @@ from types import FrameType
 from kling_relay.simulator import logs
 from kling_relay.simulator.app import SimulatorApp, normalize_prefix
 from kling_relay.simulator.auth import DEMO_ACCESS_KEY, DEMO_SECRET_KEY, Authenticator
+from kling_relay.simulator.callbacks import signing_key
 from kling_relay.simulator.knobs import add_knob_arguments, knobs_from_args
 from kling_relay.simulator.server import SimHTTPServer
 
@@ -34,7 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--public-url", help="base of result URLs (default http://<host>:<port>)")
     parser.add_argument("--access-key", help="JWT mode: the access key (iss)")
     parser.add_argument("--secret-key", help="JWT mode: the HS256 secret key")
-    parser.add_argument("--api-key", help="static Bearer key mode (instead of AK/SK)")
+    parser.add_argument("--api-key", help="static Bearer API key mode (Kling's newer official API keys, which "
+                                          "its docs prefer to the legacy AK/SK; or a reseller's key)")
+    parser.add_argument("--webhook-secret", help="sign callbacks per Standard Webhooks with this secret "
+                                                 "(whsec_<base64> as Kling's console issues it, or any string)")
     parser.add_argument("--jwt-leeway", type=float, default=5.0, help="seconds of clock skew allowed")
     parser.add_argument("--data-dir", help="where rendered videos go (default: a temp dir removed at exit)")
     parser.add_argument("--generation-workers", type=int, default=2, help="videos rendered at once")
@@ -61,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     auth = _authenticator(parser, args)
     try:
         knobs = knobs_from_args(args)
+        if args.webhook_secret:
+            signing_key(args.webhook_secret)
     except ValueError as exc:
         parser.error(str(exc))
     logs.configure(args.log_level)
@@ -73,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     prefix = normalize_prefix(args.prefix)
     app = SimulatorApp(auth=auth, knobs=knobs, prefix=prefix, data_dir=data_dir,
                        public_url=args.public_url or f"http://{host_part}:{port}",
-                       generation_workers=args.generation_workers, callback_workers=args.callback_workers)
+                       generation_workers=args.generation_workers, callback_workers=args.callback_workers,
+                       webhook_secret=args.webhook_secret or None)
     server.app = app
     stop = threading.Event()
 

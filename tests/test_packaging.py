@@ -64,6 +64,7 @@ def test_wheel_has_one_top_level_name(wheel: Path) -> None:
         names = zf.namelist()
     assert tops == {"kling_relay", wheel.name.split("-")[0] + "-" + wheel.name.split("-")[1] + ".dist-info"}
     assert "kling_relay/shared/jobs.py" in names and "kling_relay/worker/celery_app.py" in names
+    assert "kling_relay/shared/pipeline/submit.py" in names  # subpackages are listed in pyproject too
     assert "kling_relay/shared/py.typed" in names
 
 

@@ -1,8 +1,12 @@
 """Kling's side: `POST /callbacks/kling/<job_id>?token=...`. Verify, record one state step, answer fast.
 
-Callbacks are unsigned, so the per-job token (HMAC of the job id) is the only proof the caller knows the URL we
-gave Kling. The body is checked for shape and its task_id must be the job's; the URL in it is never used (the
-copy re-reads the task from Kling). Duplicates and stale updates get a 2xx and change nothing.
+Kling's callbacks are unsigned by default, so the per-job token (HMAC of the job id) is the proof the caller knows
+the URL we gave Kling. Once a webhook secret is created in Kling's console and given as KLING_WEBHOOK_SECRET, each
+callback must also carry a valid Standard Webhooks signature (`webhook-id`, `webhook-timestamp` within five
+minutes, `webhook-signature: v1,<base64 HMAC-SHA256 of "<id>.<timestamp>.<body>">`, checked over the raw body by
+`kling_relay.shared.http_client.verify`): a missing, wrong or stale one is `401` and changes nothing. The body is
+checked for shape and its task_id must be the job's; the URL in it is never used (the copy re-reads the task from
+Kling). Duplicates and stale updates get a 2xx and change nothing.
 
 A callback never binds a job to a task. Only the worker does, with a task that Kling itself answered: the create's
 answer, or a lookup by `external_task_id` (the worker's, or the reconciler's poll). So a callback that arrives
@@ -27,6 +31,7 @@ from typing import Any
 
 from flask import Blueprint, jsonify, request
 
+from kling_relay.shared.http_client import verify
 from kling_relay.shared.jobs import Job, JobNotFound, JobState
 from kling_relay.shared.kling import KlingTask
 from kling_relay.shared.pipeline import CREATE_SENT, apply_task_status
@@ -35,6 +40,8 @@ from kling_relay.webhook.common import error, parse_json, read_body, runtime, va
 
 log = logging.getLogger(__name__)
 bp = Blueprint("callbacks", __name__)
+#: How far a signed callback's `webhook-timestamp` may be from our clock (Kling's docs: five minutes).
+SIGNATURE_TOLERANCE_SECONDS = 300
 
 
 @bp.post("/callbacks/kling/<job_id>")
@@ -47,6 +54,11 @@ def kling_callback(job_id: str) -> Any:
     raw = read_body(limit)
     if raw is None:
         return error(413, f"callback body over {limit} bytes")
+    secret = rt.settings.kling_webhook_secret
+    signed = secret is None or verify(secret, dict(request.headers), raw, tolerance=SIGNATURE_TOLERANCE_SECONDS)
+    if not signed:
+        log.warning("callback refused: missing, wrong or stale webhook signature", extra={"job_id": job_id})
+        return error(401, "missing, wrong or stale webhook signature")
     job = rt.store.get(job_id)
     if job is None:
         return error(404, "unknown job")

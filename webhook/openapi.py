@@ -13,7 +13,7 @@ from kling_relay.shared import limits
 from kling_relay.shared.jobs import SOURCES, JobState
 from kling_relay.shared.jobs_model import DEFAULT_NOTIFY_EVENTS, NOTIFY_STATES
 from kling_relay.shared.settings import Settings
-from kling_relay.shared.validation import ASPECT_RATIOS, DURATIONS, MODEL_NAMES, MODES
+from kling_relay.shared.validation import ASPECT_RATIOS, DURATIONS, MODES, SINGLE_IMAGE_FIELDS
 
 _STATES = [s.value for s in JobState]
 _NOTIFY_EVENTS = {"type": "array", "items": {"type": "string", "enum": list(NOTIFY_STATES)}, "minItems": 1,
@@ -64,7 +64,10 @@ def _schemas(settings: Settings) -> dict[str, Any]:
             "properties": {"bucket": {"type": "string"}, "key": {"type": "string"},
                            "sha256": {"type": "string", "description": "Hex SHA-256 of the stored object."},
                            "bytes": {"type": "integer", "minimum": 0},
-                           "duration": {**_NULLABLE_STRING, "description": "Kling's duration, seconds."}},
+                           "duration": {**_NULLABLE_STRING, "description": "Kling's duration, seconds."},
+                           "watermark_url": {**_NULLABLE_STRING,
+                                             "description": "Kling's watermarked copy (temporary URL), when "
+                                                            "watermark_info was enabled; not downloaded."}},
         },
         "JobError": {
             "type": "object", "required": ["reason"],
@@ -117,7 +120,8 @@ def _schemas(settings: Settings) -> dict[str, Any]:
                            "http(s) URL (not fetched by the relay) or raw base64 of a PNG or JPEG (no data: "
                            "prefix), at most 10 MB, sides >= 300 px, aspect ratio 1:2.5 to 2.5:1.",
             "properties": {
-                "model_name": {"type": ["string", "null"], "enum": [*MODEL_NAMES, None]},
+                "model_name": {"type": ["string", "null"], "enum": [*settings.kling_models, None],
+                               "description": f"One of KLING_MODELS; default {settings.kling_models[0]}."},
                 "image_list": {"type": "array", "minItems": 1, "maxItems": 4, "items": {
                     "type": "object", "required": ["image"], "additionalProperties": False,
                     "properties": {"image": {"type": "string", "minLength": 1}}}},
@@ -128,6 +132,14 @@ def _schemas(settings: Settings) -> dict[str, Any]:
                                        {"type": "integer", "enum": [int(d) for d in DURATIONS]},
                                        {"type": "null"}]},
                 "aspect_ratio": {"type": ["string", "null"], "enum": [*ASPECT_RATIOS, None]},
+                "watermark_info": {"type": ["object", "null"], "required": ["enabled"],
+                                   "additionalProperties": False,
+                                   "properties": {"enabled": {"type": "boolean"}},
+                                   "description": "Forwarded to Kling; enabled: each stored video also records "
+                                                  "Kling's watermark_url."},
+                **{name: {"enum": ["", None], "description": "A single-image field: accepted only empty (as "
+                                                           "in a reseller's example body) and not forwarded."}
+                   for name in SINGLE_IMAGE_FIELDS},
                 "notify_url": {"type": ["string", "null"], "format": "uri", "maxLength": limits.URL_MAX_CHARS,
                                "description": "Signed POST (the `jobEvent` webhook) when the job reaches a state "
                                               "of notify_events; needs NOTIFY_SECRET set."},
@@ -446,6 +458,9 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
                         "202": _json(_ref("CallbackAck"), "Noted, nothing changed: the job's task is not recorded "
                                                           "yet; the worker confirms it with Kling."),
                         "400": _error("Not a Kling task object."),
+                        "401": _error("KLING_WEBHOOK_SECRET is set and the Standard Webhooks signature "
+                                      "(webhook-id, webhook-timestamp, webhook-signature) is missing, wrong or "
+                                      "stale."),
                         "403": _error("Bad callback token."),
                         "404": _error("Unknown job."),
                         "409": _error("task_id or external_task_id is not this job's."),

@@ -19,7 +19,7 @@ from kling_relay.shared import flow
 from kling_relay.shared.backoff import backoff_seconds
 from kling_relay.shared.flow import RateLimited
 from kling_relay.shared.jobs import Job, JobState, StepResult
-from kling_relay.shared.kling import KlingError, KlingFixAccount, KlingFixRequest, KlingTaskNotFound
+from kling_relay.shared.kling import KlingError, KlingFixAccount, KlingFixRequest
 from kling_relay.shared.kling_codes import THROTTLE_CODES, pause_reason
 from kling_relay.shared.locks import job_lock
 from kling_relay.shared.notify import EventsStream, announce
@@ -57,14 +57,17 @@ class Decision(StrEnum):
 def decide(exc: KlingError) -> Decision:
     """The one policy for Kling errors, shared by the lookup, the create and the copy's re-read of the task.
 
-    Steps may soften a FAIL (a lookup never fails a job; a refused create whose earlier attempt may have made the
-    task retries, so the next attempt looks it up first) but never harden a RETRY.
+    Every refusal of the request is a FAIL, 1203 ("resource does not exist") included: on a create it names the
+    model or another resource the request needs, and the same create would be refused until the budget ran out.
+    Steps may soften a FAIL (a lookup never fails a job and reads 1203 as "no task"; the copy never fails on
+    Kling's word; a refused create whose earlier attempt may have made the task retries, so the next attempt looks
+    it up first) but never harden a RETRY.
     """
     if isinstance(exc, KlingFixAccount):
         return Decision.PAUSE
     if isinstance(exc, RateLimited) or exc.code in THROTTLE_CODES:
         return Decision.THROTTLE
-    if isinstance(exc, KlingFixRequest) and not isinstance(exc, KlingTaskNotFound):
+    if isinstance(exc, KlingFixRequest):  # KlingTaskNotFound (1203) is one
         return Decision.FAIL
     return Decision.RETRY
 

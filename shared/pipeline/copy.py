@@ -139,7 +139,7 @@ def _copy_videos(rt: Runtime, job: Job, task: KlingTask, recorded: dict[str, Any
     for video in task.videos:  # scheme/host/port first, before touching S3 (addresses are checked on connect)
         rt.allowlist.match(video.url)
     return copy_videos(
-        job.id, job.created_at, task.task_id, [(v.id, v.url, v.duration) for v in task.videos],
+        job.id, job.created_at, task.task_id, [(v.id, v.url, v.duration, v.watermark_url) for v in task.videos],
         rt.storage, rt.allowlist, rt.http,
         extra_manifest={"metadata": job.metadata, "request": recorded, **_billing(rt, job)},
         max_bytes=rt.settings.max_video_bytes, still_wanted=lambda: in_state(rt, job.id, JobState.GENERATED),

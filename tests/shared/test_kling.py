@@ -261,6 +261,17 @@ def test_task_from_json_reads_every_field() -> None:
     assert task.is_final
 
 
+def test_watermark_url_is_read_beside_url() -> None:
+    """Issue 9 item 5: with watermark_info enabled Kling returns `watermark_url` beside `url`; an odd one is left
+    out rather than making the task (and its billed video) unreadable."""
+    videos = [{"id": "v1", "url": "https://cdn.example.com/a.mp4", "duration": "5",
+               "watermark_url": "https://cdn.example.com/a-wm.mp4"},
+              {"id": "v2", "url": "https://cdn.example.com/b.mp4", "watermark_url": 12},
+              {"id": "v3", "url": "https://cdn.example.com/c.mp4", "watermark_url": ""}]
+    task = KlingTask.from_json(task_json("t", "succeed", "job-1", task_result={"videos": videos}))
+    assert [v.watermark_url for v in task.videos] == ["https://cdn.example.com/a-wm.mp4", None, None]
+
+
 def test_task_from_json_minimal() -> None:
     task = KlingTask.from_json({"task_id": "t", "task_status": "processing", "task_info": None})
     assert task == KlingTask(task_id="t", status="processing")

@@ -493,3 +493,38 @@ def test_a_refused_first_create_fails_the_job_with_klings_code(runtime: Runtime,
     assert failed.state is JobState.FAILED and failed.error is not None
     assert failed.error["reason"] == "kling_rejected:1301"
     assert "create_sent" not in failed.attempts  # a definite refusal: no task exists, nothing to look up later
+
+
+def test_1203_on_a_first_create_is_final(runtime: Runtime, sim: SimHandle) -> None:
+    """Issue 9 item 3: 1203 on create ("resource does not exist", e.g. the model) was retried until the budget ran
+    out (submit_exhausted after SUBMIT_MAX_ATTEMPTS creates); the same create can only be refused again."""
+    job = new_job(runtime)
+    sim.control(force_error_code=1203, force_error_on="create")
+    assert submit_job(runtime, job.id) == "failed"
+    failed = runtime.store.require(job.id)
+    assert failed.state is JobState.FAILED and failed.error is not None
+    assert failed.error["reason"] == "kling_rejected:1203" and failed.error["code"] == 1203
+    assert sim_requests(sim) == {CREATE: 1}
+
+
+def test_1203_on_a_create_after_one_that_may_have_reached_kling_still_retries(runtime: Runtime,
+                                                                              sim: SimHandle) -> None:
+    """As for any refusal: an earlier create may have made the task, so the next attempt looks it up first."""
+    job = new_job(runtime)
+    runtime.store.bump_attempt(job.id, "create_sent")
+    sim.control(force_error_code=1203, force_error_on="create")
+    with pytest.raises(RetryIn):
+        submit_job(runtime, job.id)
+    assert runtime.store.require(job.id).state is JobState.QUEUED
+
+
+def test_1203_on_the_copys_re_read_retries_within_the_budget(runtime: Runtime, sim: SimHandle) -> None:
+    """The copy never fails on Kling's word: a task Kling says it does not know is read again later."""
+    job = new_job(runtime)
+    assert submit_job(runtime, job.id) == "submitted"
+    runtime.store.step(job.id, JobState.GENERATED, source="callback")
+    sim.control(force_error_code=1203, force_error_on="query")
+    with pytest.raises(RetryIn):
+        copy_job(runtime, job.id)
+    after = runtime.store.require(job.id)
+    assert after.state is JobState.GENERATED and after.error is None

@@ -553,7 +553,24 @@ def test_copy_videos_without_videos_is_permanent(source: SourceServer, session: 
 def test_stored_video_round_trips_through_json() -> None:
     video = StoredVideo("b", "k", "ab" * 32, 10, None)
     assert StoredVideo.from_dict(json.loads(json.dumps(video.as_dict()))) == video
-    assert set(video.as_dict()) == {"bucket", "key", "sha256", "bytes", "duration"}
+    assert set(video.as_dict()) == {"bucket", "key", "sha256", "bytes", "duration", "watermark_url"}
+    marked = StoredVideo("b", "k", "ab" * 32, 10, "5", "https://cdn.example.com/wm.mp4")
+    assert StoredVideo.from_dict(json.loads(json.dumps(marked.as_dict()))) == marked
+    old_manifest_entry = {"bucket": "b", "key": "k", "sha256": "ab" * 32, "bytes": 10, "duration": None}
+    assert StoredVideo.from_dict(old_manifest_entry) == video
+
+
+def test_copy_videos_records_the_watermark_url_without_downloading_it(
+        source: SourceServer, session: requests.Session, storage: Storage, s3: Any, bucket: str) -> None:
+    """Issue 9 item 5: Kling's watermark_url is kept with its video in the manifest (and so in the job)."""
+    data = payload(1000)
+    watermark_url = "https://cdn.example.com/never-fetched-wm.mp4?sig=x"
+    stored = copy_videos("job-w", CREATED_AT, "task-w", [("v", source.add("v", data), "5", watermark_url)],
+                         storage, source.allowlist, session, extra_manifest={})
+    assert [v.watermark_url for v in stored] == [watermark_url]
+    manifest = json.loads(s3.get_object(Bucket=bucket, Key="relay/2025/12/31/job-w/manifest.json")["Body"].read())
+    assert manifest["videos"][0]["watermark_url"] == watermark_url
+    assert len(source.seen) == 1  # the video only
 
 
 # --- memory: 512 MiB through a copy in its own process ------------------------------------------------------

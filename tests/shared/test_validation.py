@@ -314,6 +314,69 @@ def test_empty_negative_prompt_is_kept() -> None:
     assert validate_multi_image2video(body(negative_prompt="")).require()["negative_prompt"] == ""
 
 
+SEED_EXAMPLE = {  # the seed reseller's own example body, as clients copy it (issue 9 item 5)
+    "model_name": "kling-v1-6", "image_list": [{"image": URL}, {"image": URL}], "prompt": "a cat surfing",
+    "negative_prompt": "", "mode": "std", "duration": "5", "aspect_ratio": "16:9", "image_tail": "",
+    "watermark_info": {"enabled": True},
+}
+
+
+def test_the_seed_resellers_example_body_is_accepted() -> None:
+    """Issue 9 item 5: `"image_tail": ""` (the seed's example) was refused as a single-image field. Empty, it counts
+    as absent and is not forwarded; `watermark_info` is forwarded as given."""
+    request = validate_multi_image2video(SEED_EXAMPLE).require()
+    assert request == {"model_name": "kling-v1-6", "image_list": SEED_EXAMPLE["image_list"],
+                       "prompt": "a cat surfing", "negative_prompt": "", "mode": "std", "duration": "5",
+                       "aspect_ratio": "16:9", "watermark_info": {"enabled": True}}
+    assert validate_multi_image2video(request).require() == request
+
+
+@pytest.mark.parametrize("name", ["image_tail", "image", "cfg_scale"])
+@pytest.mark.parametrize("empty", ["", "  ", None])
+def test_empty_single_image_fields_are_absent(name: str, empty: object) -> None:
+    request = validate_multi_image2video(body(**{name: empty})).require()
+    assert name not in request
+
+
+@pytest.mark.parametrize(("name", "value"), [("image_tail", URL), ("image", "x"), ("cfg_scale", 0.5),
+                                             ("cfg_scale", 0), ("image_tail", [])])
+def test_non_empty_single_image_fields_are_still_refused_by_name(name: str, value: object) -> None:
+    result = validate_multi_image2video(body(**{name: value}))
+    assert fields_of(result) == [name]
+    assert "single-image endpoint" in result.problems[0].problem and "image_list" in result.problems[0].problem
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_watermark_info_is_forwarded(enabled: bool) -> None:
+    assert validate_multi_image2video(body(watermark_info={"enabled": enabled})).require()["watermark_info"] == {
+        "enabled": enabled}
+    assert "watermark_info" not in validate_multi_image2video(body(watermark_info=None)).require()
+
+
+@pytest.mark.parametrize(("value", "fields"), [
+    (True, ["watermark_info"]), ("on", ["watermark_info"]), ({}, ["watermark_info.enabled"]),
+    ({"enabled": "true"}, ["watermark_info.enabled"]), ({"enabled": 1}, ["watermark_info.enabled"]),
+    ({"enabled": True, "position": "tl"}, ["watermark_info"]),
+])
+def test_a_bad_watermark_info_is_refused(value: object, fields: list[str]) -> None:
+    result = validate_multi_image2video(body(watermark_info=value))
+    assert fields_of(result) == fields
+    assert '{"enabled": true}' in result.problems[0].problem or "true or false" in result.problems[0].problem
+
+
+def test_the_models_accepted_are_the_limits_models() -> None:
+    """KLING_MODELS: resellers and newer Kling models; the first is the default."""
+    limits = Limits(model_names=("kling-v2-1", "kling-v1-6"))
+    assert validate_multi_image2video(body(), limits=limits).require()["model_name"] == "kling-v2-1"
+    assert validate_multi_image2video(body(model_name="kling-v1-6"), limits=limits).ok
+    result = validate_multi_image2video(body(model_name="kling-v1-6"))
+    assert result.ok
+    refused = validate_multi_image2video(body(model_name="kling-v2-1"))
+    assert fields_of(refused) == ["model_name"] and '"kling-v1-6"' in refused.problems[0].problem
+    with pytest.raises(ValueError):
+        Limits(model_names=())
+
+
 @pytest.mark.parametrize(("width", "height"), [(300, 300), (750, 300), (300, 750), (1000, 400)])
 def test_image_sizes_on_the_limits_are_accepted(width: int, height: int) -> None:
     for fmt in ("PNG", "JPEG"):
@@ -474,6 +537,9 @@ VALID_BODIES = st.fixed_dictionaries(
         "mode": st.sampled_from(["std", "pro", None]),
         "duration": st.sampled_from(["5", "10", 5, 10, None]),
         "aspect_ratio": st.sampled_from(["16:9", "9:16", "1:1", None]),
+        "watermark_info": st.sampled_from([{"enabled": True}, {"enabled": False}, None]),
+        "image_tail": st.sampled_from(["", None]),
+        "cfg_scale": st.sampled_from(["", None]),
     },
 )
 PROPERTY_SETTINGS = settings(max_examples=60, deadline=None,
@@ -490,7 +556,7 @@ def test_valid_bodies_pass_and_round_trip(given_body: dict[str, Any]) -> None:
     assert request["prompt"] == given_body["prompt"]
     assert request["duration"] == str(given_body.get("duration") or "5")
     assert set(request) <= {"model_name", "image_list", "prompt", "negative_prompt", "mode", "duration",
-                            "aspect_ratio"}
+                            "aspect_ratio", "watermark_info"}
     again = validate_multi_image2video(request)
     assert again.ok and again.request == request and again.extras == {}
 
@@ -531,6 +597,8 @@ MUTATIONS: list[Mutation] = [
     ("image_tail", _set("image_tail", URL)),
     ("cfg_scale", _set("cfg_scale", 0.5)),
     ("image", _set("image", URL)),
+    ("watermark_info", _set("watermark_info", True)),
+    ("watermark_info.enabled", _set("watermark_info", {"enabled": "yes"})),
     ("callback_url", _set("callback_url", "https://x/cb")),
     ("external_task_id", _set("external_task_id", "mine")),
     ("whatever", _set("whatever", 1)),

@@ -94,6 +94,8 @@ class Received:
     at: float
     path: str
     body: dict[str, Any]
+    headers: dict[str, str] = field(default_factory=dict)  # names in lower case
+    raw: bytes = b""
 
 
 @dataclass
@@ -134,7 +136,8 @@ def listener() -> Iterator[CallbackListener]:
             with state.changed:
                 status = state.statuses.pop(0) if state.statuses else 200
                 if status == 200:
-                    state.received.append(Received(time.time(), self.path, json.loads(body)))
+                    headers = {k.lower(): v for k, v in self.headers.items()}
+                    state.received.append(Received(time.time(), self.path, json.loads(body), headers, body))
                     state.changed.notify_all()
             self.send_response(status)
             self.send_header("Content-Length", "0")

@@ -88,3 +88,9 @@ def test_help_documents_the_demo_keys() -> None:
     assert out.returncode == 0
     assert "demo-access-key" in out.stdout and "demo-secret-key" in out.stdout
     assert "--callback-drop-every-n" in out.stdout
+
+
+def test_a_webhook_secret_that_is_not_base64_is_refused_at_start() -> None:
+    out = subprocess.run([sys.executable, "-m", "simulator", "--port", "0", "--webhook-secret", "whsec_not*base64"],
+                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "whsec_" in out.stderr
