@@ -68,7 +68,7 @@ def test_health_failure_is_logged_with_its_cause_and_request_id(redis_down_app: 
 
 
 def test_health_ok_body(client: FlaskClient) -> None:
-    assert client.get("/healthz").json == {"status": "ok", "submission": "open"}
+    assert client.get("/healthz").json == {"status": "ok", "submission": "open", "copy": "open"}
 
 
 @pytest.mark.parametrize("sent", ["abc-123", "trace.id:1_a", "x" * 128])
