@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import http.server
 import json
-import sys
 import threading
 import time
 import uuid
@@ -21,7 +20,7 @@ import pytest
 import requests
 from botocore.exceptions import ClientError
 
-from bench.copy_memory import expected_digests, run_probe
+from deploy.copy_probe import expected_digests, run_probe, serve_argv
 from kling_relay.shared.storage import CopyCanceled, CopyError, Storage, StoredVideo, copy_videos, download_chunks
 from kling_relay.shared.urlguard import UrlAllowlist, UrlRefused
 from tests.support.procs import Process, free_port, wait_for_port
@@ -501,8 +500,7 @@ def test_stored_video_round_trips_through_json() -> None:
 def test_copy_of_512_mib_stays_under_150_mb_rss(moto: MotoS3, s3: Any, bucket: str, tmp_path: Path) -> None:
     size = 512 * MIB
     port = free_port()
-    bench = Path(__file__).resolve().parents[2] / "bench" / "copy_memory.py"
-    server = Process("copy-source", [sys.executable, str(bench), "serve", "--port", str(port)], log_dir=tmp_path)
+    server = Process("copy-source", serve_argv(port), log_dir=tmp_path)
     try:
         wait_for_port(port, proc=server.proc)
         result = run_probe("stream", f"http://127.0.0.1:{port}/{size}.mp4", moto.endpoint_url, bucket,
