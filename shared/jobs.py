@@ -10,7 +10,9 @@ Keys (the layout is written once, in `shared/keys.py`): the job's hash (field en
 its request (the normalized Kling request as JSON, images included, read only by `request()`) and its timeline
 (JSON events, oldest first, capped at `max_events`); the `all` and per-state indexes (sorted sets, score =
 created_at: listing newest first); the due index (score = when the reconciler should look next; terminal jobs are
-never in it); idempotency keys (`job_id` and the sha256 of the canonical body).
+never in it); idempotency keys (`job_id` and the sha256 of the canonical body); the outbox (a sorted set of
+`<id>|<state>|<at>`, score = at: steps still to be announced to the consumers' stream and notifications, added
+by the step itself, removed once announced: `Transition`, `unannounced`, `announced`).
 
 The client must be created with `decode_responses=True` (e.g. `redis.Redis.from_url(url,
 decode_responses=True)`); the constructor refuses any other. The scripts touch keys they compute from the job key,
@@ -49,13 +51,15 @@ from kling_relay.shared.jobs_model import (
     JobNotFound,
     JobState,
     StepResult,
+    Transition,
     dumps,
     new_job_id,
+    normalize_notify_events,
 )
 
 __all__ = [
     "RANK", "SOURCES", "TERMINAL", "Event", "IdempotencyConflict", "InvalidCursor", "Job", "JobNotFound",
-    "JobState", "JobStore", "StepResult",
+    "JobState", "JobStore", "StepResult", "Transition",
 ]
 
 _STATES: tuple[JobState, ...] = tuple(JobState)
@@ -137,9 +141,11 @@ class JobStore:
 
     _due_key = keys.JOBS_DUE
 
+    _outbox_key = keys.OUTBOX
+
     def _step_keys(self, job_id: str) -> list[str]:
         return [self._job_key(job_id), self._events_key(job_id), self._due_key,
-                *(self._index_key(s) for s in _STATES)]
+                *(self._index_key(s) for s in _STATES), self._outbox_key]
 
     # -- events -----------------------------------------------------------------------------------------
 
@@ -161,14 +167,16 @@ class JobStore:
     def create(self, request: dict[str, Any], *, notify_url: str | None = None,
                metadata: dict[str, Any] | None = None, idempotency_key: str | None = None,
                deadline_seconds: float | None = None, due_in: float | None = None,
-               source: str = "api") -> tuple[Job, bool]:
+               source: str = "api", notify_events: Collection[str] | None = None) -> tuple[Job, bool]:
         """Store a new job in state `queued`; returns `(job, created)`.
 
         `request` is the normalized Kling body without `callback_url`/`external_task_id` (the worker adds
         those). With an `idempotency_key`, a second create with the same body (request, notify_url, metadata)
         returns the first job and `created=False`; a different body raises `IdempotencyConflict`. The check and
         the write are one script, so concurrent creates with one key make one job. `due_in` puts the job in the
-        due index that many seconds from now; `deadline_seconds` sets `deadline_at`.
+        due index that many seconds from now; `deadline_seconds` sets `deadline_at`. `notify_events`: the states
+        `notify_url` is told about (None: the terminal ones; see `normalize_notify_events`, ValueError otherwise);
+        it is part of the idempotent body only when it is not the default, so older keys still match.
         """
         self._check_source(source)
         if not isinstance(request, dict):
@@ -181,12 +189,15 @@ class JobStore:
         if deadline_seconds is not None and deadline_seconds <= 0:
             raise ValueError("deadline_seconds must be positive")
         meta = dict(metadata or {})
+        events = normalize_notify_events(None if notify_events is None else list(notify_events))
         now = self._clock()
         job_id = new_job_id(now)
-        body_hash = hashlib.sha256(dumps([request, notify_url, meta]).encode()).hexdigest()
+        body = [request, notify_url, meta] if events is None else [request, notify_url, meta, list(events)]
+        body_hash = hashlib.sha256(dumps(body).encode()).hexdigest()
         fields = {
             "id": job_id, "state": JobState.QUEUED.value, "request": dumps(request),
             "notify_url": notify_url or "", "metadata": dumps(meta), "kling_task_id": "",
+            "notify_events": "" if events is None else dumps(list(events)),
             "created_at": repr(now), "updated_at": repr(now), "error": "null", "videos": "[]",
             "deadline_at": repr(now + deadline_seconds) if deadline_seconds is not None else "",
         }
@@ -369,6 +380,23 @@ class JobStore:
         if not is_job_id(job_id):
             return
         self._r.hdel(self._job_key(job_id), ATTEMPT_PREFIX + kind)
+
+    # -- the outbox -------------------------------------------------------------------------------------------
+
+    def unannounced(self, *, before: float, limit: int = 100) -> list[Transition]:
+        """Steps into a terminal or a notified state made before `before` and not yet announced, oldest first."""
+        if limit < 1:
+            raise ValueError("limit must be at least 1")
+        raw = cast(list[str], self._r.zrangebyscore(self._outbox_key, "-inf", repr(before), start=0, num=limit))
+        found = [Transition.parse(member) for member in raw]
+        bad = [member for member, t in zip(raw, found, strict=True) if t is None]
+        if bad:  # never written by this store: dropped, or they would block the head of the outbox forever
+            self._r.zrem(self._outbox_key, *bad)
+        return [t for t in found if t is not None]
+
+    def announced(self, transition: Transition) -> None:
+        """Remove a step from the outbox once it is announced (nothing happens if it is not there)."""
+        self._r.zrem(self._outbox_key, transition.member)
 
     # -- due index --------------------------------------------------------------------------------------
 

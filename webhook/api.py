@@ -13,10 +13,11 @@ from typing import Any
 
 from flask import Blueprint, jsonify, request
 
-from kling_relay.shared import flow, limits
+from kling_relay.shared import limits, usage
 from kling_relay.shared.inputs import safe_text
 from kling_relay.shared.intake import accept_job
 from kling_relay.shared.jobs import IdempotencyConflict, InvalidCursor, JobNotFound, JobState, StepResult
+from kling_relay.shared.notify import EventsStream
 from kling_relay.shared.ops import ActionRefused, action_problems, cancel_job, retry_job, submission_status
 from kling_relay.shared.tokens import bearer_ok
 from kling_relay.shared.tokens import bearer_token_number as token_number
@@ -164,20 +165,22 @@ def retry(job_id: str) -> Any:
 def cancel(job_id: str) -> Any:
     """Queued/submitted/processing/generated → canceled; 409 for a finished job."""
     rt = runtime()
-    return _act(job_id, lambda detail: cancel_job(rt.store, job_id, detail=detail))
+    return _act(job_id, lambda detail: cancel_job(rt.store, rt.enqueuer, job_id, detail=detail,
+                                                  stream=EventsStream.of(rt.settings)))
 
 
 @bp.get("/status")
 def get_status() -> Any:
     """Whether submission to Kling is open or paused (and why), tasks in flight, and jobs per state."""
     rt = runtime()
-    return jsonify(submission_status(rt.store))
+    return jsonify(submission_status(rt.store, now=rt.clock()))
 
 
 @bp.post("/submission/resume")
 def resume_submission() -> Any:
-    """Clear a pause after an account or auth error was fixed; queued jobs resume as the reconciler finds them."""
+    """Clear a pause after an account or auth error was fixed (a budget pause: the daily unit budget is off until
+    midnight UTC); queued jobs resume as the reconciler finds them."""
     rt = runtime()
     who = token_number(request.headers.get("Authorization"), rt.settings.api_tokens)
-    cleared = flow.resume(rt.redis, by=f"api_token:{who}")
+    cleared = usage.operator_resume(rt.redis, by=f"api_token:{who}", now=rt.clock())
     return jsonify(resumed=cleared is not None, pause=cleared)

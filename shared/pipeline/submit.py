@@ -4,14 +4,15 @@ Guards, in order: the job must be `queued`; a per-job lock (another worker submi
 reconciler comes back); the pause (`paused`: the job stays queued and due, no Kling call); the in-flight cap and
 the shared rate limit (RetryIn, no attempt used). Then, whenever a create may already have reached Kling (counted by
 `create_sent`, set before each create is sent and cleared on a definite refusal of a first create), a lookup by
-`external_task_id` before any new create; and the create.
+`external_task_id` before any new create; the daily unit budget (`shared/usage.py`: over it, submission pauses with
+reason `budget` and the job stays queued, no attempt used, nothing sent); and the create.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from kling_relay.shared import flow
+from kling_relay.shared import flow, usage
 from kling_relay.shared.jobs_model import CREATE_SENT, Job, JobState
 from kling_relay.shared.kling import KlingAmbiguous, KlingError, KlingTaskNotFound
 from kling_relay.shared.pipeline.common import (
@@ -68,7 +69,10 @@ def _submit_to_kling(rt: Runtime, job: Job, *, trial: bool) -> Outcome:
         found = _look_up(rt, job, budget)
         if found is not None:
             return found
-    body = {**rt.store.request(job.id), "callback_url": callback_url(rt, job.id), "external_task_id": job.id}
+    request = rt.store.request(job.id)
+    if not _within_budget(rt, job, request):
+        return Outcome.PAUSED
+    body = {**request, "callback_url": callback_url(rt, job.id), "external_task_id": job.id}
     rt.store.bump_attempt(job.id, CREATE_SENT)  # before sending: a worker killed mid-create still looks first next
     try:
         task = rt.kling.create_multi_image2video(body)
@@ -97,3 +101,24 @@ def _look_up(rt: Runtime, job: Job, budget: Budget) -> Outcome | None:
         return on_kling_error(rt, job.id, budget, exc, "lookup", refusal_fails=False)
     record_task(rt, job.id, task, source="worker", detail={"found_by": "external_task_id"})
     return Outcome.FOUND
+
+
+def _within_budget(rt: Runtime, job: Job, request: dict[str, Any]) -> bool:
+    """The daily unit budget's guard, right before a create: True when the create may go.
+
+    Over the budget, submission pauses with reason `budget` and the job waits queued and due like any paused
+    job; the attempt this run counted is given back (a pause is nobody's failure).
+    """
+    now = rt.clock()
+    combo = usage.combination(request)
+    verdict = usage.admit(rt.redis, job.id, combo, budget=rt.settings.kling_daily_unit_budget,
+                          default_estimate=rt.settings.kling_default_units_estimate, now=now)
+    if verdict.admitted:
+        return True
+    usage.pause_for_budget(rt.redis, verdict, job_id=job.id, combo=combo, now=now)
+    rt.store.bump_attempt(job.id, "submit_throttled")
+    rt.store.note(job.id, source="worker", detail={
+        "paused": usage.REASON, "budget": verdict.budget, "spent_today": verdict.spent,
+        "in_flight_estimate": verdict.in_flight, "estimate": verdict.estimate})
+    rt.store.set_due(job.id, rt.settings.kling_pause_probe_seconds)
+    return False
