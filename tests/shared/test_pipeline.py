@@ -303,7 +303,7 @@ def test_a_job_throttled_past_its_deadline_is_timed_out(runtime: Runtime, sim: S
         submit_job(runtime, job.id)
     score = due_score(runtime.redis, job.id)
     assert score is not None and score <= runtime.store.require(job.id).created_at + 1.0 + 1e-6
-    time.sleep(1.1)
+    time.sleep(1.1)  # deliberate: past the job's 1 s deadline, on the real clock the reconciler reads
     report = reconcile(runtime)
     assert job.id in report.timed_out
     after = runtime.store.require(job.id)
