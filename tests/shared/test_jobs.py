@@ -518,6 +518,8 @@ def test_bulk_copies_of_a_job_read_like_jobs_the_store_made(store: JobStore, red
         assert store.events(job_id) == store.events(template.id)
         assert store.request(job_id) == store.request(template.id)
     assert store.counts()["stored"] == 6
+    announced = redis_client.zrange("kr:outbox", 0, -1)
+    assert len(announced) == 6 and {m.split("|")[0] for m in announced} == {template.id, *ids}
     assert {j.id for j in store.list(state=S.STORED)[0]} == {template.id, *ids}
 
 

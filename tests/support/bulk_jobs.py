@@ -6,9 +6,9 @@
 
 Creating jobs one by one through the store (a script call per create and per step) takes minutes on a slow
 machine; a test that only needs many jobs to exist fills Redis here instead. Each copy has its own id and
-otherwise exactly what the store wrote for the template (hash, request, events) and the same places, with the
-same scores, in the sorted sets it is in (every job, its state, due). The keys come from the store's own key
-layout (`kling_relay.shared.keys`).
+otherwise exactly what the store wrote for the template (hash, request, events, steps still to announce in the
+outbox) and the same places, with the same scores, in the sorted sets it is in (every job, its state, due). The
+keys come from the store's own key layout (`kling_relay.shared.keys`).
 """
 
 from __future__ import annotations
@@ -31,6 +31,9 @@ def copy_job(client: redis.Redis, template_id: str, count: int, *, batch: int = 
     request = client.get(keys.job_request(template_id))
     events = client.lrange(keys.job_events(template_id), 0, -1)
     scores = {index: client.zscore(index, template_id) for index in INDEXES}
+    outbox = [(member.removeprefix(template_id), score)  # members are `<id>|<state>|<at>`
+              for member, score in client.zrange(keys.OUTBOX, 0, -1, withscores=True)
+              if member.startswith(f"{template_id}|")]
     ids = [new_job_id(float(fields["created_at"])) for _ in range(count)]
     pipe = client.pipeline(transaction=False)
     for n, job_id in enumerate(ids, start=1):
@@ -42,6 +45,8 @@ def copy_job(client: redis.Redis, template_id: str, count: int, *, batch: int = 
         for index, score in scores.items():
             if score is not None:
                 pipe.zadd(index, {job_id: score})
+        for rest, score in outbox:
+            pipe.zadd(keys.OUTBOX, {job_id + rest: score})
         if n % batch == 0:
             pipe.execute()
     pipe.execute()
