@@ -63,6 +63,33 @@ def _submission(argv: Sequence[str]) -> int:
         relay.close()
 
 
+def _copy(argv: Sequence[str]) -> int:
+    from redis.exceptions import RedisError
+
+    parser = argparse.ArgumentParser(prog="kling-relay copy",
+                                     description="Is copying to S3 open or paused (storage unusable: no bucket, access "
+                                                 "denied, no credentials), and which jobs wait on a setting? Resume "
+                                                 "copying once the bucket, credentials or policy are fixed.")
+    parser.add_argument("action", choices=["status", "resume"])
+    args = parser.parse_args(argv)
+    relay = _open_relay()
+    if relay is None:
+        return 2
+    try:
+        if args.action == "status":
+            status = relay.status()
+            _print_json({key: status[key] for key in ("copy", "copy_pause", "copy_waiting")})
+        else:
+            cleared = relay.resume_copy(via=f"cli:{_user()}")
+            _print_json({"resumed": cleared is not None, "pause": cleared})
+        return 0
+    except RedisError as exc:
+        print(f"Redis did not answer: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        relay.close()
+
+
 EXIT_NOT_FOUND = 3
 EXIT_REFUSED = 4
 
@@ -173,6 +200,7 @@ COMMANDS = {
     "simulate": (_simulate, "run the local Kling simulator (see `kling-relay simulate --help`)"),
     "jobs": (_jobs, "read and act on jobs in Redis: get, list, retry, cancel (see `kling-relay jobs --help`)"),
     "submission": (_submission, "submission to Kling: status (open/paused, why) or resume after a pause"),
+    "copy": (_copy, "copying to S3: status (open/paused, why, jobs waiting) or resume after a pause"),
     "config": (_config, "check the settings from the environment and print them (secrets masked)"),
 }
 

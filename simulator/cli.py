@@ -2,21 +2,21 @@
 
 Without key flags the simulator accepts the demo credentials: access key `demo-access-key`, secret
 key `demo-secret-key` (JWT mode). `--api-key K` switches to a reseller-style static Bearer key.
-When ready it prints exactly one line, `kling simulator listening on http://host:port<prefix>`.
+When ready it prints exactly one line on stdout, a JSON record `{"msg": "listening", "url": "http://host:port<prefix>",
+...}`; its logs are JSON lines on stderr.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import shutil
 import signal
-import sys
 import tempfile
 import threading
 from pathlib import Path
 from types import FrameType
 
+from kling_relay.simulator import logs
 from kling_relay.simulator.app import SimulatorApp, normalize_prefix
 from kling_relay.simulator.auth import DEMO_ACCESS_KEY, DEMO_SECRET_KEY, Authenticator
 from kling_relay.simulator.knobs import add_knob_arguments, knobs_from_args
@@ -63,8 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         knobs = knobs_from_args(args)
     except ValueError as exc:
         parser.error(str(exc))
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logs.configure(args.log_level)
     own_dir = args.data_dir is None
     data_dir = Path(args.data_dir or tempfile.mkdtemp(prefix="kling-sim-"))
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -86,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGINT, on_signal)
     serving = threading.Thread(target=server.serve_forever, name="sim-http", daemon=True)
     serving.start()
-    print(f"kling simulator listening on http://{host_part}:{port}{prefix}", flush=True)
+    print(logs.json_line("listening", url=f"http://{host_part}:{port}{prefix}"), flush=True)
     try:
         while not stop.wait(0.5):
             pass

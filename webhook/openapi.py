@@ -185,9 +185,10 @@ def _schemas(settings: Settings) -> dict[str, Any]:
         },
         "Health": {
             "type": "object", "required": ["status"],
+            "additionalProperties": False,
             "properties": {"status": {"type": "string", "enum": ["ok", "unhealthy"]},
-                           "redis": {"type": "string"},
-                           "submission": {"type": "string", "enum": ["open", "paused"]}},
+                           "submission": {"type": "string", "enum": ["open", "paused"]},
+                           "copy": {"type": "string", "enum": ["open", "paused"]}},
         },
         "Pause": {
             "type": ["object", "null"],
@@ -199,12 +200,48 @@ def _schemas(settings: Settings) -> dict[str, Any]:
                            "since": _NULLABLE_STRING, "updated_at": _NULLABLE_STRING,
                            "budget": {"type": ["number", "null"]}, "resume_at": _NULLABLE_STRING},
         },
+        "CopyPause": {
+            "type": ["object", "null"],
+            "description": "Why copying to S3 is paused: storage refuses every request (no bucket, access denied, "
+                           "no or bad credentials). Jobs wait in generated; copying resumes when the reconciler's "
+                           "probe succeeds or on POST /v1/copy/resume.",
+            "properties": {"reason": {"type": "string", "enum": ["storage"]},
+                           "code": {"type": ["string", "null"], "description": "S3's code, e.g. NoSuchBucket, "
+                                                                              "AccessDenied, NoCredentials."},
+                           "message": {"type": "string"}, "since": _NULLABLE_STRING,
+                           "updated_at": _NULLABLE_STRING, "job_id": _NULLABLE_STRING,
+                           "hits": {"type": "integer"}},
+        },
+        "CopyWaiting": {
+            "type": "object", "required": ["count", "jobs"],
+            "description": "Jobs whose copy waits on a setting, e.g. video_host_refused: the result URL's host is "
+                           "not on VIDEO_URL_ALLOWLIST (widen it and restart the workers). Oldest first.",
+            "properties": {
+                "count": {"type": "integer"},
+                "jobs": {"type": "array", "items": {
+                    "type": "object", "required": ["job_id", "reason"],
+                    "properties": {"job_id": {"type": "string"},
+                                   "reason": {"type": "string", "enum": ["video_host_refused"]},
+                                   "host": _NULLABLE_STRING, "message": {"type": "string"},
+                                   "since": _NULLABLE_STRING,
+                                   "until": {**_NULLABLE_STRING, "description": "When the wait ends: the job's "
+                                             "deadline or the URL's expiry, whichever comes first."}}}},
+            },
+        },
+        "CopyResumed": {
+            "type": "object", "required": ["resumed", "pause"],
+            "properties": {"resumed": {"type": "boolean"}, "pause": _ref("CopyPause")},
+        },
         "Status": {
-            "type": "object", "required": ["submission", "pause", "in_flight", "jobs", "units"],
+            "type": "object", "required": ["submission", "pause", "in_flight", "copy", "copy_pause", "copy_waiting",
+                                           "jobs", "units"],
             "properties": {
                 "submission": {"type": "string", "enum": ["open", "paused"]},
                 "pause": _ref("Pause"),
                 "in_flight": {"type": "object", "additionalProperties": {"type": "integer"}},
+                "copy": {"type": "string", "enum": ["open", "paused"]},
+                "copy_pause": _ref("CopyPause"),
+                "copy_waiting": _ref("CopyWaiting"),
                 "jobs": {"type": "object", "additionalProperties": {"type": "integer"},
                          "description": "Jobs per state."},
                 "units": {
@@ -350,7 +387,8 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
                 "get": {
                     "summary": "Submission status", "operationId": "status", "tags": ["ops"],
                     "description": "Whether submission to Kling is open or paused after an account or auth error, "
-                                   "tasks in flight, and jobs per state.",
+                                   "tasks in flight, whether copying to S3 is open or paused (storage unusable) "
+                                   "and which jobs' copies wait on a setting, and jobs per state.",
                     "responses": {"200": _json(_ref("Status"), "The status."), "401": _UNAUTHORIZED},
                 },
             },
@@ -363,11 +401,24 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
                                   "401": _UNAUTHORIZED},
                 },
             },
+            "/v1/copy/resume": {
+                "post": {
+                    "summary": "Resume copying", "operationId": "resumeCopy", "tags": ["ops"],
+                    "description": "Clear a copy pause once the bucket, credentials or policy are fixed (the "
+                                   "reconciler also probes storage and clears it by itself). Jobs waiting in "
+                                   "generated are then copied. A job waiting on a refused video host "
+                                   "(video_host_refused) needs VIDEO_URL_ALLOWLIST widened and the workers "
+                                   "restarted instead.",
+                    "responses": {"200": _json(_ref("CopyResumed"), "Cleared, or nothing was paused."),
+                                  "401": _UNAUTHORIZED},
+                },
+            },
             "/healthz": {
                 "get": {
                     "summary": "Health", "operationId": "health", "tags": ["ops"], "security": [],
-                    "responses": {"200": _json(_ref("Health"), "Redis answers."),
-                                  "503": _json(_ref("Health"), "Redis does not answer.")},
+                    "description": "No token needed, so the answer names no component.",
+                    "responses": {"200": _json(_ref("Health"), "Ready."),
+                                  "503": _json(_ref("Health"), "Not ready: try again after Retry-After.")},
                 },
             },
             "/openapi.json": {

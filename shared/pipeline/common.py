@@ -36,7 +36,7 @@ class Outcome(StrEnum):
     MISSING = "missing"  # no such job (expired or deleted)
     SKIPPED = "skipped"  # the job is not (or no longer) in the state this step works on
     BUSY = "busy"  # another worker holds the job's lock for this step
-    PAUSED = "paused"  # submission is paused: the job waits, queued and due
+    PAUSED = "paused"  # submission or copying is paused, or the copy waits on a setting: the job waits, due
     FOUND = "found"  # submit: the job's task already existed at Kling and was adopted
     SUBMITTED = "submitted"  # submit: Kling created the task
     FAILED = "failed"  # the attempt failed: the job failed, or the step raised RetryIn before returning this

@@ -24,7 +24,7 @@ def test_good_environment_loads_typed_values() -> None:
     assert s.kling_auth_mode == "access_key"
     assert s.port == 9000 and s.reconcile_interval_seconds == 5.0
     assert [t.reveal() for t in s.api_tokens] == ["token-aaaaaaaaaaaaaaaa", "token-bbbbbbbbbbbbbbbb"]
-    assert s.video_url_allowlist == "*.klingai.com"
+    assert s.video_url_allowlist == "*.klingai.com,*.kwimgs.com,*.inkwai.com"  # Kling's CDNs (issue 9.1)
 
 
 def test_settings_are_frozen() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -33,8 +34,8 @@ def test_ready_line_and_clean_stop(sig: signal.Signals) -> None:
     proc, port = launch("--prefix", "kling/")
     try:
         assert proc.stdout is not None
-        line = proc.stdout.readline().strip()
-        assert line == f"kling simulator listening on http://127.0.0.1:{port}/kling"
+        ready = json.loads(proc.stdout.readline())
+        assert (ready["msg"], ready["url"]) == ("listening", f"http://127.0.0.1:{port}/kling")
         proc.send_signal(sig)
         assert proc.wait(timeout=15) == 0
         assert proc.stdout.read() == ""  # exactly one line
