@@ -30,6 +30,7 @@ from tests.support.relay_runtime import (
 )
 from tests.support.s3 import MotoS3, moto_s3
 from tests.support.sim import SimHandle, running_simulator
+from tests.support.waiting import wait_until
 
 CREATE = "POST /v1/videos/multi-image2video"
 
@@ -362,8 +363,7 @@ def test_a_refused_video_url_waits_until_its_expiry_then_fails(runtime: Runtime,
     assert expiry is not None and waiting["until"] == iso_utc(expiry)
     score = due_score(runtime.redis, job_id)
     assert score is not None and score <= expiry + 0.01, "due again when the URL expires, not later"
-    while time.time() <= expiry:
-        time.sleep(0.1)
+    wait_until(lambda: time.time() > expiry, timeout=30, what="the video URL's expiry", interval=0.1)
     assert copy_job(runtime, job_id) == "failed"
     failed = runtime.store.require(job_id)
     assert failed.error is not None and failed.error["reason"] == "copy_exhausted"
@@ -445,7 +445,7 @@ def test_a_job_throttled_past_its_deadline_is_timed_out(runtime: Runtime, sim: S
         submit_job(runtime, job.id)
     score = due_score(runtime.redis, job.id)
     assert score is not None and score <= runtime.store.require(job.id).created_at + 1.0 + 1e-6
-    time.sleep(1.1)
+    time.sleep(1.1)  # deliberate: past the job's 1 s deadline, on the real clock the reconciler reads
     report = reconcile(runtime)
     assert job.id in report.timed_out
     after = runtime.store.require(job.id)

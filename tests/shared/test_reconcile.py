@@ -16,6 +16,7 @@ from kling_relay.shared.locks import RedisLock, job_lock
 from kling_relay.shared.pipeline import submit_job
 from kling_relay.shared.reconcile import reconcile
 from kling_relay.shared.runtime import Runtime
+from tests.support.bulk_jobs import copy_job
 from tests.support.relay_runtime import (
     close_runtime,
     due_score,
@@ -25,6 +26,7 @@ from tests.support.relay_runtime import (
     relay_settings,
 )
 from tests.support.sim import SimHandle, running_simulator
+from tests.support.waiting import wait_until
 
 GET_ONE = "GET /v1/videos/multi-image2video/{id}"
 LIST = "GET /v1/videos/multi-image2video"
@@ -58,10 +60,8 @@ def submitted_job(rt: Runtime, sim: SimHandle, *, final: str = "succeed") -> str
     assert submit_job(rt, job.id) == "submitted"
     task_id = rt.store.require(job.id).kling_task_id
     assert task_id is not None
-    deadline = time.monotonic() + 10
-    while sim.task(task_id)["task_status"] != final:
-        assert time.monotonic() < deadline, "the simulator's task never finished"
-        time.sleep(0.02)
+    wait_until(lambda: sim.task(task_id)["task_status"] == final, timeout=10, what=f"the simulator's task {final}",
+               interval=0.02)
     return job.id
 
 
@@ -313,10 +313,14 @@ def commandstats(client: redis.Redis) -> dict[str, int]:
 
 
 def due_scenario(rt: Runtime, sim: SimHandle, finished: int) -> list[str]:
-    """`finished` stored jobs, then 10 due ones: 4 submitted (tasks done, callbacks lost), 3 queued, 3 generated."""
-    for _ in range(finished):
+    """`finished` stored jobs, then 10 due ones: 4 submitted (tasks done, callbacks lost), 3 queued, 3 generated.
+
+    One stored job goes through the store; the others are copies of it written straight into Redis (copy_job).
+    """
+    if finished:
         job = new_job(rt, due_in=None)
         rt.store.step(job.id, JobState.STORED, source="worker")
+        copy_job(rt.redis, job.id, finished - 1)
     due = [submitted_job(rt, sim) for _ in range(4)]
     due += [new_job(rt).id for _ in range(3)]
     for _ in range(3):

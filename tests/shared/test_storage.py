@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import http.server
 import json
-import sys
 import threading
 import time
 import uuid
@@ -22,7 +21,7 @@ import pytest
 import requests
 from botocore.exceptions import ClientError
 
-from bench.copy_memory import expected_digests, run_probe
+from deploy.copy_probe import expected_digests, run_probe, serve_argv
 from kling_relay.shared.storage import (
     CopyCanceled,
     CopyError,
@@ -580,8 +579,7 @@ def test_copy_videos_records_the_watermark_url_without_downloading_it(
 def test_copy_of_512_mib_stays_under_150_mb_rss(moto: MotoS3, s3: Any, bucket: str, tmp_path: Path) -> None:
     size = 512 * MIB
     port = free_port()
-    bench = Path(__file__).resolve().parents[2] / "bench" / "copy_memory.py"
-    server = Process("copy-source", [sys.executable, str(bench), "serve", "--port", str(port)], log_dir=tmp_path)
+    server = Process("copy-source", serve_argv(port), log_dir=tmp_path)
     try:
         wait_for_port(port, proc=server.proc)
         result = run_probe("stream", f"http://127.0.0.1:{port}/{size}.mp4", moto.endpoint_url, bucket,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import copy
 import functools
-import io
 import json
 import random
 from collections.abc import Callable
@@ -26,6 +25,7 @@ from kling_relay.shared.validation import (
     problems_payload,
     validate_multi_image2video,
 )
+from tests.support import images as pillow
 
 MB = 1024 * 1024
 URL = "https://cdn.example.com/frames/first.png?sig=abc123"
@@ -34,17 +34,11 @@ URL = "https://cdn.example.com/frames/first.png?sig=abc123"
 # ---------------------------------------------------------------- real images, made once per session
 
 
-def _encode(image: Image.Image, fmt: str, **params: Any) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format=fmt, **params)
-    return buf.getvalue()
-
-
 @functools.cache
 def image_bytes(fmt: str, width: int, height: int, mode: str = "RGB") -> bytes:
     """A small solid-colour image of the given format and size, encoded by Pillow."""
     colour = 90 if mode == "L" else (40, 120, 200)
-    return _encode(Image.new(mode, (width, height), colour), fmt)
+    return pillow.image_bytes(width, height, colour, fmt=fmt, mode=mode)
 
 
 @functools.cache
@@ -57,7 +51,7 @@ def noise_png_over_10mb() -> bytes:
     """A real PNG of random-noise pixels, stored uncompressed: about 10.6 MB, over Kling's 10 MB."""
     side = 1920  # 1920 * 1920 * 3 bytes of pixels = 11,059,200 > 10 MiB
     pixels = random.Random(0).randbytes(side * side * 3)
-    data = _encode(Image.frombytes("RGB", (side, side), pixels), "PNG", compress_level=0)
+    data = pillow.encode(Image.frombytes("RGB", (side, side), pixels), "PNG", compress_level=0)
     assert len(data) > 10 * MB
     return data
 
@@ -392,8 +386,7 @@ def test_image_sizes_just_past_the_limits_are_refused(width: int, height: int) -
 
 @pytest.mark.parametrize("mode", ["L", "RGBA", "P", "I;16"])
 def test_png_colour_modes_are_accepted(mode: str) -> None:
-    image = Image.new(mode, (320, 300))
-    encoded = base64.b64encode(_encode(image, "PNG")).decode()
+    encoded = pillow.image_b64(320, 300, 0, mode=mode)
     assert validate_multi_image2video(body(encoded)).ok
 
 

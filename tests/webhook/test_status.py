@@ -15,7 +15,7 @@ from kling_relay.shared import copy_flow, flow, usage
 from kling_relay.shared.client import Relay
 from kling_relay.shared.jobs import JobState
 from kling_relay.shared.runtime import Runtime
-from tests.webhook.conftest import auth
+from tests.webhook.conftest import app_env, auth
 from tests.webhook.test_openapi import conforms
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -44,11 +44,8 @@ def test_status_and_resume_over_http(client: FlaskClient, runtime: Runtime) -> N
 
 
 def _env(runtime: Runtime) -> dict[str, str]:
-    s = runtime.settings
-    return {**os.environ, "REDIS_URL": s.redis_url, "KLING_BASE_URL": s.kling_base_url,
-            "KLING_API_KEY": "k" * 32, "PUBLIC_BASE_URL": s.public_base_url,
-            "CALLBACK_SECRET": s.callback_secret.reveal(), "API_TOKENS": s.api_tokens[0].reveal(),
-            "S3_BUCKET": s.s3_bucket}
+    """The environment the runtime's settings came from, for the CLI in a subprocess."""
+    return {**os.environ, **app_env(runtime.settings.redis_url)}
 
 
 def test_status_and_resume_from_python_and_the_cli(runtime: Runtime) -> None:
