@@ -17,7 +17,8 @@ import requests
 from jsonschema import Draft202012Validator
 
 from deploy.stack import DEMO_ACCESS_KEY, DEMO_SECRET_KEY, LocalStack
-from tests.e2e.conftest import png_b64, submit, wait_jobs
+from tests.e2e.conftest import submit, wait_jobs
+from tests.support.images import image_b64
 from tests.support.sim import make_jwt
 
 pytestmark = pytest.mark.e2e
@@ -38,7 +39,7 @@ def test_the_seed_example_body_is_stored_with_kling_s_watermark_url(clean_sim: L
     stack = clean_sim
     body = {  # the shape of the seed reseller's own example
         "model_name": "kling-v1-6",
-        "image_list": [{"image": png_b64((200, 40, 40))}, {"image": png_b64((40, 40, 200))}],
+        "image_list": [{"image": image_b64(400, 300, (200, 40, 40))}, {"image": image_b64(400, 300, (40, 40, 200))}],
         "prompt": "a slow pan from red to blue",
         "negative_prompt": "",
         "mode": "std",
