@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from kling_relay.shared import flow
+from kling_relay.shared import flow, heard
 from kling_relay.shared.inputs import MAX_REASON_CHARS, is_job_id, reason_problem
 from kling_relay.shared.jobs import Job, JobNotFound, JobState, JobStore, StepResult
 from kling_relay.shared.jobs_model import CREATE_SENT
@@ -110,8 +110,10 @@ def retry_mode(job: Job, *, now: float | None = None) -> str:
 
 
 def submission_status(store: JobStore) -> dict[str, Any]:
-    """Submission open or paused (and why), tasks in flight at Kling, and jobs per state (GET /v1/status)."""
-    return {**flow.status(store.redis), "jobs": store.counts()}
+    """Submission open or paused (and why), tasks in flight at Kling, jobs per state, and the jobs awaiting a
+    callback because their create's outcome is unknown in callbacks-only mode (GET /v1/status)."""
+    return {**flow.status(store.redis), "jobs": store.counts(),
+            "awaiting_callback": heard.awaiting(store.redis, store.get)}
 
 
 def retry_job(store: JobStore, enqueuer: Enqueuer, job_id: str, *, detail: dict[str, Any] | None = None,

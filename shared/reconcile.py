@@ -18,6 +18,11 @@ For each due job:
 - `generated`: its copy may be lost: re-enqueue the copy, unless a copy holds the job's lock (still running);
 - then its due time moves forward by `RECONCILE_QUIET_SECONDS`, so a pass never hammers one job.
 
+When tasks cannot be read back (callbacks-only mode, `shared/kling_reads.py`), the pass polls no job (a quiet job
+waits for its callbacks until its deadline) and its pause probe, which needs the list, opens a trial instead (one
+job's create is let through; its success resumes submission). A job that timed out while awaiting its callback
+(its create's outcome unknown, `shared/heard.py`) says so in its error.
+
 Kling calls go through the shared rate limit: when it says wait, the pass stops polling and leaves the rest due
 for the next pass. While submission is paused, the pass first probes Kling (one `list_tasks(page_size=1)`, at
 most every `KLING_PAUSE_PROBE_SECONDS` across all processes). Only one pass runs at a time, even with several beat
@@ -31,9 +36,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from kling_relay.shared import flow, keys
+from kling_relay.shared import flow, heard, keys
 from kling_relay.shared.jobs import Job, JobState
 from kling_relay.shared.kling import KlingError, KlingFixAccount, KlingTask, KlingTaskNotFound
+from kling_relay.shared.kling_reads import reads_available
 from kling_relay.shared.locks import RedisLock, job_lock
 from kling_relay.shared.pipeline import Failure, apply_task_status, fail
 
@@ -90,6 +96,13 @@ class _Pass:
         self.report = ReconcileReport()
         self.pause: dict[str, Any] | None = None
         self.trial_sent = False
+        self._reads: bool | None = None
+
+    def reads(self) -> bool:
+        """Whether tasks can be read back from Kling (asked once per pass)."""
+        if self._reads is None:
+            self._reads = reads_available(self.rt)
+        return self._reads
 
     def run(self) -> ReconcileReport:
         self.pause = flow.current_pause(self.rt.redis)
@@ -106,6 +119,11 @@ class _Pass:
     def _probe(self) -> None:
         """One cheap call while paused: clears an auth pause, opens a trial for an account pause."""
         assert self.pause is not None
+        if not self.reads():  # nothing cheap to ask: let one create through instead
+            flow.open_trial(self.rt.redis, self.rt.settings.kling_pause_probe_seconds)
+            self.report.probe = "trial"
+            self.pause = flow.current_pause(self.rt.redis)
+            return
         try:
             self.rt.kling.list_tasks(page_num=1, page_size=1)
         except flow.RateLimited:
@@ -163,10 +181,17 @@ class _Pass:
                               + str(self.pause["message"]), self.pause["code"])
         else:
             failure = Failure("timed_out", f"not finished within {self.rt.settings.job_deadline_seconds:g}s "
-                                           f"(last state {job.state.value})")
+                                           f"(last state {job.state.value})" + self._awaited(job))
         fail(self.rt, job.id, failure, source="reconciler")
         self.report.timed_out.append(job.id)
         return True
+
+    def _awaited(self, job: Job) -> str:
+        flagged = heard.awaiting_reason(self.rt.redis, job.id) if job.state is JobState.QUEUED else None
+        if flagged is None:
+            return ""
+        return (f": no callback bound its task; it was never sent again since Kling's tasks could not be read back "
+                f"({flagged['message']})")
 
     def _queued(self, job: Job) -> None:
         if self._busy(job):
@@ -206,6 +231,10 @@ class _Pass:
     def _in_flight(self, job: Job) -> None:
         if self.report.stopped_polling:
             return  # stays due: the next pass polls it
+        if not self.reads():  # callbacks only: the job waits for them, up to its deadline
+            self.report.waiting.append(job.id)
+            self._push(job)
+            return
         try:
             task = (self.rt.kling.get_task(job.kling_task_id) if job.kling_task_id
                     else self.rt.kling.get_task_by_external_id(job.id))

@@ -91,6 +91,8 @@ class Settings:
     kling_rate_limit_per_second: float
     kling_max_in_flight: int
     kling_pause_probe_seconds: float
+    kling_query: str
+    kling_lookup_max_pages: int
     job_lock_seconds: float
     notify_secret: Secret | None
     notify_url_allowlist: str

@@ -4,7 +4,7 @@
 | --- | --- |
 | POST `.../multi-image2video` | create a task |
 | GET `.../multi-image2video?pageNum=&pageSize=` | list tasks, newest first (`list_order`: oldest first) |
-| GET `.../multi-image2video/{id}` | one task by task_id, else by external_task_id |
+| GET `.../multi-image2video/{id}` | one task by task_id, else by external_task_id (`path_external_id`) |
 Any other method or path answers 404 code 1202. Checks run in this order: auth, forced error, rate
 limit (creates), server error, body validation, duplicate id / in-flight cap, ambiguous answer.
 
@@ -124,7 +124,7 @@ def _query(app: SimulatorApp, req: Request, answer: Callable[[], Reply]) -> Repl
 
 
 def _one(app: SimulatorApp, task_or_external_id: str) -> Reply:
-    task = app.engine.store.find(task_or_external_id)
+    task = app.engine.store.find(task_or_external_id, by_external=app.faults.knobs.path_external_id)
     if task is None:
         raise ApiError(1203, "task not found")
     with app.engine.store.lock:

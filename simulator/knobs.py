@@ -82,6 +82,8 @@ class Knobs:
                                   "page, not Kling's envelope, like a reseller that serves only the create")
     foreign_answers: str = _knob("off", "answer in a gateway's own JSON shape instead of Kling's envelope: off, "
                                  "query (the read routes) or all (the create too)", choices=("off", "query", "all"))
+    path_external_id: bool = _knob(True, "GET .../{id} also finds a task by its external_task_id (Kling's docs "
+                                         "allow either reading; off: by task_id only)")
     list_order: str = _knob("newest", "order of the task list (Kling does not document one)",
                             choices=("newest", "oldest"))
     # billing

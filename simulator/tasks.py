@@ -103,11 +103,11 @@ class TaskStore:
         with self.lock:
             return self._by_id.get(task_id)
 
-    def find(self, task_or_external_id: str) -> Task | None:
-        """By task_id first, then by external_task_id."""
+    def find(self, task_or_external_id: str, *, by_external: bool = True) -> Task | None:
+        """By task_id first, then (`by_external`) by external_task_id."""
         with self.lock:
             task = self._by_id.get(task_or_external_id)
-            if task is None and task_or_external_id in self._by_external:
+            if task is None and by_external and task_or_external_id in self._by_external:
                 task = self._by_id[self._by_external[task_or_external_id]]
             return task
 

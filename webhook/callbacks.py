@@ -18,6 +18,13 @@ call Kling inside a request that must answer fast and never fail: Kling's timeou
 errors would hold the threads Kling's callbacks need, and a stolen token could make us spend the rate limit.
 It would also bind nothing more than the worker's own lookup, and neither works where Kling's read routes do
 not exist (gateways that serve only the create): there a callback could be trusted only with Kling's signature.
+
+What a callback says is kept (`shared/heard.py`: per status and task id, for the job's own task or, before one is
+recorded, one that names the job), before its step is applied: in callbacks-only mode the copy takes the video URLs
+from the `succeed` callback of the job's bound task, and a status that beat the create's answer is applied once
+the worker binds the task. With `KLING_WEBHOOK_SECRET` set, a callback reaching this point carries Kling's
+signature, which is Kling's own word: it may bind the task of a queued job whose create was sent but not answered
+(`heard.may_bind_from_callback`), the one way such a job gets its task in callbacks-only mode.
 """
 
 from __future__ import annotations
@@ -27,9 +34,10 @@ from typing import Any
 
 from flask import Blueprint, jsonify, request
 
+from kling_relay.shared import heard
 from kling_relay.shared.jobs import Job, JobNotFound, JobState
 from kling_relay.shared.kling import KlingTask
-from kling_relay.shared.pipeline import CREATE_SENT, apply_task_status
+from kling_relay.shared.pipeline import CREATE_SENT, apply_task_status, record_task
 from kling_relay.shared.tokens import callback_token_ok
 from kling_relay.webhook.common import error, parse_json, read_body, runtime, valid_job_id
 
@@ -61,11 +69,28 @@ def kling_callback(job_id: str) -> Any:
             # Only a task that names this job could ever be its own: a token alone must not pass another job's
             # task off as this one's (whose video the copy would then store here).
             return error(409, "task_info.external_task_id must name this job until its task id is known")
+        _remember(job, task)
+        if heard.may_bind_from_callback(job, task, signed=_signed_by_kling()):
+            record_task(rt, job_id, task, source="callback", detail={"bound_by": "signed callback"})
+            return jsonify(ok=True, applied=True, state=rt.store.require(job_id).state.value)
         return _before_task_recorded(job, task)
     if job.kling_task_id != task.task_id:
         return error(409, "task_id does not match this job's Kling task")
+    _remember(job, task)  # before the step: the copy it queues may need the URL (callbacks only)
     result = apply_task_status(rt, job_id, task, source="callback")
     return jsonify(ok=True, applied=result.applied, state=result.job.state.value)
+
+
+def _remember(job: Job, task: KlingTask) -> None:
+    settings = runtime().settings
+    heard.remember(runtime().redis, job.id, task,
+                   ttl_seconds=int(settings.job_ttl_seconds + settings.job_deadline_seconds))
+
+
+def _signed_by_kling() -> bool:
+    """Whether callbacks are signed by Kling: with KLING_WEBHOOK_SECRET set, the signature check refuses any
+    callback without a valid signature before this point."""
+    return getattr(runtime().settings, "kling_webhook_secret", None) is not None
 
 
 def _before_task_recorded(job: Job, task: KlingTask) -> Any:

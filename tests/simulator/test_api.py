@@ -168,6 +168,10 @@ def test_lookup_by_task_id_and_external_id_in_the_path(sim: SimHandle, http: req
         assert answer["code"] == 0
         assert answer["data"]["task_id"] == task_id
         assert answer["data"]["task_info"]["external_task_id"] == ext
+    sim.control(path_external_id=False)  # the other reading of Kling's docs: the path slot takes a task_id only
+    r = http.get(f"{sim.base_url}{CREATE_PATH}/{quote(ext, safe='')}", headers=sim.auth_header(), timeout=10)
+    assert error_of(r) == (404, 1203)
+    assert sim.task(task_id)["task_id"] == task_id
 
 
 def test_no_external_task_id_query_parameter(sim: SimHandle, http: requests.Session) -> None:
