@@ -110,8 +110,8 @@ def _from_error(route: str, exc: KlingError) -> RouteCheck:
                               **fields)
         if exc.http_status in _AUTH_STATUSES:
             return RouteCheck(route, AUTH_FAILED, f"refused, not in Kling's envelope: {exc.message}", **fields)
-        if 400 <= exc.http_status < 500:
-            return RouteCheck(route, MISSING, f"not served here: {exc.message}", **fields)
+        if 400 <= exc.http_status < 500:  # a gateway's own "no such route" page, or its own "not found" shape
+            return RouteCheck(route, MISSING, f"not served here, or not in Kling's shape: {exc.message}", **fields)
     return RouteCheck(route, UNKNOWN, f"could not tell: {exc}", **fields)
 
 
