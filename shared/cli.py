@@ -9,6 +9,8 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from kling_relay.shared import limits
+
 if TYPE_CHECKING:
     from kling_relay.shared.client import Relay
 
@@ -116,7 +118,8 @@ def _jobs_parser() -> argparse.ArgumentParser:
     get.add_argument("job_id")
     listing = sub.add_parser("list", help="jobs newest first, one page")
     listing.add_argument("--state", choices=[s.value for s in JobState])
-    listing.add_argument("--limit", type=int, default=50, help="1 to 200 (default 50)")
+    listing.add_argument("--limit", type=int, default=limits.LIST_LIMIT_DEFAULT,
+                         help=f"1 to {limits.LIST_LIMIT_MAX} (default {limits.LIST_LIMIT_DEFAULT})")
     listing.add_argument("--cursor", help="next_cursor of the previous page")
     for name, help_text in (("retry", "put a failed job back to work (copy or submit, per its failure)"),
                             ("cancel", "cancel a queued or in-flight job (a Kling task already made still runs)")):
@@ -139,8 +142,8 @@ def _jobs(argv: Sequence[str]) -> int:
     from kling_relay.shared.validation import ValidationFailed
 
     args = _jobs_parser().parse_args(argv)
-    if args.action == "list" and not 1 <= args.limit <= 200:
-        print("--limit must be from 1 to 200", file=sys.stderr)
+    if args.action == "list" and not 1 <= args.limit <= limits.LIST_LIMIT_MAX:
+        print(f"--limit must be from 1 to {limits.LIST_LIMIT_MAX}", file=sys.stderr)
         return 2
     relay = _open_relay()
     if relay is None:

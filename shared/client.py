@@ -25,9 +25,10 @@ from typing import Any
 
 import redis
 
-from kling_relay.shared import flow
+from kling_relay.shared import usage
 from kling_relay.shared.intake import accept_job
 from kling_relay.shared.jobs import TERMINAL, Job, JobNotFound, JobState, JobStore
+from kling_relay.shared.notify import EventsStream
 from kling_relay.shared.ops import cancel_job, retry_job, submission_status
 from kling_relay.shared.queue import Enqueuer, make_celery
 from kling_relay.shared.settings import ClientSettings, Settings, load_client_settings
@@ -72,8 +73,9 @@ class Relay:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Relay:
         """A Relay from the environment (default os.environ): REDIS_URL, plus the optional PROMPT_MAX_CHARS,
-        JOB_TTL_SECONDS, JOB_DEADLINE_SECONDS, RECONCILE_QUIET_SECONDS, NOTIFY_SECRET and NOTIFY_URL_ALLOWLIST
-        (as the relay's processes read them, so jobs are taken in alike). Raises SettingsError naming each bad
+        JOB_TTL_SECONDS, JOB_DEADLINE_SECONDS, RECONCILE_QUIET_SECONDS, NOTIFY_SECRET, NOTIFY_URL_ALLOWLIST,
+        EVENTS_STREAM and EVENTS_STREAM_MAXLEN (as the relay's processes read them, so jobs are taken in and
+        canceled alike). Raises SettingsError naming each bad
         variable. No Kling key, CALLBACK_SECRET, API_TOKENS or S3_BUCKET is needed."""
         return cls(load_client_settings(env))
 
@@ -103,15 +105,17 @@ class Relay:
     def cancel(self, job_id: str, *, reason: str | None = None, via: str = "python") -> Job:
         """Cancel a queued or in-flight job; the job now. A Kling task already made still runs at Kling (no
         cancel API) but its outcome is ignored. Raises `JobNotFound`, or `ActionRefused` for a finished job."""
-        return cancel_job(self.store, job_id, detail=_who(via, reason)).job
+        return cancel_job(self.store, self.enqueuer, job_id, detail=_who(via, reason),
+                          stream=EventsStream.of(self.settings)).job
 
     def status(self) -> dict[str, Any]:
         """Submission open or paused (and why), tasks in flight at Kling, jobs per state: as GET /v1/status."""
         return submission_status(self.store)
 
     def resume_submission(self, *, via: str = "python") -> dict[str, Any] | None:
-        """Clear a pause (account or keys fixed); returns the pause that was cleared, or None."""
-        return flow.resume(self.store.redis, by=via)
+        """Clear a pause (account or keys fixed; a budget pause: the daily unit budget is off until midnight UTC);
+        returns the pause that was cleared, or None."""
+        return usage.operator_resume(self.store.redis, by=via)
 
     def wait(self, job_id: str, *, timeout: float = 900.0, poll: float = 1.0,
              on_change: Callable[[Job], None] | None = None) -> Job:

@@ -18,7 +18,8 @@ Three guards, each one atomic Lua script so that N workers cannot overshoot toge
   permissions) a list may succeed while creates still fail, so a successful probe opens a *trial* instead:
   `gate` lets exactly one job's submit through; its success resumes submission, another account error renews
   the pause. 1103 (no permission for the resource or model) pauses too: the relay sends one model
-  (`kling-v1-6`), so the permission is the account's, not the request's.
+  (`kling-v1-6`), so the permission is the account's, not the request's. A third reason, `budget` (the daily
+  unit budget), is set and lifted by `shared/usage.py`; the reconciler never probes Kling for it.
 
 Keys (`keys`): `kr:flow:rate` (GCRA theoretical arrival time), `kr:flow:in_flight` (sorted set of reservations),
 `kr:flow:pause` (hash), `kr:flow:probe` (marks a recent probe; expires after the probe interval).
@@ -283,7 +284,7 @@ def _decode_pause(raw: dict[str, str]) -> dict[str, Any]:
         return _iso(float(value)) if value else None
 
     code = raw.get("code")
-    return {
+    record: dict[str, Any] = {
         "reason": raw.get("reason", "auth"),
         "code": int(code) if code else None,
         "message": raw.get("message", ""),
@@ -294,6 +295,9 @@ def _decode_pause(raw: dict[str, str]) -> dict[str, Any]:
         "trial_until": when("trial_until"),
         "trial_job": raw.get("trial_job") or None,
     }
+    if record["reason"] == "budget":  # set by shared/usage.py: the budget and when the pause ends by itself
+        record.update(budget=float(raw["budget"]) if raw.get("budget") else None, resume_at=when("resume_at"))
+    return record
 
 
 def claim_probe(client: redis.Redis, every: float) -> bool:
@@ -304,9 +308,10 @@ def claim_probe(client: redis.Redis, every: float) -> bool:
 def status(client: redis.Redis) -> dict[str, Any]:
     """Flow state for /healthz and the ops views.
 
-    `{"submission": "open" | "paused", "pause": None | {"reason": "auth" | "account", "code", "message",
-    "since", "updated_at", "job_id", "hits", "trial_until", "trial_job"}, "in_flight": {"submitted",
-    "processing", "reserved"}}`; times are ISO-8601 UTC. Never contains a secret.
+    `{"submission": "open" | "paused", "pause": None | {"reason": "auth" | "account" | "budget", "code",
+    "message", "since", "updated_at", "job_id", "hits", "trial_until", "trial_job"} (a `budget` pause, see
+    shared/usage.py, adds "budget" and "resume_at"), "in_flight": {"submitted", "processing", "reserved"}}`;
+    times are ISO-8601 UTC. Never contains a secret.
     """
     record = current_pause(client)
     return {"submission": "paused" if record else "open", "pause": record,

@@ -43,6 +43,10 @@ def task_json(task: KlingTask) -> dict[str, Any]:
                            "created_at": task.created_at_ms, "updated_at": task.updated_at_ms}
     if task.videos:
         obj["task_result"] = {"videos": [{"id": v.id, "url": v.url, "duration": v.duration} for v in task.videos]}
+    if task.final_unit_deduction is not None:
+        obj["final_unit_deduction"] = task.final_unit_deduction
+    if task.final_balance_deduction is not None:
+        obj["final_balance_deduction"] = task.final_balance_deduction
     return obj
 
 

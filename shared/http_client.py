@@ -152,7 +152,8 @@ def _parse_time(value: Any) -> datetime | None:
 class Job:
     """A job as the API shows it. `state` is one of STATES; `error` (a failed job) is `{"reason", "code",
     "message"}`; `videos` are `{"bucket", "key", "sha256", "bytes", "duration"}`; `events` (the timeline) is None
-    in listings, which leave it out. `raw` is the JSON object as received."""
+    in listings, which leave it out. `units` / `balance_deduction`: what Kling billed for the job's task, None
+    until Kling says. `raw` is the JSON object as received."""
 
     id: str
     state: str
@@ -164,6 +165,8 @@ class Job:
     metadata: dict[str, Any]
     notify_url: str | None
     events: builtins.list[dict[str, Any]] | None
+    units: float | None
+    balance_deduction: float | None
     raw: dict[str, Any] = field(repr=False, compare=False)
 
     @property
@@ -186,8 +189,17 @@ class Job:
             metadata=dict(data.get("metadata") or {}),
             notify_url=data.get("notify_url"),
             events=[dict(e) for e in events if isinstance(e, dict)] if isinstance(events, builtins.list) else None,
+            units=_amount(data.get("units")),
+            balance_deduction=_amount(data.get("balance_deduction")),
             raw=data,
         )
+
+
+def _amount(value: object) -> float | None:
+    """A number from the API as a float; None for null or anything else."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)
 
 
 # --- the client -----------------------------------------------------------------------------------------------------

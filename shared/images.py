@@ -19,7 +19,8 @@ from urllib.parse import urlsplit
 
 from PIL import ImageFile, JpegImagePlugin, PngImagePlugin
 
-URL_MAX_CHARS = 2048
+from kling_relay.shared.limits import URL_MAX_CHARS
+
 URL_SCHEMES = frozenset({"http", "https"})
 _MB = 1024 * 1024
 

@@ -7,7 +7,7 @@
   argument that was not valid UTF-8, which Python keeps as ``surrogateescape`` code points). Such a string
   cannot be written to Redis as UTF-8, so ``text_problem`` refuses it before anything is stored, and
   ``safe_text`` escapes it (``\\ud800``, as text) where it must be shown or kept anyway.
-- Ops reasons (retry, cancel): ``reason_problem`` allows at most ``MAX_REASON_CHARS`` characters of valid text
+- Ops reasons (retry, cancel): ``reason_problem`` allows at most ``REASON_MAX_CHARS`` characters of valid text
   with no control characters other than newline and tab.
 
 Problem sentences never repeat the offending text.
@@ -18,8 +18,8 @@ from __future__ import annotations
 import re
 import unicodedata
 
-JOB_ID_PATTERN = "^[A-Za-z0-9_-]{1,64}$"
-MAX_REASON_CHARS = 500
+from kling_relay.shared.limits import JOB_ID_PATTERN, REASON_MAX_CHARS
+
 _JOB_ID = re.compile(JOB_ID_PATTERN)
 _ALLOWED_CONTROLS = frozenset("\n\t")
 
@@ -59,7 +59,7 @@ def reason_problem(reason: object) -> str | None:
     if reason is None:
         return None
     if not isinstance(reason, str):
-        return f"must be a string of at most {MAX_REASON_CHARS} characters"
-    if len(reason) > MAX_REASON_CHARS:
-        return f"is {len(reason)} characters long; at most {MAX_REASON_CHARS} characters are allowed"
+        return f"must be a string of at most {REASON_MAX_CHARS} characters"
+    if len(reason) > REASON_MAX_CHARS:
+        return f"is {len(reason)} characters long; at most {REASON_MAX_CHARS} characters are allowed"
     return text_problem(reason, controls=False)

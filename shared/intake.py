@@ -12,7 +12,9 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from kling_relay.shared import limits
 from kling_relay.shared.jobs import Job, JobStore
+from kling_relay.shared.jobs_model import DEFAULT_NOTIFY_EVENTS, NOTIFY_STATES
 from kling_relay.shared.queue import Enqueuer
 from kling_relay.shared.settings import ClientSettings, Settings
 from kling_relay.shared.urlguard import UrlAllowlist, UrlRefused
@@ -20,9 +22,9 @@ from kling_relay.shared.validation import FieldProblem, Limits, ValidationFailed
 
 log = logging.getLogger(__name__)
 
-EXTRA_FIELDS = ("notify_url", "metadata")
-MAX_METADATA_BYTES = 16 * 1024
-MAX_IDEMPOTENCY_KEY_CHARS = 255
+EXTRA_FIELDS = ("notify_url", "notify_events", "metadata")
+MAX_METADATA_BYTES = limits.METADATA_MAX_BYTES
+MAX_IDEMPOTENCY_KEY_CHARS = limits.IDEMPOTENCY_KEY_MAX_CHARS
 
 
 @dataclass(frozen=True)
@@ -36,8 +38,10 @@ def _extra_problems(extras: dict[str, Any], settings: Settings | ClientSettings)
     if "notify_url" in extras and extras["notify_url"] is not None:
         url = extras["notify_url"]
         parts = urlsplit(url) if isinstance(url, str) else None
-        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname or len(url) > 2048:
-            problems.append(FieldProblem("notify_url", "must be an http(s) URL with a host, at most 2048 characters"))
+        too_long = isinstance(url, str) and len(url) > limits.URL_MAX_CHARS
+        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname or too_long:
+            problems.append(FieldProblem("notify_url", f"must be an http(s) URL with a host, at most "
+                                                       f"{limits.URL_MAX_CHARS} characters"))
         elif settings.notify_secret is None:
             problems.append(FieldProblem("notify_url", "this relay has no NOTIFY_SECRET configured to sign "
                                                        "notifications; ask its operator or leave notify_url out"))
@@ -46,12 +50,33 @@ def _extra_problems(extras: dict[str, Any], settings: Settings | ClientSettings)
                 UrlAllowlist.parse(settings.notify_url_allowlist, name="NOTIFY_URL_ALLOWLIST").check_without_dns(url)
             except UrlRefused as exc:
                 problems.append(FieldProblem("notify_url", f"not allowed: {exc.reason}"))
+    problems += _notify_events_problems(extras)
     if "metadata" in extras and extras["metadata"] is not None:
         metadata = extras["metadata"]
         if not isinstance(metadata, dict):
             problems.append(FieldProblem("metadata", "must be a JSON object"))
         elif len(json.dumps(metadata)) > MAX_METADATA_BYTES:
             problems.append(FieldProblem("metadata", f"must be at most {MAX_METADATA_BYTES} bytes as JSON"))
+    return problems
+
+
+def _notify_events_problems(extras: dict[str, Any]) -> list[FieldProblem]:
+    """`notify_events`: absent or null (the terminal states), else a non-empty list of distinct states from
+    NOTIFY_STATES, and only with a `notify_url`."""
+    events = extras.get("notify_events")
+    if events is None:
+        return []
+    allowed = ", ".join(NOTIFY_STATES)
+    if not isinstance(events, list) or not events:
+        return [FieldProblem("notify_events", f"must be a non-empty list of states from {allowed} (default: "
+                                              f"{', '.join(DEFAULT_NOTIFY_EVENTS)})")]
+    problems = [FieldProblem(f"notify_events[{i}]", f"must be one of {allowed}")
+                for i, e in enumerate(events) if not isinstance(e, str) or e not in NOTIFY_STATES]
+    names = [e for e in events if isinstance(e, str)]
+    if len(set(names)) != len(names):
+        problems.append(FieldProblem("notify_events", "must not list a state twice"))
+    if extras.get("notify_url") is None:
+        problems.append(FieldProblem("notify_events", "needs notify_url: the states listed are POSTed there"))
     return problems
 
 
@@ -77,6 +102,7 @@ def accept_job(body: object, *, store: JobStore, enqueuer: Enqueuer, settings: S
     job, created = store.create(
         result.request,
         notify_url=result.extras.get("notify_url"),
+        notify_events=result.extras.get("notify_events"),
         metadata=result.extras.get("metadata") or {},
         idempotency_key=idempotency_key,
         deadline_seconds=settings.job_deadline_seconds,

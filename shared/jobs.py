@@ -6,16 +6,16 @@ and updates the due index. A step that would go backwards, repeat the current st
 changes nothing and records nothing (`applied=False`); only the explicit ops action `retry` leaves a terminal
 state (failed → queued).
 
-Layout (prefix `kr:` by default):
-- `kr:job:<id>` hash: the job (see `shared/jobs_model.py` for the field encoding)
-- `kr:job:<id>:request` string: the normalized Kling request as JSON (images included), read only by `request()`
-- `kr:job:<id>:events` list: the timeline, JSON events, oldest first, capped at `max_events`
-- `kr:jobs:all`, `kr:jobs:state:<state>` sorted sets, score = created_at: listing newest first
-- `kr:jobs:due` sorted set, score = when the reconciler should look next; terminal jobs are never in it
-- `kr:idem:<sha256(idempotency key)>` hash: `job_id` and `body` (sha256 of the canonical body)
+Keys (the layout is written once, in `shared/keys.py`): the job's hash (field encoding in `shared/jobs_model.py`),
+its request (the normalized Kling request as JSON, images included, read only by `request()`) and its timeline
+(JSON events, oldest first, capped at `max_events`); the `all` and per-state indexes (sorted sets, score =
+created_at: listing newest first); the due index (score = when the reconciler should look next; terminal jobs are
+never in it); idempotency keys (`job_id` and the sha256 of the canonical body); the outbox (a sorted set of
+`<id>|<state>|<at>`, score = at: steps still to be announced to the consumers' stream and notifications, added
+by the step itself, removed once announced: `Transition`, `unannounced`, `announced`).
 
 The client must be created with `decode_responses=True` (e.g. `redis.Redis.from_url(url,
-decode_responses=True)`); the constructor refuses any other. The scripts touch keys they compute from the prefix,
+decode_responses=True)`); the constructor refuses any other. The scripts touch keys they compute from the job key,
 so this needs a standalone (or Sentinel-managed) Redis, not Redis Cluster.
 
 With `job_ttl_seconds`, a job's hash and timeline expire that long after it enters a terminal state (a retry
@@ -37,7 +37,7 @@ from typing import Any, Literal, cast
 
 import redis
 
-from kling_relay.shared import jobs_lua
+from kling_relay.shared import jobs_lua, keys, limits
 from kling_relay.shared.inputs import is_job_id
 from kling_relay.shared.jobs_model import (
     ATTEMPT_PREFIX,
@@ -51,19 +51,21 @@ from kling_relay.shared.jobs_model import (
     JobNotFound,
     JobState,
     StepResult,
+    Transition,
     dumps,
     new_job_id,
+    normalize_notify_events,
 )
 
 __all__ = [
     "RANK", "SOURCES", "TERMINAL", "Event", "IdempotencyConflict", "InvalidCursor", "Job", "JobNotFound",
-    "JobState", "JobStore", "StepResult",
+    "JobState", "JobStore", "StepResult", "Transition",
 ]
 
 _STATES: tuple[JobState, ...] = tuple(JobState)
 _KIND = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 _FORBIDDEN_REQUEST_KEYS = ("callback_url", "external_task_id")
-MAX_LIST_LIMIT = 200
+MAX_LIST_LIMIT = limits.LIST_LIMIT_MAX
 #: Longer than any cursor `list()` makes (a created_at and a job id of at most 64 characters, in base64).
 MAX_CURSOR_CHARS = 256
 #: Scores are created_at times (seconds); a cursor's must be a finite number in this range.
@@ -89,7 +91,7 @@ def _pairs(flat: list[str]) -> dict[str, str]:
 class JobStore:
     """Create, read, step and list jobs in Redis. Thread-safe: it holds no state besides the client."""
 
-    def __init__(self, redis: redis.Redis, *, prefix: str = "kr:", clock: Callable[[], float] = time.time,
+    def __init__(self, redis: redis.Redis, *, clock: Callable[[], float] = time.time,
                  job_ttl_seconds: int | None = None, max_events: int = 1000) -> None:
         if not redis.connection_pool.connection_kwargs.get("decode_responses"):
             raise ValueError("JobStore needs a Redis client created with decode_responses=True")
@@ -98,7 +100,6 @@ class JobStore:
         if max_events < 1:
             raise ValueError("max_events must be at least 1")
         self._r = redis
-        self._prefix = prefix
         self._clock = clock
         self._ttl = job_ttl_seconds or 0
         self._max_events = max_events
@@ -116,7 +117,7 @@ class JobStore:
         return self._r
 
     def __repr__(self) -> str:
-        return f"JobStore(prefix={self._prefix!r})"
+        return f"JobStore(ttl={self._ttl})"
 
     # -- keys -------------------------------------------------------------------------------------------
 
@@ -124,21 +125,27 @@ class JobStore:
         """The job's hash key; JobNotFound for a string that is not a job id (it could name another key)."""
         if not is_job_id(job_id):
             raise JobNotFound(job_id)
-        return f"{self._prefix}job:{job_id}"
+        return keys.job(job_id)
 
     def _events_key(self, job_id: str) -> str:
-        return f"{self._job_key(job_id)}:events"
+        self._job_key(job_id)  # checks the id
+        return keys.job_events(job_id)
 
-    def _index_key(self, state: JobState | None) -> str:
-        return f"{self._prefix}jobs:all" if state is None else f"{self._prefix}jobs:state:{state.value}"
+    def _request_key(self, job_id: str) -> str:
+        self._job_key(job_id)  # checks the id
+        return keys.job_request(job_id)
 
-    @property
-    def _due_key(self) -> str:
-        return f"{self._prefix}jobs:due"
+    @staticmethod
+    def _index_key(state: JobState | None) -> str:
+        return keys.JOBS_ALL if state is None else keys.jobs_in_state(state.value)
+
+    _due_key = keys.JOBS_DUE
+
+    _outbox_key = keys.OUTBOX
 
     def _step_keys(self, job_id: str) -> list[str]:
         return [self._job_key(job_id), self._events_key(job_id), self._due_key,
-                *(self._index_key(s) for s in _STATES)]
+                *(self._index_key(s) for s in _STATES), self._outbox_key]
 
     # -- events -----------------------------------------------------------------------------------------
 
@@ -160,14 +167,16 @@ class JobStore:
     def create(self, request: dict[str, Any], *, notify_url: str | None = None,
                metadata: dict[str, Any] | None = None, idempotency_key: str | None = None,
                deadline_seconds: float | None = None, due_in: float | None = None,
-               source: str = "api") -> tuple[Job, bool]:
+               source: str = "api", notify_events: Collection[str] | None = None) -> tuple[Job, bool]:
         """Store a new job in state `queued`; returns `(job, created)`.
 
         `request` is the normalized Kling body without `callback_url`/`external_task_id` (the worker adds
         those). With an `idempotency_key`, a second create with the same body (request, notify_url, metadata)
         returns the first job and `created=False`; a different body raises `IdempotencyConflict`. The check and
         the write are one script, so concurrent creates with one key make one job. `due_in` puts the job in the
-        due index that many seconds from now; `deadline_seconds` sets `deadline_at`.
+        due index that many seconds from now; `deadline_seconds` sets `deadline_at`. `notify_events`: the states
+        `notify_url` is told about (None: the terminal ones; see `normalize_notify_events`, ValueError otherwise);
+        it is part of the idempotent body only when it is not the default, so older keys still match.
         """
         self._check_source(source)
         if not isinstance(request, dict):
@@ -180,29 +189,32 @@ class JobStore:
         if deadline_seconds is not None and deadline_seconds <= 0:
             raise ValueError("deadline_seconds must be positive")
         meta = dict(metadata or {})
+        events = normalize_notify_events(None if notify_events is None else list(notify_events))
         now = self._clock()
         job_id = new_job_id(now)
-        body_hash = hashlib.sha256(dumps([request, notify_url, meta]).encode()).hexdigest()
+        body = [request, notify_url, meta] if events is None else [request, notify_url, meta, list(events)]
+        body_hash = hashlib.sha256(dumps(body).encode()).hexdigest()
         fields = {
             "id": job_id, "state": JobState.QUEUED.value, "request": dumps(request),
             "notify_url": notify_url or "", "metadata": dumps(meta), "kling_task_id": "",
+            "notify_events": "" if events is None else dumps(list(events)),
             "created_at": repr(now), "updated_at": repr(now), "error": "null", "videos": "[]",
             "deadline_at": repr(now + deadline_seconds) if deadline_seconds is not None else "",
         }
         event = dumps({"at": now, "from": None, "to": JobState.QUEUED.value, "source": source, "detail": {}})
-        keys = [self._job_key(job_id), self._events_key(job_id), self._index_key(None),
+        names = [self._job_key(job_id), self._events_key(job_id), self._index_key(None),
                 self._index_key(JobState.QUEUED), self._due_key]
         if idempotency_key is not None:
             if not isinstance(idempotency_key, str) or not idempotency_key:
                 raise ValueError("idempotency_key must be a non-empty string")
-            keys.append(f"{self._prefix}idem:{hashlib.sha256(idempotency_key.encode()).hexdigest()}")
+            names.append(keys.idempotency(hashlib.sha256(idempotency_key.encode()).hexdigest()))
         args: list[str | int] = [
             job_id, body_hash, self._ttl, repr(now), repr(now + due_in) if due_in is not None else "",
-            event, f"{self._prefix}job:", self._max_events,
+            event, keys.JOB_KEY_PREFIX, self._max_events,
         ]
         for name, value in fields.items():
             args += [name, value]
-        status, found_id = _reply(self._create(keys=keys, args=args))
+        status, found_id = _reply(self._create(keys=names, args=args))
         if status == "conflict":
             raise IdempotencyConflict(found_id)
         job = self.get(found_id)
@@ -219,7 +231,7 @@ class JobStore:
 
     def request(self, job_id: str) -> dict[str, Any]:
         """The job's normalized Kling request (images included; kept apart from the job hash); JobNotFound if none."""
-        raw = cast(str | None, self._r.get(f"{self._job_key(job_id)}:request"))
+        raw = cast(str | None, self._r.get(self._request_key(job_id)))
         if raw is None:
             raise JobNotFound(job_id)
         request: dict[str, Any] = json.loads(raw)
@@ -229,7 +241,7 @@ class JobStore:
         """Overwrite the stored request (keeping its expiry), e.g. without its images once the job is stored."""
         if not is_job_id(job_id):
             return False
-        return bool(self._r.set(f"{self._job_key(job_id)}:request", dumps(request), xx=True, keepttl=True))
+        return bool(self._r.set(self._request_key(job_id), dumps(request), xx=True, keepttl=True))
 
     def require(self, job_id: str) -> Job:
         """The job; raises `JobNotFound` if there is none."""
@@ -329,9 +341,9 @@ class JobStore:
             raise ValueError("task_id must be a non-empty string")
         now = self._clock()
         tail = self._event_tail(source, {"kling_task_id": task_id})
-        keys = [self._job_key(job_id), self._events_key(job_id)]
+        names = [self._job_key(job_id), self._events_key(job_id)]
         reply = _reply(self._set_task(
-            keys=keys, args=[task_id, repr(now), self._event_head(now), tail, self._max_events]))
+            keys=names, args=[task_id, repr(now), self._event_head(now), tail, self._max_events]))
         if reply[0] == "missing":
             raise JobNotFound(job_id)
         status, existing = reply
@@ -346,8 +358,8 @@ class JobStore:
         """
         self._check_source(source)
         now = self._clock()
-        keys = [self._job_key(job_id), self._events_key(job_id)]
-        reply = _reply(self._note(keys=keys, args=[self._event_head(now), self._event_tail(source, detail),
+        names = [self._job_key(job_id), self._events_key(job_id)]
+        reply = _reply(self._note(keys=names, args=[self._event_head(now), self._event_tail(source, detail),
                                                    self._max_events]))
         if reply[0] == "missing":
             raise JobNotFound(job_id)
@@ -368,6 +380,23 @@ class JobStore:
         if not is_job_id(job_id):
             return
         self._r.hdel(self._job_key(job_id), ATTEMPT_PREFIX + kind)
+
+    # -- the outbox -------------------------------------------------------------------------------------------
+
+    def unannounced(self, *, before: float, limit: int = 100) -> list[Transition]:
+        """Steps into a terminal or a notified state made before `before` and not yet announced, oldest first."""
+        if limit < 1:
+            raise ValueError("limit must be at least 1")
+        raw = cast(list[str], self._r.zrangebyscore(self._outbox_key, "-inf", repr(before), start=0, num=limit))
+        found = [Transition.parse(member) for member in raw]
+        bad = [member for member, t in zip(raw, found, strict=True) if t is None]
+        if bad:  # never written by this store: dropped, or they would block the head of the outbox forever
+            self._r.zrem(self._outbox_key, *bad)
+        return [t for t in found if t is not None]
+
+    def announced(self, transition: Transition) -> None:
+        """Remove a step from the outbox once it is announced (nothing happens if it is not there)."""
+        self._r.zrem(self._outbox_key, transition.member)
 
     # -- due index --------------------------------------------------------------------------------------
 

@@ -2,7 +2,12 @@
 
 Key order shared by the state-changing scripts (`STEP`, `RETRY`):
 `KEYS[1]` job hash, `KEYS[2]` its events list, `KEYS[3]` the due index, `KEYS[4..10]` the state indexes in
-`JobState` order (queued, submitted, processing, generated, stored, failed, canceled).
+`JobState` order (queued, submitted, processing, generated, stored, failed, canceled), `KEYS[11]` the outbox.
+
+The outbox is how announcing a step (the consumers' stream, a job's notification) survives a crash: the step
+that enters a terminal state, or a state the job's `notify_url` asked for, adds `<id>|<state>|<now>` to it in
+the same script; whoever applied the step announces it and removes the entry, and the reconciler announces what
+is left after a grace period (so an announcement may be made twice, never lost).
 
 Events are JSON built by Python, except the `from` state which only the script knows: Python sends a head
 (`{"at":...,"from":`) and a tail (`,"to":...}`) and the script puts the quoted current state between them. State
@@ -78,9 +83,21 @@ if ARGV[5] ~= '' then redis.call('ZADD', KEYS[5], ARGV[5], ARGV[1]) end
 return {'created', ARGV[1]}
 """
 
+# Whether the job's notify_url wants to hear of `to`: notify_events is '' (the default: terminal states only) or
+# a JSON list of state names (plain lowercase words, so a quoted match is exact).
+_WANTS = """
+local function wants_notification(job_key, to)
+  local url = redis.call('HGET', job_key, 'notify_url')
+  if not url or url == '' then return false end
+  local events = redis.call('HGET', job_key, 'notify_events')
+  if not events or events == '' then return TERMINAL[to] == true end
+  return string.find(events, '"' .. to .. '"', 1, true) ~= nil
+end
+"""
+
 # ARGV: 1 to, 2 now, 3 event head, 4 event tail, 5 allowed sources ('*' = any, else comma-separated),
 #       6 due mode (keep|none|set), 7 due_at, 8 ttl seconds (0 = none), 9 max events, 10.. field/value pairs
-STEP = _PRELUDE + """
+STEP = _PRELUDE + _WANTS + """
 local cur = redis.call('HGET', KEYS[1], 'state')
 if not cur then return {'missing'} end
 local to = ARGV[1]
@@ -103,6 +120,9 @@ end
 push_event(KEYS[2], ARGV[3], cur, ARGV[4], ARGV[9])
 move_index(cur, to, id, redis.call('HGET', KEYS[1], 'created_at'))
 update_due(to, ARGV[6], ARGV[7], id)
+if TERMINAL[to] or wants_notification(KEYS[1], to) then
+  redis.call('ZADD', KEYS[11], ARGV[2], id .. '|' .. to .. '|' .. ARGV[2])
+end
 if TERMINAL[to] and tonumber(ARGV[8]) > 0 then
   redis.call('EXPIRE', KEYS[1], ARGV[8])
   redis.call('EXPIRE', KEYS[2], ARGV[8])

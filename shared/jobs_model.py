@@ -2,8 +2,9 @@
 
 Nothing here talks to Redis; `shared/jobs.py` stores and steps these values. A job is kept as one Redis hash
 of strings: plain strings for ids and timestamps (`""` meaning "none"), JSON for the structured fields
-(`metadata`, `error`, `videos`; the request lives in its own key), and one `attempt:<kind>` integer field
-per retry counter.
+(`metadata`, `error`, `videos`, and `notify_events`, where `""` means the default: the terminal states; the request
+lives in its own key), one `attempt:<kind>` integer field per retry counter, and what Kling billed once it says so
+(`units`, `balance_deduction`: numbers as text, each written once by `shared/usage.py`, never by a state step).
 """
 
 from __future__ import annotations
@@ -29,6 +30,11 @@ class JobState(StrEnum):
 
 
 TERMINAL: frozenset[JobState] = frozenset({JobState.STORED, JobState.FAILED, JobState.CANCELED})
+
+#: States a job's `notify_url` may be told about (`notify_events`): every state a step can enter, in order.
+NOTIFY_STATES: tuple[str, ...] = tuple(s.value for s in JobState if s is not JobState.QUEUED)
+#: What a job with `notify_url` and no `notify_events` is told about: its terminal states.
+DEFAULT_NOTIFY_EVENTS: tuple[str, ...] = (JobState.STORED.value, JobState.FAILED.value, JobState.CANCELED.value)
 
 # Forward order of the happy path; failed/canceled have no rank (reachable from any non-terminal state).
 RANK: dict[JobState, int] = {
@@ -56,6 +62,21 @@ _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 def iso_utc(ts: float) -> str:
     """A Unix timestamp as ISO-8601 UTC with milliseconds, e.g. `2026-05-01T12:00:00.123Z`."""
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def normalize_notify_events(events: object) -> tuple[str, ...] | None:
+    """`notify_events` in the one stored form: the states in state order, None for the default (terminal) set.
+
+    Raises ValueError for anything but a non-empty list of distinct states from NOTIFY_STATES.
+    """
+    if events is None:
+        return None
+    if not isinstance(events, list | tuple) or not events:
+        raise ValueError("notify_events must be a non-empty list of states")
+    if any(not isinstance(e, str) or e not in NOTIFY_STATES for e in events) or len(set(events)) != len(events):
+        raise ValueError(f"notify_events must list distinct states from {', '.join(NOTIFY_STATES)}")
+    ordered = tuple(s for s in NOTIFY_STATES if s in events)
+    return None if ordered == DEFAULT_NOTIFY_EVENTS else ordered
 
 
 def _base32(value: int, width: int) -> str:
@@ -111,6 +132,13 @@ def _opt_float(raw: str | None) -> float | None:
     return float(raw) if raw else None
 
 
+def _number(value: float | None) -> int | float | None:
+    """A billing amount for JSON: a whole number without its `.0` (units are usually whole)."""
+    if value is None:
+        return None
+    return int(value) if value.is_integer() else value
+
+
 def _json_or(raw: str | None, default: Any) -> Any:
     if not raw:
         return default
@@ -133,10 +161,17 @@ class Job:
     videos: list[dict[str, Any]] = field(repr=False)
     attempts: dict[str, int]
     deadline_at: float | None
+    units: float | None = None  # Kling's final_unit_deduction for the job's task, once known
+    balance_deduction: float | None = None  # Kling's final_balance_deduction, when a callback carried it
+    notify_events: tuple[str, ...] = field(default=DEFAULT_NOTIFY_EVENTS, repr=False)
 
     @property
     def terminal(self) -> bool:
         return self.state in TERMINAL
+
+    def wants_notification(self, state: JobState | str) -> bool:
+        """Whether entering `state` is to be POSTed to the job's `notify_url` (it has one, and asked for it)."""
+        return bool(self.notify_url) and JobState(state).value in self.notify_events
 
     def public_dict(self, events: list[Event] | None = None) -> dict[str, Any]:
         """The `GET /v1/jobs/<id>` shape; timestamps as ISO-8601 UTC strings.
@@ -154,6 +189,9 @@ class Job:
             "videos": [dict(v) for v in self.videos],
             "metadata": dict(self.metadata),
             "notify_url": self.notify_url,
+            "units": _number(self.units),
+            "balance_deduction": _number(self.balance_deduction),
+            "notify_events": list(self.notify_events),
         }
         if events is not None:
             out["events"] = [e.as_dict() for e in events]
@@ -175,7 +213,40 @@ class Job:
             videos=_json_or(h.get("videos"), []),
             attempts=attempts,
             deadline_at=_opt_float(h.get("deadline_at")),
+            units=_opt_float(h.get("units")),
+            balance_deduction=_opt_float(h.get("balance_deduction")),
+            notify_events=tuple(_json_or(h.get("notify_events"), DEFAULT_NOTIFY_EVENTS)),
         )
+
+
+@dataclass(frozen=True)
+class Transition:
+    """One applied step to announce: the job entered `state` at `at` (Unix seconds, as the step stored them).
+
+    Its `member` in the store's outbox is `<job_id>|<state>|<repr(at)>`, exactly as the step script writes it
+    (Python's float repr round-trips, so the job's `updated_at` right after the step gives the same text).
+    """
+
+    job_id: str
+    state: JobState
+    at: float
+
+    @property
+    def member(self) -> str:
+        return f"{self.job_id}|{self.state.value}|{self.at!r}"
+
+    @classmethod
+    def of(cls, job: Job) -> Transition:
+        """The step that just left `job` as it is (the job as the applied step returned it)."""
+        return cls(job.id, job.state, job.updated_at)
+
+    @classmethod
+    def parse(cls, member: str) -> Transition | None:
+        try:
+            job_id, state, at = member.split("|")
+            return cls(job_id, JobState(state), float(at))
+        except ValueError:
+            return None
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,14 @@ All keys start with `kr:`; one Redis (database) serves one relay.
 - `kr:jobs:all`, `kr:jobs:state:<state>` sorted sets (score = created_at): listing newest first, counts
 - `kr:jobs:due` sorted set (score = when the reconciler should look next)
 - `kr:idem:<sha256(idempotency key)>` hash: `job_id` and `body` (sha256 of the canonical body)
+- `kr:outbox` sorted set of `<id>|<state>|<at>` (score = at): steps still to be announced (`shared/notify.py`)
 - `kr:flow:rate` (GCRA theoretical arrival time), `kr:flow:in_flight` (sorted set of submit reservations),
   `kr:flow:pause` (hash), `kr:flow:probe` (a recent probe's mark)
+- `kr:usage:units:day:<yyyy-mm-dd>`, `kr:usage:units:month:<yyyy-mm>` (units Kling deducted, UTC, as floats),
+  `kr:usage:estimates` (hash: `<model>|<mode>|<duration>` → the last deduction seen), `kr:usage:pending` (hash:
+  job id → its `<model>|<mode>|<duration>`, from its submit until its deduction is recorded), `kr:usage:override`
+  (the UTC day on which an operator resumed a budget pause); a job's own deduction is in its hash (`units`,
+  `balance_deduction`)
 - `kr:lock:<step>:<job_id>` (submit, copy) and `kr:lock:reconcile`: locks with a token and an expiry
 - `kr:job:<id>:heard` hash: the tasks Kling's callbacks named for the job (`shared/heard.py`);
   `kr:heard:awaiting` hash: job id → why the job waits for a callback; `kr:kling:reads` the `KLING_QUERY=auto`
@@ -23,12 +29,17 @@ PREFIX = "kr:"
 
 JOBS_ALL = f"{PREFIX}jobs:all"
 JOBS_DUE = f"{PREFIX}jobs:due"
+OUTBOX = f"{PREFIX}outbox"
 JOB_KEY_PREFIX = f"{PREFIX}job:"  # the Lua create script builds `<this><id>` itself
 
 FLOW_RATE = f"{PREFIX}flow:rate"
 FLOW_IN_FLIGHT = f"{PREFIX}flow:in_flight"
 FLOW_PAUSE = f"{PREFIX}flow:pause"
 FLOW_PROBE = f"{PREFIX}flow:probe"
+
+USAGE_ESTIMATES = f"{PREFIX}usage:estimates"
+USAGE_PENDING = f"{PREFIX}usage:pending"
+USAGE_OVERRIDE = f"{PREFIX}usage:override"
 
 RECONCILE_LOCK = f"{PREFIX}lock:reconcile"
 
@@ -62,3 +73,13 @@ def idempotency(key_hash: str) -> str:
 
 def job_lock(step: str, job_id: str) -> str:
     return f"{PREFIX}lock:{step}:{job_id}"
+
+
+def units_on_day(day: str) -> str:
+    """Units deducted on a UTC day, `day` as `yyyy-mm-dd`."""
+    return f"{PREFIX}usage:units:day:{day}"
+
+
+def units_in_month(month: str) -> str:
+    """Units deducted in a UTC month, `month` as `yyyy-mm`."""
+    return f"{PREFIX}usage:units:month:{month}"

@@ -208,6 +208,10 @@ class KlingTask:
     created_at_ms: int | None = None
     updated_at_ms: int | None = None
     videos: tuple[KlingVideo, ...] = ()
+    #: Units Kling billed for the task (`final_unit_deduction`, on finished tasks), None when absent or unreadable.
+    final_unit_deduction: float | None = None
+    #: Balance Kling deducted (`final_balance_deduction`, which some callbacks carry), None when absent/unreadable.
+    final_balance_deduction: float | None = None
 
     @property
     def is_final(self) -> bool:
@@ -219,7 +223,10 @@ class KlingTask:
         """Parse a task object; raise ValueError naming the field if it is malformed.
 
         Required: ``task_id`` (non-empty string) and ``task_status`` (one of the four statuses).
-        Optional fields may be missing or null, but when present they must have the documented type.
+        Optional fields may be missing or null, but when present they must have the documented type; the billing
+        fields (``final_unit_deduction``, ``final_balance_deduction``: a string such as ``"1"``, or a number) are
+        the exception: one that is not a finite number >= 0 is read as None rather than refusing the task, whose
+        status matters more than its bill.
         """
         if not isinstance(obj, Mapping):
             raise ValueError(f"a Kling task must be a JSON object, not {type(obj).__name__}")
@@ -242,6 +249,8 @@ class KlingTask:
             created_at_ms=_timestamp(obj, "created_at"),
             updated_at_ms=_timestamp(obj, "updated_at"),
             videos=tuple(_video(v, i) for i, v in enumerate(videos)),
+            final_unit_deduction=_deduction(obj, "final_unit_deduction", task_id),
+            final_balance_deduction=_deduction(obj, "final_balance_deduction", task_id),
         )
 
 
@@ -270,6 +279,28 @@ def _timestamp(obj: Mapping[str, Any], key: str) -> int | None:
     if isinstance(value, float) and not math.isfinite(value):
         raise ValueError(f"{key} must be a finite number of milliseconds")
     return int(value)
+
+
+def _deduction(obj: Mapping[str, Any], key: str, task_id: str) -> float | None:
+    """A billing amount as a float: a string ("1", "0.5") or a number, finite and >= 0; None when absent or not."""
+    value = obj.get(key)
+    if value is None or value == "":
+        return None
+    amount: float | None = None
+    if isinstance(value, str) and len(value) <= 32:
+        try:
+            amount = float(value.strip())
+        except ValueError:
+            amount = None
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        try:
+            amount = float(value)
+        except OverflowError:  # an int too large for a float
+            amount = None
+    if amount is None or not math.isfinite(amount) or amount < 0:
+        log.warning("unreadable billing field in a Kling task, ignored", extra={"field": key, "task_id": task_id})
+        return None
+    return amount
 
 
 def _video(obj: object, index: int) -> KlingVideo:

@@ -1,24 +1,44 @@
-"""Telling the world that a job finished: a Redis stream for consumers and Standard Webhooks POSTs.
+"""Telling the world about a job: the consumers' Redis stream and Standard Webhooks POSTs to `notify_url`.
 
-The stream entry is written by whoever applied the terminal state step (so once per job); the webhook POST to a
-job's `notify_url` is signed per the Standard Webhooks scheme: headers `webhook-id`, `webhook-timestamp` and
-`webhook-signature` = `v1,<base64 HMAC-SHA256 of "<id>.<timestamp>.<body>">`, keyed with NOTIFY_SECRET
-(a `whsec_<base64>` secret is base64-decoded first, as the scheme's libraries do).
+The stream (`EVENTS_STREAM`, trimmed to about `EVENTS_STREAM_MAXLEN` entries, approximately) gets one entry per
+terminal transition (`stored`, `failed`, `canceled`), with the fields `job_id`, `state`, `at` (when the job
+entered the state, ISO-8601 UTC) and `payload` (JSON, `event_payload`). Delivery is at-least-once: the step
+itself records, in the same Redis script, that it is to be announced (the store's outbox); whoever applied it
+appends the entry and clears the record, and the reconciler announces whatever a crash or an outage left behind,
+so an entry is never lost but may come twice. A retried job has one entry per terminal transition, e.g. `failed`
+then `stored`. Consumers de-duplicate by `(job_id, state, at)`, or by `(job_id, state)` to keep only the first
+time a job reached a state.
+
+A job with a `notify_url` gets a POST for each state it asked for (`notify_events`, default the terminal ones),
+queued through the same outbox when the step into that state is applied, and retried with back-off. It is signed
+per the Standard Webhooks scheme: headers `webhook-id` (`msg_<job_id>_<state>`: the same for every delivery of
+that state, so receivers de-duplicate by it), `webhook-timestamp` and `webhook-signature` =
+`v1,<base64 HMAC-SHA256 of "<id>.<timestamp>.<body>">`, keyed with NOTIFY_SECRET (a `whsec_<base64>` secret is
+base64-decoded first, as the scheme's libraries do).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Mapping
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import redis
 import requests
 
 from kling_relay.shared import http_client
-from kling_relay.shared.settings import Secret
+from kling_relay.shared.jobs_model import TERMINAL, Job, Transition, iso_utc
+from kling_relay.shared.settings import ClientSettings, Secret, Settings
 from kling_relay.shared.urlguard import UrlAllowlist, UrlRefused, UrlResolutionError, close_response, send_checked
+
+if TYPE_CHECKING:  # only for their types: both are handed in
+    from kling_relay.shared.jobs import JobStore
+    from kling_relay.shared.queue import Enqueuer
+
+log = logging.getLogger(__name__)
 
 MAX_ANSWER_BYTES = 4096
 
@@ -49,20 +69,84 @@ def verify(secret: Secret | str, headers: Mapping[str, str], body: bytes | str, 
     return http_client.verify(secret, headers, body, tolerance=tolerance, now=now)
 
 
-def event_payload(job_public: dict[str, Any]) -> dict[str, Any]:
-    """The body consumers get: the event type and the job as GET /v1/jobs/<id> shows it, without the timeline."""
+def event_payload(job_public: dict[str, Any], *, state: str | None = None, at: str | None = None) -> dict[str, Any]:
+    """The body consumers get: `{"type": "job.<state>", "timestamp", "data"}`, per the Standard Webhooks payload.
+
+    `data` is the job as GET /v1/jobs/<id> shows it, without the timeline. `state` (default: the job's) is the
+    state the event is about and `at` (default: the job's `updated_at`) when the job entered it, ISO-8601 UTC; a
+    notification sent later may carry a job that has moved on since (`data.state` then differs from `type`).
+    """
     job = {k: v for k, v in job_public.items() if k != "events"}
-    return {"type": f"job.{job['state']}", "timestamp": time.time(), "data": job}
+    return {"type": f"job.{state or job['state']}", "timestamp": at or job["updated_at"], "data": job}
 
 
-def publish(client: redis.Redis, stream: str, job_public: dict[str, Any], *, maxlen: int = 100_000) -> str:
-    """Append the finished job to the consumers' Redis stream (approximately capped); returns the entry id."""
+def publish(client: redis.Redis, stream: str, job_public: dict[str, Any], *, maxlen: int, state: str | None = None,
+            at: str | None = None) -> str:
+    """Append one terminal transition to the consumers' stream; returns the entry id.
+
+    Fields: `job_id`, `state`, `at` (ISO-8601 UTC) and `payload` (`event_payload`, JSON). `state` and `at` default
+    to the job's own (`job_public` as the step left it: its `updated_at` is the transition's time). The stream is
+    trimmed to about `maxlen` entries (approximate trimming: Redis may keep somewhat more).
+    """
+    payload = event_payload(job_public, state=state, at=at)
     fields: dict[Any, Any] = {
         "job_id": job_public["id"],
-        "state": job_public["state"],
-        "payload": json.dumps(event_payload(job_public), separators=(",", ":"), sort_keys=True),
+        "state": state or job_public["state"],
+        "at": payload["timestamp"],
+        "payload": json.dumps(payload, separators=(",", ":"), sort_keys=True),
     }
     return str(client.xadd(stream, fields, maxlen=maxlen, approximate=True))
+
+
+@dataclass(frozen=True)
+class EventsStream:
+    """Where terminal transitions go: the stream's name (EVENTS_STREAM) and its length cap (EVENTS_STREAM_MAXLEN)."""
+
+    name: str
+    maxlen: int
+
+    @classmethod
+    def of(cls, settings: Settings | ClientSettings) -> EventsStream:
+        return cls(settings.events_stream, settings.events_stream_maxlen)
+
+
+def announce(store: JobStore, enqueuer: Enqueuer, job: Job, stream: EventsStream | None, *,
+             transition: Transition | None = None) -> bool:
+    """Announce one applied step: a terminal state goes to the stream, a state the job asked for is queued for
+    its `notify_url`; then the step's outbox entry is removed. True when all of it was done.
+
+    `job` is the job as the applied step returned it (not read again: a retry may have moved it on since), or,
+    from the reconciler, as it is now with `transition` naming the step. Failures are logged and leave the outbox
+    entry for the reconciler, which announces the step again (so a consumer may see it twice). `stream` may be
+    None only for steps into non-terminal states (the stream records terminal ones only).
+    """
+    step = transition or Transition.of(job)
+    to_stream = step.state in TERMINAL
+    to_notify = job.wants_notification(step.state)
+    if not (to_stream or to_notify):
+        return True  # the step put nothing in the outbox
+    done = True
+    if to_stream:
+        if stream is None:
+            raise ValueError("a step into a terminal state needs the events stream to announce it")
+        try:
+            publish(store.redis, stream.name, job.public_dict(), maxlen=stream.maxlen, state=step.state.value,
+                    at=iso_utc(step.at))
+        except Exception:
+            log.exception("could not publish the finished job", extra={"job_id": job.id, "state": step.state.value})
+            done = False
+    if to_notify:
+        try:
+            enqueuer.notify(job.id, step.state.value)
+        except Exception:
+            log.exception("could not queue the notification", extra={"job_id": job.id, "state": step.state.value})
+            done = False
+    if done:
+        try:
+            store.announced(step)
+        except Exception:  # the reconciler announces it again: a duplicate, which consumers expect
+            log.exception("could not clear the announced step", extra={"job_id": job.id})
+    return done
 
 
 def deliver(url: str, secret: Secret, msg_id: str, payload: dict[str, Any], *, session: requests.Session,

@@ -16,11 +16,12 @@ job failed:
 
 Cancel: queued, submitted, processing and generated jobs become `canceled`. Kling has no cancel API: a task
 already made keeps running there (and is billed); its callbacks change nothing afterwards, and the copy of a
-canceled job does nothing. Terminal jobs are refused.
+canceled job does nothing. Terminal jobs are refused. Like every terminal step, a cancellation goes to the
+consumers' events stream and, when the job asked for it, to its `notify_url` (`kling_relay.shared.notify`).
 
 Input is checked first, the same way for the HTTP API, the Python client and the CLI (`check_action`): an id that
 is not a job id is `JobNotFound` (nothing is read), and a `reason` in the detail must be valid text of at most
-MAX_REASON_CHARS characters without control characters other than newline and tab (`ValidationFailed` otherwise,
+limits.REASON_MAX_CHARS characters without control characters other than newline and tab (`ValidationFailed` otherwise,
 with the problem under the field `reason`; nothing is changed).
 
 Both raise `JobNotFound` for an unknown job and `ActionRefused` (with a sentence saying why) when the job's state
@@ -35,16 +36,17 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from kling_relay.shared import flow, heard
-from kling_relay.shared.inputs import MAX_REASON_CHARS, is_job_id, reason_problem
+from kling_relay.shared import flow, heard, usage
+from kling_relay.shared.inputs import is_job_id, reason_problem
 from kling_relay.shared.jobs import Job, JobNotFound, JobState, JobStore, StepResult
 from kling_relay.shared.jobs_model import CREATE_SENT
+from kling_relay.shared.notify import EventsStream, announce
 from kling_relay.shared.queue import Enqueuer
 from kling_relay.shared.validation import FieldProblem, ValidationFailed, text_problems
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MAX_REASON_CHARS", "ActionRefused", "JobNotFound", "action_problems", "cancel_job", "check_action",
+__all__ = ["ActionRefused", "JobNotFound", "action_problems", "cancel_job", "check_action",
            "retry_job", "retry_mode"]
 
 CANCELABLE: frozenset[JobState] = frozenset(
@@ -109,10 +111,11 @@ def retry_mode(job: Job, *, now: float | None = None) -> str:
     raise ActionRefused(job, f"no retry rule for a job that failed with {reason or 'no reason'!r}")
 
 
-def submission_status(store: JobStore) -> dict[str, Any]:
-    """Submission open or paused (and why), tasks in flight at Kling, jobs per state, and the jobs awaiting a
-    callback because their create's outcome is unknown in callbacks-only mode (GET /v1/status)."""
-    return {**flow.status(store.redis), "jobs": store.counts(),
+def submission_status(store: JobStore, *, now: float | None = None) -> dict[str, Any]:
+    """Submission open or paused (and why), tasks in flight at Kling, jobs per state, the units Kling deducted
+    in the UTC day and month of `now` (default: the clock; see `usage.spent`), and the jobs awaiting a callback
+    because their create's outcome is unknown in callbacks-only mode (GET /v1/status)."""
+    return {**flow.status(store.redis), "jobs": store.counts(), "units": usage.spent(store.redis, now=now),
             "awaiting_callback": heard.awaiting(store.redis, store.get)}
 
 
@@ -142,6 +145,7 @@ def retry_job(store: JobStore, enqueuer: Enqueuer, job_id: str, *, detail: dict[
         result = store.step(job_id, JobState.GENERATED, source="api", detail=who, only_from=[JobState.QUEUED],
                             due_in=due_in)
         if result.applied:
+            announce(store, enqueuer, result.job, None)  # a notification, if the job asked for `generated`
             _send(lambda: enqueuer.copy(job_id), job_id, "copy")
         return StepResult(applied=True, job=result.job, from_state=JobState.FAILED)
     store.note(job_id, source="api", detail={**who, "lookup_first": True})
@@ -149,10 +153,13 @@ def retry_job(store: JobStore, enqueuer: Enqueuer, job_id: str, *, detail: dict[
     return StepResult(applied=True, job=store.require(job_id), from_state=JobState.FAILED)
 
 
-def cancel_job(store: JobStore, job_id: str, *, detail: dict[str, Any] | None = None) -> StepResult:
+def cancel_job(store: JobStore, enqueuer: Enqueuer, job_id: str, *, stream: EventsStream,
+               detail: dict[str, Any] | None = None) -> StepResult:
     """Move a queued, submitted, processing or generated job to `canceled`; ActionRefused for a finished one.
 
-    A Kling task the job already has is not stopped (Kling cannot cancel one); the event's detail says so.
+    A Kling task the job already has is not stopped (Kling cannot cancel one); the event's detail says so. The
+    cancellation is announced like any terminal step: an entry in the events `stream`, and a notification if the
+    job's `notify_events` has `canceled` (the default).
     """
     check_action(job_id, detail)
     job = store.require(job_id)
@@ -168,6 +175,7 @@ def cancel_job(store: JobStore, job_id: str, *, detail: dict[str, Any] | None = 
         raise ActionRefused(result.job, f"the job is already {result.job.state.value}; only queued, submitted, "
                                         f"processing or generated jobs can be canceled")
     log.info("job canceled", extra={"job_id": job_id, "from": result.from_state.value})
+    announce(store, enqueuer, result.job, stream)
     return result
 
 

@@ -23,24 +23,30 @@ waits for its callbacks until its deadline) and its pause probe, which needs the
 job's create is let through; its success resumes submission). A job that timed out while awaiting its callback
 (its create's outcome unknown, `shared/heard.py`) says so in its error.
 
+Then it announces the steps left in the store's outbox for over `ANNOUNCE_GRACE_SECONDS` (the process that made
+the step died, or Redis or the broker failed, before it appended the consumers' stream entry or queued the
+notification; see `shared/notify.py`), up to the batch size, oldest first.
+
 Kling calls go through the shared rate limit: when it says wait, the pass stops polling and leaves the rest due
 for the next pass. While submission is paused, the pass first probes Kling (one `list_tasks(page_size=1)`, at
-most every `KLING_PAUSE_PROBE_SECONDS` across all processes). Only one pass runs at a time, even with several beat
-processes: it holds a Redis lock (token, short expiry, heartbeat); a pass that finds it held returns at once.
+most every `KLING_PAUSE_PROBE_SECONDS` across all processes); a pause for the daily unit budget is never probed:
+the pass lifts it when the UTC day of `now` changed or the budget allows again (`usage.budget_pause_over`).
+Only one pass runs at a time, even with several beat processes: it holds a Redis lock (token, short expiry,
+heartbeat); a pass that finds it held returns at once.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from kling_relay.shared import flow, heard, keys
+from kling_relay.shared import flow, heard, keys, usage
 from kling_relay.shared.jobs import Job, JobState
 from kling_relay.shared.kling import KlingError, KlingFixAccount, KlingTask, KlingTaskNotFound
 from kling_relay.shared.kling_reads import reads_available
 from kling_relay.shared.locks import RedisLock, job_lock
+from kling_relay.shared.notify import EventsStream, announce
 from kling_relay.shared.pipeline import Failure, apply_task_status, fail
 
 if TYPE_CHECKING:  # the wiring module is handed in, never imported at run time
@@ -48,6 +54,8 @@ if TYPE_CHECKING:  # the wiring module is handed in, never imported at run time
 
 log = logging.getLogger(__name__)
 
+#: How long a step's own process has to announce it before the reconciler does (a duplicate if it was only slow).
+ANNOUNCE_GRACE_SECONDS = 60.0
 
 
 @dataclass
@@ -64,8 +72,10 @@ class ReconcileReport:
     waiting: list[str] = field(default_factory=list)  # left as they are: paused, or their step is running
     missing: list[str] = field(default_factory=list)  # in the due index but gone from the store
     errors: list[str] = field(default_factory=list)  # jobs whose poll failed this time
-    probe: str | None = None  # while paused: resumed, trial, still_failing, error, rate_limited
+    probe: str | None = None  # while paused: resumed, trial, still_failing, error, rate_limited; budget_lifted,
+    # budget_holds (a budget pause)
     stopped_polling: str | None = None  # rate_limited, paused: the rest of this pass's polls were skipped
+    announced: list[str] = field(default_factory=list)  # jobs whose step was announced from the outbox
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -82,7 +92,7 @@ def reconcile(rt: Runtime, *, now: float | None = None, limit: int | None = None
         return ReconcileReport(ran=False)
     try:
         with lock.heartbeat():
-            return _Pass(rt, time.time() if now is None else now, limit or rt.settings.reconcile_batch_size).run()
+            return _Pass(rt, rt.clock() if now is None else now, limit or rt.settings.reconcile_batch_size).run()
     finally:
         lock.release()
 
@@ -106,13 +116,26 @@ class _Pass:
 
     def run(self) -> ReconcileReport:
         self.pause = flow.current_pause(self.rt.redis)
-        if self.pause is not None and flow.claim_probe(self.rt.redis, self.rt.settings.kling_pause_probe_seconds):
+        if self.pause is not None and self.pause["reason"] == usage.REASON:
+            self._budget_pause()
+        elif self.pause is not None and flow.claim_probe(self.rt.redis, self.rt.settings.kling_pause_probe_seconds):
             self._probe()
         ids = self.rt.store.due(now=self.now, limit=self.limit)
         self.report.due = len(ids)
         for job_id in ids:
             self._one(job_id)
+        self._announce_left_over()
         return self.report
+
+    def _announce_left_over(self) -> None:
+        """Announce the steps whose own process did not (see the module docstring); an expired job is dropped."""
+        stream = EventsStream.of(self.rt.settings)
+        for step in self.rt.store.unannounced(before=self.now - ANNOUNCE_GRACE_SECONDS, limit=self.limit):
+            job = self.rt.store.get(step.job_id)
+            if job is None:
+                self.rt.store.announced(step)
+            elif announce(self.rt.store, self.rt.enqueuer, job, stream, transition=step):
+                self.report.announced.append(step.job_id)
 
     # -- the pause ---------------------------------------------------------------------------------------------
 
@@ -142,6 +165,17 @@ class _Pass:
             else:
                 flow.open_trial(self.rt.redis, self.rt.settings.kling_pause_probe_seconds)
                 self.report.probe = "trial"
+        self.pause = flow.current_pause(self.rt.redis)
+
+    def _budget_pause(self) -> None:
+        """A budget pause ends with the UTC day (or once the budget allows again); Kling is not asked."""
+        settings = self.rt.settings
+        why = usage.budget_pause_over(self.rt.redis, budget=settings.kling_daily_unit_budget,
+                                      default_estimate=settings.kling_default_units_estimate, now=self.now)
+        if why is not None and usage.lift_budget_pause(self.rt.redis, why=why):
+            self.report.probe = "budget_lifted"
+        else:
+            self.report.probe = "budget_holds"
         self.pause = flow.current_pause(self.rt.redis)
 
     def _trial_wanted(self) -> bool:

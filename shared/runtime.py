@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import boto3
@@ -55,6 +57,8 @@ class Runtime:
     notify_allowlist: UrlAllowlist
     http: requests.Session
     enqueuer: Enqueuer
+    #: The clock of the day-bound rules (units spent today, the daily budget); tests move it.
+    clock: Callable[[], float] = field(default=time.time)
 
     @classmethod
     def from_settings(cls, settings: Settings, celery_app: Celery | None = None) -> Runtime:

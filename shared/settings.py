@@ -7,8 +7,9 @@ on its first job. Secrets can be given inline (`CALLBACK_SECRET=...`) or as a fi
 (`CALLBACK_SECRET_FILE=/run/secrets/cb`); they are wrapped in `Secret`, whose repr and str never show the value.
 
 `load_client_settings()` reads only what the in-process client (`kling_relay.shared.client.Relay`) needs on
-the relay's own hosts: REDIS_URL and the optional limits that shape a job at intake (the settings marked `client`
-in the table). It requires no Kling key, CALLBACK_SECRET, API_TOKENS or S3_BUCKET.
+the relay's own hosts: REDIS_URL, the optional limits that shape a job at intake and the events stream its
+cancellations go to (the settings marked `client` in the table). It requires no Kling key, CALLBACK_SECRET,
+API_TOKENS or S3_BUCKET.
 """
 
 from __future__ import annotations
@@ -93,10 +94,13 @@ class Settings:
     kling_pause_probe_seconds: float
     kling_query: str
     kling_lookup_max_pages: int
+    kling_daily_unit_budget: float | None
+    kling_default_units_estimate: float
     job_lock_seconds: float
     notify_secret: Secret | None
     notify_url_allowlist: str
     events_stream: str
+    events_stream_maxlen: int
     log_level: str
     extra: Mapping[str, str] = field(default_factory=dict, repr=False)
 
@@ -125,6 +129,8 @@ class ClientSettings:
     reconcile_quiet_seconds: float
     notify_secret: Secret | None
     notify_url_allowlist: str
+    events_stream: str
+    events_stream_maxlen: int
 
     def redacted(self) -> dict[str, Any]:
         """Every setting, printable: the secret as "***", a Redis password removed."""
@@ -188,8 +194,9 @@ def _check_kling_auth(values: Mapping[str, Any], problems: dict[str, str]) -> No
 
 def load_client_settings(env: Mapping[str, str] | None = None) -> ClientSettings:
     """Build ClientSettings from `env` (default: os.environ): REDIS_URL (default local) and the optional
-    PROMPT_MAX_CHARS, JOB_TTL_SECONDS, JOB_DEADLINE_SECONDS, RECONCILE_QUIET_SECONDS, NOTIFY_SECRET(_FILE) and
-    NOTIFY_URL_ALLOWLIST, checked as load_settings() checks them; raise SettingsError listing every problem.
+    PROMPT_MAX_CHARS, JOB_TTL_SECONDS, JOB_DEADLINE_SECONDS, RECONCILE_QUIET_SECONDS, NOTIFY_SECRET(_FILE),
+    NOTIFY_URL_ALLOWLIST, EVENTS_STREAM and EVENTS_STREAM_MAXLEN (where a cancel is announced), checked as
+    load_settings() checks them; raise SettingsError listing every problem.
     Kling keys, CALLBACK_SECRET, API_TOKENS and S3_BUCKET are neither required nor read."""
     r = _Reader(os.environ if env is None else env)
     values = r.read_all(CLIENT_SETTINGS)

@@ -125,6 +125,11 @@ def per_second(raw: str, env: str) -> float:
     return _positive_number(raw, "a number of requests per second")
 
 
+def units(raw: str, env: str) -> float:
+    """A finite number of Kling units greater than 0."""
+    return _positive_number(raw, "a number of units")
+
+
 def redis_url(raw: str, env: str) -> str:
     if urlsplit(raw).scheme not in ("redis", "rediss", "unix"):
         raise ValueError(f"must be a redis://, rediss:// or unix:// URL, got {without_password(raw)!r}")
@@ -200,7 +205,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("PORT", 8000, whole_number, "the web process's port"),
     Setting("NOTIFY_SECRET", None, secret, "Standard Webhooks signing secret; enables notify_url", secret=True,
             client=True),
-    Setting("EVENTS_STREAM", "kling-relay:events", text, "Redis stream of finished jobs"),
+    Setting("EVENTS_STREAM", "kling-relay:events", text, "Redis stream of finished jobs", client=True),
+    Setting("EVENTS_STREAM_MAXLEN", 100_000, whole_number, "about how many entries the events stream keeps",
+            client=True),
     Setting("KLING_TIMEOUT_SECONDS", 30.0, seconds, "read timeout of every Kling call"),
     Setting("KLING_CONNECT_TIMEOUT_SECONDS", 5.0, seconds, "connect timeout of every Kling call"),
     Setting("PROMPT_MAX_CHARS", 2500, whole_number, "longest prompt accepted", client=True),
@@ -224,6 +231,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("KLING_QUERY", "auto", query_mode, "read tasks back from Kling: on, off (callbacks only) or auto "
                                                "(probe the read routes)"),
     Setting("KLING_LOOKUP_MAX_PAGES", 100, page_count, "most list pages of 500 a lookup by external_task_id reads"),
+    Setting("KLING_DAILY_UNIT_BUDGET", None, units, "most Kling units to spend per UTC day; unset: no limit"),
+    Setting("KLING_DEFAULT_UNITS_ESTIMATE", 1.0, units,
+            "units a job is expected to cost before a deduction was seen for its model, mode and duration"),
     Setting("JOB_LOCK_SECONDS", 20.0, seconds, "expiry of a job's submit/copy lock, renewed while held"),
     Setting("LOG_LEVEL", "INFO", log_level, "DEBUG, INFO, WARNING or ERROR"),
 )

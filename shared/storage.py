@@ -52,6 +52,8 @@ log = logging.getLogger(__name__)
 
 VIDEO_CONTENT_TYPE = "video/mp4"
 MANIFEST_NAME = "manifest.json"
+#: The manifest's shape, as docs/manifest.schema.json describes it; raised only for a change consumers must know.
+MANIFEST_SCHEMA_VERSION = 1
 MAX_PARTS = 10_000
 # S3 errors that no retry will fix: the caller should fail the job (and an operator fix the configuration).
 _PERMANENT_S3_CODES = frozenset({
@@ -59,7 +61,7 @@ _PERMANENT_S3_CODES = frozenset({
     "InvalidBucketName", "AccountProblem", "InvalidRequest", "InvalidArgument", "EntityTooLarge",
 })
 _PERMANENT_SOURCE_STATUSES = frozenset({400, 401, 403, 404, 405, 410, 451})
-_MANIFEST_CORE_KEYS = frozenset({"job_id", "kling_task_id", "created_at", "stored_at", "videos"})
+_MANIFEST_CORE_KEYS = frozenset({"schema_version", "job_id", "kling_task_id", "created_at", "stored_at", "videos"})
 
 
 class CopyError(Exception):
@@ -410,9 +412,10 @@ def copy_videos(job_id: str, created_at: float, kling_task_id: str,
     """Copy a finished task's videos (video_id, url, duration) into S3, exactly once per job.
 
     If the job's manifest exists the videos it lists are returned and nothing is downloaded. Otherwise each
-    video is streamed into its key, then the manifest ``{"job_id", "kling_task_id", "created_at",
-    "stored_at" (epoch seconds), "videos": [...], **extra_manifest}`` is created last, conditionally; if
-    another copy won that race, its manifest's videos are returned. Raises CopyError / UrlRefused.
+    video is streamed into its key, then the manifest ``{"schema_version": 1, "job_id", "kling_task_id",
+    "created_at", "stored_at" (epoch seconds), "videos": [...], **extra_manifest}`` (docs/manifest.schema.json)
+    is created last, conditionally; if another copy won that race, its manifest's videos are returned. Raises
+    CopyError / UrlRefused.
     `still_wanted()` is asked right before the manifest: if it says no, the videos just written are deleted and
     CopyCanceled is raised, so consumers (who trigger on the manifest) never see a canceled job's video.
     """
@@ -439,8 +442,9 @@ def copy_videos(job_id: str, created_at: float, kling_task_id: str,
     if still_wanted is not None and not still_wanted():
         storage.delete([v.key for v in stored])
         raise CopyCanceled(job_id)
-    manifest = {"job_id": job_id, "kling_task_id": kling_task_id, "created_at": created_at,
-                "stored_at": time.time(), "videos": [v.as_dict() for v in stored], **extra_manifest}
+    manifest = {"schema_version": MANIFEST_SCHEMA_VERSION, "job_id": job_id, "kling_task_id": kling_task_id,
+                "created_at": created_at, "stored_at": time.time(), "videos": [v.as_dict() for v in stored],
+                **extra_manifest}
     if storage.write_manifest(job_id, created_at, manifest):
         return stored
     winner = storage.read_manifest(job_id, created_at)

@@ -26,6 +26,7 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from kling_relay.shared import limits
 from kling_relay.shared.images import image_problems
 from kling_relay.shared.inputs import has_lone_surrogate, safe_text, text_problem
 
@@ -60,8 +61,8 @@ class FieldProblem:
 class Limits:
     """Kling's documented limits; ``prompt_max_chars`` is configurable (a reseller allows 5,000)."""
 
-    prompt_max_chars: int = 2500
-    negative_prompt_max_chars: int = 2500
+    prompt_max_chars: int = limits.PROMPT_MAX_CHARS_DEFAULT
+    negative_prompt_max_chars: int = limits.NEGATIVE_PROMPT_MAX_CHARS
     image_max_bytes: int = 10 * 1024 * 1024
     image_min_side: int = 300
     aspect_min: float = 1 / 2.5

@@ -13,10 +13,11 @@ from typing import Any
 
 from flask import Blueprint, jsonify, request
 
-from kling_relay.shared import flow
+from kling_relay.shared import limits, usage
 from kling_relay.shared.inputs import safe_text
 from kling_relay.shared.intake import accept_job
 from kling_relay.shared.jobs import IdempotencyConflict, InvalidCursor, JobNotFound, JobState, StepResult
+from kling_relay.shared.notify import EventsStream
 from kling_relay.shared.ops import ActionRefused, action_problems, cancel_job, retry_job, submission_status
 from kling_relay.shared.tokens import bearer_ok
 from kling_relay.shared.tokens import bearer_token_number as token_number
@@ -24,8 +25,8 @@ from kling_relay.shared.validation import FieldProblem, ValidationFailed, proble
 from kling_relay.webhook.common import error, parse_json, read_body, runtime, valid_job_id
 
 bp = Blueprint("api", __name__, url_prefix="/v1")
-MAX_LIST_LIMIT = 200
-MAX_ACTION_BODY_BYTES = 16 * 1024
+MAX_LIST_LIMIT = limits.LIST_LIMIT_MAX
+MAX_ACTION_BODY_BYTES = limits.ACTION_BODY_MAX_BYTES
 
 
 @bp.before_request
@@ -87,7 +88,7 @@ def list_jobs() -> Any:
             state = JobState(raw_state)
         except ValueError:
             problems.append(FieldProblem("state", f"must be one of {', '.join(s.value for s in JobState)}"))
-    limit = 50
+    limit = limits.LIST_LIMIT_DEFAULT
     raw_limit = request.args.get("limit")
     if raw_limit is not None:
         if not (raw_limit.isascii() and raw_limit.isdigit() and len(raw_limit) <= 3) or \
@@ -164,20 +165,22 @@ def retry(job_id: str) -> Any:
 def cancel(job_id: str) -> Any:
     """Queued/submitted/processing/generated → canceled; 409 for a finished job."""
     rt = runtime()
-    return _act(job_id, lambda detail: cancel_job(rt.store, job_id, detail=detail))
+    return _act(job_id, lambda detail: cancel_job(rt.store, rt.enqueuer, job_id, detail=detail,
+                                                  stream=EventsStream.of(rt.settings)))
 
 
 @bp.get("/status")
 def get_status() -> Any:
     """Whether submission to Kling is open or paused (and why), tasks in flight, and jobs per state."""
     rt = runtime()
-    return jsonify(submission_status(rt.store))
+    return jsonify(submission_status(rt.store, now=rt.clock()))
 
 
 @bp.post("/submission/resume")
 def resume_submission() -> Any:
-    """Clear a pause after an account or auth error was fixed; queued jobs resume as the reconciler finds them."""
+    """Clear a pause after an account or auth error was fixed (a budget pause: the daily unit budget is off until
+    midnight UTC); queued jobs resume as the reconciler finds them."""
     rt = runtime()
     who = token_number(request.headers.get("Authorization"), rt.settings.api_tokens)
-    cleared = flow.resume(rt.redis, by=f"api_token:{who}")
+    cleared = usage.operator_resume(rt.redis, by=f"api_token:{who}", now=rt.clock())
     return jsonify(resumed=cleared is not None, pause=cleared)

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from kling_relay.shared.inputs import JOB_ID_PATTERN, MAX_REASON_CHARS
+from kling_relay.shared import limits
 from kling_relay.shared.jobs import SOURCES, JobState
+from kling_relay.shared.jobs_model import DEFAULT_NOTIFY_EVENTS, NOTIFY_STATES
 from kling_relay.shared.settings import Settings
 from kling_relay.shared.validation import ASPECT_RATIOS, DURATIONS, MODEL_NAMES, MODES
 
 _STATES = [s.value for s in JobState]
+_NOTIFY_EVENTS = {"type": "array", "items": {"type": "string", "enum": list(NOTIFY_STATES)}, "minItems": 1,
+                  "uniqueItems": True}
 _NULLABLE_STRING = {"type": ["string", "null"]}
 
 
@@ -66,7 +69,7 @@ def _schemas(settings: Settings) -> dict[str, Any]:
         "JobError": {
             "type": "object", "required": ["reason"],
             "description": "Why a job failed; `reason` is invalid, kling_rejected:<code>, kling_failed, "
-                           "submit_exhausted, copy_exhausted, timed_out, auth or account.",
+                           "submit_exhausted, copy_exhausted, timed_out, auth, account or budget.",
             "properties": {"reason": {"type": "string"}, "code": {"type": ["integer", "null"]},
                            "message": {"type": "string"}},
         },
@@ -83,9 +86,9 @@ def _schemas(settings: Settings) -> dict[str, Any]:
         "Job": {
             "type": "object", "additionalProperties": False,
             "required": ["id", "state", "kling_task_id", "created_at", "updated_at", "error", "videos", "metadata",
-                         "notify_url"],
+                         "notify_url", "notify_events"],
             "properties": {
-                "id": {"type": "string", "pattern": JOB_ID_PATTERN},
+                "id": {"type": "string", "pattern": limits.JOB_ID_PATTERN},
                 "state": {"type": "string", "enum": _STATES},
                 "kling_task_id": _NULLABLE_STRING,
                 "created_at": {"type": "string", "format": "date-time"},
@@ -94,6 +97,11 @@ def _schemas(settings: Settings) -> dict[str, Any]:
                 "videos": {"type": "array", "items": _ref("Video")},
                 "metadata": {"type": "object"},
                 "notify_url": _NULLABLE_STRING,
+                "units": {"type": ["number", "null"], "minimum": 0,
+                          "description": "Units Kling billed for the job's task (final_unit_deduction), once known."},
+                "balance_deduction": {"type": ["number", "null"], "minimum": 0,
+                                      "description": "Kling's final_balance_deduction, when a callback carried it."},
+                "notify_events": {**_NOTIFY_EVENTS, "description": "The states notify_url is told about."},
                 "events": {"type": "array", "items": _ref("Event"),
                            "description": "The timeline, oldest first (not in listings)."},
             },
@@ -114,20 +122,39 @@ def _schemas(settings: Settings) -> dict[str, Any]:
                     "type": "object", "required": ["image"], "additionalProperties": False,
                     "properties": {"image": {"type": "string", "minLength": 1}}}},
                 "prompt": {"type": "string", "minLength": 1, "maxLength": settings.prompt_max_chars},
-                "negative_prompt": {"type": ["string", "null"], "maxLength": 2500},
+                "negative_prompt": {"type": ["string", "null"], "maxLength": limits.NEGATIVE_PROMPT_MAX_CHARS},
                 "mode": {"type": ["string", "null"], "enum": [*MODES, None]},
                 "duration": {"oneOf": [{"type": "string", "enum": list(DURATIONS)},
                                        {"type": "integer", "enum": [int(d) for d in DURATIONS]},
                                        {"type": "null"}]},
                 "aspect_ratio": {"type": ["string", "null"], "enum": [*ASPECT_RATIOS, None]},
-                "notify_url": {"type": ["string", "null"], "format": "uri", "maxLength": 2048,
-                               "description": "Signed POST when the job finishes; needs NOTIFY_SECRET set."},
+                "notify_url": {"type": ["string", "null"], "format": "uri", "maxLength": limits.URL_MAX_CHARS,
+                               "description": "Signed POST (the `jobEvent` webhook) when the job reaches a state "
+                                              "of notify_events; needs NOTIFY_SECRET set."},
+                "notify_events": {
+                    **_NOTIFY_EVENTS, "type": ["array", "null"],
+                    "description": "The states to POST to notify_url (needs notify_url), e.g. [\"processing\", "
+                                   "\"generated\", \"stored\", \"failed\", \"canceled\"]; default (absent "
+                                   f"or null): {', '.join(DEFAULT_NOTIFY_EVENTS)}."},
                 "metadata": {"type": ["object", "null"], "description": "Yours, returned as is; <= 16 KiB."},
+            },
+        },
+        "JobEvent": {
+            "type": "object", "required": ["type", "timestamp", "data"], "additionalProperties": False,
+            "description": "A job's state change, as POSTed to its notify_url and carried in the events stream's "
+                           "`payload`.",
+            "properties": {
+                "type": {"type": "string", "enum": [f"job.{state}" for state in NOTIFY_STATES],
+                         "description": "job.<state>: the state the job entered."},
+                "timestamp": {"type": "string", "format": "date-time",
+                              "description": "When the job entered that state (ISO-8601 UTC)."},
+                "data": {**_ref("Job"), "description": "The job (without its timeline) as it is when the event "
+                                                       "is sent: it may have moved on since `type`'s state."},
             },
         },
         "ActionRequest": {
             "type": "object", "additionalProperties": False,
-            "properties": {"reason": {"type": "string", "maxLength": MAX_REASON_CHARS,
+            "properties": {"reason": {"type": "string", "maxLength": limits.REASON_MAX_CHARS,
                                       "description": "Why; recorded in the job's timeline. Valid text, no "
                                                      "control characters other than newline and tab."}},
         },
@@ -165,19 +192,30 @@ def _schemas(settings: Settings) -> dict[str, Any]:
         "Pause": {
             "type": ["object", "null"],
             "description": "Why submission to Kling is paused: an account or auth error (codes 1000-1004, "
-                           "1100-1103, 1304) and Kling's message.",
-            "properties": {"reason": {"type": "string", "enum": ["auth", "account"]},
+                           "1100-1103, 1304) and Kling's message, or the daily unit budget (reason budget, "
+                           "with the budget and when the pause ends by itself).",
+            "properties": {"reason": {"type": "string", "enum": ["auth", "account", "budget"]},
                            "code": {"type": ["integer", "null"]}, "message": {"type": "string"},
-                           "since": _NULLABLE_STRING, "updated_at": _NULLABLE_STRING},
+                           "since": _NULLABLE_STRING, "updated_at": _NULLABLE_STRING,
+                           "budget": {"type": ["number", "null"]}, "resume_at": _NULLABLE_STRING},
         },
         "Status": {
-            "type": "object", "required": ["submission", "pause", "in_flight", "jobs"],
+            "type": "object", "required": ["submission", "pause", "in_flight", "jobs", "units"],
             "properties": {
                 "submission": {"type": "string", "enum": ["open", "paused"]},
                 "pause": _ref("Pause"),
                 "in_flight": {"type": "object", "additionalProperties": {"type": "integer"}},
                 "jobs": {"type": "object", "additionalProperties": {"type": "integer"},
                          "description": "Jobs per state."},
+                "units": {
+                    "type": "object", "required": ["day", "today", "month", "budget_override"],
+                    "description": "Units Kling deducted in the current UTC day and month; budget_override: an "
+                                   "operator resumed a budget pause today (no budget check until midnight UTC).",
+                    "properties": {"day": {"type": "string", "format": "date"},
+                                   "today": {"type": "number", "minimum": 0},
+                                   "month": {"type": "number", "minimum": 0},
+                                   "budget_override": {"type": "boolean"}},
+                },
                 "awaiting_callback": {
                     "type": "array", "description": "Queued jobs whose create's outcome is unknown while Kling's "
                                                     "tasks cannot be read back: never sent again, they wait for "
@@ -196,7 +234,7 @@ def _schemas(settings: Settings) -> dict[str, Any]:
 
 def _job_id_param() -> dict[str, Any]:
     return {"name": "job_id", "in": "path", "required": True,
-            "schema": {"type": "string", "pattern": JOB_ID_PATTERN}}
+            "schema": {"type": "string", "pattern": limits.JOB_ID_PATTERN}}
 
 
 def _action(summary: str, description: str, operation_id: str) -> dict[str, Any]:
@@ -216,13 +254,41 @@ def _action(summary: str, description: str, operation_id: str) -> dict[str, Any]
     }
 
 
+def _webhook_header(name: str, description: str) -> dict[str, Any]:
+    return {"name": name, "in": "header", "required": True, "description": description, "schema": {"type": "string"}}
+
+
+def _job_event_webhook() -> dict[str, Any]:
+    """The notification the relay POSTs to a job's notify_url (Standard Webhooks)."""
+    return {"post": {
+        "summary": "A job reached a state it asked to hear about", "operationId": "jobEvent", "tags": ["jobs"],
+        "description": "Sent for each state of the job's notify_events (default: stored, failed, canceled) when "
+                       "the job enters it, signed per Standard Webhooks with NOTIFY_SECRET; check the signature "
+                       "on the raw body (`kling_relay.shared.http_client.verify`). Retried with back-off on a "
+                       "5xx, 408, 429 or a network error; redirects are not followed. At-least-once: "
+                       "de-duplicate by webhook-id.",
+        "security": [],
+        "parameters": [
+            _webhook_header("webhook-id", "msg_<job_id>_<state>: the same on every delivery of this state."),
+            _webhook_header("webhook-timestamp", "Unix seconds when this delivery was signed."),
+            _webhook_header("webhook-signature",
+                            'v1,<base64 HMAC-SHA256 of "<webhook-id>.<webhook-timestamp>.<body>">'),
+        ],
+        "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("JobEvent")}}},
+        "responses": {
+            "2XX": {"description": "Received: not sent again."},
+            "default": {"description": "5xx, 408 and 429 are retried with back-off; any other answer is final."},
+        },
+    }}
+
+
 def openapi_document(settings: Settings) -> dict[str, Any]:
     """The whole description as a JSON-ready dict."""
     return {
         "openapi": "3.1.0",
         "info": {
             "title": "kling-relay",
-            "version": "0.1.0",
+            "version": limits.API_VERSION,
             "description": "Jobs in, videos in S3 out: submit multi-image2video jobs for Kling, read them, and retry "
                            "or cancel them. `/v1` needs `Authorization: Bearer <one of API_TOKENS>`.",
         },
@@ -231,13 +297,15 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
             "schemas": _schemas(settings),
         },
         "security": [{"bearer": []}],
+        "webhooks": {"jobEvent": _job_event_webhook()},
         "paths": {
             "/v1/jobs": {
                 "post": {
                     "summary": "Submit a job", "operationId": "createJob", "tags": ["jobs"],
                     "parameters": [{"name": "Idempotency-Key", "in": "header", "required": False,
                                     "description": "Same key and body: the same job again (Idempotent-Replayed).",
-                                    "schema": {"type": "string", "minLength": 1, "maxLength": 255}}],
+                                    "schema": {"type": "string", "minLength": 1,
+                                               "maxLength": limits.IDEMPOTENCY_KEY_MAX_CHARS}}],
                     "requestBody": {"required": True,
                                     "content": {"application/json": {"schema": _ref("JobRequest")}}},
                     "responses": {
@@ -257,7 +325,8 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
                         {"name": "state", "in": "query", "required": False,
                          "schema": {"type": "string", "enum": _STATES}},
                         {"name": "limit", "in": "query", "required": False,
-                         "schema": {"type": "integer", "minimum": 1, "maximum": 200, "default": 50}},
+                         "schema": {"type": "integer", "minimum": 1, "maximum": limits.LIST_LIMIT_MAX,
+                                    "default": limits.LIST_LIMIT_DEFAULT}},
                         {"name": "cursor", "in": "query", "required": False, "schema": {"type": "string"},
                          "description": "next_cursor of the previous page."},
                     ],

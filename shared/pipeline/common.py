@@ -1,5 +1,5 @@
 """What every pipeline step shares: outcomes, failures, the retry and throttle back-off, the Kling error policy,
-the per-job lock, and telling the world that a job finished.
+the per-job lock, and announcing a step (the consumers' stream, notifications).
 
 A step that wants to run again later raises `RetryIn(seconds)`; the Celery task turns it into a retry with that
 countdown. Attempts are counted in the job record (`attempt:<kind>`), not in the message, so a redelivered message
@@ -22,7 +22,7 @@ from kling_relay.shared.jobs import Job, JobState, StepResult
 from kling_relay.shared.kling import KlingError, KlingFixAccount, KlingFixRequest, KlingTaskNotFound
 from kling_relay.shared.kling_codes import THROTTLE_CODES, pause_reason
 from kling_relay.shared.locks import job_lock
-from kling_relay.shared.notify import publish
+from kling_relay.shared.notify import EventsStream, announce
 
 if TYPE_CHECKING:  # the wiring module is handed in, never imported at run time
     from kling_relay.shared.runtime import Runtime
@@ -230,14 +230,11 @@ def in_state(rt: Runtime, job_id: str, state: JobState) -> bool:
 
 
 def finished(rt: Runtime, job: Job) -> None:
-    """A job reached stored or failed: append it to the consumers' stream and queue its notification."""
-    public = rt.store.require(job.id).public_dict()
-    try:
-        publish(rt.redis, rt.settings.events_stream, public)
-    except Exception:
-        log.exception("could not publish the finished job", extra={"job_id": job.id})
-    if job.notify_url:
-        try:
-            rt.enqueuer.notify(job.id, job.state.value)
-        except Exception:
-            log.exception("could not queue the notification", extra={"job_id": job.id})
+    """A step just took the job to stored or failed: announce it (`announced`)."""
+    announced(rt, job)
+
+
+def announced(rt: Runtime, job: Job) -> None:
+    """Announce the step that just left `job` as it is (the job as the applied step returned it): a terminal
+    state to the consumers' stream, a state the job asked for to its `notify_url` (`kling_relay.shared.notify`)."""
+    announce(rt.store, rt.enqueuer, job, EventsStream.of(rt.settings))

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from kling_relay.shared import heard
+from kling_relay.shared import heard, usage
 from kling_relay.shared.jobs import Job, JobState
 from kling_relay.shared.kling import KlingError, KlingTask
 from kling_relay.shared.kling_reads import reads_available
@@ -61,6 +61,7 @@ def _copy_locked(rt: Runtime, job: Job) -> Outcome:
         message = f"Kling task {task.task_id} belongs to {task.external_task_id!r}, not this job"
         fail(rt, job.id, Failure("copy_exhausted", message), source="worker")
         return Outcome.FAILED
+    usage.record_deduction(rt.redis, job.id, task, now=rt.clock())  # once per job, whoever reports it first
     if task.status != "succeed" or not task.videos:
         rt.store.note(job.id, source="worker", detail={"copy": "task has no video", "kling_status": task.status})
         return retry_or_fail(rt, job.id, budget, "task has no video yet")
@@ -91,9 +92,16 @@ def _copy_videos(rt: Runtime, job: Job, task: KlingTask, recorded: dict[str, Any
     return copy_videos(
         job.id, job.created_at, task.task_id, [(v.id, v.url, v.duration) for v in task.videos],
         rt.storage, rt.allowlist, rt.http,
-        extra_manifest={"metadata": job.metadata, "request": recorded},
+        extra_manifest={"metadata": job.metadata, "request": recorded, **_billing(rt, job)},
         max_bytes=rt.settings.max_video_bytes, still_wanted=lambda: in_state(rt, job.id, JobState.GENERATED),
     )
+
+
+def _billing(rt: Runtime, job: Job) -> dict[str, Any]:
+    """What Kling billed for the job, as recorded on it (None when Kling has not said): the manifest's `units`
+    and `balance_deduction`."""
+    public = rt.store.require(job.id).public_dict()
+    return {"units": public["units"], "balance_deduction": public["balance_deduction"]}
 
 
 def _mark_stored(rt: Runtime, job: Job, stored: list[StoredVideo], recorded: dict[str, Any]) -> Outcome:

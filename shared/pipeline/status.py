@@ -5,9 +5,10 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
+from kling_relay.shared import usage
 from kling_relay.shared.jobs import JobState, StepResult
 from kling_relay.shared.kling import KlingTask
-from kling_relay.shared.pipeline.common import Failure, finished
+from kling_relay.shared.pipeline.common import Failure, announced, finished
 
 if TYPE_CHECKING:  # the wiring module is handed in, never imported at run time
     from kling_relay.shared.runtime import Runtime
@@ -28,14 +29,23 @@ def record_task(rt: Runtime, job_id: str, task: KlingTask, *, source: str, detai
     if not ok:
         log.error("job already has another Kling task", extra={"job_id": job_id, "kling_task_id": existing})
         return
-    rt.store.step(job_id, JobState.SUBMITTED, source=source, detail={"kling_task_id": task.task_id, **detail},
-                  set_fields={"kling_task_id": task.task_id}, due_in=rt.settings.reconcile_quiet_seconds)
+    result = rt.store.step(job_id, JobState.SUBMITTED, source=source,
+                           detail={"kling_task_id": task.task_id, **detail},
+                           set_fields={"kling_task_id": task.task_id}, due_in=rt.settings.reconcile_quiet_seconds)
+    if result.applied:
+        announced(rt, result.job)  # a notification, if the job asked for `submitted`
     if task.status != "submitted":
         apply_task_status(rt, job_id, task, source=source)
 
 
 def apply_task_status(rt: Runtime, job_id: str, task: KlingTask, *, source: str) -> StepResult:
-    """One state step from a Kling task status; a generated job gets its copy queued exactly once."""
+    """One state step from a Kling task status; a generated job gets its copy queued exactly once. An applied step
+    is announced (a failure to the stream; any state the job asked for to its `notify_url`).
+
+    What Kling billed (`final_unit_deduction`) is recorded first, once per job however often it is reported,
+    and whatever the step does (a canceled job's task is billed too): see `shared/usage.py`.
+    """
+    usage.record_deduction(rt.redis, job_id, task, now=rt.clock())
     to = KLING_STATUS_TO_STATE[task.status]
     detail: dict[str, Any] = {"kling_status": task.status}
     if to is JobState.FAILED:
@@ -47,6 +57,8 @@ def apply_task_status(rt: Runtime, job_id: str, task: KlingTask, *, source: str)
         return result
     due = rt.settings.reconcile_quiet_seconds
     result = rt.store.step(job_id, to, source=source, detail=detail, due_in=due)
+    if result.applied:
+        announced(rt, result.job)
     if result.applied and to is JobState.GENERATED:
         try:
             rt.enqueuer.copy(job_id)

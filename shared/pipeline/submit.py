@@ -4,7 +4,8 @@ Guards, in order: the job must be `queued`; a per-job lock (another worker submi
 reconciler comes back); the pause (`paused`: the job stays queued and due, no Kling call); the in-flight cap and
 the shared rate limit (RetryIn, no attempt used). Then, whenever a create may already have reached Kling (counted by
 `create_sent`, set before each create is sent and cleared on a definite refusal of a first create), a lookup by
-`external_task_id` before any new create; and the create.
+`external_task_id` before any new create; the daily unit budget (`shared/usage.py`: over it, submission pauses with
+reason `budget` and the job stays queued, no attempt used, nothing sent); and the create.
 
 When tasks cannot be read back (`KLING_QUERY` off, or `auto` without Kling's read routes: `shared/kling_reads.py`)
 no lookup is possible, so a create that may have reached Kling is never sent again: the job stays queued, flagged
@@ -18,9 +19,9 @@ is applied at once.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from kling_relay.shared import flow, heard
+from kling_relay.shared import flow, heard, usage
 from kling_relay.shared.jobs_model import CREATE_SENT, Job, JobState
 from kling_relay.shared.kling import KlingAmbiguous, KlingError, KlingTask, KlingTaskNotFound
 from kling_relay.shared.kling_reads import reads_available
@@ -82,7 +83,10 @@ def _submit_to_kling(rt: Runtime, job: Job, *, trial: bool) -> Outcome:
         found = _look_up(rt, job, budget)
         if found is not None:
             return found
-    body = {**rt.store.request(job.id), "callback_url": callback_url(rt, job.id), "external_task_id": job.id}
+    request = rt.store.request(job.id)
+    if not _within_budget(rt, job, request):
+        return Outcome.PAUSED
+    body = {**request, "callback_url": callback_url(rt, job.id), "external_task_id": job.id}
     rt.store.bump_attempt(job.id, CREATE_SENT)  # before sending: a worker killed mid-create still looks first next
     try:
         task = rt.kling.create_multi_image2video(body)
@@ -135,3 +139,24 @@ def _await_callback(rt: Runtime, job: Job, why: str) -> Outcome:
                     "else the job ends at its deadline (see the README: callbacks-only mode)"})
     rt.store.set_due(job.id, rt.settings.reconcile_quiet_seconds)
     return Outcome.AWAITING
+
+
+def _within_budget(rt: Runtime, job: Job, request: dict[str, Any]) -> bool:
+    """The daily unit budget's guard, right before a create: True when the create may go.
+
+    Over the budget, submission pauses with reason `budget` and the job waits queued and due like any paused
+    job; the attempt this run counted is given back (a pause is nobody's failure).
+    """
+    now = rt.clock()
+    combo = usage.combination(request)
+    verdict = usage.admit(rt.redis, job.id, combo, budget=rt.settings.kling_daily_unit_budget,
+                          default_estimate=rt.settings.kling_default_units_estimate, now=now)
+    if verdict.admitted:
+        return True
+    usage.pause_for_budget(rt.redis, verdict, job_id=job.id, combo=combo, now=now)
+    rt.store.bump_attempt(job.id, "submit_throttled")
+    rt.store.note(job.id, source="worker", detail={
+        "paused": usage.REASON, "budget": verdict.budget, "spent_today": verdict.spent,
+        "in_flight_estimate": verdict.in_flight, "estimate": verdict.estimate})
+    rt.store.set_due(job.id, rt.settings.kling_pause_probe_seconds)
+    return False

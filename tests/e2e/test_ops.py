@@ -7,6 +7,7 @@ exhaustion takes a second instead of a minute.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 
 from deploy.stack import LocalStack
 from kling_relay.shared.client import Relay
@@ -69,6 +71,14 @@ def cli(stack: LocalStack, *args: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=60)
 
 
+def stream_entries(stack: LocalStack, job_id: str) -> list[dict[str, str]]:
+    client = redis.Redis.from_url(stack.redis.url, decode_responses=True, socket_timeout=10)
+    try:
+        return [fields for _, fields in client.xrange("kling-relay:events") if fields["job_id"] == job_id]
+    finally:
+        client.close()
+
+
 def in_submitted(stack: LocalStack, job_id: str) -> dict[str, Any] | None:
     current = job(stack, job_id)
     return current if current["state"] == "submitted" and current["kling_task_id"] else None
@@ -102,6 +112,8 @@ def test_cancel_in_flight_then_kling_finishes_and_nothing_changes(stack: LocalSt
 
 
 def test_retry_after_copy_exhausted_ends_stored(stack: LocalStack) -> None:
+    """Copy exhausted, retried over HTTP, stored. The events stream has the job twice, `failed` then `stored`, each
+    at its transition's time (issue 8.8: entries carried no time of the transition)."""
     stack.sim_control(download_truncate_bytes=100)
     job_id = submit(stack, job_body(2))
     failed = wait_jobs(stack, [job_id], timeout=60)[job_id]
@@ -119,6 +131,9 @@ def test_retry_after_copy_exhausted_ends_stored(stack: LocalStack) -> None:
     moves = [(e["from"], e["to"], e["source"]) for e in stored["events"] if e["from"] != e["to"]]
     assert moves[-4:] == [("generated", "failed", "worker"), ("failed", "queued", "api"),
                           ("queued", "generated", "api"), ("generated", "stored", "worker")]
+    times = {e["to"]: e["at"] for e in stored["events"] if e["from"] != e["to"]}
+    entries = [(e["state"], e["at"], json.loads(e["payload"])["type"]) for e in stream_entries(stack, job_id)]
+    assert entries == [("failed", times["failed"], "job.failed"), ("stored", times["stored"], "job.stored")]
 
 
 def test_retry_after_submit_exhausted_adopts_the_task_the_lost_create_made(stack: LocalStack) -> None:

@@ -179,7 +179,7 @@ def test_notify_answered_503_six_times_in_a_row_is_delivered(stack: LocalStack,
 
     job = wait_until(delivered, timeout=120, what="the notification's outcome", stack=stack, interval=0.3)
     outcomes = [e["detail"] for e in job["events"] if e["detail"].get("notify")]
-    assert outcomes == [{"notify": "delivered", "http_status": 204}], outcomes
+    assert outcomes == [{"notify": "delivered", "state": "stored", "http_status": 204}], outcomes
     with handler.lock:
         seen = list(handler.seen)
     assert len(seen) == FAILURES + 1
@@ -187,7 +187,7 @@ def test_notify_answered_503_six_times_in_a_row_is_delivered(stack: LocalStack,
     assert all(verify(Secret(DEMO_NOTIFY_SECRET), headers, body) for headers, body in seen)
     client = redis.Redis.from_url(stack.redis.url, decode_responses=True, socket_timeout=10)
     try:
-        assert JobStore(client).require(job_id).attempts.get("notify") == FAILURES + 1  # no other try
+        assert JobStore(client).require(job_id).attempts.get("notify_stored") == FAILURES + 1  # no other try
     finally:
         client.close()
     only_the_back_off(stack, job)

@@ -146,6 +146,19 @@ def test_submit_sends_the_body_token_and_key_and_returns_a_typed_job(server: tup
     assert job.id == "job_1" and job.state == "queued" and not job.finished and job.metadata == {"order": 42}
     assert job.created_at == datetime(2026, 11, 28, 10, 0, tzinfo=UTC) and job.events is None
     assert job.raw["id"] == "job_1"
+    assert job.units is None and job.balance_deduction is None
+
+
+def test_a_job_carries_what_kling_billed(server: tuple[str, Script]) -> None:
+    """Issue 9 item 6: the job's `units` and `balance_deduction` reach the typed Job."""
+    url, script = server
+    script.answers = [Answer(200, job_json("stored", units=2, balance_deduction=0.28)),
+                      Answer(200, job_json("stored", units="2", balance_deduction=True))]
+    client = client_for(url)
+    job = client.get("job_1")
+    assert (job.units, job.balance_deduction) == (2.0, 0.28)
+    odd = client.get("job_1")
+    assert (odd.units, odd.balance_deduction) == (None, None)
 
 
 @pytest.mark.parametrize(("status", "body", "kind"), [

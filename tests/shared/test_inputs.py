@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from kling_relay.shared.inputs import MAX_REASON_CHARS, is_job_id, reason_problem, safe_text, text_problem
+from kling_relay.shared.inputs import is_job_id, reason_problem, safe_text, text_problem
+from kling_relay.shared.limits import REASON_MAX_CHARS as MAX_REASON_CHARS
 from kling_relay.shared.validation import MAX_TEXT_REPORTED, text_problems, validate_multi_image2video
 
 LONE = "\ud800"

@@ -268,6 +268,23 @@ def test_task_from_json_minimal() -> None:
     assert not task.is_final
 
 
+@pytest.mark.parametrize(("raw", "units"), [
+    ("1", 1.0), ("0.5", 0.5), (" 3.5 ", 3.5), (2, 2.0), (1.25, 1.25), ("0", 0.0),
+    (None, None), ("", None),
+    # garbage is read as "unknown", never a refused task: its status matters more than its bill
+    ("one", None), ("-1", None), (-2, None), ("nan", None), ("inf", None), (float("inf"), None), (True, None),
+    ([1], None), ({"units": 1}, None), (10**400, None), ("9" * 40, None),
+])
+def test_task_from_json_reads_the_deduction_leniently(raw: Any, units: float | None) -> None:
+    """Issue 9 item 6: `final_unit_deduction` (a string such as "1" per the docs, or a number) and a callback's
+    `final_balance_deduction` are kept on the task; an unreadable one is None and the task still parses."""
+    task = KlingTask.from_json({**task_json("t-1", "succeed", "job-1"), "final_unit_deduction": raw,
+                                "final_balance_deduction": raw})
+    assert task.status == "succeed"
+    assert task.final_unit_deduction == units and task.final_balance_deduction == units
+    assert KlingTask.from_json(task_json("t-1", "succeed", "job-1")).final_unit_deduction is None
+
+
 @pytest.mark.parametrize("obj", [
     None, [], "task", {},
     {"task_status": "submitted"},

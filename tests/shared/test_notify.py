@@ -148,10 +148,12 @@ def test_a_huge_answer_is_not_read(tmp_path: Any) -> None:
 
 
 def test_publish_appends_one_entry(redis_client: redis.Redis) -> None:
-    job = {"id": "job_1", "state": "stored", "videos": [], "events": [{"to": "stored"}]}
-    publish(redis_client, "events", job)
+    job = {"id": "job_1", "state": "stored", "videos": [], "updated_at": "2026-05-01T12:00:00.123Z",
+           "events": [{"to": "stored"}]}
+    publish(redis_client, "events", job, maxlen=100)
     [(_, fields)] = redis_client.xrange("events")
-    assert fields["job_id"] == "job_1" and fields["state"] == "stored"
+    assert fields["job_id"] == "job_1" and fields["state"] == "stored" and fields["at"] == job["updated_at"]
     payload = json.loads(fields["payload"])
     assert payload["type"] == "job.stored" and "events" not in payload["data"]
+    assert payload["timestamp"] == job["updated_at"]
     assert event_payload(job)["data"]["id"] == "job_1"

@@ -16,9 +16,11 @@ import redis
 from PIL import Image
 
 from kling_relay.shared import pipeline
-from kling_relay.shared.jobs import JobNotFound, JobState, JobStore
+from kling_relay.shared.jobs import JobNotFound, JobState, JobStore, StepResult
 from kling_relay.shared.kling import KlingClient
-from kling_relay.shared.ops import MAX_REASON_CHARS, ActionRefused, cancel_job, retry_job, retry_mode
+from kling_relay.shared.limits import REASON_MAX_CHARS as MAX_REASON_CHARS
+from kling_relay.shared.notify import EventsStream
+from kling_relay.shared.ops import ActionRefused, cancel_job, retry_job, retry_mode
 from kling_relay.shared.queue import COPY_QUEUE, SUBMIT_QUEUE, Enqueuer, make_celery
 from kling_relay.shared.runtime import Runtime
 from kling_relay.shared.settings import load_settings
@@ -44,6 +46,13 @@ def enqueuer(redis_url: str) -> Iterator[Enqueuer]:
 def messages(client: redis.Redis, queue: str) -> list[list[Any]]:
     """The task arguments of every message waiting in a Celery queue (kombu's Redis list of that name)."""
     return [json.loads(base64.b64decode(json.loads(raw)["body"]))[0] for raw in client.lrange(queue, 0, -1)]
+
+
+STREAM = EventsStream("kling-relay:events", 1000)
+
+
+def cancel(store: JobStore, enqueuer: Enqueuer, job_id: str, **kwargs: Any) -> StepResult:
+    return cancel_job(store, enqueuer, job_id, stream=STREAM, **kwargs)
 
 
 def failed_job(store: JobStore, reason: str, *, task_id: str | None = None, via: list[JobState] | None = None,
@@ -140,7 +149,7 @@ def test_unknown_jobs(store: JobStore, enqueuer: Enqueuer) -> None:
     with pytest.raises(JobNotFound):
         retry_job(store, enqueuer, "job_nope")
     with pytest.raises(JobNotFound):
-        cancel_job(store, "job_nope")
+        cancel(store, enqueuer, "job_nope")
 
 
 def test_racing_retries_apply_once(store: JobStore, enqueuer: Enqueuer, redis_client: redis.Redis) -> None:
@@ -167,11 +176,11 @@ def test_racing_retries_apply_once(store: JobStore, enqueuer: Enqueuer, redis_cl
 
 
 @pytest.mark.parametrize("state", [JobState.QUEUED, JobState.SUBMITTED, JobState.PROCESSING, JobState.GENERATED])
-def test_cancel_from_every_live_state(store: JobStore, state: JobState) -> None:
+def test_cancel_from_every_live_state(store: JobStore, enqueuer: Enqueuer, state: JobState) -> None:
     job, _ = store.create(dict(REQUEST), due_in=10)
     if state is not JobState.QUEUED:
         store.step(job.id, state, source="worker", set_fields={"kling_task_id": "task-7"}, due_in=10)
-    result = cancel_job(store, job.id, detail={"via": "test", "reason": "not needed"})
+    result = cancel(store, enqueuer, job.id, detail={"via": "test", "reason": "not needed"})
     assert result.applied and result.from_state is state and result.job.state is JobState.CANCELED
     event = store.events(job.id)[-1]
     assert (event.from_state, event.to_state, event.source) == (state.value, "canceled", "api")
@@ -181,19 +190,20 @@ def test_cancel_from_every_live_state(store: JobStore, state: JobState) -> None:
 
 
 @pytest.mark.parametrize("state", [JobState.STORED, JobState.FAILED, JobState.CANCELED])
-def test_cancel_of_a_finished_job_is_refused_and_changes_nothing(store: JobStore, state: JobState) -> None:
+def test_cancel_of_a_finished_job_is_refused_and_changes_nothing(store: JobStore, enqueuer: Enqueuer,
+                                                                  state: JobState) -> None:
     job, _ = store.create(dict(REQUEST))
     store.step(job.id, state, source="worker")
     before = store.events(job.id)
     with pytest.raises(ActionRefused, match=f"already {state.value}"):
-        cancel_job(store, job.id)
+        cancel(store, enqueuer, job.id)
     assert store.events(job.id) == before and store.require(job.id).state is state
 
 
-def test_a_canceled_job_ignores_later_steps(store: JobStore) -> None:
+def test_a_canceled_job_ignores_later_steps(store: JobStore, enqueuer: Enqueuer) -> None:
     job, _ = store.create(dict(REQUEST))
     store.step(job.id, JobState.SUBMITTED, source="worker", set_fields={"kling_task_id": "t"})
-    cancel_job(store, job.id)
+    cancel(store, enqueuer, job.id)
     for state in (JobState.PROCESSING, JobState.GENERATED, JobState.STORED, JobState.FAILED):
         assert not store.step(job.id, state, source="callback").applied
     assert store.require(job.id).state is JobState.CANCELED
@@ -264,15 +274,15 @@ def test_a_reason_the_api_would_refuse_is_refused_here_too_and_changes_nothing(
         retry_job(store, enqueuer, failed, detail={"via": "test", "reason": reason})
     assert [p.field for p in refused.value.problems] == ["reason"]
     with pytest.raises(ValidationFailed):
-        cancel_job(store, queued.id, detail={"via": "test", "reason": reason})
+        cancel(store, enqueuer, queued.id, detail={"via": "test", "reason": reason})
     assert {job_id: (store.require(job_id), store.events(job_id)) for job_id in before} == before
     assert messages(redis_client, SUBMIT_QUEUE) == []
 
 
-def test_a_reason_of_the_limit_with_newlines_is_recorded(store: JobStore) -> None:
+def test_a_reason_of_the_limit_with_newlines_is_recorded(store: JobStore, enqueuer: Enqueuer) -> None:
     queued, _ = store.create(dict(REQUEST))
     reason = ("line\n\t" * 100)[:MAX_REASON_CHARS]
-    cancel_job(store, queued.id, detail={"reason": reason})
+    cancel(store, enqueuer, queued.id, detail={"reason": reason})
     assert store.events(queued.id)[-1].detail["reason"] == reason
 
 
@@ -283,5 +293,5 @@ def test_an_id_naming_another_key_is_an_unknown_job(store: JobStore, enqueuer: E
     with pytest.raises(JobNotFound):
         retry_job(store, enqueuer, job_id + suffix)
     with pytest.raises(JobNotFound):
-        cancel_job(store, job_id + suffix)
+        cancel(store, enqueuer, job_id + suffix)
     assert store.require(job_id).state is JobState.FAILED

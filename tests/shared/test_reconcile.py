@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import redis
 
-from kling_relay.shared import flow
+from kling_relay.shared import flow, keys
 from kling_relay.shared.jobs import JobState
 from kling_relay.shared.keys import RECONCILE_LOCK as LOCK_KEY
 from kling_relay.shared.locks import RedisLock, job_lock
@@ -281,6 +281,7 @@ def due_scenario(rt: Runtime, sim: SimHandle, finished: int) -> list[str]:
         rt.store.step(job.id, JobState.GENERATED, source="callback", set_fields={"kling_task_id": "t"})
         due.append(job.id)
     make_due(rt, *due)
+    rt.redis.delete(keys.OUTBOX)  # steps made by hand here: none is left for the pass to announce
     return due
 
 
@@ -329,6 +330,6 @@ def test_a_pass_reads_only_the_due_jobs_not_the_10000_finished(runtime: Runtime,
     assert sorted(report.resubmitted) == sorted(due[4:7]) and sorted(report.recopied) == sorted(due[7:])
     assert big_kling == small_kling == 4, "one Kling request per polled job"
     assert big_stats == small_stats, "the same Redis commands, whatever the number of stored jobs"
-    assert big_stats["zrangebyscore"] == 1
+    assert big_stats["zrangebyscore"] == 2  # the due index and the outbox of steps still to announce
     assert not {"keys", "scan", "zrange", "zrevrange", "zscan", "hscan", "sscan", "smembers"} & set(big_stats)
     assert sum(big_stats.values()) < 40 * len(due)

@@ -13,7 +13,7 @@ from kling_relay.shared.queue import COPY_QUEUE
 from kling_relay.shared.runtime import Runtime
 from kling_relay.shared.settings import Secret
 from kling_relay.shared.tokens import callback_token
-from tests.webhook.conftest import CALLBACK_SECRET
+from tests.webhook.conftest import CALLBACK_SECRET, auth
 
 REQUEST = {"model_name": "kling-v1-6", "image_list": [{"image": "https://img.example.com/a.png"}], "prompt": "p",
            "mode": "std", "duration": "5", "aspect_ratio": "16:9"}
@@ -147,3 +147,32 @@ def test_callbacks_are_kept_for_callbacks_only_mode(client: FlaskClient, runtime
     assert kept is not None and kept.status == "succeed" and kept.videos[0].url == "https://cdn.example.com/v1.mp4"
     assert heard.heard(runtime.redis, job.id, "another-task") is None
     assert runtime.store.require(job.id).state is JobState.GENERATED
+
+
+def test_duplicated_callbacks_bill_a_job_once_in_its_view_and_the_status(client: FlaskClient,
+                                                                          runtime: Runtime) -> None:
+    """Issue 9 item 6: Kling's `final_unit_deduction` (and a callback's `final_balance_deduction`) is kept on the
+    job, shown in its API view, and counted once in the units spent today and this month, however often the
+    finished task is posted."""
+    job, _ = runtime.store.create(dict(REQUEST))
+    other, _ = runtime.store.create(dict(REQUEST))
+    for each in (job, other):
+        record_task(runtime, each.id, KlingTask(f"task-{each.id}", "submitted", external_task_id=each.id),
+                    source="worker", detail={"created": True})
+    finished = {**_task(f"task-{job.id}", "succeed", job.id), "final_unit_deduction": "2",
+                "final_balance_deduction": "0.28"}
+    answers = [_post(client, job.id, finished) for _ in range(3)]
+    assert [a.status_code for a in answers] == [200, 200, 200]
+    assert [a.json["applied"] for a in answers] == [True, False, False]
+    failed = {**_task(f"task-{other.id}", "failed", other.id), "final_unit_deduction": 0.5}
+    assert _post(client, other.id, failed).status_code == 200
+    assert _post(client, other.id, {**failed, "final_unit_deduction": "not a number"}).status_code == 200
+
+    view = client.get(f"/v1/jobs/{job.id}", headers=auth()).json
+    assert view["units"] == 2 and view["balance_deduction"] == 0.28
+    assert client.get(f"/v1/jobs/{other.id}", headers=auth()).json["units"] == 0.5
+    listed = {j["id"]: j["units"] for j in client.get("/v1/jobs", headers=auth()).json["jobs"]}
+    assert listed == {job.id: 2, other.id: 0.5}
+    status = client.get("/v1/status", headers=auth()).json
+    assert status["units"]["today"] == 2.5 and status["units"]["month"] == 2.5
+    assert status["units"]["budget_override"] is False

@@ -102,3 +102,34 @@ def test_limits_come_from_the_settings(redis_url: str) -> None:
 
     document = openapi_document(app_settings(redis_url, PROMPT_MAX_CHARS="5000"))
     assert document["components"]["schemas"]["JobRequest"]["properties"]["prompt"]["maxLength"] == 5000
+
+
+def test_the_outgoing_notification_is_described_under_webhooks(runtime: Runtime, document: dict[str, Any]) -> None:
+    """Issue 8.8: the signed POST to a job's notify_url is part of the contract: `webhooks.jobEvent`, with the
+    Standard Webhooks headers, and a body schema the payloads the relay sends (and streams) conform to."""
+    validate(document)  # `webhooks` included: OpenAPI 3.1 checks its Path Items like the paths'
+    post = document["webhooks"]["jobEvent"]["post"]
+    headers = {p["name"] for p in post["parameters"] if p["in"] == "header" and p["required"]}
+    assert headers == {"webhook-id", "webhook-timestamp", "webhook-signature"}
+    assert post["requestBody"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/JobEvent"}
+    from kling_relay.shared.notify import event_payload
+
+    job, _ = runtime.store.create(dict(REQUEST), notify_url="https://example.com/hook",
+                                  notify_events=["processing", "stored"])
+    runtime.store.step(job.id, JobState.PROCESSING, source="callback")
+    canceled = runtime.store.step(job.id, JobState.CANCELED, source="api").job
+    assert conforms(document, "JobEvent", event_payload(canceled.public_dict())) == []
+    assert conforms(document, "JobEvent", event_payload(canceled.public_dict(), state="processing",
+                                                        at="2026-01-01T00:00:00.000Z")) == []
+    assert conforms(document, "JobEvent", {**event_payload(canceled.public_dict()), "timestamp": 1.5}) != []
+    assert conforms(document, "JobEvent", event_payload(canceled.public_dict(), state="queued")) != []
+
+
+def test_notify_events_is_in_the_job_body_and_view(document: dict[str, Any]) -> None:
+    schemas = document["components"]["schemas"]
+    body = schemas["JobRequest"]["properties"]["notify_events"]
+    assert body["items"]["enum"] == ["submitted", "processing", "generated", "stored", "failed", "canceled"]
+    assert "notify_events" in schemas["Job"]["required"]
+    assert conforms(document, "JobRequest", {**REQUEST, "notify_url": "https://a.example/h",
+                                             "notify_events": ["processing", "stored"]}) == []
+    assert conforms(document, "JobRequest", {**REQUEST, "notify_events": ["stored", "stored"]}) != []

@@ -9,8 +9,9 @@ import sys
 from pathlib import Path
 
 from flask.testing import FlaskClient
+from jsonschema import Draft202012Validator
 
-from kling_relay.shared import flow
+from kling_relay.shared import flow, usage
 from kling_relay.shared.client import Relay
 from kling_relay.shared.runtime import Runtime
 from tests.webhook.conftest import auth
@@ -76,3 +77,31 @@ def test_config_prints_no_secret(runtime: Runtime) -> None:
 
 
 CALLBACK = "callback-secret-0123456789abcdef"
+
+
+def test_a_budget_pause_in_the_status_and_its_resume_overrides_the_budget_for_the_day(
+        client: FlaskClient, runtime: Runtime) -> None:
+    """Issue 9 item 6: the status shows a budget pause (budget, when it ends by itself) and the units spent; an
+    operator's resume of it switches the guard off until midnight UTC, over HTTP and from Python alike."""
+    verdict = usage.Verdict(False, spent=9, in_flight=2, estimate=1, budget=10)
+    document = client.get("/openapi.json").json
+    for resume in ("http", "python"):
+        assert usage.pause_for_budget(runtime.redis, verdict, job_id="job_x", combo="kling-v1-6|std|5")
+        status = client.get("/v1/status", headers=auth()).json
+        assert status["submission"] == "paused" and status["pause"]["reason"] == "budget"
+        assert status["pause"]["budget"] == 10 and status["pause"]["resume_at"].endswith("T00:00:00.000Z")
+        assert status["pause"]["message"] == ("daily unit budget 10 reached: spent today 9 + in flight "
+                                              "(estimated) 2 + next job 1")
+        assert status["units"]["budget_override"] is False
+        root = {"$ref": "#/components/schemas/Status", "components": document["components"]}
+        assert list(Draft202012Validator(root).iter_errors(status)) == []
+        if resume == "http":
+            resumed = client.post("/v1/submission/resume", headers=auth()).json
+            assert resumed["resumed"] is True and resumed["pause"]["reason"] == "budget"
+        else:
+            relay = Relay.from_env(_env(runtime))
+            assert relay.resume_submission() is not None
+            relay.close()
+        status = client.get("/v1/status", headers=auth()).json
+        assert status["submission"] == "open" and status["units"]["budget_override"] is True
+        runtime.redis.delete("kr:usage:override")
