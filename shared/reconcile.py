@@ -19,9 +19,10 @@ For each due job:
 - then its due time moves forward by `RECONCILE_QUIET_SECONDS`, so a pass never hammers one job.
 
 When tasks cannot be read back (callbacks-only mode, `shared/kling_reads.py`), the pass polls no job (a quiet job
-waits for its callbacks until its deadline) and its pause probe, which needs the list, opens a trial instead (one
-job's create is let through; its success resumes submission). A job that timed out while awaiting its callback
-(its create's outcome unknown, `shared/heard.py`) says so in its error.
+waits for its callbacks until its deadline), leaves a queued job awaiting its callback where it is (its create is
+never sent again), and its pause probe, which needs the list, opens a trial instead (one job's create is let
+through; its success resumes submission). A job that timed out while awaiting its callback (its create's outcome
+unknown, `shared/heard.py`) says so in its error.
 
 Then it announces the steps left in the store's outbox for over `ANNOUNCE_GRACE_SECONDS` (the process that made
 the step died, or Redis or the broker failed, before it appended the consumers' stream entry or queued the
@@ -230,6 +231,10 @@ class _Pass:
     def _queued(self, job: Job) -> None:
         if self._busy(job):
             self.report.waiting.append(job.id)
+            self._push(job)
+            return
+        if heard.awaiting_reason(self.rt.redis, job.id) is not None and not self.reads():
+            self.report.waiting.append(job.id)  # never sent again while tasks cannot be read back: nothing to re-send
             self._push(job)
             return
         if self.pause is not None and not self._trial_wanted():

@@ -162,6 +162,18 @@ def test_a_refused_first_create_still_fails_and_a_throttled_one_is_sent_again(ru
     assert runtime.store.require(refused.id).error["reason"] == "kling_rejected:1301"  # type: ignore[index]
 
 
+def test_the_reconciler_leaves_a_flagged_job_waiting_until_reads_come_back(runtime: Runtime, sim: SimHandle) -> None:
+    """Nothing to re-send while tasks cannot be read back: no submit message and no timeline note every pass."""
+    sim.control(ambiguous_create_every_n=1)
+    job = new_job(runtime)
+    assert submit_job(runtime, job.id) == "awaiting"
+    events_before = len(runtime.store.events(job.id))
+    runtime.store.set_due(job.id, -1)
+    report = reconcile(runtime)
+    assert report.waiting == [job.id] and report.resubmitted == []
+    assert runtime.redis.llen("submit") == 0 and len(runtime.store.events(job.id)) == events_before
+
+
 def test_a_flagged_job_that_reaches_its_deadline_says_why(runtime: Runtime, sim: SimHandle) -> None:
     sim.control(ambiguous_create_every_n=1)
     job = new_job(runtime, deadline=0.5)
