@@ -44,7 +44,6 @@ class SimHTTPServer(ThreadingHTTPServer):
 
 class SimRequestHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
-    disable_nagle_algorithm = True  # the head and the body are separate writes: no 40 ms delayed-ACK stall each
     server: SimHTTPServer
 
     def version_string(self) -> str:
