@@ -1,17 +1,25 @@
 """gunicorn settings for the web process (Procfile `web`, and the local stack of the demo and the tests).
 
-The access log leaves out query strings: a callback URL carries its job's token (`?token=...`). Request line,
-header count and header size are capped; workers are recycled now and then. gunicorn's threads read requests
-themselves, so in production put a buffering reverse proxy in front (nginx: `proxy_request_buffering on`,
-`client_header_timeout 10s`, `client_body_timeout 10s`, `client_max_body_size` ≥ MAX_REQUEST_BYTES): slow clients
-then cost the proxy, not a worker thread that a Kling callback needs.
+Slow clients: the callback endpoint faces the internet, so a client that trickles its headers or its body must
+not hold what Kling's callbacks need. The workers are gevent workers: each connection is a greenlet, so a
+thousand slow connections cost a thousand small greenlets, not the worker's threads, and `/healthz` and the
+callbacks keep answering. `worker_connections` (WEB_CONNECTIONS, per worker) bounds the connections, and so the
+memory, of each worker; a request's head must arrive within `keepalive` seconds or the connection is closed.
+gevent patches the standard library in each worker before the app is loaded, so redis-py, requests and Celery's
+publisher wait cooperatively. No reverse proxy is needed for this; one in front still helps (TLS, and slow
+clients then cost the proxy, not a greenlet).
+
+Logs are JSON lines (kling_relay.webhook.gunicorn_logging.JsonLogger): gunicorn's own messages on stderr, one
+access record per request on stdout, with the path but never the query string (a callback URL carries its job's
+token). Request line, header count and header size are capped; workers are recycled now and then.
 """
 
 import os
 
 bind = f"{os.environ.get('HOST', '0.0.0.0')}:{os.environ.get('PORT', '8000')}"  # noqa: S104 - a server binds
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
-threads = int(os.environ.get("WEB_THREADS", "4"))
+worker_class = "gevent"
+worker_connections = int(os.environ.get("WEB_CONNECTIONS", "1000"))
 timeout = 30
 graceful_timeout = 5
 keepalive = 5
@@ -20,6 +28,7 @@ max_requests_jitter = 100
 limit_request_line = 4094
 limit_request_fields = 50
 limit_request_field_size = 8190
+logger_class = "kling_relay.webhook.gunicorn_logging.JsonLogger"
+loglevel = os.environ.get("LOG_LEVEL", "info").lower()
 accesslog = "-"
-# %(U)s is the path without the query string (the callback token never reaches a log).
-access_log_format = '%(h)s "%(m)s %(U)s %(H)s" %(s)s %(B)s %(M)sms "%(a)s"'
+errorlog = "-"

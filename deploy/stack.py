@@ -7,7 +7,7 @@ The fault tests also use it to break things for real: `kill("worker1")` SIGKILLs
 `restart_redis()` stops redis-server and starts it again on the same port and data directory (with
 `redis_appendonly=True` nothing acknowledged is lost); `route_s3_through(url)` makes the relay's processes use
 another S3 endpoint (a fault-injecting proxy in front of moto) while the stack's own client still talks to
-moto directly.
+moto directly; `restart_workers(env)` changes settings and restarts the Celery workers, as an operator would.
 """
 
 from __future__ import annotations
@@ -73,6 +73,7 @@ class LocalStack:
         self.python = sys.executable
         self.bucket_versioning = bucket_versioning
         self.relay_s3_endpoint: str | None = None  # see route_s3_through
+        self.workers: list[str] = []  # names of the Celery workers started (see restart_workers)
 
     # --- addresses ------------------------------------------------------------------------------------------
     @property
@@ -166,13 +167,15 @@ class LocalStack:
         self._spawn("web", argv, self.web_port)
 
     def start_worker(self, name: str = "worker1", queues: str = "submit,copy,notify,reconcile") -> Process:
-        argv = [self.python, "-m", "celery", "-A", "kling_relay.worker.celery_app", "worker", "--queues", queues,
-                "--concurrency", str(self.worker_concurrency), "--prefetch-multiplier", "1", "--hostname",
+        argv = [self.python, "-m", "celery", "--quiet", "-A", "kling_relay.worker.celery_app", "worker", "--queues",
+                queues, "--concurrency", str(self.worker_concurrency), "--prefetch-multiplier", "1", "--hostname",
                 f"{name}@%h", "--without-gossip", "--without-mingle", "--loglevel", "INFO"]
+        if name not in self.workers:
+            self.workers.append(name)
         return self._spawn(name, argv)
 
     def start_beat(self) -> Process:
-        argv = [self.python, "-m", "celery", "-A", "kling_relay.worker.celery_app", "beat", "--scheduler",
+        argv = [self.python, "-m", "celery", "--quiet", "-A", "kling_relay.worker.celery_app", "beat", "--scheduler",
                 "celery.beat:Scheduler", "--loglevel", "INFO"]  # as in the Procfile: no schedule file
         return self._spawn("beat", argv)
 
@@ -194,6 +197,15 @@ class LocalStack:
             self.processes.pop(name).stop()
         spec = self._specs[name]
         return self._spawn(name, spec.argv, spec.port, env=spec.env, timeout=timeout)
+
+    def restart_workers(self, env: Mapping[str, str] | None = None, timeout: float = 60.0) -> list[str]:
+        """Restart every Celery worker with `env` added to the relay's environment (kept for every process started
+        from now on), as an operator who changes a setting and restarts the workers; returns their names."""
+        self.extra_env.update(env or {})
+        names = [name for name in self.workers if name in self.processes]
+        for name in names:
+            self.restart(name, timeout=timeout)
+        return names
 
     def revive(self) -> list[str]:
         """Start again every process of the stack that has exited, as a process manager would; returns their names.

@@ -6,7 +6,7 @@ import argparse
 import getpass
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from kling_relay.shared import limits
@@ -72,30 +72,51 @@ def _doctor(argv: Sequence[str]) -> int:
     return 0 if report.ready else 1
 
 
-def _submission(argv: Sequence[str]) -> int:
-    from redis.exceptions import RedisError
-
-
-    parser = argparse.ArgumentParser(prog="kling-relay submission",
-                                     description="Is submission to Kling open or paused (after an account or auth "
-                                                 "error)? Resume it once the account or keys are fixed.")
+def _pause_command(argv: Sequence[str], *, what: str, description: str) -> int:
+    """`kling-relay submission|copy status|resume`: print the status, or clear the pause."""
+    parser = argparse.ArgumentParser(prog=f"kling-relay {what}", description=description)
     parser.add_argument("action", choices=["status", "resume"])
     args = parser.parse_args(argv)
+
+    def act(relay: Relay) -> object:
+        if args.action == "status":
+            status = relay.status()
+            return status if what == "submission" else {k: status[k] for k in ("copy", "copy_pause", "copy_waiting")}
+        resume = relay.resume_submission if what == "submission" else relay.resume_copy
+        cleared = resume(via=f"cli:{_user()}")
+        return {"resumed": cleared is not None, "pause": cleared}
+
+    return _with_relay(act)
+
+
+def _with_relay(act: Callable[[Relay], object]) -> int:
+    """Run `act` with a Relay from the environment and print its JSON: 0, 1 (Redis unreachable), 2 (settings)."""
+    from redis.exceptions import RedisError
+
     relay = _open_relay()
     if relay is None:
         return 2
     try:
-        if args.action == "status":
-            _print_json(relay.status())
-        else:
-            cleared = relay.resume_submission(via=f"cli:{_user()}")
-            _print_json({"resumed": cleared is not None, "pause": cleared})
+        _print_json(act(relay))
         return 0
     except RedisError as exc:
         print(f"Redis did not answer: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     finally:
         relay.close()
+
+
+def _submission(argv: Sequence[str]) -> int:
+    return _pause_command(argv, what="submission",
+                          description="Is submission to Kling open or paused (after an account or auth error)? "
+                                      "Resume it once the account or keys are fixed.")
+
+
+def _copy(argv: Sequence[str]) -> int:
+    return _pause_command(argv, what="copy",
+                          description="Is copying to S3 open or paused (storage unusable: no bucket, access denied, "
+                                      "no credentials), and which jobs wait on a setting? Resume copying once the "
+                                      "bucket, credentials or policy are fixed.")
 
 
 EXIT_NOT_FOUND = 3
@@ -208,6 +229,7 @@ COMMANDS = {
     "simulate": (_simulate, "run the local Kling simulator (see `kling-relay simulate --help`)"),
     "jobs": (_jobs, "read and act on jobs in Redis: get, list, retry, cancel (see `kling-relay jobs --help`)"),
     "submission": (_submission, "submission to Kling: status (open/paused, why) or resume after a pause"),
+    "copy": (_copy, "copying to S3: status (open/paused, why, jobs waiting) or resume after a pause"),
     "config": (_config, "check the settings from the environment and print them (secrets masked)"),
     "doctor": (_doctor, "check Redis, S3 and Kling (auth, read routes, clock) without spending money"),
 }

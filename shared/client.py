@@ -25,7 +25,7 @@ from typing import Any
 
 import redis
 
-from kling_relay.shared import usage
+from kling_relay.shared import copy_flow, usage
 from kling_relay.shared.intake import accept_job
 from kling_relay.shared.jobs import TERMINAL, Job, JobNotFound, JobState, JobStore
 from kling_relay.shared.notify import EventsStream
@@ -72,11 +72,11 @@ class Relay:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Relay:
-        """A Relay from the environment (default os.environ): REDIS_URL, plus the optional PROMPT_MAX_CHARS,
-        JOB_TTL_SECONDS, JOB_DEADLINE_SECONDS, RECONCILE_QUIET_SECONDS, NOTIFY_SECRET, NOTIFY_URL_ALLOWLIST,
-        EVENTS_STREAM and EVENTS_STREAM_MAXLEN (as the relay's processes read them, so jobs are taken in and
-        canceled alike). Raises SettingsError naming each bad
-        variable. No Kling key, CALLBACK_SECRET, API_TOKENS or S3_BUCKET is needed."""
+        """A Relay from the environment (default os.environ): REDIS_URL, plus the optional KLING_MODELS,
+        PROMPT_MAX_CHARS, JOB_TTL_SECONDS, JOB_DEADLINE_SECONDS, RECONCILE_QUIET_SECONDS, NOTIFY_SECRET,
+        NOTIFY_URL_ALLOWLIST, EVENTS_STREAM and EVENTS_STREAM_MAXLEN (as the relay's processes read them, so jobs are
+        taken in and canceled alike). Raises SettingsError naming each bad variable. No Kling key, CALLBACK_SECRET,
+        API_TOKENS or S3_BUCKET is needed."""
         return cls(load_client_settings(env))
 
     def submit(self, *, idempotency_key: str | None = None, **fields: Any) -> Job:
@@ -109,13 +109,18 @@ class Relay:
                           stream=EventsStream.of(self.settings)).job
 
     def status(self) -> dict[str, Any]:
-        """Submission open or paused (and why), tasks in flight at Kling, jobs per state: as GET /v1/status."""
+        """Submission and copying open or paused (and why), tasks in flight at Kling, jobs whose copy waits on a
+        setting, jobs per state: as GET /v1/status."""
         return submission_status(self.store)
 
     def resume_submission(self, *, via: str = "python") -> dict[str, Any] | None:
         """Clear a pause (account or keys fixed; a budget pause: the daily unit budget is off until midnight UTC);
         returns the pause that was cleared, or None."""
         return usage.operator_resume(self.store.redis, by=via)
+
+    def resume_copy(self, *, via: str = "python") -> dict[str, Any] | None:
+        """Clear a copy pause (the bucket, credentials or policy fixed); returns the pause cleared, or None."""
+        return copy_flow.resume(self.store.redis, by=via)
 
     def wait(self, job_id: str, *, timeout: float = 900.0, poll: float = 1.0,
              on_change: Callable[[Job], None] | None = None) -> Job:

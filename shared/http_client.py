@@ -484,7 +484,8 @@ class RelayClient:
 
     # --- submission ------------------------------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
-        """GET /v1/status: `{"submission": "open"|"paused", "pause", "in_flight", "jobs": {state: count}}`."""
+        """GET /v1/status: `{"submission": "open"|"paused", "pause", "in_flight", "copy": "open"|"paused",
+        "copy_pause", "copy_waiting": {"count", "jobs"}, "jobs": {state: count}}`."""
         result: dict[str, Any] = self._call("GET", "/v1/status", safe=True)
         return result
 
@@ -492,6 +493,12 @@ class RelayClient:
         """POST /v1/submission/resume: clear a pause once the account or keys are fixed;
         `{"resumed": bool, "pause": <the pause cleared> | None}`."""
         result: dict[str, Any] = self._call("POST", "/v1/submission/resume", safe=False)
+        return result
+
+    def resume_copy(self) -> dict[str, Any]:
+        """POST /v1/copy/resume: clear a copy pause once the bucket, credentials or policy are fixed;
+        `{"resumed": bool, "pause": <the pause cleared> | None}`."""
+        result: dict[str, Any] = self._call("POST", "/v1/copy/resume", safe=False)
         return result
 
 

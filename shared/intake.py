@@ -91,8 +91,8 @@ def idempotency_key_problem(key: str | None) -> FieldProblem | None:
 def accept_job(body: object, *, store: JobStore, enqueuer: Enqueuer, settings: Settings | ClientSettings,
                idempotency_key: str | None = None) -> Accepted:
     """Validate, store and queue one job; raises ValidationFailed (every problem) or IdempotencyConflict."""
-    result = validate_multi_image2video(body, limits=Limits(prompt_max_chars=settings.prompt_max_chars),
-                                        extra_fields=EXTRA_FIELDS)
+    request_limits = Limits(prompt_max_chars=settings.prompt_max_chars, model_names=settings.kling_models)
+    result = validate_multi_image2video(body, limits=request_limits, extra_fields=EXTRA_FIELDS)
     problems = list(result.problems) + _extra_problems(result.extras, settings)
     key_problem = idempotency_key_problem(idempotency_key)
     if key_problem:

@@ -14,6 +14,8 @@ All keys start with `kr:`; one Redis (database) serves one relay.
   job id → its `<model>|<mode>|<duration>`, from its submit until its deduction is recorded), `kr:usage:override`
   (the UTC day on which an operator resumed a budget pause); a job's own deduction is in its hash (`units`,
   `balance_deduction`)
+- `kr:flow:copy_pause` (hash: copying paused, storage unusable), `kr:flow:copy_probe` (a recent storage probe's
+  mark), `kr:flow:copy_waits` (hash: job id → JSON, jobs whose copy waits for the operator)
 - `kr:lock:<step>:<job_id>` (submit, copy) and `kr:lock:reconcile`: locks with a token and an expiry
 - `kr:job:<id>:heard` hash: the tasks Kling's callbacks named for the job (`shared/heard.py`);
   `kr:heard:awaiting` hash: job id → why the job waits for a callback; `kr:kling:reads` the `KLING_QUERY=auto`
@@ -36,6 +38,9 @@ FLOW_RATE = f"{PREFIX}flow:rate"
 FLOW_IN_FLIGHT = f"{PREFIX}flow:in_flight"
 FLOW_PAUSE = f"{PREFIX}flow:pause"
 FLOW_PROBE = f"{PREFIX}flow:probe"
+COPY_PAUSE = f"{PREFIX}flow:copy_pause"
+COPY_PROBE = f"{PREFIX}flow:copy_probe"
+COPY_WAITS = f"{PREFIX}flow:copy_waits"
 
 USAGE_ESTIMATES = f"{PREFIX}usage:estimates"
 USAGE_PENDING = f"{PREFIX}usage:pending"

@@ -190,11 +190,17 @@ def error_for(kind: ErrorKind, message: str, **fields: Any) -> KlingError:
 
 @dataclass(frozen=True)
 class KlingVideo:
-    """One generated video; ``url`` is temporary (Kling clears results after about 30 days)."""
+    """One generated video; ``url`` is temporary (Kling clears results after about 30 days).
+
+    ``watermark_url``: the watermarked copy Kling adds when the create asked ``watermark_info: {"enabled": true}``
+    (None otherwise, or when Kling sent none or something that is not a non-empty string: an odd optional field
+    never makes the task, and so the billed video, unreadable).
+    """
 
     id: str
     url: str
     duration: str
+    watermark_url: str | None = None
 
 
 @dataclass(frozen=True)
@@ -313,8 +319,10 @@ def _video(obj: object, index: int) -> KlingVideo:
         raise ValueError(f"task_result.videos[{index}].id must be a string")
     if isinstance(duration, bool) or not isinstance(duration, str | int | float | None):
         raise ValueError(f"task_result.videos[{index}].duration must be a string")
+    watermark = obj.get("watermark_url")
     return KlingVideo(id="" if vid is None else safe_text(str(vid)), url=safe_text(url),
-                      duration="" if duration is None else safe_text(str(duration)))
+                      duration="" if duration is None else safe_text(str(duration)),
+                      watermark_url=safe_text(watermark) if isinstance(watermark, str) and watermark else None)
 
 
 # --------------------------------------------------------------------------------------------- client
@@ -340,10 +348,11 @@ class KlingClient:
     """Talks to ``<base_url>/v1/videos/multi-image2video``; ``base_url`` may carry a reseller's prefix.
 
     Auth is either ``access_key`` + ``secret_key`` (a cached HS256 JWT, renewed ``jwt_renew_margin``
-    seconds before it expires and once more if Kling answers 1004 "token expired") or ``api_key`` (a
-    static Bearer key). ``timeout`` is (connect, read) seconds, or one number for both. A ``session``
-    passed in is used as is and not closed by :meth:`close`. ``lookup_max_pages`` bounds the list pages (of 500)
-    that :meth:`get_task_by_external_id` reads (1-1000, Kling's own limit).
+    seconds before it expires and once more if Kling answers 1004 "token expired"; "legacy" in Kling's newer
+    docs) or ``api_key`` (a static Bearer key: an official API key, or a reseller's). ``timeout`` is
+    (connect, read) seconds, or one number for both. A ``session`` passed in is used as is and not closed by
+    :meth:`close`. ``lookup_max_pages`` bounds the list pages (of 500) that :meth:`get_task_by_external_id`
+    reads (1-1000, Kling's own limit).
     """
 
     def __init__(self, base_url: str, *, access_key: str | None = None, secret_key: str | None = None,

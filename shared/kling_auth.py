@@ -52,7 +52,8 @@ class TokenSource(Protocol):
 
 
 class StaticApiKey:
-    """A reseller's static key, sent as ``Authorization: Bearer <key>``; renewing it changes nothing."""
+    """A static API key, sent as ``Authorization: Bearer <key>``: the official host's API keys (Kling's newer docs
+    issue these and call the AK/SK pair "legacy") or a reseller's key. Renewing it changes nothing."""
 
     mode = "api_key"
 

@@ -15,7 +15,11 @@ For each due job:
 - `submitted` / `processing`: its callbacks may be lost: ask Kling (`get_task` by task id, or by external id when
   no task id was recorded) and apply the answer through the same step as the webhook
   (`pipeline.apply_task_status(..., source="reconciler")`), which queues the copy once the task succeeded;
-- `generated`: its copy may be lost: re-enqueue the copy, unless a copy holds the job's lock (still running);
+- `generated`: its copy may be lost: re-enqueue the copy, unless a copy holds the job's lock (still running).
+  While copying is paused (storage unusable, see `shared/copy_flow.py`), leave it waiting, due again after the
+  probe interval. A job whose copy waits for the allow-list to be widened is re-queued like any other (its copy
+  re-checks the list), without a timeline note each time; past its deadline it fails `timed_out` with what it
+  waited for in the message;
 - then its due time moves forward by `RECONCILE_QUIET_SECONDS`, so a pass never hammers one job.
 
 When tasks cannot be read back (callbacks-only mode, `shared/kling_reads.py`), the pass polls no job (a quiet job
@@ -31,9 +35,10 @@ notification; see `shared/notify.py`), up to the batch size, oldest first.
 Kling calls go through the shared rate limit: when it says wait, the pass stops polling and leaves the rest due
 for the next pass. While submission is paused, the pass first probes Kling (one `list_tasks(page_size=1)`, at
 most every `KLING_PAUSE_PROBE_SECONDS` across all processes); a pause for the daily unit budget is never probed:
-the pass lifts it when the UTC day of `now` changed or the budget allows again (`usage.budget_pause_over`).
-Only one pass runs at a time, even with several beat processes: it holds a Redis lock (token, short expiry,
-heartbeat); a pass that finds it held returns at once.
+the pass lifts it when the UTC day of `now` changed or the budget allows again (`usage.budget_pause_over`). While
+copying is paused, it probes storage (`Storage.probe`, as often) and resumes copying when that succeeds. Only one
+pass runs at a time, even with several beat processes: it holds a Redis lock (token, short expiry, heartbeat); a
+pass that finds it held returns at once.
 """
 
 from __future__ import annotations
@@ -42,13 +47,14 @@ import logging
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from kling_relay.shared import flow, heard, keys, usage
+from kling_relay.shared import copy_flow, flow, heard, keys, usage
 from kling_relay.shared.jobs import Job, JobState
 from kling_relay.shared.kling import KlingError, KlingFixAccount, KlingTask, KlingTaskNotFound
 from kling_relay.shared.kling_reads import reads_available
 from kling_relay.shared.locks import RedisLock, job_lock
 from kling_relay.shared.notify import EventsStream, announce
 from kling_relay.shared.pipeline import Failure, apply_task_status, fail
+from kling_relay.shared.storage import CopyError, StorageUnusable
 
 if TYPE_CHECKING:  # the wiring module is handed in, never imported at run time
     from kling_relay.shared.runtime import Runtime
@@ -75,6 +81,7 @@ class ReconcileReport:
     errors: list[str] = field(default_factory=list)  # jobs whose poll failed this time
     probe: str | None = None  # while paused: resumed, trial, still_failing, error, rate_limited; budget_lifted,
     # budget_holds (a budget pause)
+    copy_probe: str | None = None  # while copying is paused: resumed, still_failing, error
     stopped_polling: str | None = None  # rate_limited, paused: the rest of this pass's polls were skipped
     announced: list[str] = field(default_factory=list)  # jobs whose step was announced from the outbox
 
@@ -106,6 +113,7 @@ class _Pass:
         self.quiet = rt.settings.reconcile_quiet_seconds
         self.report = ReconcileReport()
         self.pause: dict[str, Any] | None = None
+        self.copy_pause: dict[str, Any] | None = None
         self.trial_sent = False
         self._reads: bool | None = None
 
@@ -116,11 +124,15 @@ class _Pass:
         return self._reads
 
     def run(self) -> ReconcileReport:
+        every = self.rt.settings.kling_pause_probe_seconds
         self.pause = flow.current_pause(self.rt.redis)
         if self.pause is not None and self.pause["reason"] == usage.REASON:
             self._budget_pause()
-        elif self.pause is not None and flow.claim_probe(self.rt.redis, self.rt.settings.kling_pause_probe_seconds):
+        elif self.pause is not None and flow.claim_probe(self.rt.redis, every):
             self._probe()
+        self.copy_pause = copy_flow.current_pause(self.rt.redis)
+        if self.copy_pause is not None and copy_flow.claim_probe(self.rt.redis, every):
+            self._probe_storage()
         ids = self.rt.store.due(now=self.now, limit=self.limit)
         self.report.due = len(ids)
         for job_id in ids:
@@ -178,6 +190,20 @@ class _Pass:
         else:
             self.report.probe = "budget_holds"
         self.pause = flow.current_pause(self.rt.redis)
+    def _probe_storage(self) -> None:
+        """While copying is paused: write and delete a tiny object; resume copying if that works."""
+        try:
+            self.rt.storage.probe()
+        except StorageUnusable as exc:
+            copy_flow.pause(self.rt.redis, code=exc.code, message=str(exc))
+            self.report.copy_probe = "still_failing"
+        except CopyError as exc:
+            log.info("storage probe failed", extra={"error": str(exc)})
+            self.report.copy_probe = "error"
+        else:
+            copy_flow.resume(self.rt.redis, by="reconciler probe")
+            self.report.copy_probe = "resumed"
+        self.copy_pause = copy_flow.current_pause(self.rt.redis)
 
     def _trial_wanted(self) -> bool:
         return (self.pause is not None and not self.trial_sent and self.pause["trial_until"] is not None
@@ -211,9 +237,13 @@ class _Pass:
     def _time_out(self, job: Job) -> bool:
         if self._busy(job):
             return False
+        waited = self._copy_wait(job)
         if job.state is JobState.QUEUED and self.pause is not None:
             failure = Failure(self.pause["reason"], "deadline passed while Kling submission was paused: "
                               + str(self.pause["message"]), self.pause["code"])
+        elif waited is not None:
+            failure = Failure("timed_out", f"not finished within {self.rt.settings.job_deadline_seconds:g}s: "
+                                           f"the copy waited ({waited})")
         else:
             failure = Failure("timed_out", f"not finished within {self.rt.settings.job_deadline_seconds:g}s "
                                            f"(last state {job.state.value})" + self._awaited(job))
@@ -227,6 +257,17 @@ class _Pass:
             return ""
         return (f": no callback bound its task; it was never sent again since Kling's tasks could not be read back "
                 f"({flagged['message']})")
+
+    def _copy_wait(self, job: Job) -> str | None:
+        """What a generated job's copy waits for (the storage pause, a refused host), or None."""
+        if job.state is not JobState.GENERATED:
+            return None
+        if self.copy_pause is not None:
+            return f"copying paused: storage {self.copy_pause['code']}: {self.copy_pause['message']}"
+        record = copy_flow.take_wait(self.rt.redis, job.id)
+        if record is None:
+            return None
+        return f"{record['reason']} {record['host']}: {record['message']}"
 
     def _queued(self, job: Job) -> None:
         if self._busy(job):
@@ -251,9 +292,14 @@ class _Pass:
             self.report.waiting.append(job.id)
             self._push(job)
             return
+        if self.copy_pause is not None:
+            self.report.waiting.append(job.id)
+            self._push(job, self.rt.settings.kling_pause_probe_seconds)
+            return
         if self._enqueue(job, "copy"):
             self.report.recopied.append(job.id)
-            self.rt.store.note(job.id, source="reconciler", detail={"requeued": "copy"})
+            if copy_flow.wait_of(self.rt.redis, job.id) is None:  # a waiting job is re-checked quietly
+                self.rt.store.note(job.id, source="reconciler", detail={"requeued": "copy"})
 
     def _enqueue(self, job: Job, step: str) -> bool:
         try:

@@ -45,7 +45,7 @@ def _redacted(settings: Settings | ClientSettings) -> dict[str, Any]:
         if isinstance(value, Secret):
             value = "***"
         elif isinstance(value, tuple):
-            value = ["***" for _ in value]
+            value = ["***" if isinstance(v, Secret) else v for v in value]
         elif f.name == "kling_access_key" and value:
             value = value[:4] + "…"
         elif isinstance(value, str) and "@" in value and "://" in value:
@@ -66,8 +66,10 @@ class Settings:
     kling_access_key: str | None = field(repr=False)
     kling_secret_key: Secret | None
     kling_api_key: Secret | None
+    kling_models: tuple[str, ...]
     public_base_url: str
     callback_secret: Secret
+    kling_webhook_secret: Secret | None
     api_tokens: tuple[Secret, ...]
     s3_bucket: str
     s3_prefix: str
@@ -123,6 +125,7 @@ class ClientSettings:
     """
 
     redis_url: str = field(repr=False)  # may carry a password
+    kling_models: tuple[str, ...]
     prompt_max_chars: int
     job_ttl_seconds: int
     job_deadline_seconds: float
@@ -194,9 +197,9 @@ def _check_kling_auth(values: Mapping[str, Any], problems: dict[str, str]) -> No
 
 def load_client_settings(env: Mapping[str, str] | None = None) -> ClientSettings:
     """Build ClientSettings from `env` (default: os.environ): REDIS_URL (default local) and the optional
-    PROMPT_MAX_CHARS, JOB_TTL_SECONDS, JOB_DEADLINE_SECONDS, RECONCILE_QUIET_SECONDS, NOTIFY_SECRET(_FILE),
-    NOTIFY_URL_ALLOWLIST, EVENTS_STREAM and EVENTS_STREAM_MAXLEN (where a cancel is announced), checked as
-    load_settings() checks them; raise SettingsError listing every problem.
+    KLING_MODELS, PROMPT_MAX_CHARS, JOB_TTL_SECONDS, JOB_DEADLINE_SECONDS, RECONCILE_QUIET_SECONDS,
+    NOTIFY_SECRET(_FILE), NOTIFY_URL_ALLOWLIST, EVENTS_STREAM and EVENTS_STREAM_MAXLEN (where a cancel is announced),
+    checked as load_settings() checks them; raise SettingsError listing every problem.
     Kling keys, CALLBACK_SECRET, API_TOKENS and S3_BUCKET are neither required nor read."""
     r = _Reader(os.environ if env is None else env)
     values = r.read_all(CLIENT_SETTINGS)

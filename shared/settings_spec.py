@@ -12,11 +12,13 @@ got 'eighty'"). A variable that is unset or blank takes its default without bein
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from kling_relay.shared.http_client import secret_bytes
 from kling_relay.shared.secret import Secret, without_password
 from kling_relay.shared.urlguard import UrlAllowlist
 
@@ -25,6 +27,7 @@ Parser = Callable[[str, str], Any]
 _LOOPBACK = frozenset({"localhost", "127.0.0.1", "::1"})
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 _MIN_SECRET_CHARS = 16
+_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,8 @@ class Setting:
             return "—"
         if value == "":
             return "empty"
+        if isinstance(value, tuple):
+            return ",".join(map(str, value))
         if isinstance(value, float) and value.is_integer():
             return str(int(value))
         return str(value)
@@ -80,6 +85,28 @@ def long_secret(raw: str, env: str) -> Secret:
     if len(raw) < _MIN_SECRET_CHARS:
         raise ValueError(f"must be at least {_MIN_SECRET_CHARS} characters")
     return Secret(raw)
+
+
+def signing_secret(raw: str, env: str) -> Secret:
+    """A Standard Webhooks secret: `whsec_<base64>` (checked to be base64) or any other string, used as is."""
+    try:
+        secret_bytes(raw)
+    except ValueError as exc:
+        raise ValueError(str(exc)) from None
+    return Secret(raw)
+
+
+def names(raw: str, env: str) -> tuple[str, ...]:
+    """Comma-separated names (letters, digits, `.`, `_`, `-`; at most 64 characters each), at least one, in the
+    order given, each once."""
+    found = tuple(dict.fromkeys(n.strip() for n in raw.split(",") if n.strip()))
+    if not found:
+        raise ValueError("must list at least one name (comma-separated)")
+    bad = [n for n in found if not _MODEL_NAME.match(n)]
+    if bad:
+        raise ValueError(f"{bad[0][:70]!r} is not a name: use letters, digits, '.', '_' and '-' "
+                         f"(at most 64 characters)")
+    return found
 
 
 def tokens(raw: str, env: str) -> tuple[Secret, ...]:
@@ -189,18 +216,25 @@ def log_level(raw: str, env: str) -> str:
 SETTINGS: tuple[Setting, ...] = (
     Setting("REDIS_URL", "redis://127.0.0.1:6379/0", redis_url, "broker and job store", client=True),
     Setting("KLING_BASE_URL", None, https_url, "Kling's API base (a reseller's with its prefix)", required=True),
-    Setting("KLING_ACCESS_KEY", None, text, "official auth: access key (with KLING_SECRET_KEY)", secret=True),
-    Setting("KLING_SECRET_KEY", None, secret, "official auth: secret key signing the JWT", secret=True),
-    Setting("KLING_API_KEY", None, secret, "a reseller's static Bearer key, instead of the pair", secret=True),
+    Setting("KLING_ACCESS_KEY", None, text, "legacy official auth: access key (with KLING_SECRET_KEY)",
+            secret=True),
+    Setting("KLING_SECRET_KEY", None, secret, "legacy official auth: secret key signing the JWT", secret=True),
+    Setting("KLING_API_KEY", None, secret, "a Bearer API key: Kling's official host (its newer docs call AK/SK "
+            "legacy) or a reseller's; instead of the pair", secret=True),
+    Setting("KLING_MODELS", ("kling-v1-6",), names, "model_name values accepted, comma-separated; the first is "
+            "the default", client=True),
     Setting("PUBLIC_BASE_URL", None, https_url, "where Kling reaches the web process (callbacks)", required=True),
     Setting("CALLBACK_SECRET", None, long_secret, "key of the per-job callback token, >= 16 chars", secret=True,
             required=True),
+    Setting("KLING_WEBHOOK_SECRET", None, signing_secret, "Kling's callback signing secret (whsec_...); "
+            "when set, callbacks must be signed", secret=True),
     Setting("API_TOKENS", None, tokens, "comma-separated Bearer tokens for /v1/*, each >= 16 chars", secret=True,
             required=True),
     Setting("S3_BUCKET", None, text, "destination bucket", required=True),
     Setting("S3_PREFIX", "", text, "key prefix, e.g. videos/"),
     Setting("S3_ENDPOINT_URL", None, url, "another S3 endpoint (MinIO, moto); none: AWS"),
-    Setting("VIDEO_URL_ALLOWLIST", "*.klingai.com", allowlist, "hosts the copy may download from"),
+    Setting("VIDEO_URL_ALLOWLIST", "*.klingai.com,*.kwimgs.com,*.inkwai.com", allowlist,
+            "hosts the copy may download from (Kling's CDNs by default)"),
     Setting("NOTIFY_URL_ALLOWLIST", "*", allowlist, "where notify_url may point", client=True),
     Setting("PORT", 8000, whole_number, "the web process's port"),
     Setting("NOTIFY_SECRET", None, secret, "Standard Webhooks signing secret; enables notify_url", secret=True,
@@ -227,7 +261,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("RECONCILE_BATCH_SIZE", 500, whole_number, "most due jobs one reconciler pass handles"),
     Setting("KLING_RATE_LIMIT_PER_SECOND", 5.0, per_second, "requests per second to Kling from all workers"),
     Setting("KLING_MAX_IN_FLIGHT", 20, whole_number, "most jobs submitted or processing at Kling at once"),
-    Setting("KLING_PAUSE_PROBE_SECONDS", 60.0, seconds, "how often a paused submission probes Kling"),
+    Setting("KLING_PAUSE_PROBE_SECONDS", 60.0, seconds,
+            "how often paused submission probes Kling, paused copying probes S3, a refused host is re-checked"),
     Setting("KLING_QUERY", "auto", query_mode, "read tasks back from Kling: on, off (callbacks only) or auto "
                                                "(probe the read routes)"),
     Setting("KLING_LOOKUP_MAX_PAGES", 100, page_count, "most list pages of 500 a lookup by external_task_id reads"),

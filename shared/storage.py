@@ -18,8 +18,11 @@ lifecycle rule ``AbortIncompleteMultipartUpload`` too (a day is plenty).
 
 `CopyError.retryable` tells the caller whether a retry can help: network errors, 5xx, truncated downloads and
 S3 hiccups are retryable; 403/404/410 from the source (expired result URL: re-read the task from Kling for a
-fresh one), oversize sources and S3 configuration errors (no bucket, access denied) are not. Policy refusals
-of a URL raise `kling_relay.shared.urlguard.UrlRefused` unchanged.
+fresh one), oversize sources and S3 configuration errors (no bucket, access denied) are not. S3 errors that
+refuse every request alike — no bucket, access denied, missing or bad credentials, a wrong region — raise
+`StorageUnusable` (a CopyError with the S3 code): the caller pauses copying until the operator fixes the setting
+(`Storage.probe` tells when that is done). Policy refusals of a URL raise `kling_relay.shared.urlguard.UrlRefused`
+unchanged.
 
 Result URLs are signed and temporary: logs and error messages carry them without their query string.
 The S3 client (boto3, credentials from its usual chain) is created by the caller, with its own timeouts.
@@ -31,6 +34,7 @@ import hashlib
 import json
 import logging
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -39,7 +43,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import requests
-from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, PartialCredentialsError
 from urllib3.exceptions import HTTPError as Urllib3Error
 
 from kling_relay.shared.urlguard import UrlAllowlist, UrlResolutionError, close_response, get_checked, redact_url
@@ -55,11 +59,16 @@ MANIFEST_NAME = "manifest.json"
 #: The manifest's shape, as docs/manifest.schema.json describes it; raised only for a change consumers must know.
 MANIFEST_SCHEMA_VERSION = 1
 MAX_PARTS = 10_000
-# S3 errors that no retry will fix: the caller should fail the job (and an operator fix the configuration).
-_PERMANENT_S3_CODES = frozenset({
-    "AccessDenied", "AllAccessDisabled", "InvalidAccessKeyId", "SignatureDoesNotMatch", "NoSuchBucket",
-    "InvalidBucketName", "AccountProblem", "InvalidRequest", "InvalidArgument", "EntityTooLarge",
+# S3 errors that refuse every request alike until an operator fixes a setting (bucket, credentials, region,
+# policy): StorageUnusable, copying pauses. "Forbidden" is how a HEAD request (no body) reports AccessDenied.
+_UNUSABLE_S3_CODES = frozenset({
+    "AccessDenied", "Forbidden", "AllAccessDisabled", "InvalidAccessKeyId", "SignatureDoesNotMatch",
+    "NoSuchBucket", "InvalidBucketName", "AccountProblem", "ExpiredToken", "InvalidToken",
+    "AuthorizationHeaderMalformed", "PermanentRedirect",
 })
+# S3 errors that no retry will fix: the caller fails the job's copy (or, for the ones above, pauses copying).
+_PERMANENT_S3_CODES = _UNUSABLE_S3_CODES | {"InvalidRequest", "InvalidArgument", "EntityTooLarge"}
+PROBE_FOLDER = ".kling-relay-probe/"
 _PERMANENT_SOURCE_STATUSES = frozenset({400, 401, 403, 404, 405, 410, 451})
 _MANIFEST_CORE_KEYS = frozenset({"schema_version", "job_id", "kling_task_id", "created_at", "stored_at", "videos"})
 
@@ -74,34 +83,55 @@ class CopyError(Exception):
 
 @dataclass(frozen=True)
 class StoredVideo:
-    """One video as stored: where it is, its SHA-256 (hex) and size, and Kling's duration string."""
+    """One video as stored: where it is, its SHA-256 (hex) and size, Kling's duration string, and Kling's
+    `watermark_url` (the watermarked copy's temporary URL, recorded as given, never downloaded; None without one)."""
 
     bucket: str
     key: str
     sha256: str
     bytes: int
     duration: str | None
+    watermark_url: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {"bucket": self.bucket, "key": self.key, "sha256": self.sha256, "bytes": self.bytes,
-                "duration": self.duration}
+                "duration": self.duration, "watermark_url": self.watermark_url}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> StoredVideo:
         return cls(bucket=str(data["bucket"]), key=str(data["key"]), sha256=str(data["sha256"]),
-                   bytes=int(data["bytes"]), duration=None if data.get("duration") is None else str(data["duration"]))
+                   bytes=int(data["bytes"]), duration=_str_or_none(data.get("duration")),
+                   watermark_url=_str_or_none(data.get("watermark_url")))
+
+
+def _str_or_none(value: object) -> str | None:
+    return None if value is None else str(value)
+
+
+class StorageUnusable(CopyError):
+    """S3 refuses every request alike (no bucket, access denied, no or bad credentials): no retry of a copy can
+    succeed until an operator fixes a setting. `code` is S3's error code (`NoSuchBucket`, `AccessDenied`, ...) or
+    `NoCredentials` when boto3 found no credentials at all."""
+
+    def __init__(self, message: str, *, code: str) -> None:
+        super().__init__(message, retryable=False)
+        self.code = code
 
 
 def _s3_error(exc: Exception, action: str) -> CopyError:
-    """Translate a boto3 failure into CopyError, permanent for configuration problems."""
+    """Translate a boto3 failure into CopyError: StorageUnusable for configuration problems (see module docstring),
+    permanent for requests S3 will never accept, retryable otherwise."""
     if isinstance(exc, ClientError):
         code = str(exc.response.get("Error", {}).get("Code", ""))
         status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+        if code in _UNUSABLE_S3_CODES:
+            code = "AccessDenied" if code == "Forbidden" else code
+            return StorageUnusable(f"S3 {action} failed: {code}", code=code)
         retryable = code not in _PERMANENT_S3_CODES and (status >= 500 or status in (0, 408, 429)
                                                          or code in ("SlowDown", "RequestTimeout", "NoSuchUpload"))
         return CopyError(f"S3 {action} failed: {code or status}", retryable=retryable)
-    if isinstance(exc, NoCredentialsError):
-        return CopyError(f"S3 {action} failed: no credentials", retryable=False)
+    if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
+        return StorageUnusable(f"S3 {action} failed: no credentials", code="NoCredentials")
     return CopyError(f"S3 {action} failed: {type(exc).__name__}", retryable=True)
 
 
@@ -248,6 +278,36 @@ class Storage:
             while in_flight:
                 parts.append(in_flight.popleft().result())
         return sha.hexdigest(), size, parts
+
+    def probe(self) -> str:
+        """Check that a copy can write here: the bucket answers (HEAD bucket), and a tiny object can be created and
+        deleted under the prefix (``<prefix>.kling-relay-probe/<random>``; consumers that trigger on
+        ``manifest.json`` never see it). Returns the key used. Raises StorageUnusable (no bucket, access denied,
+        no credentials...) or CopyError (retryable: S3 did not answer properly). Used by the reconciler while
+        copying is paused, and by operators' checks. In a versioned bucket the delete leaves a delete marker (and
+        the probe's old version), as any delete there does: a lifecycle rule for noncurrent versions clears them.
+        """
+        key = f"{self.prefix}{PROBE_FOLDER}{uuid.uuid4().hex}"
+        try:
+            self.s3.head_bucket(Bucket=self.bucket)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NotFound", "NoSuchBucket"):
+                raise StorageUnusable("S3 head bucket failed: NoSuchBucket", code="NoSuchBucket") from exc
+            if exc.response.get("Error", {}).get("Code") in ("403", "Forbidden"):
+                raise StorageUnusable("S3 head bucket failed: AccessDenied", code="AccessDenied") from exc
+            raise _s3_error(exc, "head bucket") from exc
+        except BotoCoreError as exc:
+            raise _s3_error(exc, "head bucket") from exc
+        try:
+            self.s3.put_object(Bucket=self.bucket, Key=key, Body=b"kling-relay storage probe",
+                               ContentType="text/plain")
+        except (ClientError, BotoCoreError) as exc:
+            raise _s3_error(exc, "put probe object") from exc
+        try:
+            self.s3.delete_object(Bucket=self.bucket, Key=key)
+        except (ClientError, BotoCoreError) as exc:
+            raise _s3_error(exc, "delete probe object") from exc
+        return key
 
     def delete(self, keys: Sequence[str]) -> None:
         """Delete these objects (a copy that must leave nothing behind); CopyError if S3 refuses."""
@@ -400,16 +460,21 @@ def download_chunks(url: str, allowlist: UrlAllowlist, *, session: requests.Sess
                     final_url=response.url or url, _response=response)
 
 
+#: A video to copy: (video_id, url, duration), or with Kling's watermark_url as a fourth item.
+SourceVideo = tuple[str, str, str | None] | tuple[str, str, str | None, str | None]
+
+
 class CopyCanceled(Exception):  # noqa: N818 - an outcome, not a failure
     """The job stopped wanting its copy (canceled, timed out) before the manifest: nothing is left in S3."""
 
 
 def copy_videos(job_id: str, created_at: float, kling_task_id: str,
-                videos: Sequence[tuple[str, str, str | None]], storage: Storage, allowlist: UrlAllowlist,
+                videos: Sequence[SourceVideo], storage: Storage, allowlist: UrlAllowlist,
                 session: requests.Session, *, extra_manifest: dict[str, Any],
                 timeout: tuple[float, float] = (5, 60), max_bytes: int | None = None,
                 still_wanted: Callable[[], bool] | None = None) -> list[StoredVideo]:
-    """Copy a finished task's videos (video_id, url, duration) into S3, exactly once per job.
+    """Copy a finished task's videos ((video_id, url, duration) or (video_id, url, duration, watermark_url)) into
+    S3, exactly once per job; a watermark_url is recorded with its video, not downloaded.
 
     If the job's manifest exists the videos it lists are returned and nothing is downloaded. Otherwise each
     video is streamed into its key, then the manifest ``{"schema_version": 1, "job_id", "kling_task_id",
@@ -429,14 +494,17 @@ def copy_videos(job_id: str, created_at: float, kling_task_id: str,
     if not videos:
         raise CopyError("the task has no videos to copy", retryable=False)
     stored: list[StoredVideo] = []
-    for index, (video_id, url, duration) in enumerate(videos):
+    for index, source in enumerate(videos):
+        video_id, url, duration = source[:3]
+        watermark_url = source[3] if len(source) > 3 else None
         key = storage.video_key(job_id, created_at, index, len(videos))
         started = time.monotonic()
         with download_chunks(url, allowlist, session=session, timeout=timeout, max_bytes=max_bytes) as dl:
             metadata = {"job-id": job_id, "kling-task-id": kling_task_id, "kling-video-id": video_id}
             sha256, size = storage.copy_stream(dl.chunks, key=key, expected_bytes=dl.content_length,
                                                metadata=metadata)
-        stored.append(StoredVideo(bucket=storage.bucket, key=key, sha256=sha256, bytes=size, duration=duration))
+        stored.append(StoredVideo(bucket=storage.bucket, key=key, sha256=sha256, bytes=size, duration=duration,
+                                  watermark_url=watermark_url))
         log.info("copied video", extra={"job_id": job_id, "key": key, "bytes": size,
                                         "seconds": round(time.monotonic() - started, 3)})
     if still_wanted is not None and not still_wanted():

@@ -62,11 +62,16 @@ Resolver = Callable[[str, int], list[str]]
 
 
 class UrlRefused(Exception):
-    """The URL is not allowed by policy (scheme, host, address, redirect); retrying will not help."""
+    """The URL is not allowed by policy (scheme, host, address, redirect); retrying will not help.
 
-    def __init__(self, reason: str) -> None:
+    `host` names the host when an allow-list entry could allow it (not on the list, or a non-public address that
+    an entry naming the host would allow); None when no entry could (a malformed URL, another scheme).
+    """
+
+    def __init__(self, reason: str, *, host: str | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.host = host
 
 
 class UrlResolutionError(Exception):
@@ -280,7 +285,7 @@ class UrlAllowlist:
         _, scheme, host, port = self._split(url)
         matching = [rule for rule in self.rules if rule.matches(scheme, host, port)]
         if not matching:
-            raise UrlRefused(f"{_display(scheme, host, port)} is not on {self.name}")
+            raise UrlRefused(f"{_display(scheme, host, port)} is not on {self.name}", host=host)
         named = [rule for rule in matching if not rule.is_wildcard]
         return (named or matching)[0], scheme, host, port
 
@@ -291,7 +296,7 @@ class UrlAllowlist:
         rule, scheme, host, port = self.match(url)
         ip = literal_address(host)
         if ip is not None and rule.is_wildcard and not is_public_address(ip):
-            raise UrlRefused(f"{host} is the non-public address {ip}")
+            raise UrlRefused(f"{host} is the non-public address {ip}", host=host)
         return rule, scheme, host, port
 
     def check(self, url: str) -> ResolvedTarget:
@@ -302,7 +307,7 @@ class UrlAllowlist:
         for text in self.resolver(host, port):
             ip = ipaddress.ip_address(text)
             if not literal and not is_public_address(ip):
-                raise UrlRefused(f"{host} resolves to non-public address {ip}")
+                raise UrlRefused(f"{host} resolves to non-public address {ip}", host=host)
             if str(ip) not in addresses:
                 addresses.append(str(ip))
         if not addresses:

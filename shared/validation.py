@@ -8,9 +8,14 @@ complete list of problems, every field at once, each as ``{field, problem}``: a 
 Behaviour worth knowing:
 - A JSON ``null`` in an optional field counts as "not given" (the default applies).
 - ``callback_url`` and ``external_task_id`` are refused: the relay sets them itself.
+- ``model_name`` must be one of ``Limits.model_names`` (the setting KLING_MODELS); the first is the default.
+- ``watermark_info`` is ``{"enabled": true|false}``, forwarded to Kling as given (Kling then returns a
+  ``watermark_url`` beside each video's ``url``).
 - The single-image fields ``image``, ``image_tail`` and ``cfg_scale`` are refused with a pointer to
-  ``image_list``, never dropped silently. Other unknown fields are refused unless the caller lists
-  them in ``extra_fields``; their values come back untouched in ``Validated.extras``.
+  ``image_list``, never dropped silently, unless they are empty (``""``, a blank string or null): a reseller's
+  own example body sends ``"image_tail": ""``, so an empty one counts as absent and is not forwarded. Other
+  unknown fields are refused unless the caller lists them in ``extra_fields``; their values come back untouched
+  in ``Validated.extras``.
 - Every string anywhere in the body (values, object keys, nested ``metadata``) must be valid text: a lone
   UTF-16 surrogate (JSON's ``"\\ud800"`` without its pair) is refused with the path of the field that holds
   it, e.g. ``metadata.tags[2]``, since it could not be stored; such an extra field is left out of
@@ -39,7 +44,8 @@ DEFAULT_DURATION = "5"
 ASPECT_RATIOS = ("16:9", "9:16", "1:1")
 DEFAULT_ASPECT_RATIO = "16:9"
 
-USER_FIELDS = ("model_name", "image_list", "prompt", "negative_prompt", "mode", "duration", "aspect_ratio")
+USER_FIELDS = ("model_name", "image_list", "prompt", "negative_prompt", "mode", "duration", "aspect_ratio",
+               "watermark_info")
 RELAY_FIELDS = ("callback_url", "external_task_id")
 SINGLE_IMAGE_FIELDS = ("image", "image_tail", "cfg_scale")
 _ALIASES = {"model": "model_name", "images": "image_list", "negativePrompt": "negative_prompt",
@@ -59,7 +65,8 @@ class FieldProblem:
 
 @dataclass(frozen=True)
 class Limits:
-    """Kling's documented limits; ``prompt_max_chars`` is configurable (a reseller allows 5,000)."""
+    """Kling's documented limits; ``prompt_max_chars`` is configurable (a reseller allows 5,000), and so are the
+    models accepted (``model_names``, KLING_MODELS: resellers and newer Kling models; the first is the default)."""
 
     prompt_max_chars: int = limits.PROMPT_MAX_CHARS_DEFAULT
     negative_prompt_max_chars: int = limits.NEGATIVE_PROMPT_MAX_CHARS
@@ -68,6 +75,11 @@ class Limits:
     aspect_min: float = 1 / 2.5
     aspect_max: float = 2.5
     max_images: int = 4
+    model_names: tuple[str, ...] = MODEL_NAMES
+
+    def __post_init__(self) -> None:
+        if not self.model_names:
+            raise ValueError("model_names must name at least one model")
 
 
 DEFAULT_LIMITS = Limits()
@@ -121,7 +133,7 @@ def validate_multi_image2video(body: object, *, limits: Limits = DEFAULT_LIMITS,
                                                          f"got {_json_type(body)}"),))
     out = text_problems(body)
     request: dict[str, Any] = {
-        "model_name": _choice(body, "model_name", MODEL_NAMES, DEFAULT_MODEL_NAME, out),
+        "model_name": _choice(body, "model_name", limits.model_names, limits.model_names[0], out),
         "image_list": _image_list(body.get("image_list"), limits, out),
         "prompt": _text(body, "prompt", limits.prompt_max_chars, out, required=True),
     }
@@ -130,6 +142,8 @@ def validate_multi_image2video(body: object, *, limits: Limits = DEFAULT_LIMITS,
     request["mode"] = _choice(body, "mode", MODES, DEFAULT_MODE, out)
     request["duration"] = _duration(body, out)
     request["aspect_ratio"] = _choice(body, "aspect_ratio", ASPECT_RATIOS, DEFAULT_ASPECT_RATIO, out)
+    if _given(body, "watermark_info"):
+        request["watermark_info"] = _watermark_info(body["watermark_info"], out)
     extras = _other_fields(body, extra_fields, out)
     extras = {k: v for k, v in extras.items() if not text_problems(v)}  # refused already: not checked further
     return Validated(None if out else request, extras, tuple(out))
@@ -245,6 +259,28 @@ def _duration(body: dict[Any, Any], out: list[FieldProblem]) -> str:
     return DEFAULT_DURATION
 
 
+def _watermark_info(value: object, out: list[FieldProblem]) -> dict[str, bool]:
+    shape = 'an object {"enabled": true} or {"enabled": false}'
+    if not isinstance(value, dict):
+        out.append(FieldProblem("watermark_info", f"must be {shape}, got {_json_type(value)}"))
+        return {"enabled": False}
+    extra = [str(k) for k in value if k != "enabled"]
+    enabled = value.get("enabled")
+    if extra:
+        out.append(FieldProblem("watermark_info", f"has unexpected key(s) {', '.join(map(repr, extra))}; "
+                                                  f"it must be {shape}"))
+    if not isinstance(enabled, bool):
+        what = "is missing" if "enabled" not in value else f"got {_json_type(enabled)}"
+        out.append(FieldProblem("watermark_info.enabled", f"{what}; it must be true or false"))
+        return {"enabled": False}
+    return {"enabled": enabled}
+
+
+def _empty(value: object) -> bool:
+    """A value a copied example body carries for a field it does not use: null, or a blank string."""
+    return value is None or (isinstance(value, str) and not value.strip())
+
+
 def _image_list(value: object, limits: Limits, out: list[FieldProblem]) -> list[dict[str, str]]:
     shape = f'a list of 1 to {limits.max_images} objects {{"image": "<http(s) URL or raw base64>"}}'
     if value is None:
@@ -293,6 +329,8 @@ def _other_fields(body: dict[Any, Any], extra_fields: Collection[str],
         name = str(key)
         if key in USER_FIELDS or has_lone_surrogate(name):  # a name that is not text: reported by text_problems
             continue
+        if key in SINGLE_IMAGE_FIELDS and _empty(value):  # e.g. the reseller's example `"image_tail": ""`
+            continue
         if key not in extra_fields and key not in RELAY_FIELDS and key not in SINGLE_IMAGE_FIELDS:
             unknown += 1
             if unknown > MAX_UNKNOWN_REPORTED:
@@ -303,8 +341,8 @@ def _other_fields(body: dict[Any, Any], extra_fields: Collection[str],
             out.append(FieldProblem(name, f"{name} is set by the relay, not by the caller; remove it"))
         elif key in SINGLE_IMAGE_FIELDS:
             out.append(FieldProblem(name, f"{name} belongs to Kling's single-image endpoint (image2video), "
-                                          f"not multi-image2video; remove it and put the images in "
-                                          f'image_list as {{"image": ...}} items'))
+                                          f"not multi-image2video; remove it (or leave it empty) and put the "
+                                          f'images in image_list as {{"image": ...}} items'))
         else:
             hint = f"; did you mean {_ALIASES[name]}?" if name in _ALIASES else ""
             allowed = ", ".join((*USER_FIELDS, *sorted(extra_fields)))

@@ -31,7 +31,8 @@ def normalize_prefix(prefix: str) -> str:
 
 class SimulatorApp:
     def __init__(self, *, auth: Authenticator, knobs: Knobs, public_url: str, data_dir: Path,
-                 prefix: str = "", generation_workers: int = 2, callback_workers: int = 8) -> None:
+                 prefix: str = "", generation_workers: int = 2, callback_workers: int = 8,
+                 webhook_secret: str | None = None) -> None:
         self.prefix = normalize_prefix(prefix)
         self.auth = auth
         self.faults = Faults(knobs)
@@ -40,7 +41,7 @@ class SimulatorApp:
         self.stopping = threading.Event()
         self._scheduler = Scheduler()
         self._dispatcher = CallbackDispatcher(self._scheduler, self.faults, self.stats,
-                                              workers=callback_workers)
+                                              workers=callback_workers, webhook_secret=webhook_secret)
         self.engine = Engine(faults=self.faults, stats=self.stats, scheduler=self._scheduler,
                              dispatcher=self._dispatcher, signer=self.signer, data_dir=data_dir,
                              generation_workers=generation_workers)

@@ -1,24 +1,26 @@
 """`simulator.main(argv)`: parse flags, start the server, run until SIGTERM/SIGINT.
 
 Without key flags the simulator accepts the demo credentials: access key `demo-access-key`, secret
-key `demo-secret-key` (JWT mode). `--api-key K` switches to a reseller-style static Bearer key.
-When ready it prints exactly one line, `kling simulator listening on http://host:port<prefix>`.
+key `demo-secret-key` (JWT mode). `--api-key K` switches to a static Bearer API key (Kling's newer
+official keys, or a reseller's). `--webhook-secret S` signs every callback per Standard Webhooks.
+When ready it prints exactly one line on stdout, a JSON record `{"msg": "listening", "url": "http://host:port<prefix>",
+...}`; its logs are JSON lines on stderr.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import shutil
 import signal
-import sys
 import tempfile
 import threading
 from pathlib import Path
 from types import FrameType
 
+from kling_relay.simulator import logs
 from kling_relay.simulator.app import SimulatorApp, normalize_prefix
 from kling_relay.simulator.auth import DEMO_ACCESS_KEY, DEMO_SECRET_KEY, Authenticator
+from kling_relay.simulator.callbacks import signing_key
 from kling_relay.simulator.knobs import add_knob_arguments, knobs_from_args
 from kling_relay.simulator.server import SimHTTPServer
 
@@ -34,7 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--public-url", help="base of result URLs (default http://<host>:<port>)")
     parser.add_argument("--access-key", help="JWT mode: the access key (iss)")
     parser.add_argument("--secret-key", help="JWT mode: the HS256 secret key")
-    parser.add_argument("--api-key", help="static Bearer key mode (instead of AK/SK)")
+    parser.add_argument("--api-key", help="static Bearer API key mode (Kling's newer official API keys, which "
+                                          "its docs prefer to the legacy AK/SK; or a reseller's key)")
+    parser.add_argument("--webhook-secret", help="sign callbacks per Standard Webhooks with this secret "
+                                                 "(whsec_<base64> as Kling's console issues it, or any string)")
     parser.add_argument("--jwt-leeway", type=float, default=5.0, help="seconds of clock skew allowed")
     parser.add_argument("--data-dir", help="where rendered videos go (default: a temp dir removed at exit)")
     parser.add_argument("--generation-workers", type=int, default=2, help="videos rendered at once")
@@ -61,10 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     auth = _authenticator(parser, args)
     try:
         knobs = knobs_from_args(args)
+        if args.webhook_secret:
+            signing_key(args.webhook_secret)
     except ValueError as exc:
         parser.error(str(exc))
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logs.configure(args.log_level)
     own_dir = args.data_dir is None
     data_dir = Path(args.data_dir or tempfile.mkdtemp(prefix="kling-sim-"))
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -74,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     prefix = normalize_prefix(args.prefix)
     app = SimulatorApp(auth=auth, knobs=knobs, prefix=prefix, data_dir=data_dir,
                        public_url=args.public_url or f"http://{host_part}:{port}",
-                       generation_workers=args.generation_workers, callback_workers=args.callback_workers)
+                       generation_workers=args.generation_workers, callback_workers=args.callback_workers,
+                       webhook_secret=args.webhook_secret or None)
     server.app = app
     stop = threading.Event()
 
@@ -86,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGINT, on_signal)
     serving = threading.Thread(target=server.serve_forever, name="sim-http", daemon=True)
     serving.start()
-    print(f"kling simulator listening on http://{host_part}:{port}{prefix}", flush=True)
+    print(logs.json_line("listening", url=f"http://{host_part}:{port}{prefix}"), flush=True)
     try:
         while not stop.wait(0.5):
             pass

@@ -31,6 +31,8 @@ from kling_relay.simulator.validation import CreateRequest
 from kling_relay.simulator.video import FfmpegRunner, RenderError, render_slideshow
 
 log = logging.getLogger("simulator")
+#: The video id of a result's watermarked copy is the video's id with this suffix.
+WATERMARK_SUFFIX = "-watermarked"
 
 
 @dataclass
@@ -150,16 +152,23 @@ class Engine:
             self._change(task, "failed", outcome.message)
             return
         expires = int(time.time() + self._faults.knobs.url_ttl)
+        watermark_url = (self._signer.url(task.task_id, outcome.video_id + WATERMARK_SUFFIX, expires)
+                         if task.request.watermark else None)
         video = Video(id=outcome.video_id, url=self._signer.url(task.task_id, outcome.video_id, expires),
                       duration=f"{outcome.duration:.1f}", expires=expires, size=outcome.size,
-                      path=outcome.path, sha256=outcome.sha256)
+                      path=outcome.path, sha256=outcome.sha256, watermark_url=watermark_url)
         self._change(task, "succeed", "", [video])
 
     # -- results and housekeeping ----------------------------------------------------------------
     def find_video(self, task_id: str, video_id: str) -> Video | None:
+        """The video served at this id; `<video_id>-watermarked` is its watermarked copy (the same bytes here:
+        the simulator draws no watermark), served only when the task asked for one."""
         task = self.store.get(task_id)
         if task is None or task.status != "succeed":
             return None
+        if video_id.endswith(WATERMARK_SUFFIX):
+            base = video_id[:-len(WATERMARK_SUFFIX)]
+            return next((v for v in task.videos if v.id == base and v.watermark_url is not None), None)
         return next((v for v in task.videos if v.id == video_id), None)
 
     def video_stats(self) -> dict[str, list[dict[str, Any]]]:

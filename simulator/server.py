@@ -3,7 +3,7 @@
 Built on http.server so the socket is fully ours: a Reply may wait, drop the connection without a
 response, stream a body at a limited rate, or close mid-body after announcing the full length.
 Request bodies are read with Content-Length or chunked encoding, up to MAX_BODY bytes. Logs show the
-method, the path without its query string (result URLs carry signatures) and the status.
+method, the path without its query string (result URLs carry signatures) and the status, as JSON fields.
 """
 
 from __future__ import annotations
@@ -184,7 +184,7 @@ class SimRequestHandler(BaseHTTPRequestHandler):
         return sent, True
 
     def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
-        log.info("%s %s %s", self.command, urlsplit(self.path).path, code)
+        log.info("request", extra={"method": self.command, "path": urlsplit(self.path).path, "status": code})
 
     def log_message(self, format: str, *args: Any) -> None:
-        log.info("%s - %s", self.address_string(), format % args)
+        log.info(format, *args, extra={"client": self.address_string()})

@@ -41,6 +41,7 @@ class Video:
     size: int
     path: Path | None = None
     sha256: str | None = None
+    watermark_url: str | None = None  # set when the create asked watermark_info {"enabled": true}
 
     @property
     def synthetic(self) -> bool:
@@ -70,13 +71,21 @@ class Task:
         obj: dict[str, Any] = {
             "task_id": self.task_id, "task_status": self.status, "task_status_msg": self.status_msg,
             "task_info": info, "created_at": self.created_at, "updated_at": self.updated_at,
+            "watermark_info": {"enabled": bool(self.request.watermark)},
         }
         if self.units is not None and self.status in FINAL:
             obj["final_unit_deduction"] = self.units
         if self.status == "succeed":
-            obj["task_result"] = {"videos": [{"id": v.id, "url": v.url, "duration": v.duration}
-                                             for v in self.videos]}
+            obj["task_result"] = {"videos": [_video_json(v) for v in self.videos]}
         return obj
+
+
+def _video_json(video: Video) -> dict[str, Any]:
+    """One entry of task_result.videos: `watermark_url` beside `url` when the task asked for a watermark."""
+    out: dict[str, Any] = {"id": video.id, "url": video.url, "duration": video.duration}
+    if video.watermark_url is not None:
+        out["watermark_url"] = video.watermark_url
+    return out
 
 
 class TaskStore:

@@ -1,8 +1,12 @@
 """Validation of the multi-image2video create body, the way docs/kling-contract.md describes it.
 
-A body that is not a JSON object answers 1200; any bad field answers 1201 with a message naming it.
-Fields of the single-image endpoint (`image`, `image_tail`, `cfg_scale`, ...) and unknown fields are
-refused rather than silently dropped. Optional fields may be null (treated as absent). Images are only
+A body that is not a JSON object answers 1200; any bad field answers 1201 with a message naming it; a
+`model_name` that is a string but names no model this simulator has answers 1203 ("the requested resource does
+not exist, such as the model"), as Kling does. Fields of the single-image endpoint (`image`, `image_tail`,
+`cfg_scale`, ...) and unknown fields are refused rather than silently dropped, even when empty: a client must not
+forward a copied `"image_tail": ""` to multi-image2video. Optional fields may be null (treated as absent).
+`watermark_info` is `{"enabled": true|false}`; enabled, each video of the task gets a `watermark_url` beside its
+`url`. Images are only
 checked for shape here (URL or raw base64, no `data:` prefix); fetching and decoding happen while the
 task is processing, where a bad image makes the task end `failed`.
 """
@@ -25,7 +29,7 @@ MAX_IMAGES = 4
 
 SINGLE_IMAGE_FIELDS = ("image", "image_tail", "cfg_scale", "static_mask", "dynamic_masks", "camera_control")
 KNOWN_FIELDS = ("model_name", "image_list", "prompt", "negative_prompt", "mode", "duration",
-                "aspect_ratio", "callback_url", "external_task_id")
+                "aspect_ratio", "callback_url", "external_task_id", "watermark_info")
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,7 @@ class CreateRequest:
     aspect_ratio: str
     callback_url: str | None
     external_task_id: str | None
+    watermark: bool | None = None  # watermark_info.enabled; None: not given
 
 
 def _bad(message: str) -> ApiError:
@@ -87,6 +92,25 @@ def _images(body: dict[str, Any]) -> tuple[str, ...]:
     return tuple(images)
 
 
+def _model_name(body: dict[str, Any]) -> str:
+    value = _optional_str(body, "model_name")
+    if value is None:
+        return MODELS[0]
+    if value not in MODELS:
+        raise ApiError(1203, f"model {value[:40]!r} does not exist (models: {', '.join(MODELS)})")
+    return value
+
+
+def _watermark(body: dict[str, Any]) -> bool | None:
+    value = body.get("watermark_info")
+    if value is None:
+        return None
+    if not isinstance(value, dict) or set(value) != {"enabled"} or not isinstance(value["enabled"], bool):
+        raise _bad('watermark_info must be {"enabled": true} or {"enabled": false}')
+    enabled: bool = value["enabled"]
+    return enabled
+
+
 def _duration(body: dict[str, Any]) -> int:
     value = body.get("duration")
     if value is None:
@@ -111,7 +135,7 @@ def parse_create(raw: bytes, *, prompt_max_chars: int) -> CreateRequest:
             raise _bad("unknown field model: multi-image2video takes model_name")
         if name not in KNOWN_FIELDS:
             raise _bad(f"unknown field {name[:40]!r}")
-    model_name = _choice(body, "model_name", MODELS, MODELS[0])
+    model_name = _model_name(body)
     images = _images(body)
     prompt = _optional_str(body, "prompt")
     if prompt is None or not prompt.strip():
@@ -129,4 +153,5 @@ def parse_create(raw: bytes, *, prompt_max_chars: int) -> CreateRequest:
         mode=_choice(body, "mode", MODES, "std"), duration=_duration(body),
         aspect_ratio=_choice(body, "aspect_ratio", ASPECT_RATIOS, "16:9"),
         callback_url=callback_url, external_task_id=_optional_str(body, "external_task_id") or None,
+        watermark=_watermark(body),
     )

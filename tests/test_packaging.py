@@ -10,7 +10,6 @@ from __future__ import annotations
 import subprocess
 import sys
 import sysconfig
-import time
 import venv
 import zipfile
 from pathlib import Path
@@ -18,6 +17,8 @@ from pathlib import Path
 import pytest
 
 from tests.support.procs import Process, RedisServer
+from tests.support.settings_env import relay_env
+from tests.support.waiting import wait_until
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BARE_NAMES = ("shared", "worker", "webhook", "simulator")
@@ -64,6 +65,7 @@ def test_wheel_has_one_top_level_name(wheel: Path) -> None:
         names = zf.namelist()
     assert tops == {"kling_relay", wheel.name.split("-")[0] + "-" + wheel.name.split("-")[1] + ".dist-info"}
     assert "kling_relay/shared/jobs.py" in names and "kling_relay/worker/celery_app.py" in names
+    assert "kling_relay/shared/pipeline/submit.py" in names  # subpackages are listed in pyproject too
     assert "kling_relay/shared/py.typed" in names
 
 
@@ -87,16 +89,13 @@ def test_installed_wheel_imports_only_under_kling_relay(fresh_python: Path, tmp_
 
 
 def test_celery_worker_starts_from_the_wheel(fresh_python: Path, redis_server: RedisServer, tmp_path: Path) -> None:
-    env = {"REDIS_URL": redis_server.url, "KLING_BASE_URL": "http://127.0.0.1:9", "KLING_API_KEY": "k" * 32,
-           "PUBLIC_BASE_URL": "http://127.0.0.1:8000", "CALLBACK_SECRET": "c" * 32, "API_TOKENS": "t" * 32,
-           "S3_BUCKET": "bucket", "PYTHONPATH": ""}
+    env = {**relay_env(REDIS_URL=redis_server.url, S3_BUCKET="bucket"), "PYTHONPATH": ""}
     worker = Process("wheel-worker", [str(fresh_python), "-m", "celery", "-A", "kling_relay.worker.celery_app",
                                       "worker", "--pool", "solo", "--queues", "submit", "--loglevel", "INFO"],
                      log_dir=tmp_path, env=env, cwd=tmp_path)
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and worker.alive() and "ready" not in worker.log_tail(200):
-            time.sleep(0.2)
+        wait_until(lambda: not worker.alive() or "ready" in worker.log_tail(200), timeout=60,
+                   what="the worker ready (or exited)", diagnostics=lambda: worker.log_tail(200), interval=0.2)
         log = worker.log_tail(200)
         assert worker.alive() and "ready" in log, log
         assert "kling_relay.submit_job" in log  # the tasks were registered under the installed package

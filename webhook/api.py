@@ -1,5 +1,6 @@
 """The jobs API for backend apps: `POST /v1/jobs`, `GET /v1/jobs/<id>`, `GET /v1/jobs?state=&limit=&cursor=`,
-and the ops actions `POST /v1/jobs/<id>/retry` and `POST /v1/jobs/<id>/cancel`.
+the ops actions `POST /v1/jobs/<id>/retry` and `POST /v1/jobs/<id>/cancel`, and the ops views `GET /v1/status`,
+`POST /v1/submission/resume` and `POST /v1/copy/resume`.
 
 Bearer tokens from API_TOKENS. Bad input never stores or queues anything: 400 (not JSON), 413 (too large),
 422 (every field problem at once), 409 (Idempotency-Key reused with another body; an ops action the job's state
@@ -13,7 +14,7 @@ from typing import Any
 
 from flask import Blueprint, jsonify, request
 
-from kling_relay.shared import limits, usage
+from kling_relay.shared import copy_flow, limits, usage
 from kling_relay.shared.inputs import safe_text
 from kling_relay.shared.intake import accept_job
 from kling_relay.shared.jobs import IdempotencyConflict, InvalidCursor, JobNotFound, JobState, StepResult
@@ -183,4 +184,13 @@ def resume_submission() -> Any:
     rt = runtime()
     who = token_number(request.headers.get("Authorization"), rt.settings.api_tokens)
     cleared = usage.operator_resume(rt.redis, by=f"api_token:{who}", now=rt.clock())
+    return jsonify(resumed=cleared is not None, pause=cleared)
+
+
+@bp.post("/copy/resume")
+def resume_copy() -> Any:
+    """Clear a copy pause after the storage setting was fixed; waiting jobs are copied as the reconciler finds them."""
+    rt = runtime()
+    who = token_number(request.headers.get("Authorization"), rt.settings.api_tokens)
+    cleared = copy_flow.resume(rt.redis, by=f"api_token:{who}")
     return jsonify(resumed=cleared is not None, pause=cleared)

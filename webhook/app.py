@@ -3,15 +3,19 @@ the API's OpenAPI description (`/openapi.json`)."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import redis
 from flask import Flask, jsonify
 from werkzeug.exceptions import HTTPException
 
-from kling_relay.shared import flow
+from kling_relay.shared import copy_flow, flow
 from kling_relay.shared.runtime import Runtime
 from kling_relay.shared.settings import Settings, load_settings
+from kling_relay.webhook import request_ids
+
+log = logging.getLogger(__name__)
 
 
 def create_app(settings: Settings | None = None, runtime: Runtime | None = None) -> Flask:
@@ -26,6 +30,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     from kling_relay.webhook.callbacks import bp as callbacks_bp
     from kling_relay.webhook.openapi import openapi_document
 
+    request_ids.install(app)
     app.register_blueprint(api_bp)
     app.register_blueprint(callbacks_bp)
     document = openapi_document(settings)
@@ -36,13 +41,17 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
 
     @app.get("/healthz")
     def healthz() -> Any:
+        """Public and unauthenticated, so it names no component: the cause goes to the log, not the body."""
         rt: Runtime = app.extensions["kling_relay"]
         try:
             rt.redis.ping()
             submission = flow.status(rt.redis)["submission"]
-        except Exception:
-            return jsonify(status="unhealthy", redis="unreachable"), 503
-        return jsonify(status="ok", submission=submission)
+        except Exception as exc:
+            log.warning("health check failed", extra={"error": type(exc).__name__})
+            response = jsonify(status="unhealthy")
+            response.headers["Retry-After"] = "5"
+            return response, 503
+        return jsonify(status="ok", submission=submission, copy=copy_flow.state(rt.redis))
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> Any:

@@ -1,11 +1,16 @@
 """Kling's side: `POST /callbacks/kling/<job_id>?token=...`. Verify, record one state step, answer fast.
 
-Callbacks are unsigned, so the per-job token (HMAC of the job id) is the only proof the caller knows the URL we
-gave Kling. The body is checked for shape and its task_id must be the job's; the URL in it is never used (the
-copy re-reads the task from Kling). Duplicates and stale updates get a 2xx and change nothing.
+Kling's callbacks are unsigned by default, so the per-job token (HMAC of the job id) is the proof the caller knows
+the URL we gave Kling. Once a webhook secret is created in Kling's console and given as KLING_WEBHOOK_SECRET, each
+callback must also carry a valid Standard Webhooks signature (`webhook-id`, `webhook-timestamp` within five
+minutes, `webhook-signature: v1,<base64 HMAC-SHA256 of "<id>.<timestamp>.<body>">`, checked over the raw body by
+`kling_relay.shared.http_client.verify`): a missing, wrong or stale one is `401` and changes nothing. The body is
+checked for shape and its task_id must be the job's; the URL in it is used only where Kling's tasks cannot be read
+back (callbacks-only mode; otherwise the copy re-reads the task from Kling). Duplicates and stale updates get a 2xx
+and change nothing.
 
-A callback never binds a job to a task. Only the worker does, with a task that Kling itself answered: the create's
-answer, or a lookup by `external_task_id` (the worker's, or the reconciler's poll). So a callback that arrives
+A callback's token never binds a job to a task. Only the worker does, with a task that Kling itself answered: the
+create's answer, or a lookup by `external_task_id` (the worker's, or the reconciler's poll). So a callback that arrives
 before the worker has recorded the job's task (a real one racing the create's answer, or one forged with a
 stolen token, `external_task_id` = the job id and a made-up `task_id`) is answered `202` and changes neither the
 job's task nor its state: the real task always wins, and no made-up task can orphan the billed one. When a
@@ -22,8 +27,8 @@ not exist (gateways that serve only the create): there a callback could be trust
 What a callback says is kept (`shared/heard.py`: per status and task id, for the job's own task or, before one is
 recorded, one that names the job), before its step is applied: in callbacks-only mode the copy takes the video URLs
 from the `succeed` callback of the job's bound task, and a status that beat the create's answer is applied once
-the worker binds the task. With `KLING_WEBHOOK_SECRET` set, a callback reaching this point carries Kling's
-signature, which is Kling's own word: it may bind the task of a queued job whose create was sent but not answered
+the worker binds the task. With `KLING_WEBHOOK_SECRET` set, a callback that passed the signature check carries
+Kling's own word: it may bind the task of a queued job whose create was sent but not answered
 (`heard.may_bind_from_callback`), the one way such a job gets its task in callbacks-only mode.
 """
 
@@ -35,6 +40,7 @@ from typing import Any
 from flask import Blueprint, jsonify, request
 
 from kling_relay.shared import heard
+from kling_relay.shared.http_client import verify
 from kling_relay.shared.jobs import Job, JobNotFound, JobState
 from kling_relay.shared.kling import KlingTask
 from kling_relay.shared.pipeline import CREATE_SENT, apply_task_status, record_task
@@ -43,6 +49,8 @@ from kling_relay.webhook.common import error, parse_json, read_body, runtime, va
 
 log = logging.getLogger(__name__)
 bp = Blueprint("callbacks", __name__)
+#: How far a signed callback's `webhook-timestamp` may be from our clock (Kling's docs: five minutes).
+SIGNATURE_TOLERANCE_SECONDS = 300
 
 
 @bp.post("/callbacks/kling/<job_id>")
@@ -55,6 +63,11 @@ def kling_callback(job_id: str) -> Any:
     raw = read_body(limit)
     if raw is None:
         return error(413, f"callback body over {limit} bytes")
+    secret = rt.settings.kling_webhook_secret
+    signed = secret is None or verify(secret, dict(request.headers), raw, tolerance=SIGNATURE_TOLERANCE_SECONDS)
+    if not signed:
+        log.warning("callback refused: missing, wrong or stale webhook signature", extra={"job_id": job_id})
+        return error(401, "missing, wrong or stale webhook signature")
     job = rt.store.get(job_id)
     if job is None:
         return error(404, "unknown job")
@@ -70,7 +83,7 @@ def kling_callback(job_id: str) -> Any:
             # task off as this one's (whose video the copy would then store here).
             return error(409, "task_info.external_task_id must name this job until its task id is known")
         _remember(job, task)
-        if heard.may_bind_from_callback(job, task, signed=_signed_by_kling()):
+        if heard.may_bind_from_callback(job, task, signed=secret is not None):
             record_task(rt, job_id, task, source="callback", detail={"bound_by": "signed callback"})
             return jsonify(ok=True, applied=True, state=rt.store.require(job_id).state.value)
         return _before_task_recorded(job, task)
@@ -85,12 +98,6 @@ def _remember(job: Job, task: KlingTask) -> None:
     settings = runtime().settings
     heard.remember(runtime().redis, job.id, task,
                    ttl_seconds=int(settings.job_ttl_seconds + settings.job_deadline_seconds))
-
-
-def _signed_by_kling() -> bool:
-    """Whether callbacks are signed by Kling: with KLING_WEBHOOK_SECRET set, the signature check refuses any
-    callback without a valid signature before this point."""
-    return getattr(runtime().settings, "kling_webhook_secret", None) is not None
 
 
 def _before_task_recorded(job: Job, task: KlingTask) -> Any:

@@ -13,7 +13,7 @@ from kling_relay.shared import limits
 from kling_relay.shared.jobs import SOURCES, JobState
 from kling_relay.shared.jobs_model import DEFAULT_NOTIFY_EVENTS, NOTIFY_STATES
 from kling_relay.shared.settings import Settings
-from kling_relay.shared.validation import ASPECT_RATIOS, DURATIONS, MODEL_NAMES, MODES
+from kling_relay.shared.validation import ASPECT_RATIOS, DURATIONS, MODES, SINGLE_IMAGE_FIELDS
 
 _STATES = [s.value for s in JobState]
 _NOTIFY_EVENTS = {"type": "array", "items": {"type": "string", "enum": list(NOTIFY_STATES)}, "minItems": 1,
@@ -64,7 +64,10 @@ def _schemas(settings: Settings) -> dict[str, Any]:
             "properties": {"bucket": {"type": "string"}, "key": {"type": "string"},
                            "sha256": {"type": "string", "description": "Hex SHA-256 of the stored object."},
                            "bytes": {"type": "integer", "minimum": 0},
-                           "duration": {**_NULLABLE_STRING, "description": "Kling's duration, seconds."}},
+                           "duration": {**_NULLABLE_STRING, "description": "Kling's duration, seconds."},
+                           "watermark_url": {**_NULLABLE_STRING,
+                                             "description": "Kling's watermarked copy (temporary URL), when "
+                                                            "watermark_info was enabled; not downloaded."}},
         },
         "JobError": {
             "type": "object", "required": ["reason"],
@@ -117,7 +120,8 @@ def _schemas(settings: Settings) -> dict[str, Any]:
                            "http(s) URL (not fetched by the relay) or raw base64 of a PNG or JPEG (no data: "
                            "prefix), at most 10 MB, sides >= 300 px, aspect ratio 1:2.5 to 2.5:1.",
             "properties": {
-                "model_name": {"type": ["string", "null"], "enum": [*MODEL_NAMES, None]},
+                "model_name": {"type": ["string", "null"], "enum": [*settings.kling_models, None],
+                               "description": f"One of KLING_MODELS; default {settings.kling_models[0]}."},
                 "image_list": {"type": "array", "minItems": 1, "maxItems": 4, "items": {
                     "type": "object", "required": ["image"], "additionalProperties": False,
                     "properties": {"image": {"type": "string", "minLength": 1}}}},
@@ -128,6 +132,14 @@ def _schemas(settings: Settings) -> dict[str, Any]:
                                        {"type": "integer", "enum": [int(d) for d in DURATIONS]},
                                        {"type": "null"}]},
                 "aspect_ratio": {"type": ["string", "null"], "enum": [*ASPECT_RATIOS, None]},
+                "watermark_info": {"type": ["object", "null"], "required": ["enabled"],
+                                   "additionalProperties": False,
+                                   "properties": {"enabled": {"type": "boolean"}},
+                                   "description": "Forwarded to Kling; enabled: each stored video also records "
+                                                  "Kling's watermark_url."},
+                **{name: {"enum": ["", None], "description": "A single-image field: accepted only empty (as "
+                                                           "in a reseller's example body) and not forwarded."}
+                   for name in SINGLE_IMAGE_FIELDS},
                 "notify_url": {"type": ["string", "null"], "format": "uri", "maxLength": limits.URL_MAX_CHARS,
                                "description": "Signed POST (the `jobEvent` webhook) when the job reaches a state "
                                               "of notify_events; needs NOTIFY_SECRET set."},
@@ -185,9 +197,10 @@ def _schemas(settings: Settings) -> dict[str, Any]:
         },
         "Health": {
             "type": "object", "required": ["status"],
+            "additionalProperties": False,
             "properties": {"status": {"type": "string", "enum": ["ok", "unhealthy"]},
-                           "redis": {"type": "string"},
-                           "submission": {"type": "string", "enum": ["open", "paused"]}},
+                           "submission": {"type": "string", "enum": ["open", "paused"]},
+                           "copy": {"type": "string", "enum": ["open", "paused"]}},
         },
         "Pause": {
             "type": ["object", "null"],
@@ -199,12 +212,48 @@ def _schemas(settings: Settings) -> dict[str, Any]:
                            "since": _NULLABLE_STRING, "updated_at": _NULLABLE_STRING,
                            "budget": {"type": ["number", "null"]}, "resume_at": _NULLABLE_STRING},
         },
+        "CopyPause": {
+            "type": ["object", "null"],
+            "description": "Why copying to S3 is paused: storage refuses every request (no bucket, access denied, "
+                           "no or bad credentials). Jobs wait in generated; copying resumes when the reconciler's "
+                           "probe succeeds or on POST /v1/copy/resume.",
+            "properties": {"reason": {"type": "string", "enum": ["storage"]},
+                           "code": {"type": ["string", "null"], "description": "S3's code, e.g. NoSuchBucket, "
+                                                                              "AccessDenied, NoCredentials."},
+                           "message": {"type": "string"}, "since": _NULLABLE_STRING,
+                           "updated_at": _NULLABLE_STRING, "job_id": _NULLABLE_STRING,
+                           "hits": {"type": "integer"}},
+        },
+        "CopyWaiting": {
+            "type": "object", "required": ["count", "jobs"],
+            "description": "Jobs whose copy waits on a setting, e.g. video_host_refused: the result URL's host is "
+                           "not on VIDEO_URL_ALLOWLIST (widen it and restart the workers). Oldest first.",
+            "properties": {
+                "count": {"type": "integer"},
+                "jobs": {"type": "array", "items": {
+                    "type": "object", "required": ["job_id", "reason"],
+                    "properties": {"job_id": {"type": "string"},
+                                   "reason": {"type": "string", "enum": ["video_host_refused"]},
+                                   "host": _NULLABLE_STRING, "message": {"type": "string"},
+                                   "since": _NULLABLE_STRING,
+                                   "until": {**_NULLABLE_STRING, "description": "When the wait ends: the job's "
+                                             "deadline or the URL's expiry, whichever comes first."}}}},
+            },
+        },
+        "CopyResumed": {
+            "type": "object", "required": ["resumed", "pause"],
+            "properties": {"resumed": {"type": "boolean"}, "pause": _ref("CopyPause")},
+        },
         "Status": {
-            "type": "object", "required": ["submission", "pause", "in_flight", "jobs", "units"],
+            "type": "object", "required": ["submission", "pause", "in_flight", "copy", "copy_pause", "copy_waiting",
+                                           "jobs", "units"],
             "properties": {
                 "submission": {"type": "string", "enum": ["open", "paused"]},
                 "pause": _ref("Pause"),
                 "in_flight": {"type": "object", "additionalProperties": {"type": "integer"}},
+                "copy": {"type": "string", "enum": ["open", "paused"]},
+                "copy_pause": _ref("CopyPause"),
+                "copy_waiting": _ref("CopyWaiting"),
                 "jobs": {"type": "object", "additionalProperties": {"type": "integer"},
                          "description": "Jobs per state."},
                 "units": {
@@ -357,7 +406,8 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
                 "get": {
                     "summary": "Submission status", "operationId": "status", "tags": ["ops"],
                     "description": "Whether submission to Kling is open or paused after an account or auth error, "
-                                   "tasks in flight, and jobs per state.",
+                                   "tasks in flight, whether copying to S3 is open or paused (storage unusable) "
+                                   "and which jobs' copies wait on a setting, and jobs per state.",
                     "responses": {"200": _json(_ref("Status"), "The status."), "401": _UNAUTHORIZED},
                 },
             },
@@ -370,11 +420,24 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
                                   "401": _UNAUTHORIZED},
                 },
             },
+            "/v1/copy/resume": {
+                "post": {
+                    "summary": "Resume copying", "operationId": "resumeCopy", "tags": ["ops"],
+                    "description": "Clear a copy pause once the bucket, credentials or policy are fixed (the "
+                                   "reconciler also probes storage and clears it by itself). Jobs waiting in "
+                                   "generated are then copied. A job waiting on a refused video host "
+                                   "(video_host_refused) needs VIDEO_URL_ALLOWLIST widened and the workers "
+                                   "restarted instead.",
+                    "responses": {"200": _json(_ref("CopyResumed"), "Cleared, or nothing was paused."),
+                                  "401": _UNAUTHORIZED},
+                },
+            },
             "/healthz": {
                 "get": {
                     "summary": "Health", "operationId": "health", "tags": ["ops"], "security": [],
-                    "responses": {"200": _json(_ref("Health"), "Redis answers."),
-                                  "503": _json(_ref("Health"), "Redis does not answer.")},
+                    "description": "No token needed, so the answer names no component.",
+                    "responses": {"200": _json(_ref("Health"), "Ready."),
+                                  "503": _json(_ref("Health"), "Not ready: try again after Retry-After.")},
                 },
             },
             "/openapi.json": {
@@ -402,6 +465,9 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
                         "202": _json(_ref("CallbackAck"), "Noted, nothing changed: the job's task is not recorded "
                                                           "yet; the worker confirms it with Kling."),
                         "400": _error("Not a Kling task object."),
+                        "401": _error("KLING_WEBHOOK_SECRET is set and the Standard Webhooks signature "
+                                      "(webhook-id, webhook-timestamp, webhook-signature) is missing, wrong or "
+                                      "stale."),
                         "403": _error("Bad callback token."),
                         "404": _error("Unknown job."),
                         "409": _error("task_id or external_task_id is not this job's."),

@@ -1,7 +1,50 @@
-"""Entry shim for `celery -A kling_relay.worker.celery_app worker|beat` (Procfile); nothing imports it."""
+"""Entry shim for `celery --quiet -A kling_relay.worker.celery_app worker|beat` (Procfile); nothing imports it.
 
-from kling_relay.shared.logs import configure_logging
+Logs are JSON lines on stderr, like every other process of the relay: Celery's own loggers, the task logger,
+warnings (Celery's "running as root" among them) and anything printed to stdout (as `celery.redirected`, the
+way Celery redirects it) all go through kling_relay.shared.logs. `--quiet` leaves out the start-up banner; the
+shutdown notices Celery writes straight to the terminal become records too. A bad setting stops the process with
+one record naming every problem.
+"""
+
+import logging
+import os
+import sys
+from typing import Any
+
+import celery.apps.worker as celery_worker
+from celery import signals
+from celery.utils.log import LoggingProxy
+
+from kling_relay.shared.logs import configure_logging, json_line
+from kling_relay.shared.settings import SettingsError
 from kling_relay.worker.tasks import create_worker_app
 
+log = logging.getLogger("kling_relay.worker")
+
+
+@signals.setup_logging.connect
+def keep_json_logs(loglevel: Any = None, **kwargs: Any) -> None:
+    """With a receiver here Celery configures no handler of its own (no plain-text task logger); LOG_LEVEL, when
+    set, wins over `--loglevel`."""
+    configure_logging(os.environ.get("LOG_LEVEL") or loglevel or None)
+    sys.stdout = LoggingProxy(logging.getLogger("celery.redirected"), logging.WARNING)
+
+
+def _say(msg: str, f: Any = None) -> None:
+    """Celery's `worker: Warm shutdown (MainProcess)` and the like, as one JSON record on stderr. Called from
+    signal handlers, so it writes the line with one os.write, as Celery does, not through `logging`."""
+    try:
+        os.write(2, (json_line(msg.strip(), level="warning", logger="celery.worker") + "\n").encode())
+    except OSError:
+        pass
+
+
+celery_worker.safe_say = _say  # read from the module at each call, so every shutdown notice goes through _say
+
 configure_logging()
-app = create_worker_app()
+try:
+    app = create_worker_app()
+except SettingsError as exc:
+    log.critical("invalid configuration", extra={"problems": exc.problems})
+    raise SystemExit(2) from None

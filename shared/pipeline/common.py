@@ -19,7 +19,7 @@ from kling_relay.shared import flow
 from kling_relay.shared.backoff import backoff_seconds
 from kling_relay.shared.flow import RateLimited
 from kling_relay.shared.jobs import Job, JobState, StepResult
-from kling_relay.shared.kling import KlingError, KlingFixAccount, KlingFixRequest, KlingTaskNotFound
+from kling_relay.shared.kling import KlingError, KlingFixAccount, KlingFixRequest
 from kling_relay.shared.kling_codes import THROTTLE_CODES, pause_reason
 from kling_relay.shared.locks import job_lock
 from kling_relay.shared.notify import EventsStream, announce
@@ -36,7 +36,7 @@ class Outcome(StrEnum):
     MISSING = "missing"  # no such job (expired or deleted)
     SKIPPED = "skipped"  # the job is not (or no longer) in the state this step works on
     BUSY = "busy"  # another worker holds the job's lock for this step
-    PAUSED = "paused"  # submission is paused: the job waits, queued and due
+    PAUSED = "paused"  # submission or copying is paused, or the copy waits on a setting: the job waits, due
     AWAITING = "awaiting"  # submit: a create may have reached Kling and tasks cannot be read back: wait for a callback
     FOUND = "found"  # submit: the job's task already existed at Kling and was adopted
     SUBMITTED = "submitted"  # submit: Kling created the task
@@ -58,14 +58,17 @@ class Decision(StrEnum):
 def decide(exc: KlingError) -> Decision:
     """The one policy for Kling errors, shared by the lookup, the create and the copy's re-read of the task.
 
-    Steps may soften a FAIL (a lookup never fails a job; a refused create whose earlier attempt may have made the
-    task retries, so the next attempt looks it up first) but never harden a RETRY.
+    Every refusal of the request is a FAIL, 1203 ("resource does not exist") included: on a create it names the
+    model or another resource the request needs, and the same create would be refused until the budget ran out.
+    Steps may soften a FAIL (a lookup never fails a job and reads 1203 as "no task"; the copy never fails on
+    Kling's word; a refused create whose earlier attempt may have made the task retries, so the next attempt looks
+    it up first) but never harden a RETRY.
     """
     if isinstance(exc, KlingFixAccount):
         return Decision.PAUSE
     if isinstance(exc, RateLimited) or exc.code in THROTTLE_CODES:
         return Decision.THROTTLE
-    if isinstance(exc, KlingFixRequest) and not isinstance(exc, KlingTaskNotFound):
+    if isinstance(exc, KlingFixRequest):  # KlingTaskNotFound (1203) is one
         return Decision.FAIL
     return Decision.RETRY
 

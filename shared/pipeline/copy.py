@@ -7,14 +7,21 @@ mid-copy stops the heartbeat, so the lock lapses within `JOB_LOCK_SECONDS` and t
 The task is read again from Kling for a fresh URL (never the callback's body), and must be this job's task. When
 tasks cannot be read back (callbacks-only mode, `shared/kling_reads.py`), the URLs are those of the `succeed`
 callback for the job's own task id (`shared/heard.py`), through the same allow-list and SSRF guard.
+
+A setting that is wrong never costs the video (see `shared/copy_flow.py`): while copying is paused (storage
+unusable) a copy leaves its job `generated` and due, without calling Kling or S3 and without using an attempt; an
+S3 error that refuses every request alike (`StorageUnusable`) pauses copying; a result URL that VIDEO_URL_ALLOWLIST
+refuses makes this job wait (reason `video_host_refused`, naming the host) until the list is widened, the job's
+deadline, or the URL's expiry. These outcomes are `paused`.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from typing import TYPE_CHECKING, Any
 
-from kling_relay.shared import heard, usage
+from kling_relay.shared import copy_flow, heard, usage
 from kling_relay.shared.jobs import Job, JobState
 from kling_relay.shared.kling import KlingError, KlingTask
 from kling_relay.shared.kling_reads import reads_available
@@ -30,8 +37,8 @@ from kling_relay.shared.pipeline.common import (
     retry_or_fail,
     under_job_lock,
 )
-from kling_relay.shared.storage import CopyCanceled, CopyError, StoredVideo, copy_videos
-from kling_relay.shared.urlguard import UrlRefused
+from kling_relay.shared.storage import CopyCanceled, CopyError, StorageUnusable, StoredVideo, copy_videos
+from kling_relay.shared.urlguard import UrlRefused, redact_url
 
 if TYPE_CHECKING:  # the wiring module is handed in, never imported at run time
     from kling_relay.shared.runtime import Runtime
@@ -46,6 +53,11 @@ def copy_job(rt: Runtime, job_id: str) -> Outcome:
 
 def _copy_locked(rt: Runtime, job: Job) -> Outcome:
     assert job.kling_task_id is not None
+    paused = copy_flow.current_pause(rt.redis)
+    if paused is not None:
+        return _wait(rt, job, {"waiting": "copy paused", "reason": paused["reason"], "code": paused["code"],
+                               "message": paused["message"]}, counted=False)
+    prior_wait = copy_flow.take_wait(rt.redis, job.id)
     attempt = count_attempt(rt, job, "copy")
     budget = Budget("copy", attempt, rt.settings.copy_max_attempts,
                     Failure("copy_exhausted", f"could not copy the video after {attempt} attempts"))
@@ -72,8 +84,10 @@ def _copy_locked(rt: Runtime, job: Job) -> Outcome:
         log.info("copy dropped: the job was canceled or ended meanwhile", extra={"job_id": job.id})
         return Outcome.SKIPPED
     except UrlRefused as exc:
-        fail(rt, job.id, Failure("copy_exhausted", f"video URL refused: {exc.reason}"), source="worker")
-        return Outcome.FAILED
+        return _host_refused(rt, job, task, exc, prior_wait)
+    except StorageUnusable as exc:
+        copy_flow.pause(rt.redis, code=exc.code, message=str(exc), job_id=job.id)
+        return _wait(rt, job, {"paused": copy_flow.STORAGE, "code": exc.code, "message": str(exc)}, counted=True)
     except CopyError as exc:
         return retry_or_fail(rt, job.id, budget, f"copy: {exc}")
     return _mark_stored(rt, job, stored, recorded)
@@ -86,11 +100,59 @@ def _result_task(rt: Runtime, task_id: str, job_id: str) -> KlingTask | None:
     return heard.heard(rt.redis, job_id, task_id)
 
 
+def _wait(rt: Runtime, job: Job, detail: dict[str, Any], *, counted: bool, due_in: float | None = None) -> Outcome:
+    """Leave the job `generated`, with a note saying why, due again after the probe interval (or `due_in`).
+
+    `counted`: this run counted a copy attempt; it is given back (the wait is not the job's fault).
+    """
+    if counted:
+        rt.store.bump_attempt(job.id, "copy_throttled")
+    if detail:
+        rt.store.note(job.id, source="worker", detail=detail)
+    probe = rt.settings.kling_pause_probe_seconds
+    rt.store.set_due(job.id, probe if due_in is None else min(probe, due_in))
+    return Outcome.PAUSED
+
+
+def _host_refused(rt: Runtime, job: Job, task: KlingTask, exc: UrlRefused,
+                  prior: dict[str, Any] | None) -> Outcome:
+    """The allow-list refused a result URL: wait for the operator to widen it (see `shared/copy_flow.py`).
+
+    Fails the job only when no allow-list entry could allow the URL (a malformed URL, another scheme), or when the
+    URL carries an expiry that has passed. The note and the warning are written when the wait begins (or its host
+    changes), not on every re-check.
+    """
+    if exc.host is None:
+        fail(rt, job.id, Failure("copy_exhausted", f"video URL refused: {exc.reason}"), source="worker")
+        return Outcome.FAILED
+    now = time.time()
+    expiries = [e for e in (copy_flow.url_expiry(v.url) for v in task.videos) if e is not None]
+    expiry = min(expiries, default=None)
+    if expiry is not None and expiry <= now:
+        message = (f"video URL expired while its host was refused ({exc.reason}): widen VIDEO_URL_ALLOWLIST "
+                   f"and retry the job for a fresh URL")
+        fail(rt, job.id, Failure("copy_exhausted", message), source="worker")
+        return Outcome.FAILED
+    until = min((t for t in (expiry, job.deadline_at) if t is not None), default=None)
+    same = prior is not None and prior["reason"] == copy_flow.VIDEO_HOST_REFUSED and prior["host"] == exc.host
+    copy_flow.wait(rt.redis, job.id, reason=copy_flow.VIDEO_HOST_REFUSED, host=exc.host, message=exc.reason,
+                   until=until, since=prior["since"] if same and prior is not None else None)
+    detail: dict[str, Any] = {}
+    if not same:
+        detail = {"waiting": copy_flow.VIDEO_HOST_REFUSED, "host": exc.host, "message": exc.reason}
+        log.warning("copy waits: video URL host refused by VIDEO_URL_ALLOWLIST",
+                    extra={"job_id": job.id, "host": exc.host, "url": redact_url(task.videos[0].url),
+                           "reason": exc.reason})
+    else:
+        log.info("copy still waits: video URL host refused", extra={"job_id": job.id, "host": exc.host})
+    return _wait(rt, job, detail, counted=True, due_in=None if expiry is None else expiry - now)
+
+
 def _copy_videos(rt: Runtime, job: Job, task: KlingTask, recorded: dict[str, Any]) -> list[StoredVideo]:
     for video in task.videos:  # scheme/host/port first, before touching S3 (addresses are checked on connect)
         rt.allowlist.match(video.url)
     return copy_videos(
-        job.id, job.created_at, task.task_id, [(v.id, v.url, v.duration) for v in task.videos],
+        job.id, job.created_at, task.task_id, [(v.id, v.url, v.duration, v.watermark_url) for v in task.videos],
         rt.storage, rt.allowlist, rt.http,
         extra_manifest={"metadata": job.metadata, "request": recorded, **_billing(rt, job)},
         max_bytes=rt.settings.max_video_bytes, still_wanted=lambda: in_state(rt, job.id, JobState.GENERATED),

@@ -129,6 +129,9 @@ def _record(rt: Runtime, job_id: str, task: KlingTask, detail: dict[str, object]
 
 def _await_callback(rt: Runtime, job: Job, why: str) -> Outcome:
     """Never send the create again: the job waits, queued and flagged, for a callback (see the module docstring)."""
+    current = rt.store.get(job.id)
+    if current is None or current.state is not JobState.QUEUED:
+        return Outcome.SKIPPED  # a signed callback bound its task meanwhile (or it was canceled): nothing to wait for
     if heard.flag_awaiting(rt.redis, job.id, why):
         log.warning("create not sent again: Kling's tasks cannot be read back; the job awaits its callback",
                     extra={"job_id": job.id})

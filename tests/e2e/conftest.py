@@ -2,29 +2,22 @@
 
 from __future__ import annotations
 
-import base64
-import io
-import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from PIL import Image
 
 from deploy.stack import LocalStack
+from tests.support.images import image_b64
+from tests.support.waiting import wait_until
 
 TERMINAL = {"stored", "failed", "canceled"}
 
 
-def png_b64(color: tuple[int, int, int], size: tuple[int, int] = (400, 300)) -> str:
-    buf = io.BytesIO()
-    Image.new("RGB", size, color).save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode()
-
-
 def job_body(n: int = 0, **overrides: Any) -> dict[str, Any]:
     body: dict[str, Any] = {
-        "image_list": [{"image": png_b64(((n * 40) % 255, 90, 200))}, {"image": png_b64((250, (n * 17) % 255, 30))}],
+        "image_list": [{"image": image_b64(400, 300, ((n * 40) % 255, 90, 200))},
+                       {"image": image_b64(400, 300, (250, (n * 17) % 255, 30))}],
         "prompt": f"test job {n}",
         "aspect_ratio": "16:9",
         "duration": 5,
@@ -35,17 +28,21 @@ def job_body(n: int = 0, **overrides: Any) -> dict[str, Any]:
 
 def wait_jobs(stack: LocalStack, ids: list[str], timeout: float = 120.0) -> dict[str, dict[str, Any]]:
     """Poll GET /v1/jobs/<id> until every job is terminal; fail with the process logs otherwise."""
-    deadline = time.monotonic() + timeout
     jobs: dict[str, dict[str, Any]] = {}
-    while time.monotonic() < deadline:
+
+    def all_terminal() -> dict[str, dict[str, Any]] | None:
         for job_id in ids:
             if jobs.get(job_id, {}).get("state") not in TERMINAL:
                 jobs[job_id] = stack.api("GET", f"/v1/jobs/{job_id}").json()
         if all(j["state"] in TERMINAL for j in jobs.values()) and len(jobs) == len(ids):
             return jobs
-        time.sleep(0.3)
-    states = {k: v.get("state") for k, v in jobs.items()}
-    pytest.fail(f"jobs not finished after {timeout}s: {states}\n{stack.logs_tail()}")
+        return None
+
+    def states_and_logs() -> str:
+        return f"states: {({k: v.get('state') for k, v in jobs.items()})}\n{stack.logs_tail()}"
+
+    return wait_until(all_terminal, timeout=timeout, what="every job finished", diagnostics=states_and_logs,
+                      interval=0.3)
 
 
 def submit(stack: LocalStack, body: dict[str, Any], **kwargs: Any) -> str:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any, TypeVar
 import pytest
 
 from deploy.stack import BUCKET, LocalStack
+from tests.support import waiting
 
 T = TypeVar("T")
 
@@ -57,15 +57,8 @@ def fault_stack(workdir: Path, *, sim_args: list[str] | None = None, env: dict[s
 
 def wait_until(check: Callable[[], T | None], *, timeout: float, what: str, stack: LocalStack,
                interval: float = 0.1) -> T:
-    """Poll check() until it returns something truthy and return it; fail with the logs after timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}\n{stack.logs_tail()}")
-        time.sleep(interval)
+    """tests/support/waiting.py's wait_until with the stack's logs on failure."""
+    return waiting.wait_until(check, timeout=timeout, what=what, diagnostics=stack.logs_tail, interval=interval)
 
 
 def get_job(stack: LocalStack, job_id: str) -> dict[str, Any]:

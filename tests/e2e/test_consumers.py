@@ -21,6 +21,7 @@ from deploy.stack import BUCKET, DEMO_NOTIFY_SECRET, LocalStack
 from kling_relay.shared.client import Relay
 from kling_relay.shared.notify import verify
 from tests.e2e.conftest import job_body, submit, wait_jobs
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.e2e
 SCHEMA = json.loads((Path(__file__).resolve().parents[2] / "docs" / "manifest.schema.json").read_text())
@@ -33,16 +34,6 @@ def stream_entries(stack: LocalStack, job_id: str) -> list[dict[str, str]]:
         return [fields for _, fields in client.xrange(STREAM) if fields["job_id"] == job_id]
     finally:
         client.close()
-
-
-def wait_for(what: str, probe: Any, stack: LocalStack, timeout: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = probe()
-        if value:
-            return value
-        time.sleep(0.1)
-    pytest.fail(f"{what}: not after {timeout}s\n{stack.logs_tail()}")
 
 
 def entered(job: dict[str, Any], state: str) -> str:
@@ -130,8 +121,9 @@ def test_a_job_asking_for_intermediate_states_gets_each_one_signed(clean_sim: Lo
     job_id = submit(clean_sim, job_body(86, notify_url=url, notify_events=["processing", "generated", "stored"]))
     job = wait_jobs(clean_sim, [job_id])[job_id]
     assert job["state"] == "stored" and job["notify_events"] == ["processing", "generated", "stored"]
-    wait_for("three notifications", lambda: len(handler.seen) >= 3, clean_sim)
-    time.sleep(0.5)  # nothing else is coming
+    wait_until(lambda: len(handler.seen) >= 3, timeout=60, what="three notifications",
+               diagnostics=clean_sim.logs_tail)
+    time.sleep(0.5)  # deliberate pause, asserted across: nothing else is coming
     by_state = {}
     for headers, body in list(handler.seen):
         assert verify(DEMO_NOTIFY_SECRET, headers, body)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -25,6 +24,7 @@ from kling_relay.shared.http_client import (
     verify,
 )
 from tests.e2e.conftest import job_body
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -154,9 +154,7 @@ def test_notification_verified_with_the_plain_string_secret(client: RelayClient)
         url = f"http://127.0.0.1:{server.server_address[1]}/hooks/kling"
         job = client.submit(notify_url=url, **job_body(60))
         assert client.wait(job.id, timeout=120, poll=0.2).state == "stored"
-        deadline = time.monotonic() + 30
-        while not handler.seen and time.monotonic() < deadline:
-            time.sleep(0.1)
+        wait_until(lambda: handler.seen, timeout=30, what="the notification")
         [(headers, body)] = handler.seen
     finally:
         server.shutdown()

@@ -11,7 +11,7 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from kling_relay.shared.client import Relay
 from kling_relay.shared.jobs import JobState
 from kling_relay.shared.ops import ActionRefused
 from tests.e2e.conftest import job_body, submit, wait_jobs
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.e2e
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -44,16 +45,6 @@ def stack(ops_stack: LocalStack) -> LocalStack:
     ops_stack.sim_reset()
     ops_stack.sim_control(**FAST)
     return ops_stack
-
-
-def poll(what: str, probe: Callable[[], Any], stack: LocalStack, timeout: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = probe()
-        if value:
-            return value
-        time.sleep(0.1)
-    pytest.fail(f"{what}: not after {timeout}s\n{stack.logs_tail()}")
 
 
 def job(stack: LocalStack, job_id: str) -> dict[str, Any]:
@@ -87,7 +78,8 @@ def in_submitted(stack: LocalStack, job_id: str) -> dict[str, Any] | None:
 def test_cancel_in_flight_then_kling_finishes_and_nothing_changes(stack: LocalStack) -> None:
     stack.sim_control(submitted_seconds=1.5)
     job_id = submit(stack, job_body(1))
-    task_id = poll("job submitted at Kling", lambda: in_submitted(stack, job_id), stack)["kling_task_id"]
+    task_id = wait_until(lambda: in_submitted(stack, job_id), timeout=60, what="job submitted at Kling",
+                         diagnostics=stack.logs_tail)["kling_task_id"]
 
     response = stack.api("POST", f"/v1/jobs/{job_id}/cancel", json={"reason": "no longer needed"})
     assert response.status_code == 200, response.text
@@ -101,7 +93,8 @@ def test_cancel_in_flight_then_kling_finishes_and_nothing_changes(stack: LocalSt
         sent = stack.sim_stats()["callbacks"].get(task_id, [])
         return any(c["status"] == "succeed" and c.get("http_status") == 200 for c in sent)
 
-    poll("Kling's succeed callback delivered", final_callback_delivered, stack)
+    wait_until(final_callback_delivered, timeout=60, what="Kling's succeed callback delivered",
+               diagnostics=stack.logs_tail)
     after = job(stack, job_id)
     assert after["state"] == "canceled" and after["events"] == canceled["events"] and after["videos"] == []
     assert keys_of(stack, job_id) == []
@@ -163,7 +156,8 @@ def test_retry_after_submit_exhausted_adopts_the_task_the_lost_create_made(stack
 def test_python_client_cancels_and_is_refused_with_reasons(stack: LocalStack) -> None:
     stack.sim_control(submitted_seconds=1.5)
     job_id = submit(stack, job_body(4))
-    poll("job submitted at Kling", lambda: in_submitted(stack, job_id), stack)
+    wait_until(lambda: in_submitted(stack, job_id), timeout=60, what="job submitted at Kling",
+               diagnostics=stack.logs_tail)
     with Relay.from_env(stack.env) as relay:
         canceled = relay.cancel(job_id, reason="from the backend")
         assert canceled.state is JobState.CANCELED
@@ -187,7 +181,8 @@ def test_kling_failed_retry_is_409_and_makes_no_task(stack: LocalStack) -> None:
     assert response.status_code == 409 and "new job" in response.json()["error"]
     refused = cli(stack, "retry", job_id)
     assert refused.returncode == 4 and "new job" in refused.stderr
-    time.sleep(0.5)  # give a wrongly queued submit the time to reach the simulator (no timed assert)
+    # deliberate pause, asserted across: give a wrongly queued submit the time to reach the simulator
+    time.sleep(0.5)
     assert stack.sim_stats()["tasks_by_external_id"][job_id] == [failed["kling_task_id"]]
     assert job(stack, job_id) == failed
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from typing import Any
 
 import pytest
@@ -14,6 +13,7 @@ import requests
 from deploy.stack import LocalStack
 from kling_relay.shared.tokens import callback_token
 from tests.e2e.conftest import job_body, submit, wait_jobs
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -109,13 +109,8 @@ def test_forged_callbacks_are_refused_and_change_nothing(clean_sim: LocalStack) 
     stack.sim_control(submitted_seconds=5)  # keep the job in "submitted" while we forge
     try:
         job_id = submit(stack, job_body(8))
-        for _ in range(100):
-            job = stack.api("GET", f"/v1/jobs/{job_id}").json()
-            if job["kling_task_id"]:
-                break
-            import time
-
-            time.sleep(0.1)
+        wait_until(lambda: stack.api("GET", f"/v1/jobs/{job_id}").json()["kling_task_id"], timeout=10,
+                   what="the job's Kling task", diagnostics=stack.logs_tail, interval=0.1)
         before = stack.api("GET", f"/v1/jobs/{job_id}").json()
         assert before["state"] == "submitted"
         task = {"task_id": before["kling_task_id"], "task_status": "succeed", "task_status_msg": "",
@@ -161,22 +156,34 @@ def test_finished_job_is_published_to_the_stream(clean_sim: LocalStack) -> None:
     assert "image_list" not in kept and kept["images"] == ["<base64>", "<base64>"] and kept["prompt"] == "test job 9"
 
 
+def in_state(stack: LocalStack, job_id: str, state: str) -> dict[str, Any] | None:
+    job: dict[str, Any] = stack.api("GET", f"/v1/jobs/{job_id}").json()
+    return job if job["state"] == state else None
+
+
+def copy_ended(stack: LocalStack, job_id: str) -> bool:
+    """A worker logged that the job's copy gave up after the cancel (the copy's last step for it)."""
+    ends = ("copy dropped", "copy withdrawn")
+    return any(job_id in line and any(end in line for end in ends)
+               for name, proc in stack.processes.items() if name.startswith("worker")
+               for line in proc.log_path.read_text(errors="replace").splitlines())
+
+
 def test_a_job_canceled_during_its_copy_leaves_nothing_in_s3(clean_sim: LocalStack) -> None:
     stack = clean_sim
     stack.sim_control(download_rate=2_000)  # the copy of a small video takes a few seconds
     try:
         job_id = submit(stack, job_body(41))
-        deadline = time.monotonic() + 60
-        while stack.api("GET", f"/v1/jobs/{job_id}").json()["state"] != "generated":
-            assert time.monotonic() < deadline, stack.logs_tail()
-            time.sleep(0.1)
-        time.sleep(0.3)  # the copy is downloading now
+        generated = wait_until(lambda: in_state(stack, job_id, "generated"), timeout=60, what="the job generated",
+                               diagnostics=stack.logs_tail, interval=0.1)
+        task_id = generated["kling_task_id"]
+        wait_until(lambda: stack.sim_stats()["downloads"].get(task_id, {}).get("started", 0) >= 1, timeout=60,
+                   what="the copy downloading", diagnostics=stack.logs_tail)
         assert stack.api("POST", f"/v1/jobs/{job_id}/cancel").status_code == 200
-        task_id = stack.api("GET", f"/v1/jobs/{job_id}").json()["kling_task_id"]
-        while stack.sim_stats()["downloads"].get(task_id, {}).get("completed", 0) < 1:
-            assert time.monotonic() < deadline, stack.logs_tail()
-            time.sleep(0.2)
-        time.sleep(2)  # let the copy finish what it does after the download
+        wait_until(lambda: stack.sim_stats()["downloads"][task_id]["completed"] >= 1, timeout=60,
+                   what="the download finished", diagnostics=stack.logs_tail, interval=0.2)
+        wait_until(lambda: copy_ended(stack, job_id), timeout=30, what="the copy task to give the job up",
+                   diagnostics=stack.logs_tail, interval=0.2)
     finally:
         stack.sim_control(download_rate=0)
     job = stack.api("GET", f"/v1/jobs/{job_id}").json()

@@ -8,7 +8,6 @@ ends stored, with exactly one Kling task, through the path the fault forces.
 from __future__ import annotations
 
 import signal
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,6 +17,7 @@ import redis
 from deploy.stack import LocalStack
 from kling_relay.shared import flow
 from tests.e2e.conftest import job_body, submit, wait_jobs
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -83,11 +83,12 @@ def test_account_error_pauses_then_the_probe_resumes_and_all_are_stored(stack: L
     stack.sim_control(force_error_code=1101)
     ids = [submit(stack, job_body(300 + n)) for n in range(3)]
 
-    deadline = time.monotonic() + 30
-    while flow.status(client)["submission"] != "paused":
-        assert time.monotonic() < deadline, stack.logs_tail()
-        time.sleep(0.1)
-    time.sleep(3)  # a few reconcile passes and probes while the account error lasts
+    wait_until(lambda: flow.status(client)["submission"] == "paused", timeout=30, what="submission paused",
+               diagnostics=stack.logs_tail)
+    refused_at_pause = stack.sim_stats()["error_codes"].get("1101", 0)
+    # a few reconcile passes and probes while the account error lasts: two more trial creates refused with 1101
+    wait_until(lambda: stack.sim_stats()["error_codes"].get("1101", 0) >= refused_at_pause + 2, timeout=30,
+               what="two trial creates refused while paused", diagnostics=stack.logs_tail)
     status = flow.status(client)
     assert status["submission"] == "paused", "a trial create failed again: still paused"
     assert status["pause"]["reason"] == "account" and status["pause"]["code"] == 1101

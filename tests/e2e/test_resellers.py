@@ -6,8 +6,10 @@ with callbacks duplicated and reordered; a create whose answer is lost is never 
 
 from __future__ import annotations
 
+import base64
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,6 +22,7 @@ from tests.e2e.faults_conftest import assert_stored_once, fault_stack, get_jobs,
 pytestmark = pytest.mark.e2e
 
 API_KEY = "reseller-static-key-0123456789"
+SECRET = "whsec_" + base64.b64encode(b"kling-console-secret-0123456789").decode()
 CREATE = "POST /v1/videos/multi-image2video"
 GET_ONE = "GET /v1/videos/multi-image2video/{id}"
 LIST = "GET /v1/videos/multi-image2video"
@@ -95,3 +98,20 @@ def test_without_read_routes_a_lost_create_answer_is_never_sent_again(stack: Loc
         notes = [e["detail"] for e in job["events"] if e["from"] == e["to"] and e["detail"].get("waiting")]
         assert notes and "create outcome unknown" in notes[0]["why"], job["events"]
     assert_stored_once(stack, {j["id"]: j for j in jobs.values() if j["state"] == "stored"})
+
+
+def test_without_read_routes_a_signed_callback_binds_the_task_of_a_lost_create_answer(tmp_path: Path) -> None:
+    """With Kling's signature on callbacks (KLING_WEBHOOK_SECRET), a callback is Kling's own word: the job whose
+    create answer was lost gets its task from it, and is stored, with one task and one create."""
+    with fault_stack(tmp_path, sim_prefix="/kling", sim_api_key=API_KEY,
+                     sim_args=["--video-bytes", "40000", "--no-query", "--webhook-secret", SECRET,
+                               "--ambiguous-create-every-n", "1"],
+                     env={"KLING_WEBHOOK_SECRET": SECRET}) as stack:
+        job_id = submit(stack, job_body(3300))
+        jobs = wait_jobs(stack, [job_id], timeout=90)
+        job = jobs[job_id]
+        bound = [e for e in job["events"] if e["from"] != e["to"] and e["to"] == "submitted"]
+        assert bound and bound[0]["source"] == "callback" and bound[0]["detail"]["bound_by"] == "signed callback"
+        assert_stored_once(stack, jobs)
+        assert stack.sim_stats()["requests"][CREATE] == 1
+        assert stack.api("GET", "/v1/status").json()["awaiting_callback"] == []

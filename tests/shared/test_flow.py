@@ -13,38 +13,27 @@ from kling_relay.shared import flow, kling_codes
 from kling_relay.shared.jobs import JobState, JobStore
 from kling_relay.shared.kling import KlingRetryLater
 from kling_relay.shared.runtime import limited_kling_client
+from tests.support.clock import FakeClock
 from tests.support.relay_runtime import REQUEST, relay_settings
 from tests.support.sim import SimHandle, running_simulator
-
-
-class Clock:
-    def __init__(self, t: float = 1_000.0) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
-
-    def sleep(self, seconds: float) -> None:
-        self.t += seconds
-
 
 # --- rate limit ---------------------------------------------------------------------------------------------------
 
 def test_limiter_lets_a_burst_through_then_spaces_requests(redis_client: redis.Redis) -> None:
-    clock = Clock()
+    clock = FakeClock(1_000.0)
     limiter = flow.RateLimiter(redis_client, 5, clock=clock)
     assert [limiter.try_acquire() for _ in range(5)] == [0.0] * 5
     wait = limiter.try_acquire()
     assert wait == pytest.approx(0.2)
-    clock.t += 0.1
+    clock.now += 0.1
     assert limiter.try_acquire() == pytest.approx(0.1)
-    clock.t += 0.1
+    clock.now += 0.1
     assert limiter.try_acquire() == 0.0
     assert limiter.try_acquire() == pytest.approx(0.2)
 
 
 def test_limiter_is_shared_by_every_instance(redis_client: redis.Redis, redis_url: str) -> None:
-    clock = Clock()
+    clock = FakeClock(1_000.0)
     other_client = redis.Redis.from_url(redis_url, decode_responses=True)
     try:
         a = flow.RateLimiter(redis_client, 2, clock=clock)
@@ -56,11 +45,11 @@ def test_limiter_is_shared_by_every_instance(redis_client: redis.Redis, redis_ur
 
 
 def test_limiter_grants_exactly_the_rate_over_time(redis_client: redis.Redis) -> None:
-    clock = Clock()
+    clock = FakeClock(1_000.0)
     limiter = flow.RateLimiter(redis_client, 4, burst=1, clock=clock)
     granted = 0
     for step in range(640):  # 10 simulated seconds in exact steps of 1/64 s
-        clock.t = 1000 + step / 64
+        clock.now = 1000 + step / 64
         if limiter.try_acquire() == 0.0:
             granted += 1
     assert granted == 40
@@ -74,12 +63,12 @@ def test_limiter_on_redis_clock_refuses_the_request_over_the_burst(redis_client:
 
 
 def test_acquire_waits_briefly_then_raises_rate_limited(redis_client: redis.Redis) -> None:
-    clock = Clock()
+    clock = FakeClock(1_000.0)
     limiter = flow.RateLimiter(redis_client, 1, clock=clock)
     limiter.acquire(max_wait=0, sleep=clock.sleep)
-    start = clock.t
+    start = clock.now
     limiter.acquire(max_wait=1.5, sleep=clock.sleep)  # waits one second, within max_wait
-    assert clock.t - start == pytest.approx(1.0)
+    assert clock.now - start == pytest.approx(1.0)
     with pytest.raises(flow.RateLimited) as info:
         limiter.acquire(max_wait=0.5, sleep=clock.sleep)
     assert info.value.retry_after == pytest.approx(1.0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import re
 import threading
@@ -22,6 +23,8 @@ from kling_relay.shared.jobs import (
     JobState,
     JobStore,
 )
+from tests.support.bulk_jobs import copy_job
+from tests.support.clock import FakeClock
 
 S = JobState
 IMAGE_B64 = "iVBORw0KGgoAAAANSUhEUgAAASwAAAEsCAIAAAD2HxkiAAAAsecretpixels" * 4
@@ -56,26 +59,13 @@ PATH: dict[JobState, list[JobState]] = {
 }
 
 
-class Clock:
-    """A clock the test moves by hand; every reading is exact, so timestamps can be compared."""
-
-    def __init__(self, start: float = 1_800_000_000.0) -> None:
-        self.t = start
-
-    def __call__(self) -> float:
-        return self.t
-
-    def advance(self, seconds: float = 1.0) -> None:
-        self.t += seconds
+@pytest.fixture()
+def clock() -> FakeClock:
+    return FakeClock(1_800_000_000.0)
 
 
 @pytest.fixture()
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture()
-def store(redis_client: redis.Redis, clock: Clock) -> JobStore:
+def store(redis_client: redis.Redis, clock: FakeClock) -> JobStore:
     return JobStore(redis_client, clock=clock)
 
 
@@ -96,7 +86,7 @@ def index_members(r: redis.Redis, state: JobState) -> set[str]:
 @pytest.mark.parametrize("start", list(S))
 @pytest.mark.parametrize("to", list(S))
 def test_every_transition_is_applied_or_a_silent_no_op(store: JobStore, redis_client: redis.Redis,
-                                                         clock: Clock, start: JobState, to: JobState) -> None:
+                                                         clock: FakeClock, start: JobState, to: JobState) -> None:
     job = make_job(store, start, due_in=60)
     before_events = store.events(job.id)
     clock.advance(5)
@@ -109,12 +99,12 @@ def test_every_transition_is_applied_or_a_silent_no_op(store: JobStore, redis_cl
     if to in ALLOWED[start]:
         assert result.applied
         assert after.state is to
-        assert after.updated_at == clock.t
+        assert after.updated_at == clock.now
         events = store.events(job.id)
         assert len(events) == len(before_events) + 1
         assert events[-1].as_dict()["from"] == start.value
         assert (events[-1].from_state, events[-1].to_state, events[-1].source) == (start, to, "callback")
-        assert events[-1].at == clock.t and events[-1].detail == {"kling_status": "x"}
+        assert events[-1].at == clock.now and events[-1].detail == {"kling_status": "x"}
         assert job.id in index_members(redis_client, to)
         assert job.id not in index_members(redis_client, start)
     else:
@@ -213,7 +203,7 @@ def test_unknown_job(store: JobStore, redis_client: redis.Redis) -> None:
 # --- retry ----------------------------------------------------------------------------------------------------
 
 def test_retry_puts_a_failed_job_back_to_queued(store: JobStore, redis_client: redis.Redis,
-                                                clock: Clock) -> None:
+                                                clock: FakeClock) -> None:
     job = make_job(store, S.SUBMITTED)
     store.bump_attempt(job.id, "submit")
     store.bump_attempt(job.id, "submit")
@@ -231,7 +221,7 @@ def test_retry_puts_a_failed_job_back_to_queued(store: JobStore, redis_client: r
     assert last.detail == {"previous_error": error}
     assert index_members(redis_client, S.QUEUED) == {job.id}
     assert index_members(redis_client, S.FAILED) == set()
-    assert store.due(now=clock.t + 30) == [job.id]
+    assert store.due(now=clock.now + 30) == [job.id]
 
 
 @pytest.mark.parametrize("state", [s for s in S if s is not S.FAILED])
@@ -351,20 +341,20 @@ def test_the_idempotency_key_is_stored_hashed(store: JobStore, redis_client: red
 
 # --- create, ids, attempts, notes -----------------------------------------------------------------------------
 
-def test_create_stores_everything(store: JobStore, clock: Clock) -> None:
+def test_create_stores_everything(store: JobStore, clock: FakeClock) -> None:
     job, _ = store.create(dict(REQUEST), notify_url="https://app/hook", metadata={"user": "u1"},
                           deadline_seconds=3600, due_in=120)
     assert job.state is S.QUEUED and store.request(job.id) == REQUEST
     assert job.notify_url == "https://app/hook" and job.metadata == {"user": "u1"}
-    assert job.created_at == job.updated_at == clock.t
-    assert job.deadline_at == clock.t + 3600
+    assert job.created_at == job.updated_at == clock.now
+    assert job.deadline_at == clock.now + 3600
     assert job.kling_task_id is None and job.error is None and job.videos == [] and job.attempts == {}
     [event] = store.events(job.id)
-    assert (event.from_state, event.to_state, event.source, event.at) == (None, "queued", "api", clock.t)
-    assert store.due(now=clock.t + 119) == [] and store.due(now=clock.t + 120) == [job.id]
+    assert (event.from_state, event.to_state, event.source, event.at) == (None, "queued", "api", clock.now)
+    assert store.due(now=clock.now + 119) == [] and store.due(now=clock.now + 120) == [job.id]
 
 
-def test_job_ids_are_url_safe_bounded_and_time_sortable(store: JobStore, clock: Clock) -> None:
+def test_job_ids_are_url_safe_bounded_and_time_sortable(store: JobStore, clock: FakeClock) -> None:
     ids = []
     for _ in range(20):
         ids.append(store.create(dict(REQUEST))[0].id)
@@ -433,7 +423,7 @@ def test_bump_attempt_is_atomic(store: JobStore) -> None:
     assert sorted(results) == list(range(1, 21))
 
 
-def test_note_appends_an_event_without_a_state_change(store: JobStore, clock: Clock) -> None:
+def test_note_appends_an_event_without_a_state_change(store: JobStore, clock: FakeClock) -> None:
     job = make_job(store, S.SUBMITTED)
     clock.advance(3)
     store.note(job.id, source="callback", detail={"duplicate": "submitted"})
@@ -441,10 +431,10 @@ def test_note_appends_an_event_without_a_state_change(store: JobStore, clock: Cl
     assert after == job
     last = store.events(job.id)[-1]
     assert (last.from_state, last.to_state, last.source, last.detail, last.at) == (
-        "submitted", "submitted", "callback", {"duplicate": "submitted"}, clock.t)
+        "submitted", "submitted", "callback", {"duplicate": "submitted"}, clock.now)
 
 
-def test_events_limit_and_cap(redis_client: redis.Redis, clock: Clock) -> None:
+def test_events_limit_and_cap(redis_client: redis.Redis, clock: FakeClock) -> None:
     store = JobStore(redis_client, clock=clock, max_events=5)
     job = make_job(store)
     for i in range(10):
@@ -466,7 +456,7 @@ def walk(store: JobStore, *, state: JobState | None = None, limit: int) -> list[
             return pages
 
 
-def test_list_pages_newest_first_without_duplicates(store: JobStore, clock: Clock) -> None:
+def test_list_pages_newest_first_without_duplicates(store: JobStore, clock: FakeClock) -> None:
     created = []
     for i in range(23):
         created.append(make_job(store, S.SUBMITTED if i % 3 == 0 else S.QUEUED).id)
@@ -507,7 +497,7 @@ def test_list_limits_and_bad_cursors(store: JobStore) -> None:
 
 
 def test_list_skips_jobs_that_are_gone_and_drops_their_entries(store: JobStore, redis_client: redis.Redis,
-                                                               clock: Clock) -> None:
+                                                               clock: FakeClock) -> None:
     keep = make_job(store)
     clock.advance(1)
     gone = make_job(store)
@@ -515,6 +505,22 @@ def test_list_skips_jobs_that_are_gone_and_drops_their_entries(store: JobStore, 
     jobs, _ = store.list()
     assert [j.id for j in jobs] == [keep.id]
     assert redis_client.zscore("kr:jobs:all", gone.id) is None
+
+
+def test_bulk_copies_of_a_job_read_like_jobs_the_store_made(store: JobStore, redis_client: redis.Redis) -> None:
+    """tests/support/bulk_jobs.py fills Redis for the tests that need thousands of jobs: its copies must be
+    indistinguishable from the template, apart from the id."""
+    template = make_job(store, S.STORED)
+    ids = copy_job(redis_client, template.id, 5, batch=2)
+    assert len(set(ids)) == 5 and template.id not in ids
+    for job_id in ids:
+        assert store.require(job_id) == dataclasses.replace(template, id=job_id)
+        assert store.events(job_id) == store.events(template.id)
+        assert store.request(job_id) == store.request(template.id)
+    assert store.counts()["stored"] == 6
+    announced = redis_client.zrange("kr:outbox", 0, -1)
+    assert len(announced) == 6 and {m.split("|")[0] for m in announced} == {template.id, *ids}
+    assert {j.id for j in store.list(state=S.STORED)[0]} == {template.id, *ids}
 
 
 def test_counts(store: JobStore) -> None:
@@ -527,40 +533,40 @@ def test_counts(store: JobStore) -> None:
 
 # --- due index ------------------------------------------------------------------------------------------------
 
-def test_due_returns_only_jobs_that_are_due(store: JobStore, clock: Clock) -> None:
+def test_due_returns_only_jobs_that_are_due(store: JobStore, clock: FakeClock) -> None:
     soon = make_job(store, due_in=10)
     later = make_job(store, due_in=100)
     never = make_job(store)
     assert store.due() == []
     clock.advance(10)
     assert store.due() == [soon.id]
-    assert store.due(now=clock.t + 90) == [soon.id, later.id]
-    assert never.id not in store.due(now=clock.t + 10**9)
-    assert store.due(now=clock.t + 90, limit=1) == [soon.id]
+    assert store.due(now=clock.now + 90) == [soon.id, later.id]
+    assert never.id not in store.due(now=clock.now + 10**9)
+    assert store.due(now=clock.now + 90, limit=1) == [soon.id]
 
 
 def test_steps_move_keep_and_drop_the_due_time(store: JobStore, redis_client: redis.Redis,
-                                               clock: Clock) -> None:
+                                               clock: FakeClock) -> None:
     job = make_job(store, due_in=10)
     store.step(job.id, S.SUBMITTED, source="worker", due_in=300)
-    assert redis_client.zscore("kr:jobs:due", job.id) == clock.t + 300
+    assert redis_client.zscore("kr:jobs:due", job.id) == clock.now + 300
     store.step(job.id, S.PROCESSING, source="callback")  # "keep"
-    assert redis_client.zscore("kr:jobs:due", job.id) == clock.t + 300
+    assert redis_client.zscore("kr:jobs:due", job.id) == clock.now + 300
     store.step(job.id, S.GENERATED, source="callback", due_in=None)
     assert redis_client.zscore("kr:jobs:due", job.id) is None
     store.set_due(job.id, 50)
-    assert store.due(now=clock.t + 50) == [job.id]
+    assert store.due(now=clock.now + 50) == [job.id]
     store.step(job.id, S.STORED, source="worker", due_in=30)  # terminal wins over due_in
-    assert store.due(now=clock.t + 10**9) == []
+    assert store.due(now=clock.now + 10**9) == []
     store.set_due(job.id, 5)  # a terminal job is never due again
-    assert store.due(now=clock.t + 10**9) == []
+    assert store.due(now=clock.now + 10**9) == []
 
 
 def test_a_no_op_step_leaves_the_due_time_alone(store: JobStore, redis_client: redis.Redis,
-                                                clock: Clock) -> None:
+                                                clock: FakeClock) -> None:
     job = make_job(store, S.GENERATED, due_in=10)
     store.step(job.id, S.PROCESSING, source="callback", due_in=None)
-    assert redis_client.zscore("kr:jobs:due", job.id) == clock.t + 10
+    assert redis_client.zscore("kr:jobs:due", job.id) == clock.now + 10
 
 
 def command_stats(r: redis.Redis) -> dict[str, int]:
@@ -569,21 +575,21 @@ def command_stats(r: redis.Redis) -> dict[str, int]:
 
 
 def test_due_reads_only_the_due_index_among_ten_thousand_jobs(store: JobStore, redis_client: redis.Redis,
-                                                              clock: Clock) -> None:
+                                                              clock: FakeClock) -> None:
     small = {"prompt": "p", "image_list": [{"image": "https://img.example/a.png"}]}
     pipe = redis_client.pipeline(transaction=False)
     for i in range(10_000):  # plain creates, pipelined to keep the test fast; the due ones go through create()
         job_id = f"job_bulk{i:05d}"
         pipe.hset(f"kr:job:{job_id}", mapping={"id": job_id, "state": "queued", "request": json.dumps(small),
-                                               "created_at": repr(clock.t), "updated_at": repr(clock.t)})
-        pipe.zadd("kr:jobs:all", {job_id: clock.t})
-        pipe.zadd("kr:jobs:state:queued", {job_id: clock.t})
+                                               "created_at": repr(clock.now), "updated_at": repr(clock.now)})
+        pipe.zadd("kr:jobs:all", {job_id: clock.now})
+        pipe.zadd("kr:jobs:state:queued", {job_id: clock.now})
         if i % 1000 == 0:
             pipe.execute()
     pipe.execute()
     for i in range(10_000):
         if i % 100 == 0:
-            pipe.zadd("kr:jobs:due", {f"job_bulk{i:05d}": clock.t + 3600})  # due later, not now
+            pipe.zadd("kr:jobs:due", {f"job_bulk{i:05d}": clock.now + 3600})  # due later, not now
     pipe.execute()
     due_now = {make_job(store, due_in=i).id for i in range(10)}
     assert redis_client.dbsize() > 10_000
@@ -623,7 +629,7 @@ def test_public_dict_shape_and_no_images(store: JobStore) -> None:
 
 
 def test_ttl_applies_once_a_job_is_finished_and_retry_lifts_it(redis_client: redis.Redis,
-                                                               clock: Clock) -> None:
+                                                               clock: FakeClock) -> None:
     store = JobStore(redis_client, clock=clock, job_ttl_seconds=3600)
     job = make_job(store, S.PROCESSING, idempotency_key="k")
     assert redis_client.ttl(f"kr:job:{job.id}") == -1
@@ -654,7 +660,7 @@ def test_a_key_whose_job_is_gone_makes_a_new_job(store: JobStore, redis_client: 
 
 
 def test_replace_request_keeps_the_expiry_and_needs_an_existing_request(redis_client: redis.Redis,
-                                                                        clock: Clock) -> None:
+                                                                        clock: FakeClock) -> None:
     store = JobStore(redis_client, clock=clock, job_ttl_seconds=3600)
     job = make_job(store, S.GENERATED)
     store.step(job.id, S.STORED, source="worker")
@@ -665,18 +671,18 @@ def test_replace_request_keeps_the_expiry_and_needs_an_existing_request(redis_cl
     assert not redis_client.exists("kr:job:job_missing:request")
 
 
-def test_due_times_never_pass_the_deadline(store: JobStore, redis_client: redis.Redis, clock: Clock) -> None:
+def test_due_times_never_pass_the_deadline(store: JobStore, redis_client: redis.Redis, clock: FakeClock) -> None:
     job, _ = store.create(dict(REQUEST), deadline_seconds=100, due_in=10)
-    deadline = clock.t + 100
+    deadline = clock.now + 100
     store.set_due(job.id, 3600)
     assert redis_client.zscore("kr:jobs:due", job.id) == deadline
     store.step(job.id, S.SUBMITTED, source="worker", due_in=5000)
     assert redis_client.zscore("kr:jobs:due", job.id) == deadline
     store.step(job.id, S.PROCESSING, source="callback", due_in=30)
-    assert redis_client.zscore("kr:jobs:due", job.id) == clock.t + 30
+    assert redis_client.zscore("kr:jobs:due", job.id) == clock.now + 30
     free, _ = store.create(dict(REQUEST), due_in=10)  # no deadline: as asked
     store.set_due(free.id, 3600)
-    assert redis_client.zscore("kr:jobs:due", free.id) == clock.t + 3600
+    assert redis_client.zscore("kr:jobs:due", free.id) == clock.now + 3600
 
 
 def _cursor(score: object, job_id: object) -> str:
@@ -703,7 +709,7 @@ def test_a_malformed_cursor_is_invalid_cursor_never_another_error(store: JobStor
     assert issubclass(InvalidCursor, ValueError)
 
 
-def test_a_cursor_the_store_made_still_works(store: JobStore, clock: Clock) -> None:
+def test_a_cursor_the_store_made_still_works(store: JobStore, clock: FakeClock) -> None:
     for _ in range(3):
         make_job(store)
         clock.advance(1)

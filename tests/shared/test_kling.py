@@ -43,22 +43,13 @@ from kling_relay.shared.kling import (
     kind_for_code,
 )
 from kling_relay.shared.kling_auth import JwtTokenSource, StaticApiKey
+from tests.support.clock import FakeClock, SkewedClock
 from tests.support.procs import free_port
 from tests.support.sim import SimHandle, running_simulator, start_simulator
 
 AK, API_KEY = "ak-test-0001", "static-key-very-secret"
 SK = "sk-test-secret-0001-long-enough-for-pyjwt"  # >= 32 bytes, so jwt.decode in tests does not warn
 T0 = 1_700_000_000.0
-
-
-class FakeClock:
-    """An injectable clock the test moves by hand."""
-
-    def __init__(self, now: float = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def task_json(task_id: str = "t-1", status: str = "submitted", external_task_id: str | None = "job-1",
@@ -91,7 +82,7 @@ def test_jwt_header_and_claims_follow_kling_docs() -> None:
 
 def test_short_secret_keys_sign_without_warnings() -> None:
     # Kling issues the keys; PyJWT's "HMAC key below 32 bytes" warning must not fire (warnings are errors).
-    token = JwtTokenSource(AK, "short-sk", clock=FakeClock()).token()
+    token = JwtTokenSource(AK, "short-sk", clock=FakeClock(T0)).token()
     signing_input, _, signature = token.rpartition(".")
     expected = hmac.new(b"short-sk", signing_input.encode(), hashlib.sha256).digest()
     assert base64.urlsafe_b64decode(signature + "=" * (-len(signature) % 4)) == expected
@@ -100,7 +91,7 @@ def test_short_secret_keys_sign_without_warnings() -> None:
 
 
 def test_jwt_is_reused_until_less_than_the_margin_is_left() -> None:
-    clock = FakeClock()
+    clock = FakeClock(T0)
     source = JwtTokenSource(AK, SK, clock=clock)
     first = source.token()
     clock.now = T0 + 1499  # 301 s left: still reused
@@ -113,7 +104,7 @@ def test_jwt_is_reused_until_less_than_the_margin_is_left() -> None:
 
 
 def test_jwt_renew_margin_is_configurable() -> None:
-    clock = FakeClock()
+    clock = FakeClock(T0)
     source = JwtTokenSource(AK, SK, clock=clock, renew_margin=60)
     first = source.token()
     clock.now = T0 + 1739  # 61 s left
@@ -125,7 +116,7 @@ def test_jwt_renew_margin_is_configurable() -> None:
 
 
 def test_jwt_renew_replaces_only_the_stale_token() -> None:
-    clock = FakeClock()
+    clock = FakeClock(T0)
     source = JwtTokenSource(AK, SK, clock=clock)
     stale = source.token()
     clock.now += 10
@@ -137,7 +128,7 @@ def test_jwt_renew_replaces_only_the_stale_token() -> None:
 
 
 def test_jwt_cache_is_shared_between_threads() -> None:
-    source = JwtTokenSource(AK, SK, clock=FakeClock())
+    source = JwtTokenSource(AK, SK, clock=FakeClock(T0))
     tokens: list[str] = []
     barrier = threading.Barrier(8)
 
@@ -261,6 +252,17 @@ def test_task_from_json_reads_every_field() -> None:
         videos=(KlingVideo("v1", "https://cdn.example.com/a.mp4", "5.1"),
                 KlingVideo("7", "https://cdn.example.com/b.mp4", "10")))
     assert task.is_final
+
+
+def test_watermark_url_is_read_beside_url() -> None:
+    """Issue 9 item 5: with watermark_info enabled Kling returns `watermark_url` beside `url`; an odd one is left
+    out rather than making the task (and its billed video) unreadable."""
+    videos = [{"id": "v1", "url": "https://cdn.example.com/a.mp4", "duration": "5",
+               "watermark_url": "https://cdn.example.com/a-wm.mp4"},
+              {"id": "v2", "url": "https://cdn.example.com/b.mp4", "watermark_url": 12},
+              {"id": "v3", "url": "https://cdn.example.com/c.mp4", "watermark_url": ""}]
+    task = KlingTask.from_json(task_json("t", "succeed", "job-1", task_result={"videos": videos}))
+    assert [v.watermark_url for v in task.videos] == ["https://cdn.example.com/a-wm.mp4", None, None]
 
 
 def test_task_from_json_minimal() -> None:
@@ -544,7 +546,7 @@ def test_malformed_list(scripted: ScriptedKling, make_client: Any) -> None:
 
 
 def test_expired_token_is_renewed_and_retried_once(scripted: ScriptedKling, make_client: Any) -> None:
-    clock = FakeClock()
+    clock = FakeClock(T0)
     client = make_client(scripted.url, clock=clock)
     scripted.reply((200, envelope(data=task_json())))
     client.get_task("t-1")
@@ -559,7 +561,7 @@ def test_expired_token_is_renewed_and_retried_once(scripted: ScriptedKling, make
 
 def test_token_near_expiry_is_renewed_before_the_server_rejects_it(scripted: ScriptedKling,
                                                                      make_client: Any) -> None:
-    clock = FakeClock()  # shared by the client and the server's expiry check
+    clock = FakeClock(T0)  # shared by the client and the server's expiry check
 
     def checks_exp(seen: Seen) -> tuple[int, bytes]:
         claims = decode((seen.authorization or "").removeprefix("Bearer "))
@@ -582,7 +584,7 @@ def test_token_near_expiry_is_renewed_before_the_server_rejects_it(scripted: Scr
 
 
 def test_expired_token_twice_is_an_account_error(scripted: ScriptedKling, make_client: Any) -> None:
-    clock = FakeClock()
+    clock = FakeClock(T0)
     client = make_client(scripted.url, clock=clock)
     scripted.reply(*[(401, envelope(1004, message="token expired"))] * 3)
     with pytest.raises(KlingFixAccount) as info:
@@ -947,18 +949,15 @@ def test_sim_expired_token_triggers_one_renewal(sim: SimHandle, make_client: Any
 
 
 def test_sim_token_near_expiry_is_renewed_before_sending(sim: SimHandle, make_client: Any) -> None:
-    offset = [-1803.0]  # the first tokens' exp is 3-4 s ago: still inside the simulator's 5 s leeway
-
-    def clock() -> float:
-        return time.time() + offset[0]
-
+    clock = SkewedClock(-1803.0)  # the first tokens' exp is 3-4 s ago: still inside the simulator's 5 s leeway
     keys = {"access_key": sim.access_key, "secret_key": sim.secret_key, "clock": clock}
     client = make_client(sim.base_url, **keys)
     control = make_client(sim.base_url, **keys, jwt_renew_margin=0)  # the same client without the margin
     client.create_multi_image2video(sim_body("job-1"))
     control.get_task_by_external_id("job-1")
-    time.sleep(2.1)  # now the simulator refuses those tokens (exp + leeway has passed)
-    offset[0] += 1700  # the clients' clock sees ~100 s left on them: less than the 300 s margin
+    # deliberate: the simulator checks exp on the real clock; after this its leeway has passed for those tokens
+    time.sleep(2.1)
+    clock.offset += 1700  # the clients' clock sees ~100 s left on them: less than the 300 s margin
     assert client.get_task_by_external_id("job-1").external_task_id == "job-1"
     assert sim.stats()["error_codes"] == {}  # renewed before sending, never refused
     assert control.get_task_by_external_id("job-1").external_task_id == "job-1"

@@ -53,3 +53,19 @@ def test_the_check_sees_a_forbidden_import(tmp_path: Path) -> None:
                       "    from kling_relay.shared.runtime import R\n"
                       "def f():\n    from kling_relay.shared.runtime import make_s3_client\n")
     assert runtime_imports(module).count(WIRING) == 1  # the one in f(), not the annotation-only one
+
+
+REPO = SHARED.parent
+
+
+@pytest.mark.parametrize(("folder", "forbidden"), [("bench", "tests"), ("tests", "bench"), ("deploy", "tests"),
+                                                   ("deploy", "bench")])
+def test_bench_tests_and_deploy_do_not_import_each_other(folder: str, forbidden: str) -> None:
+    """Issue 8 item 7: bench/copy_memory.py imported tests.support, and the memory test imported bench.copy_memory.
+    What both need (local processes, the copy probe, moto's S3) lives in deploy/, which imports neither."""
+    bad = {}
+    for path in sorted((REPO / folder).rglob("*.py")):
+        names = [n for n in runtime_imports(path) if n == forbidden or n.startswith(forbidden + ".")]
+        if names:
+            bad[str(path.relative_to(REPO))] = names
+    assert not bad, f"{folder}/ imports {forbidden}: {bad}"

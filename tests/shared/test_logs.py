@@ -2,10 +2,11 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 
 import pytest
 
-from kling_relay.shared.logs import JsonFormatter, configure_logging
+from kling_relay.shared.logs import JsonFormatter, bind, configure_logging, json_line, unbind
 
 
 def test_json_lines_with_fields() -> None:
@@ -24,5 +25,64 @@ def test_debug_level_keeps_url_and_signature_loggers_quiet(monkeypatch: pytest.M
         for name in ("urllib3", "botocore", "boto3", "s3transfer"):
             assert logging.getLogger(name).getEffectiveLevel() == logging.WARNING
     finally:
+        logging.captureWarnings(False)
         root.handlers[:] = handlers
         root.setLevel(level)
+
+
+def _record(msg: str, *args: object, **fields: object) -> logging.LogRecord:
+    record = logging.LogRecord("kr", logging.WARNING, __file__, 1, msg, args or None, None)
+    record.__dict__.update(fields)
+    return record
+
+
+def test_control_characters_are_escaped_in_one_line() -> None:
+    """Issue: a path with %0a, %1b and %00 forged log lines; a record is one line whatever its values hold."""
+    hostile = '/healthz\n{"level":"error"}\x1b[31m\x00\r\u2028é'
+    line = JsonFormatter().format(_record("request", path=hostile))
+    assert "\n" not in line and not any(ord(ch) < 0x20 or ord(ch) > 0x7E for ch in line)
+    assert "\\n" in line and "\\u001b" in line and "\\u0000" in line
+    assert json.loads(line)["path"] == hostile
+
+
+def test_odd_records_still_make_one_json_line() -> None:
+    nan = JsonFormatter().format(_record("ratio", value=float("nan"), nested={"x": float("inf")}))
+    assert json.loads(nan)["value"] == "nan"
+    mismatched = json.loads(JsonFormatter().format(_record("%s and %s", "only one")))
+    assert "only one" in mismatched["msg"]
+    obj = json.loads(JsonFormatter().format(_record("obj", thing=object())))
+    assert obj["thing"].startswith("<object")
+
+
+def test_bound_fields_join_every_record_until_unbound() -> None:
+    token = bind(request_id="r-1")
+    try:
+        assert json.loads(JsonFormatter().format(_record("in")))["request_id"] == "r-1"
+        assert json.loads(JsonFormatter().format(_record("own", request_id="r-2")))["request_id"] == "r-2"
+    finally:
+        unbind(token)
+    assert "request_id" not in json.loads(JsonFormatter().format(_record("out")))
+
+
+def test_warnings_become_records(capfd: pytest.CaptureFixture[str]) -> None:
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    logging.captureWarnings(False)  # undo an earlier configure_logging(): capturing twice is a no-op in logging
+    try:
+        configure_logging("INFO")
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.warn("careful\nnow", UserWarning, stacklevel=1)
+    finally:
+        logging.captureWarnings(False)
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    lines = [line for line in capfd.readouterr().err.splitlines() if line]
+    assert len(lines) == 1 and json.loads(lines[0])["logger"] == "py.warnings"
+    assert "careful\nnow" in json.loads(lines[0])["msg"]
+
+
+def test_json_line_has_the_record_shape() -> None:
+    line = json_line("worker: Warm shutdown", level="warning", logger="celery.worker", pid=1)
+    record = json.loads(line)
+    assert set(record) == {"ts", "level", "logger", "msg", "pid"} and record["ts"].endswith("Z")

@@ -4,7 +4,6 @@ live state, refusals that change nothing, races, and the retried submit looking 
 from __future__ import annotations
 
 import base64
-import io
 import json
 import threading
 from collections.abc import Iterator
@@ -13,7 +12,6 @@ from typing import Any
 
 import pytest
 import redis
-from PIL import Image
 
 from kling_relay.shared import pipeline
 from kling_relay.shared.jobs import JobNotFound, JobState, JobStore, StepResult
@@ -25,6 +23,8 @@ from kling_relay.shared.queue import COPY_QUEUE, SUBMIT_QUEUE, Enqueuer, make_ce
 from kling_relay.shared.runtime import Runtime
 from kling_relay.shared.settings import load_settings
 from kling_relay.shared.validation import ValidationFailed
+from tests.support.images import image_b64
+from tests.support.settings_env import relay_env
 from tests.support.sim import running_simulator
 
 REQUEST: dict[str, Any] = {"model_name": "kling-v1-6", "image_list": [{"image": "https://example.com/a.png"}],
@@ -223,26 +223,19 @@ def test_a_broker_that_is_down_does_not_undo_the_retry(store: JobStore) -> None:
     assert job_id in store.due(now=result.job.updated_at + 31)  # the reconciler queues the copy
 
 
-def _png() -> str:
-    buf = io.BytesIO()
-    Image.new("RGB", (400, 300), (10, 120, 200)).save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode()
-
-
 def test_retried_submit_adopts_the_task_an_earlier_create_made(tmp_path: Path, redis_url: str,
                                                                 redis_client: redis.Redis) -> None:
     """The dangerous case: submit_exhausted after a create that did reach Kling. The retry must not create again
     (external_task_id is unique at Kling): the pipeline's next submit finds the task and adopts it."""
     with running_simulator(tmp_path, "--submitted-seconds", "30") as sim:
-        env = {"REDIS_URL": redis_url, "KLING_BASE_URL": sim.base_url, "KLING_ACCESS_KEY": sim.access_key or "",
-               "KLING_SECRET_KEY": sim.secret_key or "", "PUBLIC_BASE_URL": "http://127.0.0.1:9",
-               "CALLBACK_SECRET": "c" * 32, "API_TOKENS": "t" * 32, "S3_BUCKET": "unused"}
-        settings = load_settings(env)
+        settings = load_settings(relay_env(
+            REDIS_URL=redis_url, KLING_BASE_URL=sim.base_url, KLING_ACCESS_KEY=sim.access_key or "",
+            KLING_SECRET_KEY=sim.secret_key or "", PUBLIC_BASE_URL="http://127.0.0.1:9", S3_BUCKET="unused"))
         app = make_celery(redis_url)
         rt = Runtime.from_settings(settings, app)
         try:
             store = rt.store
-            job, _ = store.create({**REQUEST, "image_list": [{"image": _png()}]})
+            job, _ = store.create({**REQUEST, "image_list": [{"image": image_b64(400, 300, (10, 120, 200))}]})
             with KlingClient(sim.base_url, access_key=sim.access_key, secret_key=sim.secret_key,
                              timeout=(5, 10)) as kling:  # the create whose answer was lost
                 made = kling.create_multi_image2video({**store.request(job.id), "external_task_id": job.id})

@@ -6,16 +6,20 @@ Each test calls the plain functions (no Celery worker); what they enqueue lands 
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
+import boto3
 import pytest
 
-from kling_relay.shared import flow
+from kling_relay.shared import copy_flow, flow, ops
 from kling_relay.shared.jobs import JobState
+from kling_relay.shared.jobs_model import iso_utc
 from kling_relay.shared.locks import job_lock
 from kling_relay.shared.pipeline import RetryIn, copy_job, submit_job
 from kling_relay.shared.runtime import Runtime
+from kling_relay.shared.storage import Storage
 from tests.support.relay_runtime import (
     close_runtime,
     due_score,
@@ -24,7 +28,9 @@ from tests.support.relay_runtime import (
     relay_settings,
     sim_requests,
 )
+from tests.support.s3 import MotoS3, moto_s3
 from tests.support.sim import SimHandle, running_simulator
+from tests.support.waiting import wait_until
 
 CREATE = "POST /v1/videos/multi-image2video"
 
@@ -274,21 +280,157 @@ def test_copy_refuses_a_task_that_belongs_to_another_job(runtime: Runtime, sim: 
     assert after.error is not None and "belongs to" in after.error["message"]
 
 
-@pytest.mark.parametrize("runtime", [{"VIDEO_URL_ALLOWLIST": "*.klingai.com"}], indirect=True)
-def test_a_video_url_off_the_allowlist_fails_the_job_without_a_download(runtime: Runtime, sim: SimHandle) -> None:
-    """Kling answers with a URL on 127.0.0.1 (the simulator), which this allow-list does not name: refused."""
-    job = new_job(runtime)
-    assert submit_job(runtime, job.id) == "submitted"
-    task_id = runtime.store.require(job.id).kling_task_id
+# --- a wrong setting never costs a video (issue 9.1 and 9.9) ---------------------------------------------------------
+
+DEFAULT_ALLOWLIST = "*.klingai.com,*.kwimgs.com,*.inkwai.com"
+
+
+@pytest.fixture(scope="module")
+def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoS3]:
+    with moto_s3(tmp_path_factory.mktemp("moto")) as server:
+        yield server
+
+
+def with_storage(rt: Runtime, moto: MotoS3, bucket: str) -> Runtime:
+    """The runtime, copying into `bucket` on moto (which need not exist)."""
+    rt.storage = Storage(moto.client(), bucket, "relay/")
+    return rt
+
+
+def generated_job(rt: Runtime, sim: SimHandle, **kwargs: Any) -> str:
+    """A job whose Kling task succeeded and that is `generated` (its callbacks went nowhere)."""
+    job = new_job(rt, **kwargs)
+    assert submit_job(rt, job.id) == "submitted"
+    task_id = rt.store.require(job.id).kling_task_id
     assert task_id
     sim.wait_for(lambda stats: stats["tasks"].get(task_id) == "succeed", timeout=30)
     for state in (JobState.PROCESSING, JobState.GENERATED):
-        runtime.store.step(job.id, state, source="callback")
-    assert copy_job(runtime, job.id) == "failed"
-    after = runtime.store.require(job.id)
-    assert after.state is JobState.FAILED and after.error is not None
-    assert after.error["reason"] == "copy_exhausted" and "refused" in after.error["message"]
+        rt.store.step(job.id, state, source="callback")
+    return job.id
+
+
+def objects(moto: MotoS3, bucket: str) -> list[str]:
+    return [o["Key"] for o in moto.client().list_objects_v2(Bucket=bucket).get("Contents", [])]
+
+
+@pytest.mark.parametrize("runtime", [{"VIDEO_URL_ALLOWLIST": DEFAULT_ALLOWLIST, "COPY_MAX_ATTEMPTS": "1"}],
+                         indirect=True)
+def test_a_video_url_off_the_allowlist_waits_in_generated_until_the_list_is_widened(
+        runtime: Runtime, sim: SimHandle, moto: MotoS3, redis_url: str) -> None:
+    """Issue 9.1(b): a refused result URL used to fail the job at once (copy_exhausted) after Kling billed it. Now
+    the job waits in `generated` with reason video_host_refused naming the host, uses no attempt, downloads
+    nothing, and is copied by a worker whose allow-list is wider (as after the operator widens it and restarts)."""
+    bucket = f"videos-{uuid.uuid4().hex[:8]}"
+    moto.client().create_bucket(Bucket=bucket)
+    with_storage(runtime, moto, bucket)
+    job_id = generated_job(runtime, sim)
+    before = time.time()
+    for _ in range(3):  # COPY_MAX_ATTEMPTS is 1: a counted attempt would have failed the job
+        assert copy_job(runtime, job_id) == "paused"
+    job = runtime.store.require(job_id)
+    assert job.state is JobState.GENERATED and job.error is None
+    assert job.attempts["copy"] == job.attempts["copy_throttled"] == 3
+    waits = [e["detail"] for e in events(runtime, job_id) if e["detail"].get("waiting")]
+    assert waits == [{"waiting": "video_host_refused", "host": "127.0.0.1",
+                      "message": f"{sim.root_url} is not on VIDEO_URL_ALLOWLIST"}], "one note when the wait begins"
+    [waiting] = copy_flow.waiting(runtime.redis)
+    assert (waiting["job_id"], waiting["reason"], waiting["host"]) == (job_id, "video_host_refused", "127.0.0.1")
+    assert waiting["until"] is not None, "the simulator's URL carries its expiry (an hour)"
+    score = due_score(runtime.redis, job_id)
+    assert score is not None and before < score <= time.time() + runtime.settings.kling_pause_probe_seconds
+    assert sim.stats()["downloads"] == {} and objects(moto, bucket) == []
+
+    widened = with_storage(make_runtime(relay_settings(redis_url, sim, VIDEO_URL_ALLOWLIST=sim.root_url)), moto,
+                           bucket)
+    try:
+        assert copy_job(widened, job_id) == "stored"
+    finally:
+        close_runtime(widened)
+    stored = runtime.store.require(job_id)
+    assert stored.state is JobState.STORED and len(stored.videos) == 1
+    assert sorted(k.rsplit("/", 1)[1] for k in objects(moto, bucket)) == ["manifest.json", "video.mp4"]
+    assert copy_flow.waiting(runtime.redis) == []
+
+
+@pytest.mark.parametrize("runtime", [{"VIDEO_URL_ALLOWLIST": DEFAULT_ALLOWLIST}], indirect=True)
+def test_a_refused_video_url_waits_until_its_expiry_then_fails(runtime: Runtime, sim: SimHandle) -> None:
+    """Issue 9.1(b): the wait ends at the URL's expiry when it comes before the job's deadline."""
+    sim.control(url_ttl=2)
+    job_id = generated_job(runtime, sim, deadline=3600)
+    assert copy_job(runtime, job_id) == "paused"
+    [waiting] = copy_flow.waiting(runtime.redis)
+    expiry = copy_flow.url_expiry(sim.task(job_id)["task_result"]["videos"][0]["url"])
+    assert expiry is not None and waiting["until"] == iso_utc(expiry)
+    score = due_score(runtime.redis, job_id)
+    assert score is not None and score <= expiry + 0.01, "due again when the URL expires, not later"
+    wait_until(lambda: time.time() > expiry, timeout=30, what="the video URL's expiry", interval=0.1)
+    assert copy_job(runtime, job_id) == "failed"
+    failed = runtime.store.require(job_id)
+    assert failed.error is not None and failed.error["reason"] == "copy_exhausted"
+    assert "expired" in failed.error["message"] and "127.0.0.1" in failed.error["message"]
     assert sim.stats()["downloads"] == {}
+
+
+def test_no_bucket_pauses_copying_and_jobs_wait_in_generated(runtime: Runtime, sim: SimHandle,
+                                                              moto: MotoS3) -> None:
+    """Issue 9.9: with no bucket every job was generated (billed), then looped on NoSuchBucket and ended
+    copy_exhausted. Now the first copy pauses copying (no attempt used), later copies skip without calling Kling,
+    and the reconciler's storage probe resumes copying once the bucket exists."""
+    from kling_relay.shared.reconcile import reconcile
+
+    bucket = f"missing-{uuid.uuid4().hex[:8]}"
+    with_storage(runtime, moto, bucket)
+    first, second = generated_job(runtime, sim), generated_job(runtime, sim)
+    assert copy_job(runtime, first) == "paused"
+    pause = copy_flow.current_pause(runtime.redis)
+    assert pause is not None and pause["reason"] == "storage" and pause["code"] == "NoSuchBucket"
+    assert pause["job_id"] == first
+    job = runtime.store.require(first)
+    assert job.state is JobState.GENERATED and job.attempts["copy"] == job.attempts["copy_throttled"] == 1
+    assert events(runtime, first)[-1]["detail"]["paused"] == "storage"
+    assert ops.submission_status(runtime.store)["copy"] == "paused"
+
+    kling_calls = sim_requests(sim)
+    assert copy_job(runtime, second) == "paused"
+    assert sim_requests(sim) == kling_calls, "a paused copy calls neither Kling nor S3"
+    assert events(runtime, second)[-1]["detail"]["waiting"] == "copy paused"
+    assert "copy" not in runtime.store.require(second).attempts
+
+    for job_id in (first, second):
+        runtime.store.set_due(job_id, -1)
+    report = reconcile(runtime)
+    assert report.copy_probe == "still_failing" and report.recopied == []
+    assert sorted(report.waiting) == sorted([first, second])
+
+    moto.client().create_bucket(Bucket=bucket)
+    runtime.redis.delete("kr:flow:copy_probe")
+    for job_id in (first, second):
+        runtime.store.set_due(job_id, -1)
+    report = reconcile(runtime)
+    assert report.copy_probe == "resumed" and sorted(report.recopied) == sorted([first, second])
+    assert copy_flow.current_pause(runtime.redis) is None
+    assert [copy_job(runtime, first), copy_job(runtime, second)] == ["stored", "stored"]
+    assert [k for k in objects(moto, bucket) if ".kling-relay-probe" in k] == [], "the probe cleans up"
+
+
+def test_no_s3_credentials_pauses_copying(runtime: Runtime, sim: SimHandle, moto: MotoS3,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 9.9: with no S3 credentials at all, the copy pauses (NoCredentials) instead of looping to
+    copy_exhausted."""
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
+                 "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+                 "AWS_WEB_IDENTITY_TOKEN_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/credentials")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent/config")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    client = boto3.session.Session().client("s3", endpoint_url=moto.endpoint_url, region_name="us-east-1")
+    runtime.storage = Storage(client, "videos")
+    job_id = generated_job(runtime, sim)
+    assert copy_job(runtime, job_id) == "paused"
+    pause = copy_flow.current_pause(runtime.redis)
+    assert pause is not None and pause["code"] == "NoCredentials" and "no credentials" in pause["message"]
+    assert runtime.store.require(job_id).state is JobState.GENERATED
 
 
 @pytest.mark.parametrize("runtime", [{"KLING_MAX_IN_FLIGHT": "1"}], indirect=True)
@@ -303,7 +445,7 @@ def test_a_job_throttled_past_its_deadline_is_timed_out(runtime: Runtime, sim: S
         submit_job(runtime, job.id)
     score = due_score(runtime.redis, job.id)
     assert score is not None and score <= runtime.store.require(job.id).created_at + 1.0 + 1e-6
-    time.sleep(1.1)
+    time.sleep(1.1)  # deliberate: past the job's 1 s deadline, on the real clock the reconciler reads
     report = reconcile(runtime)
     assert job.id in report.timed_out
     after = runtime.store.require(job.id)
@@ -351,3 +493,38 @@ def test_a_refused_first_create_fails_the_job_with_klings_code(runtime: Runtime,
     assert failed.state is JobState.FAILED and failed.error is not None
     assert failed.error["reason"] == "kling_rejected:1301"
     assert "create_sent" not in failed.attempts  # a definite refusal: no task exists, nothing to look up later
+
+
+def test_1203_on_a_first_create_is_final(runtime: Runtime, sim: SimHandle) -> None:
+    """Issue 9 item 3: 1203 on create ("resource does not exist", e.g. the model) was retried until the budget ran
+    out (submit_exhausted after SUBMIT_MAX_ATTEMPTS creates); the same create can only be refused again."""
+    job = new_job(runtime)
+    sim.control(force_error_code=1203, force_error_on="create")
+    assert submit_job(runtime, job.id) == "failed"
+    failed = runtime.store.require(job.id)
+    assert failed.state is JobState.FAILED and failed.error is not None
+    assert failed.error["reason"] == "kling_rejected:1203" and failed.error["code"] == 1203
+    assert sim_requests(sim) == {CREATE: 1}
+
+
+def test_1203_on_a_create_after_one_that_may_have_reached_kling_still_retries(runtime: Runtime,
+                                                                              sim: SimHandle) -> None:
+    """As for any refusal: an earlier create may have made the task, so the next attempt looks it up first."""
+    job = new_job(runtime)
+    runtime.store.bump_attempt(job.id, "create_sent")
+    sim.control(force_error_code=1203, force_error_on="create")
+    with pytest.raises(RetryIn):
+        submit_job(runtime, job.id)
+    assert runtime.store.require(job.id).state is JobState.QUEUED
+
+
+def test_1203_on_the_copys_re_read_retries_within_the_budget(runtime: Runtime, sim: SimHandle) -> None:
+    """The copy never fails on Kling's word: a task Kling says it does not know is read again later."""
+    job = new_job(runtime)
+    assert submit_job(runtime, job.id) == "submitted"
+    runtime.store.step(job.id, JobState.GENERATED, source="callback")
+    sim.control(force_error_code=1203, force_error_on="query")
+    with pytest.raises(RetryIn):
+        copy_job(runtime, job.id)
+    after = runtime.store.require(job.id)
+    assert after.state is JobState.GENERATED and after.error is None

@@ -9,13 +9,14 @@ from typing import Any
 import pytest
 import redis
 
-from kling_relay.shared import flow, keys
+from kling_relay.shared import copy_flow, flow, keys
 from kling_relay.shared.jobs import JobState
 from kling_relay.shared.keys import RECONCILE_LOCK as LOCK_KEY
 from kling_relay.shared.locks import RedisLock, job_lock
 from kling_relay.shared.pipeline import submit_job
 from kling_relay.shared.reconcile import reconcile
 from kling_relay.shared.runtime import Runtime
+from tests.support.bulk_jobs import copy_job
 from tests.support.relay_runtime import (
     close_runtime,
     due_score,
@@ -25,6 +26,7 @@ from tests.support.relay_runtime import (
     relay_settings,
 )
 from tests.support.sim import SimHandle, running_simulator
+from tests.support.waiting import wait_until
 
 GET_ONE = "GET /v1/videos/multi-image2video/{id}"
 LIST = "GET /v1/videos/multi-image2video"
@@ -58,10 +60,8 @@ def submitted_job(rt: Runtime, sim: SimHandle, *, final: str = "succeed") -> str
     assert submit_job(rt, job.id) == "submitted"
     task_id = rt.store.require(job.id).kling_task_id
     assert task_id is not None
-    deadline = time.monotonic() + 10
-    while sim.task(task_id)["task_status"] != final:
-        assert time.monotonic() < deadline, "the simulator's task never finished"
-        time.sleep(0.02)
+    wait_until(lambda: sim.task(task_id)["task_status"] == final, timeout=10, what=f"the simulator's task {final}",
+               interval=0.02)
     return job.id
 
 
@@ -156,6 +156,49 @@ def test_a_deadline_reached_while_paused_fails_with_the_pause_reason(runtime: Ru
     error = runtime.store.require(job.id).error
     assert error is not None and error["reason"] == "account" and error["code"] == 1101
     assert "account in arrears" in error["message"]
+
+
+def generated(rt: Runtime, **kwargs: Any) -> str:
+    job = new_job(rt, **kwargs)
+    for state in (JobState.SUBMITTED, JobState.GENERATED):
+        rt.store.step(job.id, state, source="worker", set_fields={"kling_task_id": f"t-{job.id}"})
+    return job.id
+
+
+def test_a_copy_waiting_on_a_refused_host_is_requeued_quietly_and_times_out_saying_why(runtime: Runtime) -> None:
+    """Issue 9.1(b): the wait ends at the job's deadline (timed_out); the message says what the copy waited for."""
+    waiting, other = generated(runtime, deadline=1), generated(runtime)
+    copy_flow.wait(runtime.redis, waiting, reason="video_host_refused", host="p1.a.kwimgs.com",
+                   message="https://p1.a.kwimgs.com:443 is not on VIDEO_URL_ALLOWLIST", until=None)
+    make_due(runtime, waiting, other)
+    report = reconcile(runtime)
+    assert sorted(report.recopied) == sorted([waiting, other])
+    assert [e.detail for e in runtime.store.events(waiting) if "requeued" in e.detail] == [], "no note per re-check"
+    assert [e.detail for e in runtime.store.events(other) if "requeued" in e.detail] == [{"requeued": "copy"}]
+
+    report = reconcile(runtime, now=time.time() + 120)
+    assert report.timed_out == [waiting]
+    error = runtime.store.require(waiting).error
+    assert error is not None and error["reason"] == "timed_out"
+    assert "video_host_refused p1.a.kwimgs.com" in error["message"]
+    assert copy_flow.wait_of(runtime.redis, waiting) is None
+
+
+def test_while_copying_is_paused_generated_jobs_wait_and_time_out_saying_why(runtime: Runtime) -> None:
+    """Issue 9.9: no copy is re-queued while storage is unusable (the probe fails: this runtime's S3 is a closed
+    port, and it may have no credentials either); a job that reaches its deadline meanwhile says so."""
+    job_id = generated(runtime, deadline=1)
+    copy_flow.pause(runtime.redis, code="NoSuchBucket", message="S3 get manifest failed: NoSuchBucket")
+    make_due(runtime, job_id)
+    report = reconcile(runtime)
+    assert report.copy_probe in ("error", "still_failing")
+    assert report.recopied == [] and report.waiting == [job_id]
+    assert queued_job_ids(runtime.redis, "copy") == []
+    score = due_score(runtime.redis, job_id)
+    assert score is not None and score > time.time()
+    reconcile(runtime, now=time.time() + 120)
+    error = runtime.store.require(job_id).error
+    assert error is not None and error["reason"] == "timed_out" and "copying paused: storage" in error["message"]
 
 
 def test_missing_jobs_leave_the_due_index(runtime: Runtime) -> None:
@@ -270,10 +313,14 @@ def commandstats(client: redis.Redis) -> dict[str, int]:
 
 
 def due_scenario(rt: Runtime, sim: SimHandle, finished: int) -> list[str]:
-    """`finished` stored jobs, then 10 due ones: 4 submitted (tasks done, callbacks lost), 3 queued, 3 generated."""
-    for _ in range(finished):
+    """`finished` stored jobs, then 10 due ones: 4 submitted (tasks done, callbacks lost), 3 queued, 3 generated.
+
+    One stored job goes through the store; the others are copies of it written straight into Redis (copy_job).
+    """
+    if finished:
         job = new_job(rt, due_in=None)
         rt.store.step(job.id, JobState.STORED, source="worker")
+        copy_job(rt.redis, job.id, finished - 1)
     due = [submitted_job(rt, sim) for _ in range(4)]
     due += [new_job(rt).id for _ in range(3)]
     for _ in range(3):

@@ -24,7 +24,7 @@ def test_good_environment_loads_typed_values() -> None:
     assert s.kling_auth_mode == "access_key"
     assert s.port == 9000 and s.reconcile_interval_seconds == 5.0
     assert [t.reveal() for t in s.api_tokens] == ["token-aaaaaaaaaaaaaaaa", "token-bbbbbbbbbbbbbbbb"]
-    assert s.video_url_allowlist == "*.klingai.com"
+    assert s.video_url_allowlist == "*.klingai.com,*.kwimgs.com,*.inkwai.com"  # Kling's CDNs (issue 9.1)
 
 
 def test_settings_are_frozen() -> None:
@@ -163,3 +163,30 @@ def test_video_size_cap_and_job_retention() -> None:
     s = load_settings({**GOOD, "MAX_VIDEO_BYTES": "1000", "JOB_TTL_SECONDS": "60"})
     assert (s.max_video_bytes, s.job_ttl_seconds) == (1000, 60)
     assert load_settings(GOOD).job_ttl_seconds == 30 * 24 * 3600
+
+
+def test_kling_models_default_and_list() -> None:
+    """Issue 9 item 5: the models accepted are a setting (resellers, newer Kling models); the first is the default."""
+    assert load_settings(GOOD).kling_models == ("kling-v1-6",)
+    s = load_settings({**GOOD, "KLING_MODELS": " kling-v2-1, kling-v1-6 ,kling-v2-1,"})
+    assert s.kling_models == ("kling-v2-1", "kling-v1-6")
+    assert s.redacted()["kling_models"] == ["kling-v2-1", "kling-v1-6"]  # not a secret: shown
+    for bad in (",", "kling v1", "x" * 65):
+        with pytest.raises(SettingsError) as info:
+            load_settings({**GOOD, "KLING_MODELS": bad})
+        assert "KLING_MODELS" in info.value.problems
+
+
+def test_kling_webhook_secret_is_optional_a_secret_and_checked(tmp_path: Path) -> None:
+    assert load_settings(GOOD).kling_webhook_secret is None
+    s = load_settings({**GOOD, "KLING_WEBHOOK_SECRET": "whsec_c2VjcmV0LWJ5dGVz"})
+    assert s.kling_webhook_secret is not None and s.kling_webhook_secret.reveal() == "whsec_c2VjcmV0LWJ5dGVz"
+    assert "c2VjcmV0LWJ5dGVz" not in repr(s) + str(s.redacted())
+    secret_file = tmp_path / "whsec"
+    secret_file.write_text("plain-webhook-secret\n")
+    from_file = load_settings({**GOOD, "KLING_WEBHOOK_SECRET_FILE": str(secret_file)})
+    assert from_file.kling_webhook_secret is not None
+    assert from_file.kling_webhook_secret.reveal() == "plain-webhook-secret"
+    with pytest.raises(SettingsError) as info:
+        load_settings({**GOOD, "KLING_WEBHOOK_SECRET": "whsec_not*base64"})
+    assert "base64" in info.value.problems["KLING_WEBHOOK_SECRET"]

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import http.server
 import json
-import sys
 import threading
 import time
 import uuid
@@ -17,12 +16,21 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import boto3
 import pytest
 import requests
 from botocore.exceptions import ClientError
 
-from bench.copy_memory import expected_digests, run_probe
-from kling_relay.shared.storage import CopyCanceled, CopyError, Storage, StoredVideo, copy_videos, download_chunks
+from deploy.copy_probe import expected_digests, run_probe, serve_argv
+from kling_relay.shared.storage import (
+    CopyCanceled,
+    CopyError,
+    Storage,
+    StorageUnusable,
+    StoredVideo,
+    copy_videos,
+    download_chunks,
+)
 from kling_relay.shared.urlguard import UrlAllowlist, UrlRefused
 from tests.support.procs import Process, free_port, wait_for_port
 from tests.support.s3 import MotoS3, start_moto_s3
@@ -264,6 +272,59 @@ def test_copy_stream_missing_bucket_is_not_retryable(s3: Any) -> None:
     assert not info.value.retryable
 
 
+def test_a_missing_bucket_makes_storage_unusable(s3: Any) -> None:
+    """Issue 9.9: no bucket is a setting to fix, not a copy to retry: StorageUnusable with S3's code, from the first
+    S3 call of a copy (the manifest read) as from the upload."""
+    storage = Storage(s3, f"missing-{uuid.uuid4().hex[:8]}")
+    with pytest.raises(StorageUnusable) as info:
+        storage.read_manifest("job_a", CREATED_AT)
+    assert info.value.code == "NoSuchBucket" and not info.value.retryable
+    with pytest.raises(StorageUnusable) as info:
+        storage.copy_stream(iter([b"x"]), key="a.mp4", expected_bytes=None, metadata={})
+    assert info.value.code == "NoSuchBucket"
+
+
+def no_credentials_client(moto: MotoS3, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """A boto3 client for moto that finds no credentials anywhere (as on a machine where none were set up)."""
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
+                 "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+                 "AWS_WEB_IDENTITY_TOKEN_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/credentials")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent/config")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    return boto3.session.Session().client("s3", endpoint_url=moto.endpoint_url, region_name="us-east-1")
+
+
+def test_no_credentials_make_storage_unusable(moto: MotoS3, bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    storage = Storage(no_credentials_client(moto, monkeypatch), bucket)
+    with pytest.raises(StorageUnusable) as info:
+        storage.read_manifest("job_a", CREATED_AT)
+    assert info.value.code == "NoCredentials" and "no credentials" in str(info.value)
+
+
+# --- probe ------------------------------------------------------------------------------------------------------
+
+def test_probe_writes_and_deletes_one_object_under_the_prefix(storage: Storage, s3: Any, bucket: str) -> None:
+    key = storage.probe()
+    assert key.startswith("relay/.kling-relay-probe/")
+    assert keys(s3, bucket) == []
+
+
+@pytest.mark.parametrize("problem", ["no bucket", "no credentials"])
+def test_probe_says_why_storage_is_unusable(moto: MotoS3, s3: Any, monkeypatch: pytest.MonkeyPatch,
+                                            problem: str) -> None:
+    if problem == "no bucket":
+        storage, code = Storage(s3, f"missing-{uuid.uuid4().hex[:8]}"), "NoSuchBucket"
+    else:
+        name = f"videos-{uuid.uuid4().hex[:8]}"
+        s3.create_bucket(Bucket=name)
+        storage, code = Storage(no_credentials_client(moto, monkeypatch), name), "NoCredentials"
+    with pytest.raises(StorageUnusable) as info:
+        storage.probe()
+    assert info.value.code == code
+
+
 # --- download_chunks ----------------------------------------------------------------------------------------
 
 def test_download_streams_the_body(source: SourceServer, session: requests.Session) -> None:
@@ -491,7 +552,24 @@ def test_copy_videos_without_videos_is_permanent(source: SourceServer, session: 
 def test_stored_video_round_trips_through_json() -> None:
     video = StoredVideo("b", "k", "ab" * 32, 10, None)
     assert StoredVideo.from_dict(json.loads(json.dumps(video.as_dict()))) == video
-    assert set(video.as_dict()) == {"bucket", "key", "sha256", "bytes", "duration"}
+    assert set(video.as_dict()) == {"bucket", "key", "sha256", "bytes", "duration", "watermark_url"}
+    marked = StoredVideo("b", "k", "ab" * 32, 10, "5", "https://cdn.example.com/wm.mp4")
+    assert StoredVideo.from_dict(json.loads(json.dumps(marked.as_dict()))) == marked
+    old_manifest_entry = {"bucket": "b", "key": "k", "sha256": "ab" * 32, "bytes": 10, "duration": None}
+    assert StoredVideo.from_dict(old_manifest_entry) == video
+
+
+def test_copy_videos_records_the_watermark_url_without_downloading_it(
+        source: SourceServer, session: requests.Session, storage: Storage, s3: Any, bucket: str) -> None:
+    """Issue 9 item 5: Kling's watermark_url is kept with its video in the manifest (and so in the job)."""
+    data = payload(1000)
+    watermark_url = "https://cdn.example.com/never-fetched-wm.mp4?sig=x"
+    stored = copy_videos("job-w", CREATED_AT, "task-w", [("v", source.add("v", data), "5", watermark_url)],
+                         storage, source.allowlist, session, extra_manifest={})
+    assert [v.watermark_url for v in stored] == [watermark_url]
+    manifest = json.loads(s3.get_object(Bucket=bucket, Key="relay/2025/12/31/job-w/manifest.json")["Body"].read())
+    assert manifest["videos"][0]["watermark_url"] == watermark_url
+    assert len(source.seen) == 1  # the video only
 
 
 # --- memory: 512 MiB through a copy in its own process ------------------------------------------------------
@@ -501,8 +579,7 @@ def test_stored_video_round_trips_through_json() -> None:
 def test_copy_of_512_mib_stays_under_150_mb_rss(moto: MotoS3, s3: Any, bucket: str, tmp_path: Path) -> None:
     size = 512 * MIB
     port = free_port()
-    bench = Path(__file__).resolve().parents[2] / "bench" / "copy_memory.py"
-    server = Process("copy-source", [sys.executable, str(bench), "serve", "--port", str(port)], log_dir=tmp_path)
+    server = Process("copy-source", serve_argv(port), log_dir=tmp_path)
     try:
         wait_for_port(port, proc=server.proc)
         result = run_probe("stream", f"http://127.0.0.1:{port}/{size}.mp4", moto.endpoint_url, bucket,

@@ -102,6 +102,43 @@ def test_a_bare_star_allows_any_public_https_host_only() -> None:
         UrlAllowlist.parse("*.example.org", name="NOTIFY_URL_ALLOWLIST").check("https://x.example.com/")
 
 
+def test_the_default_allows_klings_documented_cdns_and_still_refuses_http_and_private_addresses() -> None:
+    """Issue 9.1(a): the default used to be `*.klingai.com` alone, which refused the host Kling's docs show
+    result videos on (p1.a.kwimgs.com) and the image host (h1.inkwai.com)."""
+    from kling_relay.shared.settings_spec import SETTINGS
+
+    default = next(s.default for s in SETTINGS if s.env == "VIDEO_URL_ALLOWLIST")
+    assert isinstance(default, str)
+    table = {"p1.a.kwimgs.com": [PUBLIC_IP], "v15-kling.klingai.com": [PUBLIC_IP],
+             "v21-kling.klingai.com": [PUBLIC_IP], "h1.inkwai.com": [PUBLIC_IP],
+             "inside.kwimgs.com": ["10.0.0.7"], "meta.inkwai.com": ["169.254.169.254"],
+             "loop.klingai.com": ["127.0.0.1"]}
+    allow = UrlAllowlist.parse(default, resolver=lambda host, port: table.get(host, [PUBLIC_IP]))
+    for url in ("https://p1.a.kwimgs.com/bs2/upload-ylab-stunt/output/video.mp4?x-kcdn-pid=1",
+                "https://v15-kling.klingai.com/bs2/upload-kling-api/video.mp4",
+                "https://v21-kling.klingai.com/bs2/video.mp4", "https://h1.inkwai.com/bs2/image.png"):
+        assert allow.check(url).addresses == (PUBLIC_IP,), url
+    for url in ("http://p1.a.kwimgs.com/v.mp4", "http://v15-kling.klingai.com/v.mp4",  # https only
+                "https://inside.kwimgs.com/v.mp4", "https://meta.inkwai.com/v.mp4",   # private after DNS
+                "https://loop.klingai.com/v.mp4", "https://127.0.0.1/v.mp4", "https://kwimgs.com.evil.net/v.mp4",
+                "https://evilkwimgs.com/v.mp4", "https://kwimgs.com/v.mp4"):
+        with pytest.raises(UrlRefused):
+            allow.check(url)
+
+
+def test_a_refusal_names_the_host_only_when_an_entry_could_allow_it() -> None:
+    """The copy waits (video_host_refused) for a host an operator can add; a URL no entry could allow fails."""
+    allow = UrlAllowlist.parse("*.klingai.com", resolver=table_resolver)
+    for url, host in (("https://cdn.example.org/v.mp4", "cdn.example.org"),
+                      ("http://cdn.klingai.com/v.mp4", "cdn.klingai.com"),
+                      ("https://loop.klingai.com/v.mp4", "loop.klingai.com"),
+                      ("https://cdn.klingai.com@evil.example/v.mp4", None),
+                      ("ftp://cdn.klingai.com/v.mp4", None)):
+        with pytest.raises(UrlRefused) as refused:
+            allow.check(url)
+        assert refused.value.host == host, url
+
+
 @pytest.mark.parametrize("entry", [
     "ftp://files.example.com", "*.com", "*klingai.com", "a.*.klingai.com", "**", "http://x.com/path",
     "user@x.com", "x.com:99999", "x.com:port", "http://", "x.com?a=1", "bad host.com", "evil.com\\x",

@@ -9,7 +9,6 @@ finished tasks are fed in as Kling would post them (`apply_task_status`, the web
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
@@ -23,22 +22,16 @@ from kling_relay.shared.pipeline import apply_task_status, copy_job, submit_job
 from kling_relay.shared.reconcile import reconcile
 from kling_relay.shared.runtime import Runtime
 from kling_relay.shared.storage import Storage
+from tests.support.clock import FakeClock
 from tests.support.relay_runtime import REQUEST, close_runtime, make_runtime, new_job, relay_settings
 from tests.support.s3 import MotoS3, start_moto_s3
 from tests.support.sim import SimHandle, running_simulator
+from tests.support.waiting import wait_until
 
 CREATE = "POST /v1/videos/multi-image2video"
 LIST = "GET /v1/videos/multi-image2video"
 DAY_1 = datetime(2030, 3, 31, 12, 0, tzinfo=UTC).timestamp()  # the last day of a month
 DAY_2 = datetime(2030, 4, 1, 0, 0, 1, tzinfo=UTC).timestamp()  # one second into the next UTC day (and month)
-
-
-class Clock:
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture(scope="module")
@@ -50,12 +43,12 @@ def sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimHandle]:
 
 
 @pytest.fixture()
-def clock() -> Clock:
-    return Clock(DAY_1)
+def clock() -> FakeClock:
+    return FakeClock(DAY_1)
 
 
 @pytest.fixture()
-def runtime(redis_url: str, sim: SimHandle, clock: Clock, request: pytest.FixtureRequest) -> Iterator[Runtime]:
+def runtime(redis_url: str, sim: SimHandle, clock: FakeClock, request: pytest.FixtureRequest) -> Iterator[Runtime]:
     """A Runtime on the test clock; `@pytest.mark.parametrize("runtime", [{...}], indirect=True)` sets env."""
     sim.reset()
     env: dict[str, Any] = {"KLING_RATE_LIMIT_PER_SECOND": "1000", **getattr(request, "param", {})}
@@ -92,7 +85,7 @@ def pause_reason(rt: Runtime) -> str | None:
 
 # --- recording ------------------------------------------------------------------------------------------------
 
-def test_a_deduction_counts_once_however_often_it_is_reported(runtime: Runtime, clock: Clock) -> None:
+def test_a_deduction_counts_once_however_often_it_is_reported(runtime: Runtime, clock: FakeClock) -> None:
     """A duplicated callback, a poll and a later callback with the balance: the units count once, in the UTC day
     and month they were learned on."""
     job_id = submitted(runtime)
@@ -136,7 +129,7 @@ def test_a_canceled_jobs_task_is_still_billed(runtime: Runtime) -> None:
 
 @pytest.mark.parametrize("runtime", [{"KLING_DAILY_UNIT_BUDGET": "3"}], indirect=True)
 def test_the_budget_pauses_submission_and_a_new_utc_day_resumes_it(runtime: Runtime, sim: SimHandle,
-                                                                   clock: Clock) -> None:
+                                                                   clock: FakeClock) -> None:
     first, second, third = submitted(runtime), submitted(runtime), submitted(runtime)  # 0 + 2 in flight + 1 <= 3
     held, behind = new_job(runtime), new_job(runtime)
     assert submit_job(runtime, held.id) == "paused"  # 0 spent + 3 in flight + 1 > 3
@@ -170,7 +163,7 @@ def test_the_budget_pauses_submission_and_a_new_utc_day_resumes_it(runtime: Runt
 
 @pytest.mark.parametrize("runtime", [{"KLING_DAILY_UNIT_BUDGET": "2"}], indirect=True)
 def test_an_operator_resume_lifts_the_budget_until_midnight_utc(runtime: Runtime, sim: SimHandle,
-                                                               clock: Clock) -> None:
+                                                               clock: FakeClock) -> None:
     for job_id in (submitted(runtime), submitted(runtime)):
         finish(runtime, job_id, 1.0)
     held, more = new_job(runtime), new_job(runtime)
@@ -276,10 +269,10 @@ def test_the_units_are_in_the_manifest_and_the_job(runtime: Runtime, moto: MotoS
 
 
 def _wait_succeeded(rt: Runtime, task_id: str) -> KlingTask:
-    """The simulator's task once it succeeded (it takes ~0.1 s): wait on the condition, bounded by attempts."""
-    for _ in range(500):
+    """The simulator's task once it succeeded (it takes ~0.1 s)."""
+
+    def succeeded() -> KlingTask | None:
         task = rt.kling.get_task(task_id)
-        if task.status == "succeed":
-            return task
-        time.sleep(0.02)
-    raise AssertionError(f"task {task_id} did not succeed")
+        return task if task.status == "succeed" else None
+
+    return wait_until(succeeded, timeout=10, what=f"task {task_id} to succeed", interval=0.02)

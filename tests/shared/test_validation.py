@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import copy
 import functools
-import io
 import json
 import random
 from collections.abc import Callable
@@ -26,6 +25,7 @@ from kling_relay.shared.validation import (
     problems_payload,
     validate_multi_image2video,
 )
+from tests.support import images as pillow
 
 MB = 1024 * 1024
 URL = "https://cdn.example.com/frames/first.png?sig=abc123"
@@ -34,17 +34,11 @@ URL = "https://cdn.example.com/frames/first.png?sig=abc123"
 # ---------------------------------------------------------------- real images, made once per session
 
 
-def _encode(image: Image.Image, fmt: str, **params: Any) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format=fmt, **params)
-    return buf.getvalue()
-
-
 @functools.cache
 def image_bytes(fmt: str, width: int, height: int, mode: str = "RGB") -> bytes:
     """A small solid-colour image of the given format and size, encoded by Pillow."""
     colour = 90 if mode == "L" else (40, 120, 200)
-    return _encode(Image.new(mode, (width, height), colour), fmt)
+    return pillow.image_bytes(width, height, colour, fmt=fmt, mode=mode)
 
 
 @functools.cache
@@ -57,7 +51,7 @@ def noise_png_over_10mb() -> bytes:
     """A real PNG of random-noise pixels, stored uncompressed: about 10.6 MB, over Kling's 10 MB."""
     side = 1920  # 1920 * 1920 * 3 bytes of pixels = 11,059,200 > 10 MiB
     pixels = random.Random(0).randbytes(side * side * 3)
-    data = _encode(Image.frombytes("RGB", (side, side), pixels), "PNG", compress_level=0)
+    data = pillow.encode(Image.frombytes("RGB", (side, side), pixels), "PNG", compress_level=0)
     assert len(data) > 10 * MB
     return data
 
@@ -314,6 +308,69 @@ def test_empty_negative_prompt_is_kept() -> None:
     assert validate_multi_image2video(body(negative_prompt="")).require()["negative_prompt"] == ""
 
 
+SEED_EXAMPLE = {  # the seed reseller's own example body, as clients copy it (issue 9 item 5)
+    "model_name": "kling-v1-6", "image_list": [{"image": URL}, {"image": URL}], "prompt": "a cat surfing",
+    "negative_prompt": "", "mode": "std", "duration": "5", "aspect_ratio": "16:9", "image_tail": "",
+    "watermark_info": {"enabled": True},
+}
+
+
+def test_the_seed_resellers_example_body_is_accepted() -> None:
+    """Issue 9 item 5: `"image_tail": ""` (the seed's example) was refused as a single-image field. Empty, it counts
+    as absent and is not forwarded; `watermark_info` is forwarded as given."""
+    request = validate_multi_image2video(SEED_EXAMPLE).require()
+    assert request == {"model_name": "kling-v1-6", "image_list": SEED_EXAMPLE["image_list"],
+                       "prompt": "a cat surfing", "negative_prompt": "", "mode": "std", "duration": "5",
+                       "aspect_ratio": "16:9", "watermark_info": {"enabled": True}}
+    assert validate_multi_image2video(request).require() == request
+
+
+@pytest.mark.parametrize("name", ["image_tail", "image", "cfg_scale"])
+@pytest.mark.parametrize("empty", ["", "  ", None])
+def test_empty_single_image_fields_are_absent(name: str, empty: object) -> None:
+    request = validate_multi_image2video(body(**{name: empty})).require()
+    assert name not in request
+
+
+@pytest.mark.parametrize(("name", "value"), [("image_tail", URL), ("image", "x"), ("cfg_scale", 0.5),
+                                             ("cfg_scale", 0), ("image_tail", [])])
+def test_non_empty_single_image_fields_are_still_refused_by_name(name: str, value: object) -> None:
+    result = validate_multi_image2video(body(**{name: value}))
+    assert fields_of(result) == [name]
+    assert "single-image endpoint" in result.problems[0].problem and "image_list" in result.problems[0].problem
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_watermark_info_is_forwarded(enabled: bool) -> None:
+    assert validate_multi_image2video(body(watermark_info={"enabled": enabled})).require()["watermark_info"] == {
+        "enabled": enabled}
+    assert "watermark_info" not in validate_multi_image2video(body(watermark_info=None)).require()
+
+
+@pytest.mark.parametrize(("value", "fields"), [
+    (True, ["watermark_info"]), ("on", ["watermark_info"]), ({}, ["watermark_info.enabled"]),
+    ({"enabled": "true"}, ["watermark_info.enabled"]), ({"enabled": 1}, ["watermark_info.enabled"]),
+    ({"enabled": True, "position": "tl"}, ["watermark_info"]),
+])
+def test_a_bad_watermark_info_is_refused(value: object, fields: list[str]) -> None:
+    result = validate_multi_image2video(body(watermark_info=value))
+    assert fields_of(result) == fields
+    assert '{"enabled": true}' in result.problems[0].problem or "true or false" in result.problems[0].problem
+
+
+def test_the_models_accepted_are_the_limits_models() -> None:
+    """KLING_MODELS: resellers and newer Kling models; the first is the default."""
+    limits = Limits(model_names=("kling-v2-1", "kling-v1-6"))
+    assert validate_multi_image2video(body(), limits=limits).require()["model_name"] == "kling-v2-1"
+    assert validate_multi_image2video(body(model_name="kling-v1-6"), limits=limits).ok
+    result = validate_multi_image2video(body(model_name="kling-v1-6"))
+    assert result.ok
+    refused = validate_multi_image2video(body(model_name="kling-v2-1"))
+    assert fields_of(refused) == ["model_name"] and '"kling-v1-6"' in refused.problems[0].problem
+    with pytest.raises(ValueError):
+        Limits(model_names=())
+
+
 @pytest.mark.parametrize(("width", "height"), [(300, 300), (750, 300), (300, 750), (1000, 400)])
 def test_image_sizes_on_the_limits_are_accepted(width: int, height: int) -> None:
     for fmt in ("PNG", "JPEG"):
@@ -329,8 +386,7 @@ def test_image_sizes_just_past_the_limits_are_refused(width: int, height: int) -
 
 @pytest.mark.parametrize("mode", ["L", "RGBA", "P", "I;16"])
 def test_png_colour_modes_are_accepted(mode: str) -> None:
-    image = Image.new(mode, (320, 300))
-    encoded = base64.b64encode(_encode(image, "PNG")).decode()
+    encoded = pillow.image_b64(320, 300, 0, mode=mode)
     assert validate_multi_image2video(body(encoded)).ok
 
 
@@ -474,6 +530,9 @@ VALID_BODIES = st.fixed_dictionaries(
         "mode": st.sampled_from(["std", "pro", None]),
         "duration": st.sampled_from(["5", "10", 5, 10, None]),
         "aspect_ratio": st.sampled_from(["16:9", "9:16", "1:1", None]),
+        "watermark_info": st.sampled_from([{"enabled": True}, {"enabled": False}, None]),
+        "image_tail": st.sampled_from(["", None]),
+        "cfg_scale": st.sampled_from(["", None]),
     },
 )
 PROPERTY_SETTINGS = settings(max_examples=60, deadline=None,
@@ -490,7 +549,7 @@ def test_valid_bodies_pass_and_round_trip(given_body: dict[str, Any]) -> None:
     assert request["prompt"] == given_body["prompt"]
     assert request["duration"] == str(given_body.get("duration") or "5")
     assert set(request) <= {"model_name", "image_list", "prompt", "negative_prompt", "mode", "duration",
-                            "aspect_ratio"}
+                            "aspect_ratio", "watermark_info"}
     again = validate_multi_image2video(request)
     assert again.ok and again.request == request and again.extras == {}
 
@@ -531,6 +590,8 @@ MUTATIONS: list[Mutation] = [
     ("image_tail", _set("image_tail", URL)),
     ("cfg_scale", _set("cfg_scale", 0.5)),
     ("image", _set("image", URL)),
+    ("watermark_info", _set("watermark_info", True)),
+    ("watermark_info.enabled", _set("watermark_info", {"enabled": "yes"})),
     ("callback_url", _set("callback_url", "https://x/cb")),
     ("external_task_id", _set("external_task_id", "mine")),
     ("whatever", _set("whatever", 1)),

@@ -7,8 +7,6 @@ Kling client would.
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import threading
 import time
@@ -20,10 +18,11 @@ from typing import Any
 
 import pytest
 import requests
-from PIL import Image
 
+from tests.support.images import image_b64
 from tests.support.procs import free_port
 from tests.support.sim import SimHandle, start_simulator
+from tests.support.waiting import wait_until
 
 FAST = ("--submitted-seconds", "0.1", "--processing-seconds", "0.1", "--callback-retry-backoff", "0.05")
 CREATE_PATH = "/v1/videos/multi-image2video"
@@ -53,11 +52,7 @@ def http() -> Iterator[requests.Session]:
 def png_base64(width: int = 400, height: int = 320, color: tuple[int, int, int] = (200, 30, 30),
                fmt: str = "PNG") -> str:
     """Raw base64 (no data: prefix) of a solid image with a stripe, as Kling wants it."""
-    img = Image.new("RGB", (width, height), color)
-    img.paste((255, 255, 255), (0, height // 2 - 10, width, height // 2 + 10))
-    buf = io.BytesIO()
-    img.save(buf, fmt)
-    return base64.b64encode(buf.getvalue()).decode()
+    return image_b64(width, height, color, fmt=fmt, band=True)
 
 
 def create_body(**overrides: Any) -> dict[str, Any]:
@@ -79,14 +74,13 @@ def create(sim: SimHandle, http: requests.Session, **overrides: Any) -> requests
 def wait_task(sim: SimHandle, task_id: str, statuses: tuple[str, ...] = ("succeed", "failed"),
               timeout: float = 30.0) -> dict[str, Any]:
     """Poll the query endpoint until the task is in one of `statuses`."""
-    deadline = time.monotonic() + timeout
-    while True:
+
+    def reached() -> dict[str, Any] | None:
         task = sim.task(task_id)
-        if task["task_status"] in statuses:
-            return task
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"task stayed {task['task_status']}: {task}")
-        time.sleep(0.05)
+        return task if task["task_status"] in statuses else None
+
+    return wait_until(reached, timeout=timeout, what=f"task {task_id} in {statuses}",
+                      diagnostics=lambda: f"task now: {sim.task(task_id)}")
 
 
 @dataclass
@@ -94,6 +88,8 @@ class Received:
     at: float
     path: str
     body: dict[str, Any]
+    headers: dict[str, str] = field(default_factory=dict)  # names in lower case
+    raw: bytes = b""
 
 
 @dataclass
@@ -134,7 +130,8 @@ def listener() -> Iterator[CallbackListener]:
             with state.changed:
                 status = state.statuses.pop(0) if state.statuses else 200
                 if status == 200:
-                    state.received.append(Received(time.time(), self.path, json.loads(body)))
+                    headers = {k.lower(): v for k, v in self.headers.items()}
+                    state.received.append(Received(time.time(), self.path, json.loads(body), headers, body))
                     state.changed.notify_all()
             self.send_response(status)
             self.send_header("Content-Length", "0")

@@ -98,7 +98,7 @@ def test_request_ids_are_unique(sim: SimHandle, http: requests.Session) -> None:
     {"image_list": [{"image": "data:image/png;base64," + png_base64()}]},
     {"image_list": [{"url": "http://example.com/a.png"}]},
     {"image_list": [{"image": "ftp://example.com/a.png"}]},
-    {"model_name": "kling-v9"},
+    {"model_name": 16},
     {"mode": "turbo"},
     {"duration": "7"},
     {"duration": 7},
@@ -122,6 +122,45 @@ def test_invalid_body_is_1201(sim: SimHandle, http: requests.Session, overrides:
 def test_single_image_fields_get_a_clear_error(sim: SimHandle, http: requests.Session) -> None:
     r = create(sim, http, image_tail=png_base64())
     assert "multi-image2video" in r.json()["message"]
+
+
+@pytest.mark.parametrize("field", ["image_tail", "image", "cfg_scale"])
+def test_single_image_fields_are_refused_even_empty(sim: SimHandle, http: requests.Session, field: str) -> None:
+    """The simulator stays strict, so a relay that forwarded a copied `"image_tail": ""` would be caught."""
+    assert error_of(create(sim, http, **{field: ""})) == (400, 1201)
+
+
+def test_an_unknown_model_is_1203(sim: SimHandle, http: requests.Session) -> None:
+    """As Kling's table says: "the requested resource does not exist, such as the model"."""
+    r = create(sim, http, model_name="kling-v9")
+    assert error_of(r) == (404, 1203)
+    assert "kling-v9" in r.json()["message"]
+    assert sim.stats()["tasks_created"] == 0
+
+
+def test_watermark_info_gives_a_watermark_url_beside_url(sim: SimHandle, http: requests.Session) -> None:
+    marked = create(sim, http, watermark_info={"enabled": True}, external_task_id="wm-1")
+    assert marked.status_code == 200, marked.text
+    assert marked.json()["data"]["watermark_info"] == {"enabled": True}
+    plain = create(sim, http, watermark_info={"enabled": False}, external_task_id="wm-2")
+    absent = create(sim, http, external_task_id="wm-3")
+    video = wait_task(sim, "wm-1")["task_result"]["videos"][0]
+    assert video["watermark_url"] != video["url"] and "/_sim/videos/" in video["watermark_url"]
+    original, watermarked = (http.get(video[k], timeout=10) for k in ("url", "watermark_url"))
+    assert original.status_code == watermarked.status_code == 200
+    assert watermarked.headers["Content-Type"] == "video/mp4" and watermarked.content == original.content
+    for r, ext in ((plain, "wm-2"), (absent, "wm-3")):
+        assert r.status_code == 200
+        task = wait_task(sim, ext)
+        assert task["watermark_info"] == {"enabled": False}
+        assert "watermark_url" not in task["task_result"]["videos"][0]
+        forged = task["task_result"]["videos"][0]["url"].replace(".mp4", "-watermarked.mp4")
+        assert http.get(forged, timeout=10).status_code == 403  # not signed for it
+
+
+@pytest.mark.parametrize("value", [True, {}, {"enabled": "yes"}, {"enabled": True, "x": 1}])
+def test_a_bad_watermark_info_is_1201(sim: SimHandle, http: requests.Session, value: object) -> None:
+    assert error_of(create(sim, http, watermark_info=value)) == (400, 1201)
 
 
 @pytest.mark.parametrize("raw", [b"{not json", b"[1, 2]", b"\xff\xfe"])
@@ -231,7 +270,7 @@ def test_task_objects_follow_the_documented_shape(sim: SimHandle, http: requests
     task_id = create(sim, http).json()["data"]["task_id"]
     submitted = sim.task(task_id)
     assert set(submitted) == {"task_id", "task_status", "task_status_msg", "task_info", "created_at",
-                              "updated_at"}
+                              "updated_at", "watermark_info"}
     done = wait_task(sim, task_id)
     assert done["task_status"] == "succeed"
     assert set(done) == set(submitted) | {"task_result"}

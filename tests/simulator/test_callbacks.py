@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
+import time
+from pathlib import Path
 from typing import Any
 
 import requests
 
-from tests.simulator.conftest import CallbackListener, create, wait_task
+from tests.simulator.conftest import FAST, CallbackListener, create, wait_task
 from tests.support.procs import free_port
-from tests.support.sim import SimHandle
+from tests.support.sim import SimHandle, running_simulator
 
 
 def attempts(stats: dict[str, Any], task_id: str) -> list[dict[str, Any]]:
@@ -35,7 +40,8 @@ def test_failed_delivery_is_retried_with_backoff(sim: SimHandle, http: requests.
     listener.statuses = [500, 503]  # the first two POSTs fail
     task_id = start(sim, http, listener)
     listener.wait_count(3)
-    log = attempts(sim.stats(), task_id)
+    # the listener sees a delivery before the simulator records its answer: wait for the record too
+    log = attempts(sim.wait_for(lambda stats: len(attempts(stats, task_id)) == 5), task_id)
     assert [(e["status"], e["attempt"], e["http_status"]) for e in log] == [
         ("submitted", 1, 500), ("submitted", 2, 503), ("submitted", 3, 200),
         ("processing", 1, 200), ("succeed", 1, 200)]
@@ -111,3 +117,38 @@ def test_no_callback_url_means_no_callbacks(sim: SimHandle, http: requests.Sessi
     task_id = create(sim, http).json()["data"]["task_id"]
     wait_task(sim, task_id)
     assert sim.stats()["callbacks"] == {}
+
+
+def test_callbacks_are_unsigned_by_default(sim: SimHandle, http: requests.Session,
+                                           listener: CallbackListener) -> None:
+    start(sim, http, listener)
+    received = listener.wait_count(3)
+    assert not any(k.startswith("webhook-") for r in received for k in r.headers)
+
+
+def test_a_webhook_secret_signs_every_callback(sim_logs: Path, http: requests.Session,
+                                               listener: CallbackListener) -> None:
+    """Issue 9 item 7: Standard Webhooks, as Kling signs once a secret exists in its console."""
+    key = b"kling-console-key-0123456789"
+    with running_simulator(sim_logs, *FAST, "--webhook-secret", "whsec_" + base64.b64encode(key).decode()) as sim:
+        listener.statuses = [500]  # the first delivery fails: its retry keeps the id, with a fresh timestamp
+        start(sim, http, listener)
+        received = listener.wait_count(3)
+    ids = set()
+    for r in received:
+        msg_id, stamp = r.headers["webhook-id"], r.headers["webhook-timestamp"]
+        digest = hmac.new(key, f"{msg_id}.{stamp}.".encode() + r.raw, hashlib.sha256).digest()
+        assert r.headers["webhook-signature"] == "v1," + base64.b64encode(digest).decode()
+        assert abs(int(stamp) - time.time()) < 60
+        ids.add(msg_id)
+    assert len(ids) == 3
+
+
+def test_a_plain_webhook_secret_is_used_as_its_bytes(sim_logs: Path, http: requests.Session,
+                                                     listener: CallbackListener) -> None:
+    with running_simulator(sim_logs, *FAST, "--webhook-secret", "plain-secret") as sim:
+        start(sim, http, listener)
+        first = listener.wait_count(1)[0]
+    msg = f"{first.headers['webhook-id']}.{first.headers['webhook-timestamp']}.".encode() + first.raw
+    digest = hmac.new(b"plain-secret", msg, hashlib.sha256).digest()
+    assert first.headers["webhook-signature"] == "v1," + base64.b64encode(digest).decode()

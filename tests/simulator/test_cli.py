@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -33,8 +34,8 @@ def test_ready_line_and_clean_stop(sig: signal.Signals) -> None:
     proc, port = launch("--prefix", "kling/")
     try:
         assert proc.stdout is not None
-        line = proc.stdout.readline().strip()
-        assert line == f"kling simulator listening on http://127.0.0.1:{port}/kling"
+        ready = json.loads(proc.stdout.readline())
+        assert (ready["msg"], ready["url"]) == ("listening", f"http://127.0.0.1:{port}/kling")
         proc.send_signal(sig)
         assert proc.wait(timeout=15) == 0
         assert proc.stdout.read() == ""  # exactly one line
@@ -87,3 +88,9 @@ def test_help_documents_the_demo_keys() -> None:
     assert out.returncode == 0
     assert "demo-access-key" in out.stdout and "demo-secret-key" in out.stdout
     assert "--callback-drop-every-n" in out.stdout
+
+
+def test_a_webhook_secret_that_is_not_base64_is_refused_at_start() -> None:
+    out = subprocess.run([sys.executable, "-m", "simulator", "--port", "0", "--webhook-secret", "whsec_not*base64"],
+                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "whsec_" in out.stderr

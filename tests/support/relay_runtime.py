@@ -7,29 +7,22 @@ reads the job ids out of them. S3 is a port nobody listens on unless a test pass
 from __future__ import annotations
 
 import base64
-import io
 import json
 from typing import Any
 
 import redis
-from PIL import Image
 
 from kling_relay.shared.jobs import Job, JobState
 from kling_relay.shared.runtime import Runtime, limited_kling_client
 from kling_relay.shared.settings import Settings, load_settings
+from tests.support.images import image_b64
 from tests.support.procs import free_port
+from tests.support.settings_env import relay_env
 from tests.support.sim import SimHandle
-
-
-def _png_b64(size: tuple[int, int] = (400, 300)) -> str:
-    buf = io.BytesIO()
-    Image.new("RGB", size, (30, 120, 200)).save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode()
-
 
 REQUEST: dict[str, Any] = {
     "model_name": "kling-v1-6",
-    "image_list": [{"image": _png_b64()}],
+    "image_list": [{"image": image_b64(400, 300, (30, 120, 200))}],
     "prompt": "a cat surfing",
     "mode": "std",
     "duration": "5",
@@ -40,23 +33,21 @@ REQUEST: dict[str, Any] = {
 def relay_settings(redis_url: str, sim: SimHandle, **env: str) -> Settings:
     """Settings pointing at the test Redis and simulator; callbacks go to a closed port (never delivered)."""
     assert sim.access_key is not None and sim.secret_key is not None
-    base = {
-        "REDIS_URL": redis_url,
-        "KLING_BASE_URL": sim.base_url,
-        "KLING_ACCESS_KEY": sim.access_key,
-        "KLING_SECRET_KEY": sim.secret_key,
-        "PUBLIC_BASE_URL": f"http://127.0.0.1:{free_port()}",
-        "CALLBACK_SECRET": "callback-secret-0123456789",
-        "API_TOKENS": "token-aaaaaaaaaaaaaaaa",
-        "S3_BUCKET": "videos",
-        "S3_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}",
-        "VIDEO_URL_ALLOWLIST": sim.root_url,
-        "RETRY_BASE_SECONDS": "0.5",
-        "RETRY_MAX_SECONDS": "5",
-        "RECONCILE_QUIET_SECONDS": "60",
-        "KLING_PAUSE_PROBE_SECONDS": "30",
-        "KLING_QUERY": "on",  # tests count Kling requests exactly: no `auto` probe unless a test asks for it
-    }
+    base = relay_env(
+        REDIS_URL=redis_url,
+        KLING_BASE_URL=sim.base_url,
+        KLING_ACCESS_KEY=sim.access_key,
+        KLING_SECRET_KEY=sim.secret_key,
+        PUBLIC_BASE_URL=f"http://127.0.0.1:{free_port()}",
+        S3_BUCKET="videos",
+        S3_ENDPOINT_URL=f"http://127.0.0.1:{free_port()}",
+        VIDEO_URL_ALLOWLIST=sim.root_url,
+        RETRY_BASE_SECONDS="0.5",
+        RETRY_MAX_SECONDS="5",
+        RECONCILE_QUIET_SECONDS="60",
+        KLING_PAUSE_PROBE_SECONDS="30",
+        KLING_QUERY="on",  # tests count Kling requests exactly: no `auto` probe unless a test asks for it
+    )
     return load_settings({**base, **env})
 
 

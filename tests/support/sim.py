@@ -27,6 +27,7 @@ from typing import Any
 import requests
 
 from tests.support.procs import Process, free_port, wait_for_port
+from tests.support.waiting import wait_until
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TEST_ACCESS_KEY = "test-access-key"
@@ -114,15 +115,14 @@ class SimHandle:
         r.raise_for_status()
 
     def wait_for(self, predicate: Callable[[dict[str, Any]], bool], *, timeout: float = 30.0) -> dict[str, Any]:
-        """Poll stats until predicate(stats) is true; returns those stats (TimeoutError otherwise)."""
-        deadline = time.monotonic() + timeout
-        while True:
+        """Poll stats until predicate(stats) is true; returns those stats (the test fails otherwise)."""
+
+        def matching() -> dict[str, Any] | None:
             stats = self.stats()
-            if predicate(stats):
-                return stats
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"simulator stats never matched; last: {stats}")
-            time.sleep(0.05)
+            return stats if predicate(stats) else None
+
+        return wait_until(matching, timeout=timeout, what="simulator stats to match",
+                          diagnostics=lambda: f"last stats: {self.stats()}")
 
     def stop(self) -> None:
         self._http.close()

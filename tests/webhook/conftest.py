@@ -17,18 +17,20 @@ from kling_relay.shared.queue import make_celery
 from kling_relay.shared.runtime import Runtime
 from kling_relay.shared.settings import Settings, load_settings
 from kling_relay.webhook.app import create_app
+from tests.support.settings_env import relay_env
 
 TOKENS = ("first-api-token-0123456789", "second-api-token-0123456789")
 CALLBACK_SECRET = "callback-secret-0123456789abcdef"
 
 
+def app_env(redis_url: str, **extra: str) -> dict[str, str]:
+    """The app's environment: Kling and S3 on a closed port, both TOKENS, MAX_REQUEST_BYTES 200,000."""
+    return relay_env(REDIS_URL=redis_url, CALLBACK_SECRET=CALLBACK_SECRET, API_TOKENS=",".join(TOKENS),
+                     S3_BUCKET="bucket", S3_ENDPOINT_URL="http://127.0.0.1:9", MAX_REQUEST_BYTES="200000", **extra)
+
+
 def app_settings(redis_url: str, **extra: str) -> Settings:
-    return load_settings({
-        "REDIS_URL": redis_url, "KLING_BASE_URL": "http://127.0.0.1:9", "KLING_API_KEY": "k" * 32,
-        "PUBLIC_BASE_URL": "http://127.0.0.1:8000", "CALLBACK_SECRET": CALLBACK_SECRET,
-        "API_TOKENS": ",".join(TOKENS), "S3_BUCKET": "bucket", "S3_ENDPOINT_URL": "http://127.0.0.1:9",
-        "MAX_REQUEST_BYTES": "200000", **extra,
-    })
+    return load_settings(app_env(redis_url, **extra))
 
 
 @pytest.fixture()

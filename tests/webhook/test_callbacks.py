@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
+import json
+import time
+from collections.abc import Iterator
 from typing import Any
 
+import pytest
 from flask.testing import FlaskClient
 
 from kling_relay.shared.jobs import JobState
 from kling_relay.shared.kling import KlingTask
 from kling_relay.shared.pipeline import CREATE_SENT, record_task
-from kling_relay.shared.queue import COPY_QUEUE
+from kling_relay.shared.queue import COPY_QUEUE, make_celery
 from kling_relay.shared.runtime import Runtime
 from kling_relay.shared.settings import Secret
 from kling_relay.shared.tokens import callback_token
-from tests.webhook.conftest import CALLBACK_SECRET, auth
+from kling_relay.webhook.app import create_app
+from tests.webhook.conftest import CALLBACK_SECRET, app_settings, auth
 
 REQUEST = {"model_name": "kling-v1-6", "image_list": [{"image": "https://img.example.com/a.png"}], "prompt": "p",
            "mode": "std", "duration": "5", "aspect_ratio": "16:9"}
@@ -176,3 +184,93 @@ def test_duplicated_callbacks_bill_a_job_once_in_its_view_and_the_status(client:
     status = client.get("/v1/status", headers=auth()).json
     assert status["units"]["today"] == 2.5 and status["units"]["month"] == 2.5
     assert status["units"]["budget_override"] is False
+
+
+# --- signed callbacks (KLING_WEBHOOK_SECRET, issue 9 item 7) --------------------------------------------------
+
+WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"kling-console-signing-key-0123").decode()
+
+
+def _signed(body: bytes, *, secret: bytes = base64.b64decode(WEBHOOK_SECRET[6:]), msg_id: str = "msg_1",
+            at: float | None = None) -> dict[str, str]:
+    """Standard Webhooks headers computed here by hand, as Kling's console-secret signing describes them."""
+    stamp = int(time.time() if at is None else at)
+    digest = hmac.new(secret, f"{msg_id}.{stamp}.".encode() + body, hashlib.sha256).digest()
+    return {"webhook-id": msg_id, "webhook-timestamp": str(stamp),
+            "webhook-signature": "v1," + base64.b64encode(digest).decode()}
+
+
+@pytest.fixture()
+def signed_runtime(redis_url: str) -> Iterator[Runtime]:
+    celery_app = make_celery(redis_url)
+    rt = Runtime.from_settings(app_settings(redis_url, KLING_WEBHOOK_SECRET=WEBHOOK_SECRET), celery_app)
+    yield rt
+    rt.redis.close()
+    rt.http.close()
+    celery_app.close()
+
+
+@pytest.fixture()
+def signed_client(signed_runtime: Runtime) -> FlaskClient:
+    return create_app(runtime=signed_runtime).test_client()
+
+
+def _submitted_job(rt: Runtime) -> str:
+    job, _ = rt.store.create(dict(REQUEST))
+    rt.store.step(job.id, JobState.SUBMITTED, source="worker", set_fields={"kling_task_id": "t-1"})
+    return job.id
+
+
+def _post_raw(client: FlaskClient, job_id: str, body: bytes, headers: dict[str, str]) -> Any:
+    token = callback_token(Secret(CALLBACK_SECRET), job_id)
+    return client.post(f"/callbacks/kling/{job_id}?token={token}", data=body, content_type="application/json",
+                       headers=headers)
+
+
+def test_a_well_signed_callback_is_applied(signed_client: FlaskClient, signed_runtime: Runtime) -> None:
+    job_id = _submitted_job(signed_runtime)
+    body = json.dumps(_task("t-1", "processing", job_id)).encode()
+    answer = _post_raw(signed_client, job_id, body, _signed(body))
+    assert answer.status_code == 200 and answer.json["applied"] is True
+    assert signed_runtime.store.require(job_id).state is JobState.PROCESSING
+    several = _signed(body, msg_id="msg_2")  # a signature list with a rotated-out key first
+    several["webhook-signature"] = "v1,bm90LXRoaXMtb25l " + several["webhook-signature"]
+    assert _post_raw(signed_client, job_id, body, several).status_code == 200
+
+
+@pytest.mark.parametrize("case", ["bad", "stale", "future", "missing", "body-changed", "no-id"])
+def test_a_callback_without_a_valid_signature_is_refused_and_changes_nothing(
+        signed_client: FlaskClient, signed_runtime: Runtime, case: str) -> None:
+    """With KLING_WEBHOOK_SECRET set, the job's token alone is no longer enough: a wrong key, a timestamp more
+    than five minutes off, a missing signature or a body other than the one signed is 401."""
+    job_id = _submitted_job(signed_runtime)
+    body = json.dumps(_task("t-1", "succeed", job_id)).encode()
+    headers = {
+        "bad": _signed(body, secret=b"another-secret"),
+        "stale": _signed(body, at=time.time() - 301),
+        "future": _signed(body, at=time.time() + 301),
+        "missing": {},
+        "body-changed": _signed(json.dumps(_task("t-1", "processing", job_id)).encode()),
+        "no-id": {k: v for k, v in _signed(body).items() if k != "webhook-id"},
+    }[case]
+    answer = _post_raw(signed_client, job_id, body, headers)
+    assert answer.status_code == 401 and "signature" in answer.json["error"]
+    after = signed_runtime.store.require(job_id)
+    assert after.state is JobState.SUBMITTED and [e.to_state for e in signed_runtime.store.events(job_id)] == [
+        "queued", "submitted"]
+    assert signed_runtime.redis.llen(COPY_QUEUE) == 0
+
+
+def test_a_signed_callback_still_needs_the_jobs_token(signed_client: FlaskClient, signed_runtime: Runtime) -> None:
+    job_id = _submitted_job(signed_runtime)
+    body = json.dumps(_task("t-1", "succeed", job_id)).encode()
+    answer = signed_client.post(f"/callbacks/kling/{job_id}?token=wrong", data=body,
+                                content_type="application/json", headers=_signed(body))
+    assert answer.status_code == 403
+    assert signed_runtime.store.require(job_id).state is JobState.SUBMITTED
+
+
+def test_without_a_webhook_secret_signatures_are_not_required(client: FlaskClient, runtime: Runtime) -> None:
+    job_id = _submitted_job(runtime)
+    body = json.dumps(_task("t-1", "processing", job_id)).encode()
+    assert _post_raw(client, job_id, body, {}).status_code == 200

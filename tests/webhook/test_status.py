@@ -1,4 +1,4 @@
-"""Submission status and resume: over HTTP (Flask app on a real redis), the Python client and the CLI."""
+"""Submission and copy status and resume: over HTTP (Flask app on a real redis), the Python client and the CLI."""
 
 from __future__ import annotations
 
@@ -11,10 +11,12 @@ from pathlib import Path
 from flask.testing import FlaskClient
 from jsonschema import Draft202012Validator
 
-from kling_relay.shared import flow, usage
+from kling_relay.shared import copy_flow, flow, usage
 from kling_relay.shared.client import Relay
+from kling_relay.shared.jobs import JobState
 from kling_relay.shared.runtime import Runtime
-from tests.webhook.conftest import auth
+from tests.webhook.conftest import app_env, auth
+from tests.webhook.test_openapi import conforms
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -24,7 +26,7 @@ def test_status_and_resume_over_http(client: FlaskClient, runtime: Runtime) -> N
     assert client.post("/v1/submission/resume").status_code == 401
     open_ = client.get("/v1/status", headers=auth()).json
     assert open_["submission"] == "open" and open_["pause"] is None and "queued" in open_["jobs"]
-    assert client.get("/healthz").json == {"status": "ok", "submission": "open"}
+    assert client.get("/healthz").json == {"status": "ok", "submission": "open", "copy": "open"}
 
     assert flow.pause(runtime.redis, code=1101, message="account in arrears", job_id="job_x")
     paused = client.get("/v1/status", headers=auth()).json
@@ -42,11 +44,8 @@ def test_status_and_resume_over_http(client: FlaskClient, runtime: Runtime) -> N
 
 
 def _env(runtime: Runtime) -> dict[str, str]:
-    s = runtime.settings
-    return {**os.environ, "REDIS_URL": s.redis_url, "KLING_BASE_URL": s.kling_base_url,
-            "KLING_API_KEY": "k" * 32, "PUBLIC_BASE_URL": s.public_base_url,
-            "CALLBACK_SECRET": s.callback_secret.reveal(), "API_TOKENS": s.api_tokens[0].reveal(),
-            "S3_BUCKET": s.s3_bucket}
+    """The environment the runtime's settings came from, for the CLI in a subprocess."""
+    return {**os.environ, **app_env(runtime.settings.redis_url)}
 
 
 def test_status_and_resume_from_python_and_the_cli(runtime: Runtime) -> None:
@@ -63,6 +62,62 @@ def test_status_and_resume_from_python_and_the_cli(runtime: Runtime) -> None:
     assert out.returncode == 0 and json.loads(out.stdout)["resumed"] is True
     assert relay.status()["submission"] == "open"
     assert relay.resume_submission() is None
+    relay.close()
+
+
+def test_copy_pause_and_waits_show_in_status_and_resume_over_http(client: FlaskClient, runtime: Runtime) -> None:
+    """Issue 9.9: a copy paused by storage (no bucket) shows in /v1/status and /healthz; POST /v1/copy/resume
+    clears it. Issue 9.1: a job waiting on a refused video host is listed under copy_waiting."""
+    assert client.post("/v1/copy/resume").status_code == 401
+    open_ = client.get("/v1/status", headers=auth()).json
+    assert open_["copy"] == "open" and open_["copy_pause"] is None
+    assert open_["copy_waiting"] == {"count": 0, "jobs": []}
+
+    job, _ = runtime.store.create({"prompt": "p"}, due_in=60)
+    for state in (JobState.SUBMITTED, JobState.GENERATED):
+        runtime.store.step(job.id, state, source="worker")
+    copy_flow.wait(runtime.redis, job.id, reason="video_host_refused", host="p9.example.net",
+                   message="https://p9.example.net:443 is not on VIDEO_URL_ALLOWLIST", until=None)
+    assert copy_flow.pause(runtime.redis, code="NoSuchBucket", message="S3 get manifest failed: NoSuchBucket",
+                           job_id=job.id)
+    paused = client.get("/v1/status", headers=auth()).json
+    assert paused["copy"] == "paused" and paused["submission"] == "open"
+    assert paused["copy_pause"]["reason"] == "storage" and paused["copy_pause"]["code"] == "NoSuchBucket"
+    assert paused["copy_pause"]["job_id"] == job.id and paused["copy_pause"]["since"]
+    assert paused["copy_waiting"]["count"] == 1
+    assert paused["copy_waiting"]["jobs"][0]["job_id"] == job.id
+    assert paused["copy_waiting"]["jobs"][0]["host"] == "p9.example.net"
+    assert client.get("/healthz").json["copy"] == "paused"
+    assert "NoSuchBucket" not in client.get("/healthz").text  # no token, no details
+    document = client.get("/openapi.json").json
+    assert conforms(document, "Status", paused) == []
+    assert conforms(document, "Health", client.get("/healthz").json) == []
+
+    resumed = client.post("/v1/copy/resume", headers=auth()).json
+    assert conforms(document, "CopyResumed", resumed) == []
+    assert resumed["resumed"] is True and resumed["pause"]["code"] == "NoSuchBucket"
+    assert client.get("/v1/status", headers=auth()).json["copy"] == "open"
+    assert client.post("/v1/copy/resume", headers=auth()).json == {"resumed": False, "pause": None}
+
+    runtime.store.step(job.id, JobState.CANCELED, source="api")
+    assert client.get("/v1/status", headers=auth()).json["copy_waiting"]["count"] == 0, "a canceled job waits no more"
+
+
+def test_copy_status_and_resume_from_python_and_the_cli(runtime: Runtime) -> None:
+    env = _env(runtime)
+    relay = Relay.from_env(env)
+    copy_flow.pause(runtime.redis, code="NoCredentials", message="S3 get manifest failed: no credentials")
+    assert relay.status()["copy"] == "paused"
+    out = subprocess.run([sys.executable, "-m", "kling_relay.shared.cli", "copy", "status"], env=env,
+                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    shown = json.loads(out.stdout)
+    assert shown["copy"] == "paused" and shown["copy_pause"]["code"] == "NoCredentials"
+    out = subprocess.run([sys.executable, "-m", "kling_relay.shared.cli", "copy", "resume"], env=env,
+                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and json.loads(out.stdout)["resumed"] is True
+    assert relay.status()["copy"] == "open"
+    assert relay.resume_copy() is None
     relay.close()
 
 

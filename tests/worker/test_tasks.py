@@ -14,17 +14,9 @@ from kling_relay.shared.queue import COPY_TASK, NOTIFY_TASK, RECONCILE_QUEUE, RE
 from kling_relay.shared.runtime import Runtime
 from kling_relay.shared.settings import load_settings
 from kling_relay.worker.tasks import create_worker_app
+from tests.support.settings_env import relay_env
 
-ENV = {
-    "REDIS_URL": "redis://127.0.0.1:1/0",
-    "KLING_BASE_URL": "https://api-singapore.klingai.com",
-    "KLING_API_KEY": "reseller-key",
-    "PUBLIC_BASE_URL": "https://relay.example.com",
-    "CALLBACK_SECRET": "callback-secret-0123456789",
-    "API_TOKENS": "token-aaaaaaaaaaaaaaaa",
-    "S3_BUCKET": "videos",
-    "RECONCILE_INTERVAL_SECONDS": "7",
-}
+ENV = relay_env(RECONCILE_INTERVAL_SECONDS="7")
 
 
 @pytest.fixture(scope="module")

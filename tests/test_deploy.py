@@ -1,0 +1,35 @@
+"""What the Procfile ships: the web process runs deploy/gunicorn.conf.py (gevent workers, JSON logs), and Celery
+runs quiet (no banner in a JSON log). tests/e2e/test_web_process.py runs the same config against slow clients."""
+
+from __future__ import annotations
+
+import runpy
+import shlex
+from pathlib import Path
+
+from gunicorn import glogging
+from gunicorn.util import load_class
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def procfile() -> dict[str, list[str]]:
+    lines = (ROOT / "Procfile").read_text().splitlines()
+    return {name: shlex.split(command) for name, command in (line.split(":", 1) for line in lines if line.strip())}
+
+
+def test_web_runs_the_gunicorn_config_with_gevent_workers_and_json_logs() -> None:
+    web = procfile()["web"]
+    assert web[0] == "gunicorn" and web[web.index("--config") + 1] == "deploy/gunicorn.conf.py"
+    conf = runpy.run_path(str(ROOT / "deploy" / "gunicorn.conf.py"))
+    assert conf["worker_class"] == "gevent"
+    assert 0 < conf["worker_connections"] <= 10_000
+    assert "threads" not in conf and "access_log_format" not in conf
+    assert issubclass(load_class(conf["logger_class"], section="gunicorn.loggers"), glogging.Logger)
+
+
+def test_celery_processes_run_quiet() -> None:
+    """As deploy/stack.py starts them (where tests/e2e/test_web_process.py checks their logs line by line)."""
+    for name in ("worker", "beat"):
+        argv = procfile()[name]
+        assert argv[:4] == ["celery", "--quiet", "-A", "kling_relay.worker.celery_app"], name

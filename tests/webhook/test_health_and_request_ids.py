@@ -1,0 +1,90 @@
+"""`/healthz` says what the README says and no more; every answer carries an `X-Request-ID`."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+
+from kling_relay.shared.logs import JsonFormatter
+from kling_relay.shared.queue import make_celery
+from kling_relay.shared.runtime import Runtime
+from kling_relay.webhook.app import create_app
+from tests.support.procs import free_port
+from tests.webhook.conftest import app_settings, auth
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+@pytest.fixture()
+def redis_down_app() -> Iterator[Flask]:
+    """The app with its Redis on a port where nothing listens."""
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    celery_app = make_celery(url)
+    rt = Runtime.from_settings(app_settings(url), celery_app)
+    yield create_app(runtime=rt)
+    rt.redis.close()
+    rt.http.close()
+    celery_app.close()
+
+
+def readme_health_503() -> dict[str, object]:
+    section = README.read_text().split("**`GET /healthz`**", 1)[1].split("**`GET /openapi.json`**", 1)[0]
+    match = re.search(r"`503 (\{.*?\})`", section)
+    assert match, "README documents the 503 body of /healthz"
+    documented: dict[str, object] = json.loads(match.group(1))
+    return documented
+
+
+def test_health_503_is_what_the_readme_says_and_names_no_component(redis_down_app: Flask) -> None:
+    """Issue: the 503 body said `"redis": "unreachable"` while the README promised no details."""
+    answer = redis_down_app.test_client().get("/healthz")
+    assert answer.status_code == 503
+    assert answer.json == readme_health_503() == {"status": "unhealthy"}
+    assert "redis" not in answer.get_data(as_text=True).lower()
+    assert answer.headers["Retry-After"] == "5"
+
+
+def test_health_failure_is_logged_with_its_cause_and_request_id(redis_down_app: Flask) -> None:
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger("kling_relay.webhook.app")
+    logger.addHandler(handler)
+    try:
+        answer = redis_down_app.test_client().get("/healthz", headers={"X-Request-ID": "probe-7"})
+    finally:
+        logger.removeHandler(handler)
+    record = json.loads(stream.getvalue().splitlines()[-1])
+    assert record["msg"] == "health check failed" and record["error"] == "ConnectionError"
+    assert record["request_id"] == answer.headers["X-Request-ID"] == "probe-7"
+
+
+def test_health_ok_body(client: FlaskClient) -> None:
+    assert client.get("/healthz").json == {"status": "ok", "submission": "open", "copy": "open"}
+
+
+@pytest.mark.parametrize("sent", ["abc-123", "trace.id:1_a", "x" * 128])
+def test_a_sane_request_id_is_kept(client: FlaskClient, sent: str) -> None:
+    assert client.get("/healthz", headers={"X-Request-ID": sent}).headers["X-Request-ID"] == sent
+
+
+@pytest.mark.parametrize("sent", ["", "has space", "x" * 129, "a\x1bb", '{"level":"error"}', "é"])
+def test_an_unsafe_request_id_is_replaced(client: FlaskClient, sent: str) -> None:
+    got = client.get("/healthz", headers={"X-Request-ID": sent}).headers["X-Request-ID"]
+    assert got != sent and re.fullmatch(r"[0-9a-f]{32}", got)
+
+
+def test_every_answer_has_a_fresh_request_id(client: FlaskClient) -> None:
+    answers = [client.get("/healthz"), client.get("/v1/jobs"), client.get("/nowhere"),
+               client.get("/v1/jobs/job_nope", headers=auth())]
+    assert [a.status_code for a in answers] == [200, 401, 404, 404]
+    ids = [a.headers["X-Request-ID"] for a in answers]
+    assert len(set(ids)) == len(ids) and all(re.fullmatch(r"[0-9a-f]{32}", i) for i in ids)
