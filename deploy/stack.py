@@ -48,17 +48,19 @@ class LocalStack:
     """Start with start(); processes log to `workdir/logs/<name>.log`; stop() ends everything it started.
 
     `bucket_versioning=True` turns versioning on for the bucket, so a test can prove that no object was ever
-    written twice (one version per key).
+    written twice (one version per key). `sim_api_key` runs the simulator like a reseller, with that static Bearer
+    key (and the relay with `KLING_API_KEY`) instead of the demo AK/SK.
     """
 
     def __init__(self, workdir: Path, *, sim_args: Iterable[str] = (), env: Mapping[str, str] | None = None,
                  worker_concurrency: int = 4, web_workers: int = 2, redis_appendonly: bool = False,
-                 sim_prefix: str = "", bucket_versioning: bool = False) -> None:
+                 sim_prefix: str = "", bucket_versioning: bool = False, sim_api_key: str | None = None) -> None:
         self.workdir = workdir
         self.logs = workdir / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         self.sim_args = list(sim_args)
         self.sim_prefix = sim_prefix
+        self.sim_api_key = sim_api_key
         self.extra_env = dict(env or {})
         self.worker_concurrency = worker_concurrency
         self.web_workers = web_workers
@@ -97,8 +99,8 @@ class LocalStack:
             **AWS_ENV,
             "REDIS_URL": self.redis.url,
             "KLING_BASE_URL": self.sim_base,
-            "KLING_ACCESS_KEY": DEMO_ACCESS_KEY,
-            "KLING_SECRET_KEY": DEMO_SECRET_KEY,
+            **({"KLING_API_KEY": self.sim_api_key} if self.sim_api_key is not None
+               else {"KLING_ACCESS_KEY": DEMO_ACCESS_KEY, "KLING_SECRET_KEY": DEMO_SECRET_KEY}),
             "PUBLIC_BASE_URL": self.web_url,
             "CALLBACK_SECRET": DEMO_CALLBACK_SECRET,
             "API_TOKENS": DEMO_API_TOKEN,
@@ -151,8 +153,10 @@ class LocalStack:
             self.s3().put_bucket_versioning(Bucket=BUCKET, VersioningConfiguration={"Status": "Enabled"})
 
     def start_simulator(self) -> None:
+        keys = (["--api-key", self.sim_api_key] if self.sim_api_key is not None
+                else ["--access-key", DEMO_ACCESS_KEY, "--secret-key", DEMO_SECRET_KEY])
         argv = [self.python, "-m", "kling_relay.simulator", "--host", "127.0.0.1", "--port", str(self.sim_port),
-                "--access-key", DEMO_ACCESS_KEY, "--secret-key", DEMO_SECRET_KEY, *self.sim_args]
+                *keys, *self.sim_args]
         if self.sim_prefix:
             argv += ["--prefix", self.sim_prefix]
         self._spawn("simulator", argv, self.sim_port)

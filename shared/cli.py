@@ -37,6 +37,41 @@ def _config(argv: Sequence[str]) -> int:
     return 0
 
 
+def _doctor(argv: Sequence[str]) -> int:
+    import redis
+
+    from kling_relay.shared.doctor import diagnose, render
+    from kling_relay.shared.runtime import make_kling_client, make_s3_client
+    from kling_relay.shared.settings import SettingsError, load_settings
+
+    parser = argparse.ArgumentParser(
+        prog="kling-relay doctor",
+        description="Check what the relay needs, with the settings from the environment, without spending money "
+                    "(nothing is created at Kling): Redis, S3 (a tiny object written and deleted under S3_PREFIX), "
+                    "Kling's auth, read routes and answer shape, the clock, PUBLIC_BASE_URL and the video "
+                    "allow-list; then what the relay will do (read tasks back, or run callbacks-only). Exit status: "
+                    "0 ready (maybe with warnings), 1 something it needs failed, 2 bad settings. "
+                    "`kling-relay config` is the quick, offline view.")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    args = parser.parse_args(argv)
+    try:
+        settings = load_settings()
+    except SettingsError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    client = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
+    try:
+        report = diagnose(settings, kling_client=lambda session: make_kling_client(settings, session=session),
+                          s3_client=make_s3_client(settings), redis_client=client)
+    finally:
+        client.close()
+    if args.json:
+        _print_json(report.as_dict())
+    else:
+        print(render(report, settings))
+    return 0 if report.ready else 1
+
+
 def _pause_command(argv: Sequence[str], *, what: str, description: str) -> int:
     """`kling-relay submission|copy status|resume`: print the status, or clear the pause."""
     parser = argparse.ArgumentParser(prog=f"kling-relay {what}", description=description)
@@ -196,6 +231,7 @@ COMMANDS = {
     "submission": (_submission, "submission to Kling: status (open/paused, why) or resume after a pause"),
     "copy": (_copy, "copying to S3: status (open/paused, why, jobs waiting) or resume after a pause"),
     "config": (_config, "check the settings from the environment and print them (secrets masked)"),
+    "doctor": (_doctor, "check Redis, S3 and Kling (auth, read routes, clock) without spending money"),
 }
 
 

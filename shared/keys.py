@@ -17,6 +17,9 @@ All keys start with `kr:`; one Redis (database) serves one relay.
 - `kr:flow:copy_pause` (hash: copying paused, storage unusable), `kr:flow:copy_probe` (a recent storage probe's
   mark), `kr:flow:copy_waits` (hash: job id → JSON, jobs whose copy waits for the operator)
 - `kr:lock:<step>:<job_id>` (submit, copy) and `kr:lock:reconcile`: locks with a token and an expiry
+- `kr:job:<id>:heard` hash: the tasks Kling's callbacks named for the job (`shared/heard.py`);
+  `kr:heard:awaiting` hash: job id → why the job waits for a callback; `kr:kling:reads` the `KLING_QUERY=auto`
+  verdict (`shared/kling_reads.py`)
 - the consumers' events stream: its name is the `EVENTS_STREAM` setting
 
 Celery's own keys (queues `submit`, `copy`, `notify`, `reconcile`, `unacked*`, `_kombu.*`) share the database.
@@ -45,6 +48,9 @@ USAGE_OVERRIDE = f"{PREFIX}usage:override"
 
 RECONCILE_LOCK = f"{PREFIX}lock:reconcile"
 
+AWAITING_CALLBACK = f"{PREFIX}heard:awaiting"
+KLING_READS = f"{PREFIX}kling:reads"
+
 
 def job(job_id: str) -> str:
     return f"{JOB_KEY_PREFIX}{job_id}"
@@ -56,6 +62,10 @@ def job_request(job_id: str) -> str:
 
 def job_events(job_id: str) -> str:
     return f"{JOB_KEY_PREFIX}{job_id}:events"
+
+
+def job_heard(job_id: str) -> str:
+    return f"{JOB_KEY_PREFIX}{job_id}:heard"
 
 
 def jobs_in_state(state: str) -> str:

@@ -11,6 +11,8 @@ answer into either a :class:`KlingTask` or a :class:`KlingError` subclass:
 ``KlingFixAccount``    1000-1004, 1100-1103, 1304: keys, balance or permissions need a human
 ``KlingAmbiguous``     a create whose outcome is unknown (timeout or lost connection after sending,
                        a 5xx answer): the task may exist, look it up by ``external_task_id`` first
+``KlingLookupIncomplete`` a lookup by ``external_task_id`` that hit its bound before the end of the task
+                       list (a ``KlingRetryLater``): the task may exist, never "not found"
 ``KlingProtocolError`` an answer that is not a Kling envelope (wrong base URL, a proxy's page)
 =====================  =========================================================================
 
@@ -52,6 +54,8 @@ MULTI_IMAGE2VIDEO_PATH = "/v1/videos/multi-image2video"
 #: Largest page Kling serves (pageSize 1-500), used when scanning for an external_task_id.
 MAX_PAGE_SIZE = 500
 MAX_PAGE_NUM = 1000
+#: Pages of 500 a lookup by external_task_id reads at most (50,000 tasks) unless told otherwise.
+DEFAULT_LOOKUP_MAX_PAGES = 100
 #: An answer bigger than this is not a Kling envelope (a list page of 500 tasks is well under 1 MiB).
 MAX_BODY_BYTES = 16 * 1024 * 1024
 _MAX_MESSAGE_CHARS = 500
@@ -119,6 +123,13 @@ class KlingRetryLater(KlingError):
     """Nothing happened on Kling's side that matters: the same request can be sent again later."""
 
     kind = ErrorKind.RETRY_LATER
+
+
+class KlingLookupIncomplete(KlingRetryLater):
+    """A lookup by external_task_id read as many list pages as it may without reaching the list's end.
+
+    The task may be on a page not read: this is never "not found" (which would allow a second, billed create).
+    """
 
 
 class KlingFixRequest(KlingError):
@@ -340,13 +351,15 @@ class KlingClient:
     seconds before it expires and once more if Kling answers 1004 "token expired"; "legacy" in Kling's newer
     docs) or ``api_key`` (a static Bearer key: an official API key, or a reseller's). ``timeout`` is
     (connect, read) seconds, or one number for both. A ``session`` passed in is used as is and not closed by
-    :meth:`close`.
+    :meth:`close`. ``lookup_max_pages`` bounds the list pages (of 500) that :meth:`get_task_by_external_id`
+    reads (1-1000, Kling's own limit).
     """
 
     def __init__(self, base_url: str, *, access_key: str | None = None, secret_key: str | None = None,
                  api_key: str | None = None, timeout: float | tuple[float, float] = (5.0, 30.0),
                  session: requests.Session | None = None, clock: Callable[[], float] = time.time,
-                 jwt_renew_margin: float = DEFAULT_RENEW_MARGIN_S) -> None:
+                 jwt_renew_margin: float = DEFAULT_RENEW_MARGIN_S,
+                 lookup_max_pages: int = DEFAULT_LOOKUP_MAX_PAGES) -> None:
         parts = urlsplit(base_url)
         if (parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment
                 or "@" in parts.netloc):
@@ -356,6 +369,7 @@ class KlingClient:
         self._base_url = base_url.rstrip("/")
         self._auth = _auth_from(access_key, secret_key, api_key, clock, jwt_renew_margin)
         self._timeout = _check_timeout(timeout)
+        self._lookup_max_pages = _check_max_pages(lookup_max_pages)
         self._owns_session = session is None
         self._session = session if session is not None else requests.Session()
 
@@ -392,7 +406,8 @@ class KlingClient:
         return _task_from(self._call("GET", f"{MULTI_IMAGE2VIDEO_PATH}/{_path_segment(task_id, 'task_id')}"))
 
     def list_tasks(self, page_num: int = 1, page_size: int = 30) -> list[KlingTask]:
-        """One page of this account's tasks, newest first (pageNum 1-1000, pageSize 1-500)."""
+        """One page of this account's tasks (pageNum 1-1000, pageSize 1-500), in Kling's order, which the docs
+        do not state: never assume newest first."""
         if not 1 <= page_num <= MAX_PAGE_NUM or not 1 <= page_size <= MAX_PAGE_SIZE:
             raise ValueError(f"page_num must be 1-{MAX_PAGE_NUM} and page_size 1-{MAX_PAGE_SIZE}")
         answer = self._call("GET", MULTI_IMAGE2VIDEO_PATH, params={"pageNum": page_num, "pageSize": page_size})
@@ -403,18 +418,23 @@ class KlingClient:
                                      http_status=answer.http_status, request_id=answer.request_id)
         return [_task_from(_Answer(item, answer.http_status, answer.request_id)) for item in answer.data]
 
-    def get_task_by_external_id(self, external_task_id: str, *, max_pages: int = 5) -> KlingTask:
+    def get_task_by_external_id(self, external_task_id: str, *, max_pages: int | None = None) -> KlingTask:
         """The task created with this external_task_id, robust to either reading of Kling's docs.
 
         Kling says a task can be looked up by its external_task_id but not whether in the task_id
         path slot. So first ``GET .../multi-image2video/{external_task_id}``, accepted only if the
         returned task really carries that external_task_id (an id could also match another task's
         task_id). If that answers something else, 1200-1203, or a 4xx that is not a Kling envelope (a
-        gateway's own page), scan the task list, newest first,
-        ``max_pages`` pages of 500. Raises KlingTaskNotFound only when neither finds it; other errors
-        (retry later, account, ...) propagate as they are.
+        gateway's own page), scan the task list in pages of 500 from the first, whatever its order (the docs
+        state none), until the task is found or a page comes back short (the list's end).
+
+        Raises KlingTaskNotFound only after reading the whole list. When ``max_pages`` (default: the client's
+        ``lookup_max_pages``) full pages were read without reaching the end, raises KlingLookupIncomplete: the
+        task may be further on, so this is never "not found". Other errors (retry later, account, a list that
+        is not a Kling envelope, ...) propagate as they are.
         """
         segment = _path_segment(external_task_id, "external_task_id")
+        bound = self._lookup_max_pages if max_pages is None else _check_max_pages(max_pages)
         try:
             task = _task_from(self._call("GET", f"{MULTI_IMAGE2VIDEO_PATH}/{segment}"))
             if task.external_task_id == external_task_id:
@@ -427,16 +447,18 @@ class KlingClient:
             if isinstance(err, KlingProtocolError) and not (err.http_status and 400 <= err.http_status < 500):
                 raise
         scanned = 0
-        for page_num in range(1, max_pages + 1):
+        for page_num in range(1, bound + 1):
             page = self.list_tasks(page_num=page_num, page_size=MAX_PAGE_SIZE)
             scanned += len(page)
             for task in page:
                 if task.external_task_id == external_task_id:
                     return task
             if len(page) < MAX_PAGE_SIZE:
-                break
-        raise KlingTaskNotFound(f"no task with external_task_id {external_task_id!r} "
-                                f"(direct lookup, then {scanned} listed tasks)")
+                raise KlingTaskNotFound(f"no task with external_task_id {external_task_id!r} "
+                                        f"(direct lookup, then the whole list: {scanned} tasks)")
+        raise KlingLookupIncomplete(
+            f"lookup of external_task_id {external_task_id!r} stopped after {bound} full pages ({scanned} tasks) "
+            f"without reaching the end of the task list: the task may exist further on")
 
     # -- transport
 
@@ -492,6 +514,12 @@ def _check_timeout(timeout: float | tuple[float, float]) -> tuple[float, float]:
     if len(pair) != 2 or not all(isinstance(t, int | float) and t > 0 for t in pair):
         raise ValueError("timeout must be a positive number or a (connect, read) pair of them")
     return (float(pair[0]), float(pair[1]))
+
+
+def _check_max_pages(pages: int) -> int:
+    if isinstance(pages, bool) or not isinstance(pages, int) or not 1 <= pages <= MAX_PAGE_NUM:
+        raise ValueError(f"max_pages must be a whole number from 1 to {MAX_PAGE_NUM} (Kling's pageNum limit)")
+    return pages
 
 
 def _path_segment(value: str, name: str) -> str:
@@ -616,6 +644,6 @@ def _log_outcome(method: str, path: str, started: float, error: KlingError | Non
 
 __all__ = [
     "TASK_STATUSES", "ErrorKind", "KlingAmbiguous", "KlingClient", "KlingError", "KlingFixAccount",
-    "KlingFixRequest", "KlingProtocolError", "KlingRetryLater", "KlingTask", "KlingTaskNotFound",
-    "KlingVideo", "TaskStatus", "error_for", "kind_for_code", "safe_text",
+    "KlingFixRequest", "KlingLookupIncomplete", "KlingProtocolError", "KlingRetryLater", "KlingTask",
+    "KlingTaskNotFound", "KlingVideo", "TaskStatus", "error_for", "kind_for_code", "safe_text",
 ]

@@ -36,7 +36,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from kling_relay.shared import copy_flow, flow, usage
+from kling_relay.shared import copy_flow, flow, heard, usage
 from kling_relay.shared.inputs import is_job_id, reason_problem
 from kling_relay.shared.jobs import Job, JobNotFound, JobState, JobStore, StepResult
 from kling_relay.shared.jobs_model import CREATE_SENT
@@ -113,10 +113,11 @@ def retry_mode(job: Job, *, now: float | None = None) -> str:
 
 def submission_status(store: JobStore, *, now: float | None = None) -> dict[str, Any]:
     """Submission open or paused (and why), tasks in flight at Kling, copying open or paused (and why) with the
-    jobs whose copy waits on a setting, jobs per state, and the units Kling deducted in the UTC day and month of
-    `now` (default: the clock; see `usage.spent`) (GET /v1/status)."""
+    jobs whose copy waits on a setting, jobs per state, the units Kling deducted in the UTC day and month of `now`
+    (default: the clock; see `usage.spent`), and the jobs awaiting a callback because their create's outcome is
+    unknown in callbacks-only mode (GET /v1/status)."""
     return {**flow.status(store.redis), **copy_flow.status(store.redis), "jobs": store.counts(),
-            "units": usage.spent(store.redis, now=now)}
+            "units": usage.spent(store.redis, now=now), "awaiting_callback": heard.awaiting(store.redis, store.get)}
 
 
 def retry_job(store: JobStore, enqueuer: Enqueuer, job_id: str, *, detail: dict[str, Any] | None = None,

@@ -22,6 +22,12 @@ For each due job:
   waited for in the message;
 - then its due time moves forward by `RECONCILE_QUIET_SECONDS`, so a pass never hammers one job.
 
+When tasks cannot be read back (callbacks-only mode, `shared/kling_reads.py`), the pass polls no job (a quiet job
+waits for its callbacks until its deadline), leaves a queued job awaiting its callback where it is (its create is
+never sent again), and its pause probe, which needs the list, opens a trial instead (one job's create is let
+through; its success resumes submission). A job that timed out while awaiting its callback (its create's outcome
+unknown, `shared/heard.py`) says so in its error.
+
 Then it announces the steps left in the store's outbox for over `ANNOUNCE_GRACE_SECONDS` (the process that made
 the step died, or Redis or the broker failed, before it appended the consumers' stream entry or queued the
 notification; see `shared/notify.py`), up to the batch size, oldest first.
@@ -41,9 +47,10 @@ import logging
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from kling_relay.shared import copy_flow, flow, keys, usage
+from kling_relay.shared import copy_flow, flow, heard, keys, usage
 from kling_relay.shared.jobs import Job, JobState
 from kling_relay.shared.kling import KlingError, KlingFixAccount, KlingTask, KlingTaskNotFound
+from kling_relay.shared.kling_reads import reads_available
 from kling_relay.shared.locks import RedisLock, job_lock
 from kling_relay.shared.notify import EventsStream, announce
 from kling_relay.shared.pipeline import Failure, apply_task_status, fail
@@ -108,6 +115,13 @@ class _Pass:
         self.pause: dict[str, Any] | None = None
         self.copy_pause: dict[str, Any] | None = None
         self.trial_sent = False
+        self._reads: bool | None = None
+
+    def reads(self) -> bool:
+        """Whether tasks can be read back from Kling (asked once per pass)."""
+        if self._reads is None:
+            self._reads = reads_available(self.rt)
+        return self._reads
 
     def run(self) -> ReconcileReport:
         every = self.rt.settings.kling_pause_probe_seconds
@@ -141,6 +155,11 @@ class _Pass:
     def _probe(self) -> None:
         """One cheap call while paused: clears an auth pause, opens a trial for an account pause."""
         assert self.pause is not None
+        if not self.reads():  # nothing cheap to ask: let one create through instead
+            flow.open_trial(self.rt.redis, self.rt.settings.kling_pause_probe_seconds)
+            self.report.probe = "trial"
+            self.pause = flow.current_pause(self.rt.redis)
+            return
         try:
             self.rt.kling.list_tasks(page_num=1, page_size=1)
         except flow.RateLimited:
@@ -227,10 +246,17 @@ class _Pass:
                                            f"the copy waited ({waited})")
         else:
             failure = Failure("timed_out", f"not finished within {self.rt.settings.job_deadline_seconds:g}s "
-                                           f"(last state {job.state.value})")
+                                           f"(last state {job.state.value})" + self._awaited(job))
         fail(self.rt, job.id, failure, source="reconciler")
         self.report.timed_out.append(job.id)
         return True
+
+    def _awaited(self, job: Job) -> str:
+        flagged = heard.awaiting_reason(self.rt.redis, job.id) if job.state is JobState.QUEUED else None
+        if flagged is None:
+            return ""
+        return (f": no callback bound its task; it was never sent again since Kling's tasks could not be read back "
+                f"({flagged['message']})")
 
     def _copy_wait(self, job: Job) -> str | None:
         """What a generated job's copy waits for (the storage pause, a refused host), or None."""
@@ -246,6 +272,10 @@ class _Pass:
     def _queued(self, job: Job) -> None:
         if self._busy(job):
             self.report.waiting.append(job.id)
+            self._push(job)
+            return
+        if heard.awaiting_reason(self.rt.redis, job.id) is not None and not self.reads():
+            self.report.waiting.append(job.id)  # never sent again while tasks cannot be read back: nothing to re-send
             self._push(job)
             return
         if self.pause is not None and not self._trial_wanted():
@@ -286,6 +316,10 @@ class _Pass:
     def _in_flight(self, job: Job) -> None:
         if self.report.stopped_polling:
             return  # stays due: the next pass polls it
+        if not self.reads():  # callbacks only: the job waits for them, up to its deadline
+            self.report.waiting.append(job.id)
+            self._push(job)
+            return
         try:
             task = (self.rt.kling.get_task(job.kling_task_id) if job.kling_task_id
                     else self.rt.kling.get_task_by_external_id(job.id))

@@ -30,12 +30,14 @@ def make_s3_client(settings: Settings) -> Any:
 
 def make_kling_client(settings: Settings, session: requests.Session | None = None) -> KlingClient:
     timeout = (settings.kling_connect_timeout_seconds, settings.kling_timeout_seconds)
+    pages = settings.kling_lookup_max_pages
     if settings.kling_api_key:
         return KlingClient(settings.kling_base_url, api_key=settings.kling_api_key.reveal(), timeout=timeout,
-                           session=session)
+                           session=session, lookup_max_pages=pages)
     assert settings.kling_secret_key is not None
     return KlingClient(settings.kling_base_url, access_key=settings.kling_access_key,
-                       secret_key=settings.kling_secret_key.reveal(), timeout=timeout, session=session)
+                       secret_key=settings.kling_secret_key.reveal(), timeout=timeout, session=session,
+                       lookup_max_pages=pages)
 
 
 def limited_kling_client(settings: Settings, client: redis.Redis, *, max_wait: float = 1.0) -> KlingClient:

@@ -94,6 +94,8 @@ class Settings:
     kling_rate_limit_per_second: float
     kling_max_in_flight: int
     kling_pause_probe_seconds: float
+    kling_query: str
+    kling_lookup_max_pages: int
     kling_daily_unit_budget: float | None
     kling_default_units_estimate: float
     job_lock_seconds: float

@@ -188,6 +188,22 @@ def allowlist(raw: str, env: str) -> str:
     return raw
 
 
+def query_mode(raw: str, env: str) -> str:
+    """auto, on or off (KLING_QUERY: whether the relay reads tasks back from Kling)."""
+    mode = raw.lower()
+    if mode not in ("auto", "on", "off"):
+        raise ValueError(f"must be auto, on or off, got {raw!r}")
+    return mode
+
+
+def page_count(raw: str, env: str) -> int:
+    """A whole number of list pages from 1 to 1000 (Kling's pageNum limit)."""
+    value = whole_number(raw, env)
+    if value > 1000:
+        raise ValueError(f"must be at most 1000 (Kling serves pageNum 1-1000), got {value}")
+    return value
+
+
 def log_level(raw: str, env: str) -> str:
     level = raw.upper()
     if level not in _LOG_LEVELS:
@@ -247,6 +263,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("KLING_MAX_IN_FLIGHT", 20, whole_number, "most jobs submitted or processing at Kling at once"),
     Setting("KLING_PAUSE_PROBE_SECONDS", 60.0, seconds,
             "how often paused submission probes Kling, paused copying probes S3, a refused host is re-checked"),
+    Setting("KLING_QUERY", "auto", query_mode, "read tasks back from Kling: on, off (callbacks only) or auto "
+                                               "(probe the read routes)"),
+    Setting("KLING_LOOKUP_MAX_PAGES", 100, page_count, "most list pages of 500 a lookup by external_task_id reads"),
     Setting("KLING_DAILY_UNIT_BUDGET", None, units, "most Kling units to spend per UTC day; unset: no limit"),
     Setting("KLING_DEFAULT_UNITS_ESTIMATE", 1.0, units,
             "units a job is expected to cost before a deduction was seen for its model, mode and duration"),

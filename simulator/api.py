@@ -3,22 +3,29 @@
 | route | answer |
 | --- | --- |
 | POST `.../multi-image2video` | create a task |
-| GET `.../multi-image2video?pageNum=&pageSize=` | list tasks, newest first |
-| GET `.../multi-image2video?external_task_id=X` | one task by external id |
-| GET `.../multi-image2video/{id}` | one task by task_id, else by external_task_id |
+| GET `.../multi-image2video?pageNum=&pageSize=` | list tasks, newest first (`list_order`: oldest first) |
+| GET `.../multi-image2video/{id}` | one task by task_id, else by external_task_id (`path_external_id`) |
 Any other method or path answers 404 code 1202. Checks run in this order: auth, forced error, rate
 limit (creates), server error, body validation, duplicate id / in-flight cap, ambiguous answer.
+
+Kling documents no other lookup: a `?external_task_id=` query parameter is ignored (the list is answered).
+
+Like a reseller's gateway: `no_query` serves no read route (every GET answers 404 with the gateway's own JSON,
+before any auth check), and `foreign_answers` rewrites the answers of the read routes (`query`) or of every route
+(`all`) into a gateway's own shape, `{"success": true, "result": <data>}` or `{"success": false, "error": {...}}`,
+with the same HTTP status: not Kling's envelope.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 from urllib.parse import unquote
 
 from kling_relay.simulator.errors import ApiError
-from kling_relay.simulator.replies import Reply, Request, envelope, error_envelope
+from kling_relay.simulator.replies import Reply, Request, envelope, error_envelope, json_reply
 from kling_relay.simulator.validation import parse_create
 
 if TYPE_CHECKING:
@@ -42,11 +49,35 @@ def route_of(rest: str) -> tuple[str, str | None]:
 def handle(app: SimulatorApp, req: Request, rest: str) -> Reply:
     template, raw_id = route_of(rest)
     app.stats.request(f"{req.method} {template or '(unknown)'}")
+    knobs = app.faults.knobs
+    if knobs.no_query and template and req.method == "GET":
+        return json_reply(404, {"error": {"message": f"Invalid URL (GET {req.path})", "type": "invalid_request_error"}})
+    reply = _kling(app, req, template, raw_id)
+    if knobs.foreign_answers == "all" or (knobs.foreign_answers == "query" and req.method == "GET"):
+        return _foreign(reply)
+    return reply
+
+
+def _foreign(reply: Reply) -> Reply:
+    """The same answer in a gateway's own shape (see the module docstring); a dropped answer stays dropped."""
+    try:
+        kling = json.loads(reply.body)
+    except ValueError:
+        return reply
+    if kling.get("code") == 0:
+        body = {"success": True, "result": kling.get("data")}
+    else:
+        body = {"success": False, "error": {"message": kling.get("message"), "kling_code": kling.get("code")}}
+    reply.body = json.dumps(body).encode()
+    return reply
+
+
+def _kling(app: SimulatorApp, req: Request, template: str, raw_id: str | None) -> Reply:
     try:
         if template == COLLECTION and req.method == "POST":
             return _create(app, req)
         if template == COLLECTION and req.method == "GET":
-            return _query(app, req, lambda: _list_or_external(app, req))
+            return _query(app, req, lambda: _list(app, req))
         if template == ITEM and req.method == "GET":
             task_id = unquote(raw_id or "")
             return _query(app, req, lambda: _one(app, task_id))
@@ -93,7 +124,7 @@ def _query(app: SimulatorApp, req: Request, answer: Callable[[], Reply]) -> Repl
 
 
 def _one(app: SimulatorApp, task_or_external_id: str) -> Reply:
-    task = app.engine.store.find(task_or_external_id)
+    task = app.engine.store.find(task_or_external_id, by_external=app.faults.knobs.path_external_id)
     if task is None:
         raise ApiError(1203, "task not found")
     with app.engine.store.lock:
@@ -113,14 +144,8 @@ def _int_arg(req: Request, name: str, default: int, low: int, high: int) -> int:
     return value
 
 
-def _list_or_external(app: SimulatorApp, req: Request) -> Reply:
-    external_id = req.arg("external_task_id")
-    if external_id is not None:
-        task = app.engine.store.by_external_id(external_id)
-        if task is None:
-            raise ApiError(1203, "task not found")
-        with app.engine.store.lock:
-            return envelope(task.to_json())
+def _list(app: SimulatorApp, req: Request) -> Reply:
     page_num = _int_arg(req, "pageNum", 1, 1, 1000)
     page_size = _int_arg(req, "pageSize", 30, 1, 500)
-    return envelope(app.engine.store.page(page_num, page_size))
+    newest_first = app.faults.knobs.list_order == "newest"
+    return envelope(app.engine.store.page(page_num, page_size, newest_first=newest_first))

@@ -85,6 +85,9 @@ class Engine:
             task.status = status
             task.status_msg = message
             task.videos = videos or []
+            units = self._faults.knobs.final_units
+            if status in FINAL and units > 0:
+                task.units = f"{units:g}"
             task.updated_at = max(now_ms(), task.updated_at)
             payload = task.to_json()
         self._notify(task, payload)

@@ -77,6 +77,17 @@ class Knobs:
                                        "delay: answer after ambiguous_create_delay seconds",
                                        choices=("drop", "delay"))
     ambiguous_create_delay: float = _knob(120.0, "seconds a 'delay' ambiguous create waits before answering")
+    # the read routes (a reseller may serve only the create) and the answers' shape
+    no_query: bool = _knob(False, "serve no read routes (get-by-id, list): a GET answers 404 with a gateway's own "
+                                  "page, not Kling's envelope, like a reseller that serves only the create")
+    foreign_answers: str = _knob("off", "answer in a gateway's own JSON shape instead of Kling's envelope: off, "
+                                 "query (the read routes) or all (the create too)", choices=("off", "query", "all"))
+    path_external_id: bool = _knob(True, "GET .../{id} also finds a task by its external_task_id (Kling's docs "
+                                         "allow either reading; off: by task_id only)")
+    list_order: str = _knob("newest", "order of the task list (Kling does not document one)",
+                            choices=("newest", "oldest"))
+    # billing
+    final_units: float = _knob(0.0, "units a finished task reports as final_unit_deduction (a string); 0: none")
     # randomness
     seed: int = _knob(0, "seed of the fault RNG (set at runtime to reseed)", minimum=None)
 

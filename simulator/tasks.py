@@ -58,6 +58,7 @@ class Task:
     updated_at: int = 0
     videos: list[Video] = field(default_factory=list)
     held_callback: dict[str, Any] | None = None
+    units: str | None = None  # final_unit_deduction, set once the task is finished (the `final_units` knob)
 
     def __post_init__(self) -> None:
         self.updated_at = self.updated_at or self.created_at
@@ -72,6 +73,8 @@ class Task:
             "task_info": info, "created_at": self.created_at, "updated_at": self.updated_at,
             "watermark_info": {"enabled": bool(self.request.watermark)},
         }
+        if self.units is not None and self.status in FINAL:
+            obj["final_unit_deduction"] = self.units
         if self.status == "succeed":
             obj["task_result"] = {"videos": [_video_json(v) for v in self.videos]}
         return obj
@@ -109,25 +112,22 @@ class TaskStore:
         with self.lock:
             return self._by_id.get(task_id)
 
-    def find(self, task_or_external_id: str) -> Task | None:
-        """By task_id first, then by external_task_id."""
+    def find(self, task_or_external_id: str, *, by_external: bool = True) -> Task | None:
+        """By task_id first, then (`by_external`) by external_task_id."""
         with self.lock:
             task = self._by_id.get(task_or_external_id)
-            if task is None and task_or_external_id in self._by_external:
+            if task is None and by_external and task_or_external_id in self._by_external:
                 task = self._by_id[self._by_external[task_or_external_id]]
             return task
 
-    def by_external_id(self, external_id: str) -> Task | None:
+    def page(self, page_num: int, page_size: int, *, newest_first: bool = True) -> list[dict[str, Any]]:
+        """Task objects of the 1-based page, newest first (or oldest first: Kling documents no order)."""
         with self.lock:
-            task_id = self._by_external.get(external_id)
-            return self._by_id[task_id] if task_id else None
-
-    def page(self, page_num: int, page_size: int) -> list[dict[str, Any]]:
-        """Task objects, newest first, of the 1-based page."""
-        with self.lock:
-            newest_first = list(reversed(self._by_id.values()))
+            ordered = list(self._by_id.values())
+            if newest_first:
+                ordered.reverse()
             start = (page_num - 1) * page_size
-            return [t.to_json() for t in newest_first[start:start + page_size]]
+            return [t.to_json() for t in ordered[start:start + page_size]]
 
     def in_flight(self) -> int:
         with self.lock:

@@ -5,11 +5,12 @@ the URL we gave Kling. Once a webhook secret is created in Kling's console and g
 callback must also carry a valid Standard Webhooks signature (`webhook-id`, `webhook-timestamp` within five
 minutes, `webhook-signature: v1,<base64 HMAC-SHA256 of "<id>.<timestamp>.<body>">`, checked over the raw body by
 `kling_relay.shared.http_client.verify`): a missing, wrong or stale one is `401` and changes nothing. The body is
-checked for shape and its task_id must be the job's; the URL in it is never used (the copy re-reads the task from
-Kling). Duplicates and stale updates get a 2xx and change nothing.
+checked for shape and its task_id must be the job's; the URL in it is used only where Kling's tasks cannot be read
+back (callbacks-only mode; otherwise the copy re-reads the task from Kling). Duplicates and stale updates get a 2xx
+and change nothing.
 
-A callback never binds a job to a task. Only the worker does, with a task that Kling itself answered: the create's
-answer, or a lookup by `external_task_id` (the worker's, or the reconciler's poll). So a callback that arrives
+A callback's token never binds a job to a task. Only the worker does, with a task that Kling itself answered: the
+create's answer, or a lookup by `external_task_id` (the worker's, or the reconciler's poll). So a callback that arrives
 before the worker has recorded the job's task (a real one racing the create's answer, or one forged with a
 stolen token, `external_task_id` = the job id and a made-up `task_id`) is answered `202` and changes neither the
 job's task nor its state: the real task always wins, and no made-up task can orphan the billed one. When a
@@ -22,6 +23,13 @@ call Kling inside a request that must answer fast and never fail: Kling's timeou
 errors would hold the threads Kling's callbacks need, and a stolen token could make us spend the rate limit.
 It would also bind nothing more than the worker's own lookup, and neither works where Kling's read routes do
 not exist (gateways that serve only the create): there a callback could be trusted only with Kling's signature.
+
+What a callback says is kept (`shared/heard.py`: per status and task id, for the job's own task or, before one is
+recorded, one that names the job), before its step is applied: in callbacks-only mode the copy takes the video URLs
+from the `succeed` callback of the job's bound task, and a status that beat the create's answer is applied once
+the worker binds the task. With `KLING_WEBHOOK_SECRET` set, a callback that passed the signature check carries
+Kling's own word: it may bind the task of a queued job whose create was sent but not answered
+(`heard.may_bind_from_callback`), the one way such a job gets its task in callbacks-only mode.
 """
 
 from __future__ import annotations
@@ -31,10 +39,11 @@ from typing import Any
 
 from flask import Blueprint, jsonify, request
 
+from kling_relay.shared import heard
 from kling_relay.shared.http_client import verify
 from kling_relay.shared.jobs import Job, JobNotFound, JobState
 from kling_relay.shared.kling import KlingTask
-from kling_relay.shared.pipeline import CREATE_SENT, apply_task_status
+from kling_relay.shared.pipeline import CREATE_SENT, apply_task_status, record_task
 from kling_relay.shared.tokens import callback_token_ok
 from kling_relay.webhook.common import error, parse_json, read_body, runtime, valid_job_id
 
@@ -73,11 +82,22 @@ def kling_callback(job_id: str) -> Any:
             # Only a task that names this job could ever be its own: a token alone must not pass another job's
             # task off as this one's (whose video the copy would then store here).
             return error(409, "task_info.external_task_id must name this job until its task id is known")
+        _remember(job, task)
+        if heard.may_bind_from_callback(job, task, signed=secret is not None):
+            record_task(rt, job_id, task, source="callback", detail={"bound_by": "signed callback"})
+            return jsonify(ok=True, applied=True, state=rt.store.require(job_id).state.value)
         return _before_task_recorded(job, task)
     if job.kling_task_id != task.task_id:
         return error(409, "task_id does not match this job's Kling task")
+    _remember(job, task)  # before the step: the copy it queues may need the URL (callbacks only)
     result = apply_task_status(rt, job_id, task, source="callback")
     return jsonify(ok=True, applied=result.applied, state=result.job.state.value)
+
+
+def _remember(job: Job, task: KlingTask) -> None:
+    settings = runtime().settings
+    heard.remember(runtime().redis, job.id, task,
+                   ttl_seconds=int(settings.job_ttl_seconds + settings.job_deadline_seconds))
 
 
 def _before_task_recorded(job: Job, task: KlingTask) -> Any:

@@ -265,6 +265,13 @@ def _schemas(settings: Settings) -> dict[str, Any]:
                                    "month": {"type": "number", "minimum": 0},
                                    "budget_override": {"type": "boolean"}},
                 },
+                "awaiting_callback": {
+                    "type": "array", "description": "Queued jobs whose create's outcome is unknown while Kling's "
+                                                    "tasks cannot be read back: never sent again, they wait for "
+                                                    "a callback (or the operator).",
+                    "items": {"type": "object", "properties": {"job_id": {"type": "string"},
+                                                               "since": {"type": "string"},
+                                                               "message": {"type": "string"}}}},
             },
         },
         "Resumed": {

@@ -37,6 +37,7 @@ class Outcome(StrEnum):
     SKIPPED = "skipped"  # the job is not (or no longer) in the state this step works on
     BUSY = "busy"  # another worker holds the job's lock for this step
     PAUSED = "paused"  # submission or copying is paused, or the copy waits on a setting: the job waits, due
+    AWAITING = "awaiting"  # submit: a create may have reached Kling and tasks cannot be read back: wait for a callback
     FOUND = "found"  # submit: the job's task already existed at Kling and was adopted
     SUBMITTED = "submitted"  # submit: Kling created the task
     FAILED = "failed"  # the attempt failed: the job failed, or the step raised RetryIn before returning this
@@ -118,10 +119,13 @@ def fail(rt: Runtime, job_id: str, failure: Failure, *, source: str) -> StepResu
 def retry_or_fail(rt: Runtime, job_id: str, budget: Budget, reason: str) -> Outcome:
     """Fail the job if this attempt used up the budget, else note it and raise RetryIn with back-off.
 
-    The job's due time moves past the retry, so the reconciler only steps in if the retry message is lost.
+    The job's due time moves past the retry, so the reconciler only steps in if the retry message is lost. The
+    failure's message ends with the last attempt's reason (e.g. what a gateway answered instead of Kling's envelope).
     """
     if budget.attempt >= budget.max_attempts:
-        fail(rt, job_id, budget.exhausted, source="worker")
+        exhausted = budget.exhausted
+        fail(rt, job_id, Failure(exhausted.reason, f"{exhausted.message}; last: {reason}"[:1000], exhausted.code),
+             source="worker")
         return Outcome.FAILED
     delay = backoff_seconds(budget.attempt, base=rt.settings.retry_base_seconds, cap=rt.settings.retry_max_seconds)
     rt.store.note(job_id, source="worker", detail={"retry_in": round(delay, 1), "reason": reason,

@@ -4,7 +4,9 @@ A per-job lock, kept alive by a heartbeat while the copy runs, keeps a re-queued
 redelivered message) from copying the same job at the same time: the second one returns `busy`. A worker killed
 mid-copy stops the heartbeat, so the lock lapses within `JOB_LOCK_SECONDS` and the job can be rescued.
 
-The task is read again from Kling for a fresh URL (never the callback's body), and must be this job's task.
+The task is read again from Kling for a fresh URL (never the callback's body), and must be this job's task. When
+tasks cannot be read back (callbacks-only mode, `shared/kling_reads.py`), the URLs are those of the `succeed`
+callback for the job's own task id (`shared/heard.py`), through the same allow-list and SSRF guard.
 
 A setting that is wrong never costs the video (see `shared/copy_flow.py`): while copying is paused (storage
 unusable) a copy leaves its job `generated` and due, without calling Kling or S3 and without using an attempt; an
@@ -19,9 +21,10 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from kling_relay.shared import copy_flow, usage
+from kling_relay.shared import copy_flow, heard, usage
 from kling_relay.shared.jobs import Job, JobState
 from kling_relay.shared.kling import KlingError, KlingTask
+from kling_relay.shared.kling_reads import reads_available
 from kling_relay.shared.pipeline.common import (
     Budget,
     Failure,
@@ -59,9 +62,12 @@ def _copy_locked(rt: Runtime, job: Job) -> Outcome:
     budget = Budget("copy", attempt, rt.settings.copy_max_attempts,
                     Failure("copy_exhausted", f"could not copy the video after {attempt} attempts"))
     try:
-        task = rt.kling.get_task(job.kling_task_id)  # a fresh URL: never trust the callback body for it
+        task = _result_task(rt, job.kling_task_id, job.id)
     except KlingError as exc:  # the copy never fails on Kling's word: a refusal retries within the budget
         return on_kling_error(rt, job.id, budget, exc, "re-reading task", refusal_fails=False)
+    if task is None:
+        rt.store.note(job.id, source="worker", detail={"copy": "no succeed callback with the video URL yet"})
+        return retry_or_fail(rt, job.id, budget, "callbacks only: no succeed callback with the video URL yet")
     if task.task_id != job.kling_task_id or task.external_task_id not in (None, job.id):
         # Never store another job's video under this job's keys, whatever bound the task id.
         message = f"Kling task {task.task_id} belongs to {task.external_task_id!r}, not this job"
@@ -85,6 +91,13 @@ def _copy_locked(rt: Runtime, job: Job) -> Outcome:
     except CopyError as exc:
         return retry_or_fail(rt, job.id, budget, f"copy: {exc}")
     return _mark_stored(rt, job, stored, recorded)
+
+
+def _result_task(rt: Runtime, task_id: str, job_id: str) -> KlingTask | None:
+    """The task with its video URLs: read from Kling (a fresh URL), or as its callback reported it (callbacks only)."""
+    if reads_available(rt):
+        return rt.kling.get_task(task_id)  # never trust the callback body for the URL when Kling can be asked
+    return heard.heard(rt.redis, job_id, task_id)
 
 
 def _wait(rt: Runtime, job: Job, detail: dict[str, Any], *, counted: bool, due_in: float | None = None) -> Outcome:

@@ -6,15 +6,25 @@ the shared rate limit (RetryIn, no attempt used). Then, whenever a create may al
 `create_sent`, set before each create is sent and cleared on a definite refusal of a first create), a lookup by
 `external_task_id` before any new create; the daily unit budget (`shared/usage.py`: over it, submission pauses with
 reason `budget` and the job stays queued, no attempt used, nothing sent); and the create.
+
+When tasks cannot be read back (`KLING_QUERY` off, or `auto` without Kling's read routes: `shared/kling_reads.py`)
+no lookup is possible, so a create that may have reached Kling is never sent again: the job stays queued, flagged
+as awaiting its callback (`shared/heard.py`; a note in its timeline, listed in GET /v1/status) until a signed
+callback binds its task, or its deadline ends it. Never two paid tasks.
+
+Once Kling's answer binds the task, a status its callbacks reported before that (a callback that beat the answer)
+is applied at once.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
-from kling_relay.shared import flow, usage
+from kling_relay.shared import flow, heard, usage
 from kling_relay.shared.jobs_model import CREATE_SENT, Job, JobState
-from kling_relay.shared.kling import KlingAmbiguous, KlingError, KlingTaskNotFound
+from kling_relay.shared.kling import KlingAmbiguous, KlingError, KlingTask, KlingTaskNotFound
+from kling_relay.shared.kling_reads import reads_available
 from kling_relay.shared.pipeline.common import (
     Budget,
     Failure,
@@ -24,11 +34,13 @@ from kling_relay.shared.pipeline.common import (
     throttle,
     under_job_lock,
 )
-from kling_relay.shared.pipeline.status import record_task
+from kling_relay.shared.pipeline.status import apply_task_status, record_task
 from kling_relay.shared.tokens import callback_token
 
 if TYPE_CHECKING:  # the wiring module is handed in, never imported at run time
     from kling_relay.shared.runtime import Runtime
+
+log = logging.getLogger(__name__)
 
 
 def callback_url(rt: Runtime, job_id: str) -> str:
@@ -59,12 +71,14 @@ def _submit_locked(rt: Runtime, job: Job) -> Outcome:
 
 
 def _submit_to_kling(rt: Runtime, job: Job, *, trial: bool) -> Outcome:
-    attempt = count_attempt(rt, job, "submit")
-    budget = Budget("submit", attempt, rt.settings.submit_max_attempts,
-                    Failure("submit_exhausted", f"Kling did not accept the task after {attempt} attempts"))
     # Counted by creates sent (and kept by an ops retry), never inferred from the attempt budget, which throttles
     # leave out.
     create_sent = job.attempts.get(CREATE_SENT, 0) > 0 or job.kling_task_id is not None
+    if create_sent and not reads_available(rt):
+        return _await_callback(rt, job, "an earlier create for this job may have reached Kling")
+    attempt = count_attempt(rt, job, "submit")
+    budget = Budget("submit", attempt, rt.settings.submit_max_attempts,
+                    Failure("submit_exhausted", f"Kling did not accept the task after {attempt} attempts"))
     if create_sent:
         found = _look_up(rt, job, budget)
         if found is not None:
@@ -79,10 +93,12 @@ def _submit_to_kling(rt: Runtime, job: Job, *, trial: bool) -> Outcome:
     except KlingError as exc:
         if not create_sent and not isinstance(exc, KlingAmbiguous):
             rt.store.forget_attempt(job.id, CREATE_SENT)  # Kling said no (or it was never sent): no task exists
+        elif isinstance(exc, KlingAmbiguous) and not reads_available(rt):
+            return _await_callback(rt, job, f"create outcome unknown: {exc.message}")
         # A refusal fails the job only when no earlier create can have made its task: otherwise the next attempt
         # looks it up first (Kling keeps external_task_id unique, so our own task may be why it refused).
         return on_kling_error(rt, job.id, budget, exc, "create", refusal_fails=not create_sent)
-    record_task(rt, job.id, task, source="worker", detail={"created": True})
+    _record(rt, job.id, task, {"created": True})
     if trial:
         flow.resume(rt.redis, by=f"trial submit of {job.id}")
     return Outcome.SUBMITTED
@@ -99,8 +115,33 @@ def _look_up(rt: Runtime, job: Job, budget: Budget) -> Outcome | None:
         return None
     except KlingError as exc:
         return on_kling_error(rt, job.id, budget, exc, "lookup", refusal_fails=False)
-    record_task(rt, job.id, task, source="worker", detail={"found_by": "external_task_id"})
+    _record(rt, job.id, task, {"found_by": "external_task_id"})
     return Outcome.FOUND
+
+
+def _record(rt: Runtime, job_id: str, task: KlingTask, detail: dict[str, object]) -> None:
+    """Bind the task Kling answered; then apply a later status its callbacks reported before it was bound."""
+    record_task(rt, job_id, task, source="worker", detail=detail)
+    later = heard.heard(rt.redis, job_id, task.task_id)
+    if later is not None and heard.is_beyond(later, task):
+        apply_task_status(rt, job_id, later, source="callback")
+
+
+def _await_callback(rt: Runtime, job: Job, why: str) -> Outcome:
+    """Never send the create again: the job waits, queued and flagged, for a callback (see the module docstring)."""
+    current = rt.store.get(job.id)
+    if current is None or current.state is not JobState.QUEUED:
+        return Outcome.SKIPPED  # a signed callback bound its task meanwhile (or it was canceled): nothing to wait for
+    if heard.flag_awaiting(rt.redis, job.id, why):
+        log.warning("create not sent again: Kling's tasks cannot be read back; the job awaits its callback",
+                    extra={"job_id": job.id})
+        rt.store.note(job.id, source="worker", detail={
+            "waiting": "callback", "why": why,
+            "note": "Kling's read routes are not available (KLING_QUERY), so no lookup can tell whether the task "
+                    "exists: the create is not sent again. A signed callback naming this job binds its task; "
+                    "else the job ends at its deadline (see the README: callbacks-only mode)"})
+    rt.store.set_due(job.id, rt.settings.reconcile_quiet_seconds)
+    return Outcome.AWAITING
 
 
 def _within_budget(rt: Runtime, job: Job, request: dict[str, Any]) -> bool:

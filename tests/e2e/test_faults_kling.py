@@ -68,7 +68,9 @@ def test_callbacks_duplicated_three_times_and_reordered(stack: LocalStack) -> No
     jobs = wait_jobs(stack, ids, timeout=90)
     stats = stack.sim_stats()
     for job in jobs.values():
-        delivered = [c["status"] for c in stats["callbacks"][job["kling_task_id"]] if c.get("http_status") == 200]
+        # (a 'submitted' callback that beats the create's answer is answered 202: received, applied by the worker)
+        delivered = [c["status"] for c in stats["callbacks"][job["kling_task_id"]]
+                     if c.get("http_status") in (200, 202)]
         # the fault really happened: each status three times, 'processing' only after 'succeed'
         assert Counter(delivered) == {"submitted": 3, "processing": 3, "succeed": 3}, delivered
         assert delivered.index("processing") > delivered.index("succeed"), delivered

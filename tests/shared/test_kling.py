@@ -16,6 +16,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -32,6 +33,7 @@ from kling_relay.shared.kling import (
     KlingError,
     KlingFixAccount,
     KlingFixRequest,
+    KlingLookupIncomplete,
     KlingProtocolError,
     KlingRetryLater,
     KlingTask,
@@ -697,17 +699,42 @@ def test_lookup_by_external_id_falls_back_to_the_list(scripted: ScriptedKling, m
     ]
 
 
-def test_lookup_by_external_id_not_found(scripted: ScriptedKling, make_client: Any) -> None:
+def test_lookup_by_external_id_not_found_only_after_the_whole_list(scripted: ScriptedKling, make_client: Any) -> None:
     full_page = [task_json(f"t-{i}", external_task_id=f"job-{1000 + i}") for i in range(500)]
-    scripted.reply((404, envelope(1203)), *[(200, envelope(data=full_page))] * 2)
-    with pytest.raises(KlingTaskNotFound):
-        make_client(scripted.url).get_task_by_external_id("job-7", max_pages=2)
-    assert len(scripted.seen) == 3  # stopped after max_pages
+    scripted.reply((404, envelope(1203)), *[(200, envelope(data=full_page))] * 2,
+                   (200, envelope(data=full_page[:3])))
+    with pytest.raises(KlingTaskNotFound) as info:
+        make_client(scripted.url).get_task_by_external_id("job-7")
+    assert "1003 tasks" in info.value.message
+    assert len(scripted.seen) == 4  # a short page is the last one
     scripted.seen.clear()
-    scripted.reply((404, envelope(1203)), (200, envelope(data=[task_json()])))
+    scripted.reply((404, envelope(1203)), (200, envelope(data=[])))
     with pytest.raises(KlingTaskNotFound):
         make_client(scripted.url).get_task_by_external_id("job-7")
-    assert len(scripted.seen) == 2  # a short page is the last one
+    assert len(scripted.seen) == 2
+
+
+def test_lookup_that_hits_its_page_bound_is_never_not_found(scripted: ScriptedKling, make_client: Any) -> None:
+    """Issue 9.2: the list's order is not documented, so a task may sit on any page. A lookup that stops at its
+    bound before the list's end must not say "no task" (that would allow a second, billed create)."""
+    full_page = [task_json(f"t-{i}", external_task_id=f"job-{1000 + i}") for i in range(500)]
+    scripted.reply((404, envelope(1203)), *[(200, envelope(data=full_page))] * 2)
+    with pytest.raises(KlingLookupIncomplete) as info:
+        make_client(scripted.url).get_task_by_external_id("job-7", max_pages=2)
+    assert not isinstance(info.value, KlingTaskNotFound) and info.value.kind is ErrorKind.RETRY_LATER
+    assert "2 full pages" in info.value.message and "may exist" in info.value.message
+    assert len(scripted.seen) == 3  # stopped after max_pages
+    scripted.seen.clear()
+    scripted.reply((404, envelope(1203)), *[(200, envelope(data=full_page))] * 3)
+    with pytest.raises(KlingLookupIncomplete):
+        make_client(scripted.url, lookup_max_pages=3).get_task_by_external_id("job-7")  # the client's own bound
+    assert len(scripted.seen) == 4
+
+
+@pytest.mark.parametrize("pages", [0, 1001, True, 2.0])
+def test_lookup_bound_is_within_klings_page_limit(pages: Any, make_client: Any) -> None:
+    with pytest.raises(ValueError, match="max_pages"):
+        make_client("http://127.0.0.1:9", api_key=API_KEY, lookup_max_pages=pages)
 
 
 def test_lookup_by_external_id_propagates_other_errors(scripted: ScriptedKling, make_client: Any) -> None:
@@ -763,6 +790,25 @@ def test_sim_create_get_list_and_lookup_behind_a_prefix(sim: SimHandle, sim_clie
     assert stats["requests"] == {"POST /v1/videos/multi-image2video": 3,
                                  "GET /v1/videos/multi-image2video/{id}": 2,  # the lookup needed no list scan
                                  "GET /v1/videos/multi-image2video": 2}
+
+
+@pytest.mark.parametrize("order", ["oldest", "newest"])
+def test_sim_lookup_reads_every_page_whatever_the_list_order(sim: SimHandle, sim_client: KlingClient,
+                                                             order: str) -> None:
+    """Issue 9.2: Kling does not say the list is newest first. With the path slot taking task ids only (the other
+    reading of the docs), the lookup finds a task on any page, and a bound reached is not "not found"."""
+    sim.control(path_external_id=False, list_order=order)
+    sim_client.create_multi_image2video(sim_body("job-0"))
+    with ThreadPoolExecutor(8) as pool:  # the order among these does not matter: only the first and last count
+        list(pool.map(lambda n: sim_client.create_multi_image2video(sim_body(f"job-{n}")), range(1, 500)))
+    sim_client.create_multi_image2video(sim_body("job-500"))
+    last_page = "job-500" if order == "oldest" else "job-0"  # the one task on page 2
+    assert sim_client.get_task_by_external_id(last_page).external_task_id == last_page
+    with pytest.raises(KlingLookupIncomplete):
+        sim_client.get_task_by_external_id(last_page, max_pages=1)
+    with pytest.raises(KlingTaskNotFound):
+        sim_client.get_task_by_external_id("job-none")
+    assert sim.stats()["requests"]["GET /v1/videos/multi-image2video"] == 2 + 1 + 2
 
 
 def test_sim_api_key_mode(log_dir: Path, make_client: Any) -> None:

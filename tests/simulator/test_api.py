@@ -11,7 +11,7 @@ from urllib.parse import quote
 import pytest
 import requests
 
-from tests.simulator.conftest import CREATE_PATH, create, create_body, png_base64, wait_task
+from tests.simulator.conftest import CREATE_PATH, CallbackListener, create, create_body, png_base64, wait_task
 from tests.support.sim import SimHandle, make_jwt, running_simulator
 
 
@@ -197,26 +197,33 @@ def test_duplicate_external_task_id_is_1201(sim: SimHandle, http: requests.Sessi
 
 
 # -- lookups, listing, methods ---------------------------------------------------------------------
-def test_lookup_by_task_id_external_id_and_query_param(sim: SimHandle, http: requests.Session) -> None:
+def test_lookup_by_task_id_and_external_id_in_the_path(sim: SimHandle, http: requests.Session) -> None:
     ext = f"ext/{uuid.uuid4()}"  # a slash must survive percent-encoding in the path slot
     task_id = create(sim, http, external_task_id=ext).json()["data"]["task_id"]
     by_id = http.get(f"{sim.base_url}{CREATE_PATH}/{task_id}", headers=sim.auth_header(), timeout=10).json()
     by_ext = http.get(f"{sim.base_url}{CREATE_PATH}/{quote(ext, safe='')}",
                       headers=sim.auth_header(), timeout=10).json()
-    by_param = http.get(sim.base_url + CREATE_PATH, params={"external_task_id": ext},
-                        headers=sim.auth_header(), timeout=10).json()
-    for answer in (by_id, by_ext, by_param):
+    for answer in (by_id, by_ext):
         assert answer["code"] == 0
         assert answer["data"]["task_id"] == task_id
         assert answer["data"]["task_info"]["external_task_id"] == ext
+    sim.control(path_external_id=False)  # the other reading of Kling's docs: the path slot takes a task_id only
+    r = http.get(f"{sim.base_url}{CREATE_PATH}/{quote(ext, safe='')}", headers=sim.auth_header(), timeout=10)
+    assert error_of(r) == (404, 1203)
+    assert sim.task(task_id)["task_id"] == task_id
 
 
-def test_unknown_task_is_1203(sim: SimHandle, http: requests.Session) -> None:
-    r = http.get(f"{sim.base_url}{CREATE_PATH}/no-such-task", headers=sim.auth_header(), timeout=10)
-    assert error_of(r) == (404, 1203)
-    r = http.get(sim.base_url + CREATE_PATH, params={"external_task_id": "nope"}, headers=sim.auth_header(),
-                 timeout=10)
-    assert error_of(r) == (404, 1203)
+def test_no_external_task_id_query_parameter(sim: SimHandle, http: requests.Session) -> None:
+    """Kling documents no `?external_task_id=` lookup: the simulator does not offer one either (the relay must not
+    depend on it). The parameter is ignored and the list is answered."""
+    mine = create(sim, http, external_task_id="mine").json()["data"]["task_id"]
+    other = create(sim, http, external_task_id="other").json()["data"]["task_id"]
+    answer = http.get(sim.base_url + CREATE_PATH, params={"external_task_id": "mine"}, headers=sim.auth_header(),
+                      timeout=10).json()
+    assert answer["code"] == 0 and [t["task_id"] for t in answer["data"]] == [other, mine]
+    answer = http.get(sim.base_url + CREATE_PATH, params={"external_task_id": "nope"}, headers=sim.auth_header(),
+                      timeout=10).json()
+    assert answer["code"] == 0 and isinstance(answer["data"], list)
 
 
 def test_list_pages_newest_first(sim: SimHandle, http: requests.Session) -> None:
@@ -234,6 +241,9 @@ def test_list_pages_newest_first(sim: SimHandle, http: requests.Session) -> None
     for bad in ({"pageNum": 0}, {"pageNum": 1001}, {"pageSize": 0}, {"pageSize": 501}, {"pageSize": "x"}):
         assert error_of(page(**bad)) == (400, 1201)
     assert page(pageNum=1000, pageSize=500).json()["code"] == 0
+    sim.control(list_order="oldest")
+    assert [t["task_id"] for t in page(pageNum=1, pageSize=2).json()["data"]] == ids[:2]
+    assert [t["task_id"] for t in page(pageNum=3, pageSize=2).json()["data"]] == ids[4:]
 
 
 @pytest.mark.parametrize(("method", "path"), [
@@ -267,3 +277,47 @@ def test_task_objects_follow_the_documented_shape(sim: SimHandle, http: requests
     assert isinstance(done["created_at"], int) and done["updated_at"] >= done["created_at"]
     [video] = done["task_result"]["videos"]
     assert set(video) == {"id", "url", "duration"} and isinstance(video["duration"], str)
+
+
+# -- a reseller's gateway: no read routes, its own answer shape; billing units ----------------------
+def test_no_query_serves_only_the_create(sim: SimHandle, http: requests.Session) -> None:
+    sim.control(no_query=True)
+    task_id = create(sim, http).json()["data"]["task_id"]
+    for url in (f"{sim.base_url}{CREATE_PATH}/{task_id}", sim.base_url + CREATE_PATH):
+        r = http.get(url, headers=sim.auth_header(), timeout=10)
+        assert r.status_code == 404
+        assert "code" not in r.json() and "Invalid URL" in r.json()["error"]["message"]  # not Kling's envelope
+    r = http.get(sim.base_url + CREATE_PATH, timeout=10)  # no auth: the route is missing before any auth check
+    assert r.status_code == 404 and "code" not in r.json()
+    assert sim.stats()["requests"]["GET /v1/videos/multi-image2video"] == 2
+
+
+@pytest.mark.parametrize("scope", ["query", "all"])
+def test_foreign_answers_are_not_klings_envelope(sim: SimHandle, http: requests.Session, scope: str) -> None:
+    sim.control(foreign_answers=scope)
+    created = create(sim, http).json()
+    if scope == "all":
+        assert created["success"] is True and "code" not in created
+        task_id = created["result"]["task_id"]
+    else:
+        task_id = created["data"]["task_id"]
+    one = http.get(f"{sim.base_url}{CREATE_PATH}/{task_id}", headers=sim.auth_header(), timeout=10)
+    assert one.status_code == 200 and one.json()["result"]["task_id"] == task_id and "code" not in one.json()
+    missing = http.get(f"{sim.base_url}{CREATE_PATH}/nope", headers=sim.auth_header(), timeout=10)
+    assert missing.status_code == 404
+    assert missing.json() == {"success": False, "error": {"message": "task not found", "kling_code": 1203}}
+
+
+def test_final_units_are_reported_once_finished(sim: SimHandle, http: requests.Session,
+                                                listener: CallbackListener) -> None:
+    sim.control(final_units=1.5)
+    task_id = create(sim, http, callback_url=listener.url).json()["data"]["task_id"]
+    assert "final_unit_deduction" not in sim.task(task_id)
+    done = wait_task(sim, task_id)
+    assert done["final_unit_deduction"] == "1.5"
+    by_status = {r.body["task_status"]: r.body for r in listener.wait_count(3)}
+    assert by_status["succeed"]["final_unit_deduction"] == "1.5"
+    assert "final_unit_deduction" not in by_status["processing"]
+    sim.control(final_units=2)
+    later = wait_task(sim, create(sim, http).json()["data"]["task_id"])
+    assert later["final_unit_deduction"] == "2"

@@ -46,6 +46,7 @@ def relay_settings(redis_url: str, sim: SimHandle, **env: str) -> Settings:
         RETRY_MAX_SECONDS="5",
         RECONCILE_QUIET_SECONDS="60",
         KLING_PAUSE_PROBE_SECONDS="30",
+        KLING_QUERY="on",  # tests count Kling requests exactly: no `auto` probe unless a test asks for it
     )
     return load_settings({**base, **env})
 

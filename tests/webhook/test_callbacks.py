@@ -137,6 +137,26 @@ def test_store_down_is_503_with_retry_after(client: FlaskClient, runtime: Runtim
     assert "unavailable" in answer.json["error"]
 
 
+def test_callbacks_are_kept_for_callbacks_only_mode(client: FlaskClient, runtime: Runtime) -> None:
+    """Issue 9.8b: the copy takes the video URL from the succeed callback when Kling's tasks cannot be read back, so
+    the webhook keeps what each accepted callback said (before its step), and nothing a 409 refused."""
+    from kling_relay.shared import heard
+
+    job, _ = runtime.store.create(dict(REQUEST))
+    early = _task("real-task", "processing", job.id)
+    assert _post(client, job.id, early).status_code == 202  # before the task is recorded: kept, not applied
+    record_task(runtime, job.id, KlingTask("real-task", "submitted", external_task_id=job.id),
+                source="worker", detail={"created": True})
+    succeed = {**_task("real-task", "succeed", job.id),
+               "task_result": {"videos": [{"id": "v1", "url": "https://cdn.example.com/v1.mp4", "duration": "5"}]}}
+    assert _post(client, job.id, succeed).status_code == 200
+    assert _post(client, job.id, {**succeed, "task_id": "another-task"}).status_code == 409
+    kept = heard.heard(runtime.redis, job.id, "real-task")
+    assert kept is not None and kept.status == "succeed" and kept.videos[0].url == "https://cdn.example.com/v1.mp4"
+    assert heard.heard(runtime.redis, job.id, "another-task") is None
+    assert runtime.store.require(job.id).state is JobState.GENERATED
+
+
 def test_duplicated_callbacks_bill_a_job_once_in_its_view_and_the_status(client: FlaskClient,
                                                                           runtime: Runtime) -> None:
     """Issue 9 item 6: Kling's `final_unit_deduction` (and a callback's `final_balance_deduction`) is kept on the
