@@ -10,6 +10,7 @@ and sent with a Content-Security-Policy that allows no inline script, `Referrer-
 from __future__ import annotations
 
 import hmac
+import json
 import logging
 import secrets
 from collections.abc import Callable
@@ -66,6 +67,7 @@ def install(app: Flask, settings: Settings) -> None:
                       PERMANENT_SESSION_LIFETIME=dashboard_auth.SESSION_SECONDS)
     app.session_interface = _SessionInterface()
     app.jinja_env.filters["when"] = _when
+    app.jinja_env.filters["json"] = _json
     app.register_blueprint(bp)
 
 
@@ -75,6 +77,11 @@ def _when(ts: float | str | None) -> str:
     if isinstance(ts, str):
         return ts.replace("T", " ")
     return iso_utc(float(ts)).replace("T", " ")
+
+
+def _json(value: Any, indent: int | None = None) -> str:
+    """JSON as text (a plain str: autoescape escapes it where it is shown)."""
+    return json.dumps(value, ensure_ascii=False, indent=indent, sort_keys=True, default=str)
 
 
 def _csrf_ok(expected: str | None) -> bool:
