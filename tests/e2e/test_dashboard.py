@@ -38,7 +38,8 @@ def browser() -> Iterator[Any]:
     if not os.access(CHROMIUM, os.X_OK):
         pytest.fail(f"{CHROMIUM} is missing: run deploy/bootstrap.sh (make setup), which installs Debian's chromium")
     with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--autoplay-policy=no-user-gesture-required"])
+        b = p.chromium.launch(executable_path=CHROMIUM,
+                              args=["--no-sandbox", "--autoplay-policy=no-user-gesture-required"])
         yield b
         b.close()
 

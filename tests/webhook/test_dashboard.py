@@ -10,7 +10,6 @@ import re
 import time
 from typing import Any
 
-import pytest
 import redis
 from flask.testing import FlaskClient
 
@@ -45,7 +44,8 @@ def test_pages_need_a_session(client: FlaskClient) -> None:
 
 def test_wrong_token_is_refused(client: FlaskClient) -> None:
     page = client.get("/dashboard/signin")
-    response = client.post("/dashboard/signin", data={"token": "not-a-token-0123456789", "csrf_token": csrf_of(page.text)})
+    response = client.post("/dashboard/signin",
+                           data={"token": "not-a-token-0123456789", "csrf_token": csrf_of(page.text)})
     assert response.status_code == 401 and "not accepted" in response.text
     assert client.get("/dashboard/").status_code == 302
 
