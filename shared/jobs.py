@@ -230,11 +230,15 @@ class JobStore:
         return Job.from_hash(h) if h else None
 
     def find_by_task(self, task_id: str) -> Job | None:
-        """The job bound to Kling task `task_id` (one HGET of the index, one read of the job), or None."""
+        """The job bound to Kling task `task_id` (one HGET of the index, one read of the job), or None.
+
+        Entries of expired jobs stay in the index until a lookup finds them gone (about 100 bytes each)."""
         if not isinstance(task_id, str) or not task_id or len(task_id) > limits.IDEMPOTENCY_KEY_MAX_CHARS:
             return None
         job_id = cast(str | None, self._r.hget(keys.JOBS_BY_TASK, task_id))
         job = self.get(job_id) if job_id else None
+        if job_id and job is None:  # the job expired (JOB_TTL_SECONDS): drop its entry now
+            self._r.hdel(keys.JOBS_BY_TASK, task_id)
         return job if job is not None and job.kling_task_id == task_id else None
 
     def find_by_idempotency_key(self, idempotency_key: str) -> Job | None:

@@ -167,6 +167,9 @@ def test_find_by_job_id_task_id_and_idempotency_key(client: FlaskClient, runtime
         html = client.get("/dashboard/jobs", query_string={"q": query}).text
         assert f'data-job="{job.id}"' in html and f"found by {how}" in html
     assert "no job has this id" in client.get("/dashboard/jobs", query_string={"q": "nope"}).text
+    runtime.redis.delete(keys.job(job.id))  # expired
+    assert runtime.store.find_by_task("task-abc-123") is None
+    assert runtime.redis.hget(keys.JOBS_BY_TASK, "task-abc-123") is None
 
 
 def test_overview_shows_the_counters_and_the_last_pass(client: FlaskClient, runtime: Runtime) -> None:
