@@ -13,8 +13,8 @@ help: ## List the targets
 setup: ## Create .venv/ and install the project, its test tools and redis-server if missing
 	@deploy/bootstrap.sh
 
-demo: setup ## Run three jobs end to end (simulator, local Redis and S3); MP4s land in demo-output/
-	@$(PY) -m deploy.demo
+demo: setup ## Run three jobs end to end (simulator, local Redis and S3); MP4s land in demo-output/ (KEEP=1: stay up)
+	@KEEP=$(KEEP) $(PY) -m deploy.demo
 
 test: setup ## Run the whole test suite (starts its own redis-server, moto S3, simulator, workers)
 	@$(PY) -m pytest $(PYTEST_ARGS)

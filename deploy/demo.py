@@ -2,7 +2,9 @@
 
 Starts redis-server, moto's S3 server, the Kling simulator, the web process and a Celery worker (deploy/stack.py),
 submits three jobs made from the sample images in deploy/samples/ through the HTTP API, shows each state change,
-prints where each video landed in S3 and writes the three MP4s to demo-output/.
+prints where each video landed in S3 and writes the three MP4s to demo-output/. It prints the dashboard's address
+and a token to sign in with; with `KEEP=1` (`make demo KEEP=1`) it keeps everything running until Ctrl-C, so the
+dashboard can be looked at.
 """
 
 from __future__ import annotations
@@ -10,13 +12,14 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from deploy.stack import BUCKET, LocalStack
+from deploy.stack import BUCKET, DEMO_API_TOKEN, LocalStack
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "deploy" / "samples"
@@ -42,7 +45,18 @@ def _say(text: str) -> None:
     print(text, flush=True)
 
 
-def run(timeout: float = 240.0) -> int:
+def _keep_up(stack: LocalStack) -> None:
+    """Wait for Ctrl-C with the stack up (KEEP=1), so the dashboard can be looked at."""
+    _say(f"\nKEEP=1: everything stays up. Dashboard: {stack.web_url}/dashboard  (sign in with {DEMO_API_TOKEN})")
+    _say("press Ctrl-C to stop")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        _say("")
+
+
+def run(timeout: float = 240.0, *, keep: bool = False) -> int:
     shutil.rmtree(WORKDIR, ignore_errors=True)
     OUTPUT.mkdir(exist_ok=True)
     _say("starting redis-server, S3 (moto), the Kling simulator, the web process and a worker ...")
@@ -50,6 +64,7 @@ def run(timeout: float = 240.0) -> int:
     with stack:
         stack.start()
         _say(f"  web API  {stack.web_url}   Kling simulator  {stack.sim_base}   S3  {stack.s3_endpoint}")
+        _say(f"  dashboard  {stack.web_url}/dashboard  (sign in with the demo token {DEMO_API_TOKEN})")
         ids: dict[str, str] = {}
         for spec in JOBS:
             body: dict[str, Any] = {
@@ -101,13 +116,16 @@ def run(timeout: float = 240.0) -> int:
                 target.write_bytes(data)
                 _say(f"{name}: s3://{video['bucket']}/{video['key']}  ({video['bytes']} bytes, sha256 "
                      f"{video['sha256'][:12]}… matches the manifest)  →  {target.relative_to(ROOT)}")
-        if failed or len(jobs) < len(ids):
+        clean = not failed and len(jobs) == len(ids)
+        if not clean:
             _say("\nthe demo did not finish cleanly; process logs:\n" + stack.logs_tail())
-            return 1
-        _say(f"\nmanifests: s3://{BUCKET}/<yyyy>/<mm>/<dd>/<job_id>/manifest.json  ·  videos in {OUTPUT}/")
+        else:
+            _say(f"\nmanifests: s3://{BUCKET}/<yyyy>/<mm>/<dd>/<job_id>/manifest.json  ·  videos in {OUTPUT}/")
+        if keep:
+            _keep_up(stack)
         _say("stopping everything the demo started")
-    return 0
+    return 0 if clean else 1
 
 
 if __name__ == "__main__":
-    sys.exit(run())
+    sys.exit(run(keep=os.environ.get("KEEP", "") not in ("", "0")))

@@ -229,6 +229,26 @@ class JobStore:
         h = cast(dict[str, str], self._r.hgetall(self._job_key(job_id)))
         return Job.from_hash(h) if h else None
 
+    def find_by_task(self, task_id: str) -> Job | None:
+        """The job bound to Kling task `task_id` (one HGET of the index, one read of the job), or None.
+
+        Entries of expired jobs stay in the index until a lookup finds them gone (about 100 bytes each)."""
+        if not isinstance(task_id, str) or not task_id or len(task_id) > limits.IDEMPOTENCY_KEY_MAX_CHARS:
+            return None
+        job_id = cast(str | None, self._r.hget(keys.JOBS_BY_TASK, task_id))
+        job = self.get(job_id) if job_id else None
+        if job_id and job is None:  # the job expired (JOB_TTL_SECONDS): drop its entry now
+            self._r.hdel(keys.JOBS_BY_TASK, task_id)
+        return job if job is not None and job.kling_task_id == task_id else None
+
+    def find_by_idempotency_key(self, idempotency_key: str) -> Job | None:
+        """The job an `Idempotency-Key` created (one HGET of its record, one read of the job), or None."""
+        if not isinstance(idempotency_key, str) or not idempotency_key:
+            return None
+        name = keys.idempotency(hashlib.sha256(idempotency_key.encode()).hexdigest())
+        job_id = cast(str | None, self._r.hget(name, "job_id"))
+        return self.get(job_id) if job_id else None
+
     def request(self, job_id: str) -> dict[str, Any]:
         """The job's normalized Kling request (images included; kept apart from the job hash); JobNotFound if none."""
         raw = cast(str | None, self._r.get(self._request_key(job_id)))
@@ -334,14 +354,15 @@ class JobStore:
         """Record Kling's task id if none is set yet; returns `(ok, existing)`.
 
         `(True, None)`: set now (with an event); `(True, task_id)`: this id was already set (no event);
-        `(False, other)`: a different id is set and is kept. Raises `JobNotFound` for an unknown job.
+        `(False, other)`: a different id is set and is kept. Raises `JobNotFound` for an unknown job. Setting it also
+        records task id → job id in the `kr:jobs:by_task` index (`find_by_task`), in the same script.
         """
         self._check_source(source)
         if not isinstance(task_id, str) or not task_id:
             raise ValueError("task_id must be a non-empty string")
         now = self._clock()
         tail = self._event_tail(source, {"kling_task_id": task_id})
-        names = [self._job_key(job_id), self._events_key(job_id)]
+        names = [self._job_key(job_id), self._events_key(job_id), keys.JOBS_BY_TASK]
         reply = _reply(self._set_task(
             keys=names, args=[task_id, repr(now), self._event_head(now), tail, self._max_events]))
         if reply[0] == "missing":

@@ -162,7 +162,8 @@ redis.call('LTRIM', KEYS[2], -tonumber(ARGV[3]), -1)
 return {'noted', cur}
 """
 
-# KEYS: job, events. ARGV: 1 task id, 2 now, 3 event head, 4 event tail (after "to"), 5 max events
+# KEYS: job, events, (optional) the task id → job id index. ARGV: 1 task id, 2 now, 3 event head, 4 event tail
+# (after "to"), 5 max events
 SET_KLING_TASK_ID = """
 local cur = redis.call('HGET', KEYS[1], 'state')
 if not cur then return {'missing'} end
@@ -172,6 +173,7 @@ if existing and existing ~= '' then
   return {'conflict', existing}
 end
 redis.call('HSET', KEYS[1], 'kling_task_id', ARGV[1], 'updated_at', ARGV[2])
+if KEYS[3] then redis.call('HSET', KEYS[3], ARGV[1], redis.call('HGET', KEYS[1], 'id')) end
 redis.call('RPUSH', KEYS[2], ARGV[3] .. '"' .. cur .. '","to":"' .. cur .. '"' .. ARGV[4])
 redis.call('LTRIM', KEYS[2], -tonumber(ARGV[5]), -1)
 return {'set', ''}

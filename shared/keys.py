@@ -5,6 +5,7 @@ All keys start with `kr:`; one Redis (database) serves one relay.
   request as JSON; `kr:job:<id>:events` list: its timeline
 - `kr:jobs:all`, `kr:jobs:state:<state>` sorted sets (score = created_at): listing newest first, counts
 - `kr:jobs:due` sorted set (score = when the reconciler should look next)
+- `kr:jobs:by_task` hash: Kling task id → job id (written with the task id; a lookup, never a scan)
 - `kr:idem:<sha256(idempotency key)>` hash: `job_id` and `body` (sha256 of the canonical body)
 - `kr:outbox` sorted set of `<id>|<state>|<at>` (score = at): steps still to be announced (`shared/notify.py`)
 - `kr:flow:rate` (GCRA theoretical arrival time), `kr:flow:in_flight` (sorted set of submit reservations),
@@ -20,6 +21,10 @@ All keys start with `kr:`; one Redis (database) serves one relay.
 - `kr:job:<id>:heard` hash: the tasks Kling's callbacks named for the job (`shared/heard.py`);
   `kr:heard:awaiting` hash: job id → why the job waits for a callback; `kr:kling:reads` the `KLING_QUERY=auto`
   verdict (`shared/kling_reads.py`)
+- `kr:reconcile:last` string: JSON summary of the reconciler's last pass (`shared/reconcile.py`)
+- `kr:stats:<state>:<minute>` counters (jobs that entered `stored`/`failed` in that UTC minute, epoch // 60) and
+  `kr:stats:failed_reasons:<minute>` hashes (reason → count), each expiring after two hours (`shared/stats.py`)
+- `kr:dashboard:session:<sha256(id)>` hash: a signed-in dashboard session (`shared/dashboard_auth.py`)
 - the consumers' events stream: its name is the `EVENTS_STREAM` setting
 
 Celery's own keys (queues `submit`, `copy`, `notify`, `reconcile`, `unacked*`, `_kombu.*`) share the database.
@@ -31,6 +36,8 @@ PREFIX = "kr:"
 
 JOBS_ALL = f"{PREFIX}jobs:all"
 JOBS_DUE = f"{PREFIX}jobs:due"
+JOBS_BY_TASK = f"{PREFIX}jobs:by_task"
+RECONCILE_LAST = f"{PREFIX}reconcile:last"
 OUTBOX = f"{PREFIX}outbox"
 JOB_KEY_PREFIX = f"{PREFIX}job:"  # the Lua create script builds `<this><id>` itself
 
@@ -88,3 +95,17 @@ def units_on_day(day: str) -> str:
 def units_in_month(month: str) -> str:
     """Units deducted in a UTC month, `month` as `yyyy-mm`."""
     return f"{PREFIX}usage:units:month:{month}"
+
+
+def stats_count(state: str, minute: int) -> str:
+    """Jobs that entered `state` in the UTC minute `minute` (Unix seconds // 60)."""
+    return f"{PREFIX}stats:{state}:{minute}"
+
+
+def stats_failed_reasons(minute: int) -> str:
+    """Hash reason → failures in the UTC minute `minute`."""
+    return f"{PREFIX}stats:failed_reasons:{minute}"
+
+
+def dashboard_session(id_hash: str) -> str:
+    return f"{PREFIX}dashboard:session:{id_hash}"

@@ -38,14 +38,18 @@ most every `KLING_PAUSE_PROBE_SECONDS` across all processes); a pause for the da
 the pass lifts it when the UTC day of `now` changed or the budget allows again (`usage.budget_pause_over`). While
 copying is paused, it probes storage (`Storage.probe`, as often) and resumes copying when that succeeds. Only one
 pass runs at a time, even with several beat processes: it holds a Redis lock (token, short expiry, heartbeat); a
-pass that finds it held returns at once.
+pass that finds it held returns at once. A pass that ran leaves its summary in `kr:reconcile:last` (`last_pass`).
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import time
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
+
+import redis
 
 from kling_relay.shared import copy_flow, flow, heard, keys, usage
 from kling_relay.shared.jobs import Job, JobState
@@ -98,11 +102,36 @@ def reconcile(rt: Runtime, *, now: float | None = None, limit: int | None = None
     lock = RedisLock(rt.redis, keys.RECONCILE_LOCK, rt.settings.job_lock_seconds)
     if not lock.acquire():
         return ReconcileReport(ran=False)
+    started = time.time()
     try:
         with lock.heartbeat():
-            return _Pass(rt, rt.clock() if now is None else now, limit or rt.settings.reconcile_batch_size).run()
+            report = _Pass(rt, rt.clock() if now is None else now, limit or rt.settings.reconcile_batch_size).run()
     finally:
         lock.release()
+    _remember(rt, report, started)
+    return report
+
+
+def _remember(rt: Runtime, report: ReconcileReport, started: float) -> None:
+    """Keep this pass's summary in `kr:reconcile:last` (`last_pass`): when it ended, how long it took, what it did."""
+    ended = time.time()
+    record = {"at": ended, "duration_ms": round((ended - started) * 1000, 1), **report.summary()}
+    try:
+        rt.redis.set(keys.RECONCILE_LAST, json.dumps(record, separators=(",", ":")))
+    except Exception:  # the record is for people; the pass is done
+        log.warning("could not record the reconciler pass", exc_info=True)
+
+
+def last_pass(client: redis.Redis) -> dict[str, Any] | None:
+    """The summary the last completed pass left (`at` Unix seconds, `duration_ms`, counts), or None."""
+    raw = cast(str | None, client.get(keys.RECONCILE_LAST))
+    if not raw:
+        return None
+    try:
+        record = json.loads(raw)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
 
 
 class _Pass:

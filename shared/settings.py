@@ -71,6 +71,7 @@ class Settings:
     callback_secret: Secret
     kling_webhook_secret: Secret | None
     api_tokens: tuple[Secret, ...]
+    dashboard_tokens: tuple[Secret, ...] | None
     s3_bucket: str
     s3_prefix: str
     s3_endpoint_url: str | None

@@ -230,6 +230,8 @@ SETTINGS: tuple[Setting, ...] = (
             "when set, callbacks must be signed", secret=True),
     Setting("API_TOKENS", None, tokens, "comma-separated Bearer tokens for /v1/*, each >= 16 chars", secret=True,
             required=True),
+    Setting("DASHBOARD_TOKENS", None, tokens, "comma-separated tokens that sign in to /dashboard, each >= 16 "
+            "chars; unset: API_TOKENS", secret=True),
     Setting("S3_BUCKET", None, text, "destination bucket", required=True),
     Setting("S3_PREFIX", "", text, "key prefix, e.g. videos/"),
     Setting("S3_ENDPOINT_URL", None, url, "another S3 endpoint (MinIO, moto); none: AWS"),

@@ -35,6 +35,11 @@ def bearer_token_number(authorization: str | None, tokens: Iterable[Secret]) -> 
     given = bearer_value(authorization)
     if given is None:
         return None
+    return token_number(given, tokens)
+
+
+def token_number(given: bytes, tokens: Iterable[Secret]) -> int | None:
+    """Which of `tokens` (1-based) equals `given`, or None; compares with every token (no early exit)."""
     found = None
     for number, token in enumerate(tokens, start=1):
         if hmac.compare_digest(token.reveal().encode(), given) and found is None:

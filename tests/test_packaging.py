@@ -67,6 +67,9 @@ def test_wheel_has_one_top_level_name(wheel: Path) -> None:
     assert "kling_relay/shared/jobs.py" in names and "kling_relay/worker/celery_app.py" in names
     assert "kling_relay/shared/pipeline/submit.py" in names  # subpackages are listed in pyproject too
     assert "kling_relay/shared/py.typed" in names
+    # the dashboard's templates and static files (package-data)
+    assert "kling_relay/webhook/templates/dashboard/overview.html" in names
+    assert "kling_relay/webhook/static/dashboard.js" in names
 
 
 def test_installed_wheel_imports_only_under_kling_relay(fresh_python: Path, tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from kling_relay.shared import flow
+from kling_relay.shared import flow, stats
 from kling_relay.shared.backoff import backoff_seconds
 from kling_relay.shared.flow import RateLimited
 from kling_relay.shared.jobs import Job, JobState, StepResult
@@ -233,7 +233,11 @@ def in_state(rt: Runtime, job_id: str, state: JobState) -> bool:
 
 
 def finished(rt: Runtime, job: Job) -> None:
-    """A step just took the job to stored or failed: announce it (`announced`)."""
+    """A step just took the job to stored or failed: count it for the dashboard (`stats`), announce it."""
+    try:
+        stats.count_finished(rt.redis, job.state.value, reason=str((job.error or {}).get("reason") or ""))
+    except Exception:  # a counter never costs a step
+        log.warning("could not count the finished job", extra={"job_id": job.id}, exc_info=True)
     announced(rt, job)
 
 

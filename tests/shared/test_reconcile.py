@@ -9,12 +9,12 @@ from typing import Any
 import pytest
 import redis
 
-from kling_relay.shared import copy_flow, flow, keys
+from kling_relay.shared import copy_flow, flow, keys, stats
 from kling_relay.shared.jobs import JobState
 from kling_relay.shared.keys import RECONCILE_LOCK as LOCK_KEY
 from kling_relay.shared.locks import RedisLock, job_lock
 from kling_relay.shared.pipeline import submit_job
-from kling_relay.shared.reconcile import reconcile
+from kling_relay.shared.reconcile import last_pass, reconcile
 from kling_relay.shared.runtime import Runtime
 from tests.support.bulk_jobs import copy_job
 from tests.support.relay_runtime import (
@@ -88,6 +88,18 @@ def test_lost_callbacks_are_learned_by_polling(runtime: Runtime, sim: SimHandle)
     assert score is not None and score > time.time() + 30
 
 
+def test_a_pass_leaves_its_summary_for_the_dashboard(runtime: Runtime, sim: SimHandle) -> None:
+    """kr:reconcile:last: when the last pass ended, how long it took and what it did (counts, not ids)."""
+    assert last_pass(runtime.redis) is None
+    job_id = submitted_job(runtime, sim)
+    make_due(runtime, job_id)
+    before = time.time()
+    reconcile(runtime)
+    record = last_pass(runtime.redis)
+    assert record is not None and record["at"] >= before and record["duration_ms"] >= 0
+    assert record["due"] == 1 and record["polled"] == 1 and record["advanced"] == 1 and record["ran"] is True
+
+
 def test_a_failed_task_fails_the_job_through_the_same_step(runtime: Runtime, sim: SimHandle) -> None:
     sim.control(fail_every_n=1, fail_message="nope")
     job_id = submitted_job(runtime, sim, final="failed")
@@ -96,6 +108,9 @@ def test_a_failed_task_fails_the_job_through_the_same_step(runtime: Runtime, sim
     job = runtime.store.require(job_id)
     assert job.state is JobState.FAILED and job.error == {"reason": "kling_failed", "code": None, "message": "nope"}
     assert due_score(runtime.redis, job_id) is None
+    # counted once for the dashboard's per-minute chart and failures by reason
+    assert sum(stats.per_minute(runtime.redis)["failed"]) == 1
+    assert stats.failed_reasons(runtime.redis) == [("kling_failed", 1)]
 
 
 def test_lost_submit_and_copy_messages_are_sent_again(runtime: Runtime, sim: SimHandle) -> None:

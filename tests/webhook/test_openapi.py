@@ -36,16 +36,21 @@ def test_the_document_is_valid_openapi_3_1(document: dict[str, Any]) -> None:
     validate(document)
 
 
+def _api_rule(rule: Any) -> bool:
+    """Routes of the HTTP API; the operators' dashboard (HTML pages for people, `dashboard.*`) is not part of it."""
+    return rule.endpoint != "static" and not rule.endpoint.startswith("dashboard.")
+
+
 def test_every_route_of_the_app_is_described(app: Flask, document: dict[str, Any]) -> None:
     described = {(path, method) for path, item in document["paths"].items() for method in item}
     for rule in app.url_map.iter_rules():
-        if rule.endpoint == "static":
+        if not _api_rule(rule):
             continue
         path = rule.rule.replace("<", "{").replace(">", "}")
         for method in rule.methods - {"HEAD", "OPTIONS"}:
             assert (path, method.lower()) in described, (path, method)
     assert len(described) == sum(len(r.methods - {"HEAD", "OPTIONS"}) for r in app.url_map.iter_rules()
-                                 if r.endpoint != "static")
+                                 if _api_rule(r))
 
 
 def test_jobs_in_every_state_match_the_job_schemas(runtime: Runtime, document: dict[str, Any]) -> None:
