@@ -38,10 +38,11 @@ pass that finds it held returns at once.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from kling_relay.shared import copy_flow, flow, keys, usage
+from kling_relay.shared import copy_flow, flow, keys, metrics, usage
 from kling_relay.shared.jobs import Job, JobState
 from kling_relay.shared.kling import KlingError, KlingFixAccount, KlingTask, KlingTaskNotFound
 from kling_relay.shared.locks import RedisLock, job_lock
@@ -90,12 +91,17 @@ def reconcile(rt: Runtime, *, now: float | None = None, limit: int | None = None
     """Run one pass (see the module docstring); `now` defaults to the clock, `limit` to RECONCILE_BATCH_SIZE."""
     lock = RedisLock(rt.redis, keys.RECONCILE_LOCK, rt.settings.job_lock_seconds)
     if not lock.acquire():
-        return ReconcileReport(ran=False)
+        report = ReconcileReport(ran=False)
+        metrics.reconcile_pass(report.summary(), seconds=0.0, ended_at=time.time())
+        return report
+    started = time.monotonic()
     try:
         with lock.heartbeat():
-            return _Pass(rt, rt.clock() if now is None else now, limit or rt.settings.reconcile_batch_size).run()
+            report = _Pass(rt, rt.clock() if now is None else now, limit or rt.settings.reconcile_batch_size).run()
     finally:
         lock.release()
+    metrics.reconcile_pass(report.summary(), seconds=time.monotonic() - started, ended_at=time.time())
+    return report
 
 
 class _Pass:

@@ -19,7 +19,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from kling_relay.shared import copy_flow, usage
+from kling_relay.shared import copy_flow, metrics, usage
 from kling_relay.shared.jobs import Job, JobState
 from kling_relay.shared.kling import KlingError, KlingTask
 from kling_relay.shared.pipeline.common import (
@@ -72,6 +72,7 @@ def _copy_locked(rt: Runtime, job: Job) -> Outcome:
         rt.store.note(job.id, source="worker", detail={"copy": "task has no video", "kling_status": task.status})
         return retry_or_fail(rt, job.id, budget, "task has no video yet")
     recorded = _manifest_request(rt.store.request(job.id))
+    started = time.monotonic()
     try:
         stored = _copy_videos(rt, job, task, recorded)
     except CopyCanceled:
@@ -84,6 +85,7 @@ def _copy_locked(rt: Runtime, job: Job) -> Outcome:
         return _wait(rt, job, {"paused": copy_flow.STORAGE, "code": exc.code, "message": str(exc)}, counted=True)
     except CopyError as exc:
         return retry_or_fail(rt, job.id, budget, f"copy: {exc}")
+    metrics.copied(sum(v.bytes for v in stored), time.monotonic() - started)
     return _mark_stored(rt, job, stored, recorded)
 
 
