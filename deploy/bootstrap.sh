@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up what `make demo` and `make test` need on a fresh Debian/Ubuntu machine:
-# a Python >= 3.11 with venv, redis-server, chromium (the dashboard's browser test), then .venv/ with the project installed (editable, with test extras),
+# a Python >= 3.11 with venv, redis-server, chromium (the dashboard's browser test), promtool, then .venv/ with the
+# project installed (editable, with test extras),
 # every dependency pinned by requirements.lock (`make lock` refreshes it).
 # Idempotent: a second run only re-installs when pyproject.toml or requirements.lock changed.
 set -euo pipefail
@@ -45,6 +46,11 @@ fi
 # The dashboard's browser test (tests/e2e/test_dashboard.py) drives Debian's chromium through Playwright.
 if [ ! -x /usr/bin/chromium ]; then
   apt_install chromium
+fi
+# promtool (Debian's prometheus package): the tests check real scrapes, the alert rules and their unit tests with it.
+# Nothing here starts a Prometheus server.
+if ! command -v promtool >/dev/null 2>&1; then
+  apt_install prometheus
 fi
 
 STAMP=.venv/.installed

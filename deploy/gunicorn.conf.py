@@ -12,9 +12,15 @@ clients then cost the proxy, not a greenlet).
 Logs are JSON lines (kling_relay.webhook.gunicorn_logging.JsonLogger): gunicorn's own messages on stderr, one
 access record per request on stdout, with the path but never the query string (a callback URL carries its job's
 token). Request line, header count and header size are capped; workers are recycled now and then.
+
+Metrics: the workers count in prometheus_client's multiprocess mode. The master makes a fresh directory for their
+counter files when it starts (`on_starting`, before any worker is forked and so before any imports
+prometheus_client), drops an exited worker's live gauges (`child_exit`) and removes the directory when it exits;
+`/metrics`, whichever worker serves it, adds up every worker's files (kling_relay.shared.metrics).
 """
 
 import os
+from typing import Any
 
 bind = f"{os.environ.get('HOST', '0.0.0.0')}:{os.environ.get('PORT', '8000')}"  # noqa: S104 - a server binds
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
@@ -32,3 +38,23 @@ logger_class = "kling_relay.webhook.gunicorn_logging.JsonLogger"
 loglevel = os.environ.get("LOG_LEVEL", "info").lower()
 accesslog = "-"
 errorlog = "-"
+
+
+def on_starting(server: Any) -> None:
+    from kling_relay.shared import metrics_dir
+
+    metrics_dir.prepare("web")
+
+
+def child_exit(server: Any, worker: Any) -> None:
+    from kling_relay.shared import metrics
+
+    metrics.process_exited(worker.pid)
+
+
+def on_exit(server: Any) -> None:
+    from kling_relay.shared import metrics_dir
+
+    path = metrics_dir.current()
+    if path:
+        metrics_dir.remove(path)

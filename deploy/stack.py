@@ -42,6 +42,7 @@ class _Spec:
     argv: list[str]
     port: int | None
     env: dict[str, str] | None
+    overrides: dict[str, str]  # added to the stack's environment at each start (when `env` is None)
 
 
 class LocalStack:
@@ -74,6 +75,7 @@ class LocalStack:
         self.bucket_versioning = bucket_versioning
         self.relay_s3_endpoint: str | None = None  # see route_s3_through
         self.workers: list[str] = []  # names of the Celery workers started (see restart_workers)
+        self.worker_metrics_ports: dict[str, int] = {}  # each worker's metrics endpoint (WORKER_METRICS_PORT)
 
     # --- addresses ------------------------------------------------------------------------------------------
     @property
@@ -91,6 +93,10 @@ class LocalStack:
     @property
     def web_url(self) -> str:
         return f"http://127.0.0.1:{self.web_port}"
+
+    def worker_metrics_url(self, name: str = "worker1") -> str:
+        """The metrics endpoint of a Celery worker of the stack (each has its own WORKER_METRICS_PORT)."""
+        return f"http://127.0.0.1:{self.worker_metrics_ports[name]}/metrics"
 
     @property
     def env(self) -> dict[str, str]:
@@ -118,9 +124,10 @@ class LocalStack:
 
     # --- processes --------------------------------------------------------------------------------------------
     def _spawn(self, name: str, argv: list[str], port: int | None = None, env: Mapping[str, str] | None = None,
-               timeout: float = 60.0) -> Process:
-        self._specs[name] = _Spec(list(argv), port, dict(env) if env is not None else None)
-        proc = Process(name, argv, log_dir=self.logs, env=dict(env or self.env), cwd=Path(__file__).parent.parent)
+               timeout: float = 60.0, overrides: Mapping[str, str] | None = None) -> Process:
+        self._specs[name] = _Spec(list(argv), port, dict(env) if env is not None else None, dict(overrides or {}))
+        proc_env = dict(env) if env is not None else {**self.env, **(overrides or {})}
+        proc = Process(name, argv, log_dir=self.logs, env=proc_env, cwd=Path(__file__).parent.parent)
         self.processes[name] = proc
         if port is not None:
             try:
@@ -172,7 +179,8 @@ class LocalStack:
                 f"{name}@%h", "--without-gossip", "--without-mingle", "--loglevel", "INFO"]
         if name not in self.workers:
             self.workers.append(name)
-        return self._spawn(name, argv)
+        metrics_port = self.worker_metrics_ports.setdefault(name, free_port())
+        return self._spawn(name, argv, overrides={"WORKER_METRICS_PORT": str(metrics_port)})
 
     def start_beat(self) -> Process:
         argv = [self.python, "-m", "celery", "--quiet", "-A", "kling_relay.worker.celery_app", "beat", "--scheduler",
@@ -196,7 +204,7 @@ class LocalStack:
         if name in self.processes:
             self.processes.pop(name).stop()
         spec = self._specs[name]
-        return self._spawn(name, spec.argv, spec.port, env=spec.env, timeout=timeout)
+        return self._spawn(name, spec.argv, spec.port, env=spec.env, timeout=timeout, overrides=spec.overrides)
 
     def restart_workers(self, env: Mapping[str, str] | None = None, timeout: float = 60.0) -> list[str]:
         """Restart every Celery worker with `env` added to the relay's environment (kept for every process started

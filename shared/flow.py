@@ -38,7 +38,7 @@ import redis
 import requests
 from requests.adapters import HTTPAdapter
 
-from kling_relay.shared import keys
+from kling_relay.shared import keys, metrics
 from kling_relay.shared.kling import KlingRetryLater
 from kling_relay.shared.kling_codes import pause_reason
 
@@ -174,8 +174,10 @@ class RateLimiter:
             if wait <= 0:
                 return
             if waited + wait > max_wait:
+                metrics.rate_limit_refused()
                 raise RateLimited(wait)
             sleep(wait)
+            metrics.rate_limit_waited(wait)
             waited += wait
 
 

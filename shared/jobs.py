@@ -37,7 +37,7 @@ from typing import Any, Literal, cast
 
 import redis
 
-from kling_relay.shared import jobs_lua, keys, limits
+from kling_relay.shared import jobs_lua, keys, limits, metrics
 from kling_relay.shared.inputs import is_job_id
 from kling_relay.shared.jobs_model import (
     ATTEMPT_PREFIX,
@@ -311,8 +311,11 @@ class JobStore:
         reply = _reply(raw)
         if reply[0] == "missing":
             raise JobNotFound(job_id)
-        return StepResult(applied=reply[0] == "applied", job=Job.from_hash(_pairs(reply[2])),
-                          from_state=JobState(reply[1]))
+        result = StepResult(applied=reply[0] == "applied", job=Job.from_hash(_pairs(reply[2])),
+                            from_state=JobState(reply[1]))
+        if result.applied:  # every applied step (and ops retry) passes here: counted once, whoever made it
+            metrics.transition(result.from_state.value, result.job.state.value)
+        return result
 
     def step(self, job_id: str, to: JobState, *, source: str, detail: dict[str, Any] | None = None,
              set_fields: dict[str, Any] | None = None, only_from: Collection[JobState] | None = None,

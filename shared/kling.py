@@ -42,6 +42,7 @@ from urllib.parse import parse_qs, quote, urlsplit
 import requests
 from urllib3.exceptions import MaxRetryError, NewConnectionError
 
+from kling_relay.shared import metrics
 from kling_relay.shared.kling_auth import DEFAULT_RENEW_MARGIN_S, JwtTokenSource, StaticApiKey, TokenSource
 from kling_relay.shared.kling_codes import LOOKUP_FALLBACK_CODES, TOKEN_EXPIRED, Handling, handling
 
@@ -632,9 +633,28 @@ def _scrub(text: str, *secrets: str) -> str:
     return text[:_MAX_MESSAGE_CHARS]
 
 
+def _endpoint(method: str, path: str) -> str:
+    """The metrics' name of a call: create (POST), list (GET of the collection), query (GET of one task)."""
+    if method == "POST":
+        return "create"
+    return "list" if path.rstrip("/").endswith(MULTI_IMAGE2VIDEO_PATH) else "query"
+
+
+def _code_label(error: KlingError | None) -> str:
+    """Kling's answer code as a metrics label: `0` on success, `http_<status>` for an answer without a code,
+    `no_answer` when no answer arrived."""
+    if error is None:
+        return "0"
+    if error.code is not None:
+        return str(error.code)
+    return f"http_{error.http_status}" if error.http_status is not None else "no_answer"
+
+
 def _log_outcome(method: str, path: str, started: float, error: KlingError | None, *,
                  status: int | None = None, request_id: str | None = None) -> None:
-    fields = {"method": method, "path": path, "elapsed_ms": round((time.monotonic() - started) * 1000)}
+    elapsed = time.monotonic() - started
+    metrics.kling_request(_endpoint(method, path), _code_label(error), elapsed)
+    fields = {"method": method, "path": path, "elapsed_ms": round(elapsed * 1000)}
     if error is None:
         log.debug("kling call ok", extra={**fields, "http_status": status, "request_id": request_id})
     else:

@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import redis
 
-from kling_relay.shared import copy_flow, flow, heard, keys, usage
+from kling_relay.shared import copy_flow, flow, heard, keys, metrics, usage
 from kling_relay.shared.jobs import Job, JobState
 from kling_relay.shared.kling import KlingError, KlingFixAccount, KlingTask, KlingTaskNotFound
 from kling_relay.shared.kling_reads import reads_available
@@ -101,20 +101,23 @@ def reconcile(rt: Runtime, *, now: float | None = None, limit: int | None = None
     """Run one pass (see the module docstring); `now` defaults to the clock, `limit` to RECONCILE_BATCH_SIZE."""
     lock = RedisLock(rt.redis, keys.RECONCILE_LOCK, rt.settings.job_lock_seconds)
     if not lock.acquire():
-        return ReconcileReport(ran=False)
+        report = ReconcileReport(ran=False)
+        metrics.reconcile_pass(report.summary(), seconds=0.0, ended_at=time.time())
+        return report
     started = time.time()
     try:
         with lock.heartbeat():
             report = _Pass(rt, rt.clock() if now is None else now, limit or rt.settings.reconcile_batch_size).run()
     finally:
         lock.release()
-    _remember(rt, report, started)
+    ended = time.time()
+    metrics.reconcile_pass(report.summary(), seconds=ended - started, ended_at=ended)
+    _remember(rt, report, started, ended)
     return report
 
 
-def _remember(rt: Runtime, report: ReconcileReport, started: float) -> None:
+def _remember(rt: Runtime, report: ReconcileReport, started: float, ended: float) -> None:
     """Keep this pass's summary in `kr:reconcile:last` (`last_pass`): when it ended, how long it took, what it did."""
-    ended = time.time()
     record = {"at": ended, "duration_ms": round((ended - started) * 1000, 1), **report.summary()}
     try:
         rt.redis.set(keys.RECONCILE_LAST, json.dumps(record, separators=(",", ":")))

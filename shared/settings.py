@@ -105,6 +105,10 @@ class Settings:
     events_stream: str
     events_stream_maxlen: int
     log_level: str
+    metrics_tokens: tuple[Secret, ...] | None
+    metrics_public: bool
+    worker_metrics_port: int
+    worker_metrics_host: str
     extra: Mapping[str, str] = field(default_factory=dict, repr=False)
 
     def redacted(self) -> dict[str, Any]:

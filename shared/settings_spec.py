@@ -60,6 +60,8 @@ class Setting:
         value = self.default
         if value is None:
             return "—"
+        if isinstance(value, bool):
+            return "true" if value else "false"
         if value == "":
             return "empty"
         if isinstance(value, tuple):
@@ -204,6 +206,24 @@ def page_count(raw: str, env: str) -> int:
     return value
 
 
+def boolean(raw: str, env: str) -> bool:
+    """true/false (also 1/0, yes/no, on/off), any case."""
+    value = raw.lower()
+    if value in ("true", "1", "yes", "on"):
+        return True
+    if value in ("false", "0", "no", "off"):
+        return False
+    raise ValueError(f"must be true or false, got {raw[:70]!r}")
+
+
+def port(raw: str, env: str) -> int:
+    """A TCP port, 1-65535."""
+    value = whole_number(raw, env)
+    if value > 65535:
+        raise ValueError(f"must be a port (1-65535), got {value}")
+    return value
+
+
 def log_level(raw: str, env: str) -> str:
     level = raw.upper()
     if level not in _LOG_LEVELS:
@@ -273,6 +293,11 @@ SETTINGS: tuple[Setting, ...] = (
             "units a job is expected to cost before a deduction was seen for its model, mode and duration"),
     Setting("JOB_LOCK_SECONDS", 20.0, seconds, "expiry of a job's submit/copy lock, renewed while held"),
     Setting("LOG_LEVEL", "INFO", log_level, "DEBUG, INFO, WARNING or ERROR"),
+    Setting("METRICS_TOKENS", None, tokens, "comma-separated Bearer tokens for the web's /metrics, each >= 16 "
+            "chars; unset: one of API_TOKENS", secret=True),
+    Setting("METRICS_PUBLIC", False, boolean, "true: the web's /metrics answers without a token"),
+    Setting("WORKER_METRICS_PORT", 9808, port, "port of each Celery worker's metrics endpoint"),
+    Setting("WORKER_METRICS_HOST", "127.0.0.1", text, "address the workers' metrics endpoint binds"),
 )
 
 CLIENT_SETTINGS: tuple[Setting, ...] = tuple(s for s in SETTINGS if s.client)

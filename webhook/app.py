@@ -1,5 +1,6 @@
 """The web process: the jobs API (`/v1/jobs`), Kling's callbacks (`/callbacks/kling/<job_id>`), `/healthz`, the
-API's OpenAPI description (`/openapi.json`) and the operators' dashboard (`/dashboard`)."""
+API's OpenAPI description (`/openapi.json`), the operators' dashboard (`/dashboard`) and Prometheus' `/metrics`
+(webhook/metrics.py)."""
 
 from __future__ import annotations
 
@@ -29,12 +30,14 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     from kling_relay.webhook.api import bp as api_bp
     from kling_relay.webhook.callbacks import bp as callbacks_bp
     from kling_relay.webhook.dashboard import install as install_dashboard
+    from kling_relay.webhook.metrics import bp as metrics_bp
     from kling_relay.webhook.openapi import openapi_document
 
     request_ids.install(app)
     app.register_blueprint(api_bp)
     app.register_blueprint(callbacks_bp)
     install_dashboard(app, settings)
+    app.register_blueprint(metrics_bp)
     document = openapi_document(settings)
 
     @app.get("/openapi.json")

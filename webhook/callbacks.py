@@ -39,11 +39,11 @@ from typing import Any
 
 from flask import Blueprint, jsonify, request
 
-from kling_relay.shared import heard
+from kling_relay.shared import heard, metrics
 from kling_relay.shared.http_client import verify
-from kling_relay.shared.jobs import Job, JobNotFound, JobState
+from kling_relay.shared.jobs import Job, JobNotFound, JobState, StepResult
 from kling_relay.shared.kling import KlingTask
-from kling_relay.shared.pipeline import CREATE_SENT, apply_task_status, record_task
+from kling_relay.shared.pipeline import CREATE_SENT, KLING_STATUS_TO_STATE, apply_task_status, record_task
 from kling_relay.shared.tokens import callback_token_ok
 from kling_relay.webhook.common import error, parse_json, read_body, runtime, valid_job_id
 
@@ -58,39 +58,42 @@ def kling_callback(job_id: str) -> Any:
     rt = runtime()
     if not valid_job_id(job_id) or not callback_token_ok(rt.settings.callback_secret, job_id,
                                                          request.args.get("token")):
-        return error(403, "bad callback token")
+        return _refused("token", 403, "bad callback token")
     limit = rt.settings.max_callback_bytes
     raw = read_body(limit)
     if raw is None:
-        return error(413, f"callback body over {limit} bytes")
+        return _refused("too_large", 413, f"callback body over {limit} bytes")
     secret = rt.settings.kling_webhook_secret
     signed = secret is None or verify(secret, dict(request.headers), raw, tolerance=SIGNATURE_TOLERANCE_SECONDS)
     if not signed:
         log.warning("callback refused: missing, wrong or stale webhook signature", extra={"job_id": job_id})
-        return error(401, "missing, wrong or stale webhook signature")
+        return _refused("signature", 401, "missing, wrong or stale webhook signature")
     job = rt.store.get(job_id)
     if job is None:
-        return error(404, "unknown job")
+        return _refused("unknown_job", 404, "unknown job")
     try:
         task = KlingTask.from_json(parse_json(raw))
     except (ValueError, TypeError) as exc:
-        return error(400, f"not a Kling task object: {exc}")
+        return _refused("malformed", 400, f"not a Kling task object: {exc}")
     if task.external_task_id is not None and task.external_task_id != job_id:
-        return error(409, "external_task_id does not match this job")
+        return _refused("task_mismatch", 409, "external_task_id does not match this job")
     if job.kling_task_id is None:
         if task.external_task_id != job_id:
             # Only a task that names this job could ever be its own: a token alone must not pass another job's
             # task off as this one's (whose video the copy would then store here).
-            return error(409, "task_info.external_task_id must name this job until its task id is known")
+            return _refused("task_mismatch", 409,
+                            "task_info.external_task_id must name this job until its task id is known")
         _remember(job, task)
         if heard.may_bind_from_callback(job, task, signed=secret is not None):
             record_task(rt, job_id, task, source="callback", detail={"bound_by": "signed callback"})
+            metrics.callback("applied")
             return jsonify(ok=True, applied=True, state=rt.store.require(job_id).state.value)
         return _before_task_recorded(job, task)
     if job.kling_task_id != task.task_id:
-        return error(409, "task_id does not match this job's Kling task")
+        return _refused("task_mismatch", 409, "task_id does not match this job's Kling task")
     _remember(job, task)  # before the step: the copy it queues may need the URL (callbacks only)
     result = apply_task_status(rt, job_id, task, source="callback")
+    metrics.callback(_outcome(result, KLING_STATUS_TO_STATE[task.status]))
     return jsonify(ok=True, applied=result.applied, state=result.job.state.value)
 
 
@@ -102,6 +105,7 @@ def _remember(job: Job, task: KlingTask) -> None:
 
 def _before_task_recorded(job: Job, task: KlingTask) -> Any:
     """A callback naming this job before its task is recorded: change nothing; maybe make the job due now."""
+    metrics.callback("early")
     log.info("callback before the job's task is recorded: not applied",
              extra={"job_id": job.id, "kling_status": task.status, "state": job.state.value})
     if job.terminal:
@@ -113,3 +117,15 @@ def _before_task_recorded(job: Job, task: KlingTask) -> Any:
             pass
     return jsonify(ok=True, applied=False, state=job.state.value,
                    note="the job's Kling task is not recorded yet; the worker confirms it with Kling"), 202
+
+
+def _refused(reason: str, status: int, message: str) -> Any:
+    metrics.callback_refused(reason)
+    return error(status, message)
+
+
+def _outcome(result: StepResult, to: JobState) -> str:
+    """applied; duplicate (the job is already in the state the callback reports); stale (the job is past it)."""
+    if result.applied:
+        return "applied"
+    return "duplicate" if result.job.state is to else "stale"

@@ -440,6 +440,18 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
                                   "503": _json(_ref("Health"), "Not ready: try again after Retry-After.")},
                 },
             },
+            "/metrics": {
+                "get": {
+                    "summary": "Prometheus metrics", "operationId": "metrics", "tags": ["ops"],
+                    "security": [] if settings.metrics_public else [{"bearer": []}],
+                    "description": "The Prometheus text format: the web process's counters and the job store's "
+                                   "gauges. The token is one of METRICS_TOKENS (one of API_TOKENS while it is "
+                                   "unset); with METRICS_PUBLIC=true no token is needed.",
+                    "responses": {"200": {"description": "Prometheus text exposition format 0.0.4.",
+                                          "content": {"text/plain": {"schema": {"type": "string"}}}},
+                                  "401": _UNAUTHORIZED},
+                },
+            },
             "/openapi.json": {
                 "get": {
                     "summary": "This description", "operationId": "openapi", "tags": ["ops"], "security": [],

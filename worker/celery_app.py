@@ -5,6 +5,10 @@ warnings (Celery's "running as root" among them) and anything printed to stdout 
 way Celery redirects it) all go through kling_relay.shared.logs. `--quiet` leaves out the start-up banner; the
 shutdown notices Celery writes straight to the terminal become records too. A bad setting stops the process with
 one record naming every problem.
+
+Metrics: the worker's processes count in prometheus_client's multiprocess mode, in a fresh directory made here
+before anything imports prometheus_client (`metrics_dir.prepare`, removed when the main process exits); the main
+process serves them on WORKER_METRICS_PORT (worker/metrics_endpoint.py).
 """
 
 import logging
@@ -16,9 +20,15 @@ import celery.apps.worker as celery_worker
 from celery import signals
 from celery.utils.log import LoggingProxy
 
+from kling_relay.shared import metrics_dir
 from kling_relay.shared.logs import configure_logging, json_line
-from kling_relay.shared.settings import SettingsError
-from kling_relay.worker.tasks import create_worker_app
+from kling_relay.shared.settings import SettingsError, load_settings
+
+metrics_dir.prepare("worker")  # before the tasks import prometheus_client (it reads the directory at import)
+
+from kling_relay.shared import metrics  # noqa: E402 - after prepare(), see above
+from kling_relay.worker import metrics_endpoint  # noqa: E402
+from kling_relay.worker.tasks import create_worker_app  # noqa: E402
 
 log = logging.getLogger("kling_relay.worker")
 
@@ -44,7 +54,21 @@ celery_worker.safe_say = _say  # read from the module at each call, so every shu
 
 configure_logging()
 try:
-    app = create_worker_app()
+    settings = load_settings()
+    app = create_worker_app(settings)
 except SettingsError as exc:
     log.critical("invalid configuration", extra={"problems": exc.problems})
     raise SystemExit(2) from None
+
+
+@signals.worker_init.connect
+def serve_metrics(**kwargs: Any) -> None:
+    """The worker's main process (not beat) serves its processes' metrics."""
+    metrics_endpoint.serve(settings)
+
+
+@signals.worker_process_shutdown.connect
+def forget_process(pid: int | None = None, **kwargs: Any) -> None:
+    """A prefork child is going: its live gauges stop counting (its counters stay)."""
+    if pid is not None:
+        metrics.process_exited(pid)

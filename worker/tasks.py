@@ -10,7 +10,7 @@ from celery import Celery, Task
 from celery.exceptions import SoftTimeLimitExceeded
 from celery.signals import celeryd_after_setup
 
-from kling_relay.shared import pipeline
+from kling_relay.shared import metrics, pipeline
 from kling_relay.shared.queue import (
     COPY_TASK,
     COPY_TIME_LIMIT_SECONDS,
@@ -26,6 +26,7 @@ from kling_relay.shared.settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
 
+_TASK_NAMES = {SUBMIT_TASK: "submit", COPY_TASK: "copy", NOTIFY_TASK: "notify"}  # the metrics' task label
 RECONCILE_TIME_LIMIT_SECONDS = 600
 SUBMIT_TIME_LIMIT_SECONDS = 600
 # Every task that retries (submit, copy, notify) is declared with `max_retries=None`: Celery never caps its
@@ -69,12 +70,19 @@ def create_worker_app(settings: Settings | None = None) -> Celery:
         return runtime["rt"]
 
     def run(task: Task, step: Any, *args: str) -> str:
+        """Run one pipeline step for a job; every run's outcome is counted here, once for every task."""
+        name = _TASK_NAMES.get(task.name, "other")
         try:
             outcome: str = step(rt(), *args)
         except pipeline.RetryIn as retry:
+            metrics.task_run(name, "retry")
             log.info("retrying later", extra={"job_id": args[0], "countdown": retry.seconds, "reason": retry.reason})
             # no limit: the task's own max_retries is None (see above); the job's attempt budgets decide
             raise task.retry(countdown=retry.seconds) from None
+        except Exception:
+            metrics.task_run(name, "error")
+            raise
+        metrics.task_run(name, str(outcome))
         log.info("task done", extra={"job_id": args[0], "task": task.name, "outcome": outcome})
         return outcome
 
@@ -100,7 +108,12 @@ def create_worker_app(settings: Settings | None = None) -> Celery:
     @app.task(name=RECONCILE_TASK, time_limit=RECONCILE_TIME_LIMIT_SECONDS,
               soft_time_limit=RECONCILE_TIME_LIMIT_SECONDS - 30)
     def reconcile_pass() -> dict[str, Any]:
-        report = reconcile(rt())
+        try:
+            report = reconcile(rt())
+        except Exception:
+            metrics.task_run("reconcile", "error")
+            raise
+        metrics.task_run("reconcile", "ran" if report.ran else "locked")
         log.info("reconcile pass", extra=report.summary())
         return report.summary()
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from kling_relay.shared import flow, stats
+from kling_relay.shared import flow, metrics, stats
 from kling_relay.shared.backoff import backoff_seconds
 from kling_relay.shared.flow import RateLimited
 from kling_relay.shared.jobs import Job, JobState, StepResult
@@ -135,13 +135,15 @@ def retry_or_fail(rt: Runtime, job_id: str, budget: Budget, reason: str) -> Outc
 
 
 def throttle(rt: Runtime, job_id: str, kind: str, reason: str, *, retry_after: float | None = None,
-             note: bool = True) -> NoReturn:
+             note: bool = True, cause: str = "kling_busy") -> NoReturn:
     """Try `kind` (submit, copy) again later without using up its attempts: back off on its own counter.
 
     Throttles are not the job's fault, so they count in `<kind>_throttled`, which the attempt budget leaves out;
     the job's deadline still bounds how long it can wait. `retry_after` (from our own rate limiter) replaces
-    the exponential delay with that wait plus jitter.
+    the exponential delay with that wait plus jitter. `cause` (in_flight_cap, rate_limit, kling_busy, paused) is
+    the metrics' label.
     """
+    metrics.throttled(kind, cause)
     count = rt.store.bump_attempt(job_id, f"{kind}_throttled")
     if retry_after is not None:
         delay = retry_after + random.uniform(0, max(0.5, retry_after))
@@ -156,7 +158,7 @@ def throttle(rt: Runtime, job_id: str, kind: str, reason: str, *, retry_after: f
 def throttle_for(rt: Runtime, job_id: str, kind: str, exc: KlingError, reason: str) -> NoReturn:
     """Back off after a throttle answer: our own limiter says how long (no event: it is not Kling's answer)."""
     if isinstance(exc, RateLimited):
-        throttle(rt, job_id, kind, reason, retry_after=exc.retry_after, note=False)
+        throttle(rt, job_id, kind, reason, retry_after=exc.retry_after, note=False, cause="rate_limit")
     throttle(rt, job_id, kind, reason)
 
 
@@ -182,7 +184,8 @@ def on_kling_error(rt: Runtime, job_id: str, budget: Budget, exc: KlingError, co
                                                             "message": exc.message})
             rt.store.set_due(job_id, rt.settings.kling_pause_probe_seconds)
             return Outcome.PAUSED
-        throttle(rt, job_id, budget.kind, f"{pause_reason(exc.code)} error {exc.code}: {exc.message}")
+        throttle(rt, job_id, budget.kind, f"{pause_reason(exc.code)} error {exc.code}: {exc.message}",
+                 cause="paused")
     if decision is Decision.THROTTLE:
         throttle_for(rt, job_id, budget.kind, exc, reason)
     if decision is Decision.FAIL and refusal_fails:

@@ -21,7 +21,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from kling_relay.shared import copy_flow, heard, usage
+from kling_relay.shared import copy_flow, heard, metrics, usage
 from kling_relay.shared.jobs import Job, JobState
 from kling_relay.shared.kling import KlingError, KlingTask
 from kling_relay.shared.kling_reads import reads_available
@@ -78,6 +78,7 @@ def _copy_locked(rt: Runtime, job: Job) -> Outcome:
         rt.store.note(job.id, source="worker", detail={"copy": "task has no video", "kling_status": task.status})
         return retry_or_fail(rt, job.id, budget, "task has no video yet")
     recorded = _manifest_request(rt.store.request(job.id))
+    started = time.monotonic()
     try:
         stored = _copy_videos(rt, job, task, recorded)
     except CopyCanceled:
@@ -90,6 +91,7 @@ def _copy_locked(rt: Runtime, job: Job) -> Outcome:
         return _wait(rt, job, {"paused": copy_flow.STORAGE, "code": exc.code, "message": str(exc)}, counted=True)
     except CopyError as exc:
         return retry_or_fail(rt, job.id, budget, f"copy: {exc}")
+    metrics.copied(sum(v.bytes for v in stored), time.monotonic() - started)
     return _mark_stored(rt, job, stored, recorded)
 
 

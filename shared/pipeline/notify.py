@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from kling_relay.shared import metrics
 from kling_relay.shared.backoff import backoff_seconds
 from kling_relay.shared.jobs import Job, JobStore
 from kling_relay.shared.jobs_model import NOTIFY_STATES, iso_utc
@@ -43,8 +44,11 @@ def notify_job(rt: Runtime, job_id: str, state: str) -> Outcome:
     except NotifyError as exc:
         if not exc.retryable or attempt >= NOTIFY_MAX_ATTEMPTS:
             rt.store.note(job_id, source="worker", detail={"notify": "gave up", "state": state, "error": str(exc)})
+            metrics.notification("gave_up")
             return Outcome.GAVE_UP
         delay = backoff_seconds(attempt, base=rt.settings.retry_base_seconds, cap=rt.settings.retry_max_seconds)
+        metrics.notification("retry")
         raise RetryIn(delay, str(exc)) from exc
+    metrics.notification("delivered")
     rt.store.note(job_id, source="worker", detail={"notify": "delivered", "state": state, "http_status": status})
     return Outcome.DELIVERED

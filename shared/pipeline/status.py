@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from kling_relay.shared import usage
-from kling_relay.shared.jobs import JobState, StepResult
+from kling_relay.shared import metrics, usage
+from kling_relay.shared.jobs import Job, JobState, StepResult
 from kling_relay.shared.kling import KlingTask
 from kling_relay.shared.pipeline.common import Failure, announced, finished
 
@@ -14,6 +14,7 @@ if TYPE_CHECKING:  # the wiring module is handed in, never imported at run time
     from kling_relay.shared.runtime import Runtime
 
 log = logging.getLogger(__name__)
+TIMELINE_LIMIT = 1000  # the whole timeline of any job (the store keeps fewer events)
 
 KLING_STATUS_TO_STATE = {
     "submitted": JobState.SUBMITTED,
@@ -60,8 +61,17 @@ def apply_task_status(rt: Runtime, job_id: str, task: KlingTask, *, source: str)
     if result.applied:
         announced(rt, result.job)
     if result.applied and to is JobState.GENERATED:
+        _count_generation(rt, result.job)
         try:
             rt.enqueuer.copy(job_id)
         except Exception:  # the job is generated and due: the reconciler re-queues its copy
             log.exception("could not queue copy", extra={"job_id": job_id})
     return result
+
+
+def _count_generation(rt: Runtime, job: Job) -> None:
+    """Observe the time from the job's step into `submitted` to this step into `generated` (its timeline)."""
+    for event in rt.store.events(job.id, limit=TIMELINE_LIMIT):
+        if event.to_state == JobState.SUBMITTED.value and event.from_state != event.to_state:  # a step, not a note
+            metrics.generated(job.updated_at - event.at)
+            return

@@ -63,7 +63,7 @@ def _submit_locked(rt: Runtime, job: Job) -> Outcome:
     cap = rt.settings.kling_max_in_flight
     reservation_ttl = 2 * (rt.settings.kling_connect_timeout_seconds + rt.settings.kling_timeout_seconds) + 10
     if not flow.reserve_in_flight(rt.redis, job.id, cap, reservation_ttl):
-        throttle(rt, job.id, "submit", f"{cap} tasks in flight at Kling", note=False)
+        throttle(rt, job.id, "submit", f"{cap} tasks in flight at Kling", note=False, cause="in_flight_cap")
     try:
         return _submit_to_kling(rt, job, trial=gate == "trial")
     finally:
