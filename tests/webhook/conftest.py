@@ -25,8 +25,9 @@ CALLBACK_SECRET = "callback-secret-0123456789abcdef"
 
 def app_env(redis_url: str, **extra: str) -> dict[str, str]:
     """The app's environment: Kling and S3 on a closed port, both TOKENS, MAX_REQUEST_BYTES 200,000."""
-    return relay_env(REDIS_URL=redis_url, CALLBACK_SECRET=CALLBACK_SECRET, API_TOKENS=",".join(TOKENS),
-                     S3_BUCKET="bucket", S3_ENDPOINT_URL="http://127.0.0.1:9", MAX_REQUEST_BYTES="200000", **extra)
+    base = {"REDIS_URL": redis_url, "CALLBACK_SECRET": CALLBACK_SECRET, "API_TOKENS": ",".join(TOKENS),
+            "S3_BUCKET": "bucket", "S3_ENDPOINT_URL": "http://127.0.0.1:9", "MAX_REQUEST_BYTES": "200000"}
+    return relay_env(**{**base, **extra})
 
 
 def app_settings(redis_url: str, **extra: str) -> Settings:
