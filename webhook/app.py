@@ -1,5 +1,5 @@
-"""The web process: the jobs API (`/v1/jobs`), Kling's callbacks (`/callbacks/kling/<job_id>`), `/healthz`, `/readyz`, the
-API's OpenAPI description (`/openapi.json`) and the operators' dashboard (`/dashboard`)."""
+"""The web process: the jobs API (`/v1/jobs`), Kling's callbacks (`/callbacks/kling/<job_id>`), `/healthz`,
+`/readyz`, the API's OpenAPI description (`/openapi.json`) and the operators' dashboard (`/dashboard`)."""
 
 from __future__ import annotations
 
