@@ -29,6 +29,7 @@ fmt: setup ## Sort imports and fix what ruff can fix
 
 bench: setup ## Benchmarks (on demand, not part of test)
 	@$(PY) bench/copy_memory.py
+	@$(PY) bench/job_memory.py
 
 lock: setup ## Re-resolve every dependency into requirements.lock (then `make setup` installs it)
 	@$(PY) -m pip install --disable-pip-version-check -q uv

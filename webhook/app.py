@@ -1,6 +1,6 @@
-"""The web process: the jobs API (`/v1/jobs`), Kling's callbacks (`/callbacks/kling/<job_id>`), `/healthz`, the
-API's OpenAPI description (`/openapi.json`), the operators' dashboard (`/dashboard`) and Prometheus' `/metrics`
-(webhook/metrics.py)."""
+"""The web process: the jobs API (`/v1/jobs`), Kling's callbacks (`/callbacks/kling/<job_id>`), `/healthz`,
+`/readyz`, the API's OpenAPI description (`/openapi.json`), the operators' dashboard (`/dashboard`) and
+Prometheus' `/metrics` (webhook/metrics.py)."""
 
 from __future__ import annotations
 
@@ -57,6 +57,20 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
             response.headers["Retry-After"] = "5"
             return response, 503
         return jsonify(status="ok", submission=submission, copy=copy_flow.state(rt.redis))
+
+    @app.get("/readyz")
+    def readyz() -> Any:
+        """Readiness (Kubernetes' readinessProbe): 200 while Redis answers a PING, else 503, so a pod that cannot
+        record a callback or a job gets no traffic. Public like /healthz and as terse; the cause goes to the log."""
+        rt: Runtime = app.extensions["kling_relay"]
+        try:
+            rt.redis.ping()
+        except Exception as exc:
+            log.warning("readiness check failed", extra={"error": type(exc).__name__})
+            response = jsonify(status="unready")
+            response.headers["Retry-After"] = "5"
+            return response, 503
+        return jsonify(status="ready")
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> Any:

@@ -202,6 +202,10 @@ def _schemas(settings: Settings) -> dict[str, Any]:
                            "submission": {"type": "string", "enum": ["open", "paused"]},
                            "copy": {"type": "string", "enum": ["open", "paused"]}},
         },
+        "Ready": {
+            "type": "object", "required": ["status"], "additionalProperties": False,
+            "properties": {"status": {"type": "string", "enum": ["ready", "unready"]}},
+        },
         "Pause": {
             "type": ["object", "null"],
             "description": "Why submission to Kling is paused: an account or auth error (codes 1000-1004, "
@@ -450,6 +454,15 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
                     "responses": {"200": {"description": "Prometheus text exposition format 0.0.4.",
                                           "content": {"text/plain": {"schema": {"type": "string"}}}},
                                   "401": _UNAUTHORIZED},
+                },
+            },
+            "/readyz": {
+                "get": {
+                    "summary": "Readiness", "operationId": "ready", "tags": ["ops"], "security": [],
+                    "description": "Kubernetes' readiness probe: 200 while Redis answers, else 503 (no traffic "
+                                   "for this process). No token needed, so the answer names no component.",
+                    "responses": {"200": _json(_ref("Ready"), "Ready: Redis answers."),
+                                  "503": _json(_ref("Ready"), "Not ready: try again after Retry-After.")},
                 },
             },
             "/openapi.json": {

@@ -88,3 +88,18 @@ def test_every_answer_has_a_fresh_request_id(client: FlaskClient) -> None:
     assert [a.status_code for a in answers] == [200, 401, 404, 404]
     ids = [a.headers["X-Request-ID"] for a in answers]
     assert len(set(ids)) == len(ids) and all(re.fullmatch(r"[0-9a-f]{32}", i) for i in ids)
+
+
+def test_readyz_is_200_while_redis_answers(client: FlaskClient) -> None:
+    """Issue 12.3: Kubernetes' readiness probe (deploy/k8s/base/web.yaml) asks /readyz."""
+    answer = client.get("/readyz")
+    assert answer.status_code == 200 and answer.json == {"status": "ready"}
+
+
+def test_readyz_is_503_without_redis_and_names_no_component(redis_down_app: Flask) -> None:
+    """Issue 12.3: a web pod whose Redis is away must leave the Service's endpoints (readiness fails)."""
+    answer = redis_down_app.test_client().get("/readyz")
+    assert answer.status_code == 503
+    assert answer.json == {"status": "unready"}
+    assert answer.headers["Retry-After"] == "5"
+    assert "redis" not in answer.get_data(as_text=True).lower()

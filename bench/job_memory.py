@@ -1,0 +1,82 @@
+"""Redis memory per job, for the capacity guide (deploy/README.md, "Capacity").
+
+    python bench/job_memory.py [--jobs 2000]
+
+Starts a throwaway redis-server (deploy/procs.py), then creates N jobs through the job store as the API does
+(image URLs, a 300-character prompt, metadata, a notify_url, an idempotency key) and walks each to `stored` as
+the worker and the callbacks do (submitted with its Kling task id, processing, generated with a note, stored
+with one video, and its entry in the consumers' stream), and prints the growth of `used_memory` (INFO memory)
+divided by N; then the same for jobs whose request carries one 1 MB base64 image (which the job's request keeps
+until the job expires).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import redis  # noqa: E402
+
+from deploy.procs import RedisServer  # noqa: E402
+from kling_relay.shared.jobs import JobStore  # noqa: E402
+from kling_relay.shared.jobs_model import JobState  # noqa: E402
+from kling_relay.shared.notify import publish  # noqa: E402
+
+PROMPT = ("a slow aerial shot over a coastline at sunrise, waves rolling in, gulls crossing the frame, " * 4)[:300]
+
+
+def request(image: str) -> dict[str, object]:
+    return {"model_name": "kling-v1-6", "prompt": PROMPT, "mode": "std", "duration": "5", "aspect_ratio": "16:9",
+            "image_list": [{"image": image}, {"image": "https://img.example.com/b.jpg"}]}
+
+
+def run_jobs(client: redis.Redis, store: JobStore, n: int, image: str, tag: str) -> None:
+    for i in range(n):
+        job, _ = store.create(request(image), notify_url="https://app.example.com/hooks/kling",
+                              metadata={"order": i, "customer": "c-12345"}, idempotency_key=f"{tag}-{i}")
+        store.step(job.id, JobState.SUBMITTED, source="worker", set_fields={"kling_task_id": f"8{i:017d}"})
+        store.step(job.id, JobState.PROCESSING, source="callback")
+        store.step(job.id, JobState.GENERATED, source="callback")
+        store.note(job.id, source="worker", detail={"copy": "started"})
+        video = {"bucket": "kling-relay", "key": f"videos/2026/12/02/{job.id}/video.mp4", "sha256": "ab" * 32,
+                 "bytes": 9_876_543, "duration": "5.1", "content_type": "video/mp4"}
+        store.step(job.id, JobState.STORED, source="worker", set_fields={"videos": [video]})
+        publish(client, "kling-relay:events", store.require(job.id).public_dict(), maxlen=100_000)
+
+
+def used(client: redis.Redis) -> int:
+    return int(client.info("memory")["used_memory"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=2000)
+    n = parser.parse_args().jobs
+    with tempfile.TemporaryDirectory() as tmp:
+        server = RedisServer(Path(tmp) / "redis").start()
+        try:
+            client = redis.Redis.from_url(server.url, decode_responses=True)
+            store = JobStore(client, job_ttl_seconds=2_592_000)
+            before = used(client)
+            run_jobs(client, store, n, "https://img.example.com/a.jpg", "url")
+            per_job = (used(client) - before) / n
+            print(f"{n} jobs with image URLs: {per_job / 1024:.1f} KiB per stored job")
+            m = max(1, n // 20)
+            before = used(client)
+            run_jobs(client, store, m, base64.b64encode(b"\xff" * 750_000).decode(), "b64")
+            per_job = (used(client) - before) / m
+            print(f"{m} jobs with one 1 MB base64 image: {per_job / 1024:.1f} KiB per stored job")
+            client.close()
+        finally:
+            server.stop()
+
+
+if __name__ == "__main__":
+    main()
