@@ -72,7 +72,9 @@ _RESERVE = _NOW + """
 local now = now_seconds()
 local stale = string.format('%.6f', now)
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', stale)
-redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', stale)
+for _, held in ipairs(redis.call('ZRANGE', KEYS[5], 0, -1)) do  -- the global set is the authority
+  if not redis.call('ZSCORE', KEYS[1], held) then redis.call('ZREM', KEYS[5], held) end
+end
 local expiry = string.format('%.6f', now + tonumber(ARGV[3]))
 if redis.call('ZSCORE', KEYS[1], ARGV[1]) then
   redis.call('ZADD', KEYS[1], expiry, ARGV[1])

@@ -140,7 +140,7 @@ def _named_tokens(raw: str, bare_prefix: str) -> tuple[NamedToken, ...]:
             raise ValueError(f"entry {position}: the name before ':' must be 1-32 of a-z, 0-9, '_', '-' "
                              f"(starting with a letter or digit)")
         if len(value) < _MIN_SECRET_CHARS:
-            raise ValueError(f"entry {position} ({name}): each token must be at least {_MIN_SECRET_CHARS} characters")
+            raise ValueError(f"each token must be at least {_MIN_SECRET_CHARS} characters")
         found.append(NamedToken(name, value))
     names = [t.name for t in found]
     twice = sorted({n for n in names if names.count(n) > 1})
