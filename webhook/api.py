@@ -96,7 +96,8 @@ def create_job() -> Any:
         return _unprocessable(list(exc.problems))
     except AppBusy as exc:
         response, status = error(429, f"this app has {exc.active} jobs queued or in progress, its cap "
-                                      f"(APP_MAX_ACTIVE_JOBS); submit again once some have finished")
+                                      f"(APP_MAX_ACTIVE_JOBS); submit again once some have finished",
+                                 limit="APP_MAX_ACTIVE_JOBS", active=exc.active)
         response.headers["Retry-After"] = str(APP_BUSY_RETRY_AFTER_SECONDS)
         return response, status
     except IdempotencyConflict:

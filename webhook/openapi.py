@@ -48,7 +48,11 @@ def _schemas(settings: Settings) -> dict[str, Any]:
             "type": "object", "required": ["error"],
             "properties": {"error": {"type": "string", "description": "What went wrong, in a sentence."},
                            "state": {"type": "string", "enum": _STATES,
-                                     "description": "The job's state (409 of an ops action)."}},
+                                     "description": "The job's state (409 of an ops action)."},
+                           "limit": {"type": "string", "enum": ["APP_MAX_ACTIVE_JOBS"],
+                                     "description": "The limit a 429 at submit is about."},
+                           "active": {"type": "integer", "description": "The app's jobs queued or in progress "
+                                                                        "(a 429 at submit)."}},
         },
         "FieldProblem": {
             "type": "object", "required": ["field", "problem"], "additionalProperties": False,
