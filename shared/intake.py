@@ -113,8 +113,9 @@ def accept_job(body: object, *, store: JobStore, enqueuer: Enqueuer, settings: S
         max_active=max_active,
     )
     if created:
+        log.info("job accepted", extra={"job_id": job.id, "app": app})
         try:
             enqueuer.submit(job.id)
         except Exception:  # the broker is down: the job is stored and due, the reconciler re-sends it
-            log.exception("could not queue job; the reconciler will retry", extra={"job_id": job.id})
+            log.exception("could not queue job; the reconciler will retry", extra={"job_id": job.id, "app": app})
     return Accepted(job=job, created=created)
