@@ -142,6 +142,7 @@ def _jobs_parser() -> argparse.ArgumentParser:
     listing.add_argument("--limit", type=int, default=limits.LIST_LIMIT_DEFAULT,
                          help=f"1 to {limits.LIST_LIMIT_MAX} (default {limits.LIST_LIMIT_DEFAULT})")
     listing.add_argument("--cursor", help="next_cursor of the previous page")
+    listing.add_argument("--app", help="only this app's jobs (the name of its API token); default: every app's")
     for name, help_text in (("retry", "put a failed job back to work (copy or submit, per its failure)"),
                             ("cancel", "cancel a queued or in-flight job (a Kling task already made still runs)")):
         action = sub.add_parser(name, help=help_text)
@@ -172,7 +173,7 @@ def _jobs(argv: Sequence[str]) -> int:
     try:
         if args.action == "list":
             try:
-                jobs, cursor = relay.list(state=args.state, limit=args.limit, cursor=args.cursor)
+                jobs, cursor = relay.list(state=args.state, limit=args.limit, cursor=args.cursor, app=args.app)
             except InvalidCursor as exc:
                 print(f"--cursor: {exc}", file=sys.stderr)
                 return 2

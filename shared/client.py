@@ -79,19 +79,24 @@ class Relay:
         API_TOKENS or S3_BUCKET is needed."""
         return cls(load_client_settings(env))
 
-    def submit(self, *, idempotency_key: str | None = None, **fields: Any) -> Job:
-        """Queue one job; `fields` are the POST /v1/jobs body (Kling's names plus notify_url and metadata)."""
+    def submit(self, *, idempotency_key: str | None = None, app: str | None = None, **fields: Any) -> Job:
+        """Queue one job; `fields` are the POST /v1/jobs body (Kling's names plus notify_url and metadata).
+
+        `app`: the app the job belongs to, as if its token had sent it (its idempotency keys, its list); None: a
+        job of no app, which only operators see. The in-process client itself is operator-level (all jobs)."""
         return accept_job(fields, store=self.store, enqueuer=self.enqueuer, settings=self.settings,
-                          idempotency_key=idempotency_key).job
+                          idempotency_key=idempotency_key, app=app).job
 
     def get(self, job_id: str) -> Job | None:
         """The job, or None if there is none (or `job_id` cannot be a job id)."""
         return self.store.get(job_id)
 
-    def list(self, *, state: JobState | str | None = None, limit: int = 50,
-             cursor: str | None = None) -> tuple[list[Job], str | None]:
-        """Jobs newest first, all or one state's: `(jobs, next_cursor)`; pass next_cursor back for the next page."""
-        return self.store.list(state=JobState(state) if state is not None else None, limit=limit, cursor=cursor)
+    def list(self, *, state: JobState | str | None = None, limit: int = 50, cursor: str | None = None,
+             app: str | None = None) -> tuple[list[Job], str | None]:
+        """Jobs newest first, all or one state's (and with `app`, one app's): `(jobs, next_cursor)`; pass
+        next_cursor back for the next page."""
+        return self.store.list(state=JobState(state) if state is not None else None, limit=limit, cursor=cursor,
+                               app=app)
 
     def retry(self, job_id: str, *, reason: str | None = None, via: str = "python") -> Job:
         """Put a failed job back to work (copy failures re-copy, submit-side failures re-submit); the job now.

@@ -27,8 +27,9 @@ _SESSION_KEY_LABEL = b"kling-relay dashboard session key v1"
 
 
 def signin_tokens(settings: Settings) -> Sequence[Secret]:
-    """DASHBOARD_TOKENS when set, else API_TOKENS."""
-    return settings.dashboard_tokens or settings.api_tokens
+    """Operators only: DASHBOARD_TOKENS when set, else OPS_TOKENS, else (no operator tokens at all: every API
+    token is an operator, `shared/tokens.py: Caller`) API_TOKENS."""
+    return settings.dashboard_tokens or settings.ops_tokens or settings.api_tokens
 
 
 def session_key(settings: Settings) -> bytes:

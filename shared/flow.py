@@ -10,6 +10,7 @@ Three guards, each one atomic Lua script so that N workers cannot overshoot toge
 - **In-flight cap** (`KLING_MAX_IN_FLIGHT`): `reserve_in_flight` admits a submit only while jobs in `submitted` +
   `processing` (the job store's state indexes) plus submits holding a reservation stay under the cap. A
   reservation is a member of a sorted set scored by its expiry, so one left behind by a killed worker lapses.
+  The cap is shared fairly between the apps with queued work (see `reserve_in_flight`).
 - **Pause**: an account or auth answer from Kling (1000-1004, 1100-1103, 1304) records a pause
   (`pause`: reason, code, Kling's message, since) instead of failing jobs. While paused, `gate` tells every
   submit to leave its job queued without calling Kling. The pause ends with `resume` (the ops action, or the
@@ -65,18 +66,43 @@ redis.call('SET', KEYS[1], string.format('%.6f', new_tat), 'PX', math.ceil((new_
 return {1, '0'}
 """
 
-# KEYS: 1 reservations, 2 submitted index, 3 processing index. ARGV: 1 job id, 2 cap, 3 ttl seconds.
+# KEYS: 1 reservations, 2 submitted index, 3 processing index, 4 the apps set, 5 the job's app's reservations.
+# ARGV: 1 job id, 2 cap, 3 ttl seconds, 4 the job's app group, 5 the app state-index prefix.
 _RESERVE = _NOW + """
 local now = now_seconds()
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', string.format('%.6f', now))
+local stale = string.format('%.6f', now)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', stale)
+for _, held in ipairs(redis.call('ZRANGE', KEYS[5], 0, -1)) do  -- the global set is the authority
+  if not redis.call('ZSCORE', KEYS[1], held) then redis.call('ZREM', KEYS[5], held) end
+end
 local expiry = string.format('%.6f', now + tonumber(ARGV[3]))
 if redis.call('ZSCORE', KEYS[1], ARGV[1]) then
   redis.call('ZADD', KEYS[1], expiry, ARGV[1])
+  redis.call('ZADD', KEYS[5], expiry, ARGV[1])
   return 1
 end
+local cap = tonumber(ARGV[2])
 local n = redis.call('ZCARD', KEYS[1]) + redis.call('ZCARD', KEYS[2]) + redis.call('ZCARD', KEYS[3])
-if n >= tonumber(ARGV[2]) then return 0 end
+if n >= cap then return 0 end
+local waiting = 1
+for _, group in ipairs(redis.call('SMEMBERS', KEYS[4])) do
+  if group ~= ARGV[4] then
+    local base = ARGV[5] .. group .. ':state:'
+    if redis.call('ZCARD', base .. 'queued') > 0 then
+      waiting = waiting + 1
+    elseif redis.call('ZCARD', base .. 'submitted') + redis.call('ZCARD', base .. 'processing')
+        + redis.call('ZCARD', base .. 'generated') == 0 then
+      redis.call('SREM', KEYS[4], group)
+    end
+  end
+end
+local share = math.ceil(cap / waiting)
+local base = ARGV[5] .. ARGV[4] .. ':state:'
+local mine = redis.call('ZCARD', KEYS[5]) + redis.call('ZCARD', base .. 'submitted')
+  + redis.call('ZCARD', base .. 'processing')
+if mine >= share then return 0 end
 redis.call('ZADD', KEYS[1], expiry, ARGV[1])
+redis.call('ZADD', KEYS[5], expiry, ARGV[1])
 return 1
 """
 
@@ -209,21 +235,36 @@ def rate_limited_session(client: redis.Redis, per_second: float, *, max_wait: fl
 
 # --- in-flight cap ------------------------------------------------------------------------------------------------
 
-def reserve_in_flight(client: redis.Redis, job_id: str, cap: int, ttl: float) -> bool:
-    """Reserve a place under the in-flight cap for this job's submit; False if the cap is reached.
+def reserve_in_flight(client: redis.Redis, job_id: str, cap: int, ttl: float, app: str | None = None) -> bool:
+    """Reserve a place under the in-flight cap for this job's submit; False if the cap (or the app's share of it)
+    is reached.
 
     Counts jobs in `submitted` and `processing` plus live reservations, and adds this job's reservation, in one
     script. A job that already holds a reservation renews it. Release it with `release_in_flight` once the job
     is recorded as submitted (it then counts through the state index) or the submit ends otherwise; a
     reservation not released lapses after `ttl` seconds.
+
+    Fair share between apps: the cap is shared by the apps (`app`, the job's; None for jobs without one) that
+    have queued work. With `k` such apps (this job's always counts), an app may hold at most `ceil(cap / k)`
+    places (its jobs submitted, processing, or holding a reservation). So a throttled submit of an app that
+    holds its share leaves the next free place to another app's job, however long the first app's backlog is
+    in the submit queue; an app alone gets the whole cap. The counts are the per-app state indexes the job
+    scripts maintain and a per-app copy of the reservations; apps without active jobs are pruned from the
+    `kr:apps` set here.
     """
-    names = [keys.FLOW_IN_FLIGHT, keys.jobs_in_state("submitted"), keys.jobs_in_state("processing")]
-    return bool(client.register_script(_RESERVE)(keys=names, args=[job_id, cap, repr(ttl)]))
+    group = app or keys.NO_APP_GROUP
+    names = [keys.FLOW_IN_FLIGHT, keys.jobs_in_state("submitted"), keys.jobs_in_state("processing"), keys.APPS,
+             keys.app_in_flight(group)]
+    return bool(client.register_script(_RESERVE)(keys=names, args=[job_id, cap, repr(ttl), group,
+                                                                   keys.APP_PREFIX]))
 
 
-def release_in_flight(client: redis.Redis, job_id: str) -> None:
+def release_in_flight(client: redis.Redis, job_id: str, app: str | None = None) -> None:
     """Drop this job's reservation (no-op if it has none)."""
-    client.zrem(keys.FLOW_IN_FLIGHT, job_id)
+    pipe = client.pipeline(transaction=True)
+    pipe.zrem(keys.FLOW_IN_FLIGHT, job_id)
+    pipe.zrem(keys.app_in_flight(app or keys.NO_APP_GROUP), job_id)
+    pipe.execute()
 
 
 def in_flight(client: redis.Redis) -> dict[str, int]:

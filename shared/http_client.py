@@ -10,8 +10,13 @@
     client.cancel(job.id, reason="not needed")
 
 Errors carry the API's answer: `ValidationFailed` (422, `.problems` lists every `{field, problem}`), `NotFound`
-(404), `Conflict` (409, `.state` for an ops action), `Unauthorized` (401), `Unavailable` (503/502/504/429 or the
-relay unreachable, `.retry_after`), `BadRequest` (400, 413); all are `RelayError` (`.status`, `.body`).
+(404), `Conflict` (409, `.state` for an ops action), `Unauthorized` (401), `Forbidden` (403: an app token on an
+operators' route), `Unavailable` (503/502/504/429 or the relay unreachable, `.retry_after`; `TooManyActiveJobs`, a
+429 at submit: the app is at its APP_MAX_ACTIVE_JOBS cap), `BadRequest` (400, 413); all are `RelayError`
+(`.status`, `.body`).
+
+The token is an app's (API_TOKENS: the client sees and acts on that app's jobs only, another app's job is
+`NotFound`) or an operator's (OPS_TOKENS: every job, `status()` and the resume calls).
 
 Retries happen only where they are safe. GETs (and a submit with an idempotency key, which the relay replays
 instead of duplicating) are retried on 502/503/504/429, timeouts and connection errors, with exponential back-off
@@ -46,8 +51,9 @@ from urllib.parse import quote, urlsplit
 import requests
 
 __all__ = [
-    "TERMINAL_STATES", "BadRequest", "Conflict", "FieldProblem", "Job", "NotFound", "RelayClient", "RelayError",
-    "Unauthorized", "Unavailable", "ValidationFailed", "WaitTimedOut", "sign", "verify",
+    "TERMINAL_STATES", "BadRequest", "Conflict", "FieldProblem", "Forbidden", "Job", "NotFound", "RelayClient",
+    "RelayError", "TooManyActiveJobs", "Unauthorized", "Unavailable", "ValidationFailed", "WaitTimedOut", "sign",
+    "verify",
 ]
 
 log = logging.getLogger("kling_relay.http_client")
@@ -79,8 +85,12 @@ class Unauthorized(RelayError):
     """401: the token is missing or not one of the relay's API_TOKENS."""
 
 
+class Forbidden(RelayError):
+    """403: the route is for operators (OPS_TOKENS) and the token is an app's."""
+
+
 class NotFound(RelayError):
-    """404: no such job."""
+    """404: no such job (or another app's: an app token sees its own jobs only)."""
 
 
 class Conflict(RelayError):
@@ -128,6 +138,12 @@ class Unavailable(RelayError):
         self.retry_after = retry_after
 
 
+class TooManyActiveJobs(Unavailable):
+    """429 at submit: the app already has APP_MAX_ACTIVE_JOBS jobs queued or in progress; nothing was stored.
+    Never retried by the client (it would only wait): submit again after `retry_after` seconds, or once some of
+    the app's jobs have finished."""
+
+
 class WaitTimedOut(TimeoutError):
     """`wait()` gave up: the job was not finished within the timeout; `job` is the last view read (or None)."""
 
@@ -153,7 +169,7 @@ class Job:
     """A job as the API shows it. `state` is one of STATES; `error` (a failed job) is `{"reason", "code",
     "message"}`; `videos` are `{"bucket", "key", "sha256", "bytes", "duration"}`; `events` (the timeline) is None
     in listings, which leave it out. `units` / `balance_deduction`: what Kling billed for the job's task, None
-    until Kling says. `raw` is the JSON object as received."""
+    until Kling says. `app`: the app that created the job. `raw` is the JSON object as received."""
 
     id: str
     state: str
@@ -168,6 +184,7 @@ class Job:
     units: float | None
     balance_deduction: float | None
     raw: dict[str, Any] = field(repr=False, compare=False)
+    app: str | None = None  # the app (its token's name) that created the job
 
     @property
     def finished(self) -> bool:
@@ -192,6 +209,7 @@ class Job:
             units=_amount(data.get("units")),
             balance_deduction=_amount(data.get("balance_deduction")),
             raw=data,
+            app=data.get("app") if isinstance(data.get("app"), str) else None,
         )
 
 
@@ -253,6 +271,10 @@ def _error_for(response: requests.Response) -> RelayError:
         return ValidationFailed(message, status=status, body=body)
     if status == 401:
         return Unauthorized(message, status=status, body=body)
+    if status == 403:
+        return Forbidden(message, status=status, body=body)
+    if status == 429 and isinstance(body, dict) and body.get("limit") == "APP_MAX_ACTIVE_JOBS":
+        return TooManyActiveJobs(message, status=status, body=body, retry_after=_retry_after(response))
     if status == 404:
         return NotFound(message, status=status, body=body)
     if status == 409:
@@ -366,7 +388,8 @@ class RelayClient:
                 return response
             error = _error_for(response)
             response.close()
-            if isinstance(error, Unavailable) and safe and attempt < limit:
+            if isinstance(error, Unavailable) and not isinstance(error, TooManyActiveJobs) and safe and \
+                    attempt < limit:
                 delay = max(self._delay(attempt), error.retry_after or 0.0)
                 if delay <= self.max_retry_after:
                     log.warning("relay unavailable, retrying", extra={"method": method, "path": path,
@@ -484,19 +507,20 @@ class RelayClient:
 
     # --- submission ------------------------------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
-        """GET /v1/status: `{"submission": "open"|"paused", "pause", "in_flight", "copy": "open"|"paused",
+        """GET /v1/status (operators only: `Forbidden` for an app token): `{"submission": "open"|"paused", "pause",
+        "in_flight", "copy": "open"|"paused",
         "copy_pause", "copy_waiting": {"count", "jobs"}, "jobs": {state: count}}`."""
         result: dict[str, Any] = self._call("GET", "/v1/status", safe=True)
         return result
 
     def resume_submission(self) -> dict[str, Any]:
-        """POST /v1/submission/resume: clear a pause once the account or keys are fixed;
+        """POST /v1/submission/resume (operators only): clear a pause once the account or keys are fixed;
         `{"resumed": bool, "pause": <the pause cleared> | None}`."""
         result: dict[str, Any] = self._call("POST", "/v1/submission/resume", safe=False)
         return result
 
     def resume_copy(self) -> dict[str, Any]:
-        """POST /v1/copy/resume: clear a copy pause once the bucket, credentials or policy are fixed;
+        """POST /v1/copy/resume (operators only): clear a copy pause once the bucket, credentials or policy are fixed;
         `{"resumed": bool, "pause": <the pause cleared> | None}`."""
         result: dict[str, Any] = self._call("POST", "/v1/copy/resume", safe=False)
         return result

@@ -9,8 +9,10 @@ state (failed → queued).
 Keys (the layout is written once, in `shared/keys.py`): the job's hash (field encoding in `shared/jobs_model.py`),
 its request (the normalized Kling request as JSON, images included, read only by `request()`) and its timeline
 (JSON events, oldest first, capped at `max_events`); the `all` and per-state indexes (sorted sets, score =
-created_at: listing newest first); the due index (score = when the reconciler should look next; terminal jobs are
-never in it); idempotency keys (`job_id` and the sha256 of the canonical body); the outbox (a sorted set of
+created_at: listing newest first); per app, its listing index and per-state indexes of its non-terminal jobs
+(`keys.app_jobs`, `keys.app_jobs_in_state`: an app's list, active count and in-flight share); the due index
+(score = when the reconciler should look next; terminal jobs are never in it); idempotency keys (`job_id` and the
+sha256 of the canonical body); the outbox (a sorted set of
 `<id>|<state>|<at>`, score = at: steps still to be announced to the consumers' stream and notifications, added
 by the step itself, removed once announced: `Transition`, `unannounced`, `announced`).
 
@@ -45,6 +47,7 @@ from kling_relay.shared.jobs_model import (
     SETTABLE_FIELDS,
     SOURCES,
     TERMINAL,
+    AppBusy,
     Event,
     IdempotencyConflict,
     Job,
@@ -58,7 +61,7 @@ from kling_relay.shared.jobs_model import (
 )
 
 __all__ = [
-    "RANK", "SOURCES", "TERMINAL", "Event", "IdempotencyConflict", "InvalidCursor", "Job", "JobNotFound",
+    "RANK", "SOURCES", "TERMINAL", "AppBusy", "Event", "IdempotencyConflict", "InvalidCursor", "Job", "JobNotFound",
     "JobState", "JobStore", "StepResult", "Transition",
 ]
 
@@ -167,7 +170,8 @@ class JobStore:
     def create(self, request: dict[str, Any], *, notify_url: str | None = None,
                metadata: dict[str, Any] | None = None, idempotency_key: str | None = None,
                deadline_seconds: float | None = None, due_in: float | None = None,
-               source: str = "api", notify_events: Collection[str] | None = None) -> tuple[Job, bool]:
+               source: str = "api", notify_events: Collection[str] | None = None, app: str | None = None,
+               max_active: int | None = None) -> tuple[Job, bool]:
         """Store a new job in state `queued`; returns `(job, created)`.
 
         `request` is the normalized Kling body without `callback_url`/`external_task_id` (the worker adds
@@ -177,6 +181,10 @@ class JobStore:
         due index that many seconds from now; `deadline_seconds` sets `deadline_at`. `notify_events`: the states
         `notify_url` is told about (None: the terminal ones; see `normalize_notify_events`, ValueError otherwise);
         it is part of the idempotent body only when it is not the default, so older keys still match.
+
+        `app` (a token name) owns the job: it is in the app's listing index, and its idempotency keys are its own
+        (the same key from two apps makes two jobs). `max_active`: refuse with `AppBusy` (nothing stored) when
+        the app already has that many jobs queued or in progress; an idempotent replay is answered first.
         """
         self._check_source(source)
         if not isinstance(request, dict):
@@ -200,21 +208,25 @@ class JobStore:
             "notify_events": "" if events is None else dumps(list(events)),
             "created_at": repr(now), "updated_at": repr(now), "error": "null", "videos": "[]",
             "deadline_at": repr(now + deadline_seconds) if deadline_seconds is not None else "",
+            "app": app or "",
         }
         event = dumps({"at": now, "from": None, "to": JobState.QUEUED.value, "source": source, "detail": {}})
         names = [self._job_key(job_id), self._events_key(job_id), self._index_key(None),
-                self._index_key(JobState.QUEUED), self._due_key]
+                self._index_key(JobState.QUEUED), self._due_key, keys.app_jobs(app) if app else "", keys.APPS]
         if idempotency_key is not None:
             if not isinstance(idempotency_key, str) or not idempotency_key:
                 raise ValueError("idempotency_key must be a non-empty string")
-            names.append(keys.idempotency(hashlib.sha256(idempotency_key.encode()).hexdigest()))
+            names.append(self._idempotency_key(idempotency_key, app))
         args: list[str | int] = [
             job_id, body_hash, self._ttl, repr(now), repr(now + due_in) if due_in is not None else "",
-            event, keys.JOB_KEY_PREFIX, self._max_events,
+            event, keys.JOB_KEY_PREFIX, self._max_events, app or keys.NO_APP_GROUP,
+            max_active if app and max_active else 0,
         ]
         for name, value in fields.items():
             args += [name, value]
         status, found_id = _reply(self._create(keys=names, args=args))
+        if status == "busy":
+            raise AppBusy(app or "", int(found_id), max_active or 0)
         if status == "conflict":
             raise IdempotencyConflict(found_id)
         job = self.get(found_id)
@@ -241,11 +253,17 @@ class JobStore:
             self._r.hdel(keys.JOBS_BY_TASK, task_id)
         return job if job is not None and job.kling_task_id == task_id else None
 
-    def find_by_idempotency_key(self, idempotency_key: str) -> Job | None:
-        """The job an `Idempotency-Key` created (one HGET of its record, one read of the job), or None."""
+    @staticmethod
+    def _idempotency_key(idempotency_key: str, app: str | None) -> str:
+        """The record of an app's key: sha256 of `<app>\n<key>` (of the key alone for jobs without an app)."""
+        scoped = f"{app}\n{idempotency_key}" if app else idempotency_key
+        return keys.idempotency(hashlib.sha256(scoped.encode()).hexdigest())
+
+    def find_by_idempotency_key(self, idempotency_key: str, app: str | None = None) -> Job | None:
+        """The job an `Idempotency-Key` of `app` (None: of no app) created (one HGET, one read), or None."""
         if not isinstance(idempotency_key, str) or not idempotency_key:
             return None
-        name = keys.idempotency(hashlib.sha256(idempotency_key.encode()).hexdigest())
+        name = self._idempotency_key(idempotency_key, app)
         job_id = cast(str | None, self._r.hget(name, "job_id"))
         return self.get(job_id) if job_id else None
 
@@ -477,19 +495,22 @@ class JobStore:
             items += [(m, s) for m, s in chunk if not (s == score and m >= last)]
         return items[: limit + 1]
 
-    def list(self, *, state: JobState | None = None, limit: int = 50,
-             cursor: str | None = None) -> tuple[list[Job], str | None]:
+    def list(self, *, state: JobState | None = None, limit: int = 50, cursor: str | None = None,
+             app: str | None = None) -> tuple[list[Job], str | None]:
         """Jobs newest first (by created_at), all or those in one state; returns `(jobs, next_cursor)`.
 
         Reads only the sorted-set index and the listed jobs (never a scan). `next_cursor` is an opaque string
         for the next page, None after the last. A job that changed state between the index read and its own
         read is left out of a by-state page; an expired job is left out and its index entry dropped.
         `limit` 1..200; a malformed cursor raises InvalidCursor (a ValueError).
+
+        With `app`, only that app's jobs (its own index); with `app` and `state`, the app's page is filtered by
+        state, so a page may hold fewer than `limit` jobs (follow `next_cursor` until it is None).
         """
         if not 1 <= limit <= MAX_LIST_LIMIT:
             raise ValueError(f"limit must be between 1 and {MAX_LIST_LIMIT}")
         state = JobState(state) if state is not None else None
-        key = self._index_key(state)
+        key = self._index_key(state) if app is None else keys.app_jobs(app)
         entries = self._page(key, limit, cursor)
         page = entries[:limit]
         pipe = self._r.pipeline(transaction=False)
@@ -502,12 +523,19 @@ class JobStore:
                 gone.append(job_id)
                 continue
             job = Job.from_hash(h)
-            if state is None or job.state == state:
+            if (state is None or job.state == state) and (app is None or job.app == app):
                 jobs.append(job)
         if gone:
             self._r.zrem(key, *gone)
         next_cursor = self._encode_cursor(page[-1][1], page[-1][0]) if len(entries) > limit else None
         return jobs, next_cursor
+
+    def active_count(self, app: str | None) -> int:
+        """Jobs of `app` (None: without an app) queued or in progress (one ZCARD per non-terminal state)."""
+        pipe = self._r.pipeline(transaction=False)
+        for state in keys.ACTIVE_STATES:
+            pipe.zcard(keys.app_jobs_in_state(app or keys.NO_APP_GROUP, state))
+        return sum(int(n) for n in pipe.execute())
 
     def counts(self) -> dict[str, int]:
         """Number of jobs in each state (one ZCARD per state index)."""

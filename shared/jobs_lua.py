@@ -17,13 +17,30 @@ names are plain lowercase words, so no escaping is needed. Numbers never pass th
 The request body (images included, up to tens of MB) is kept apart from the hash, in `<job key>:request`, so that
 the HGETALL every step answers with stays small; only the submit reads it (`JobStore.request`).
 
+Every script that moves a job between states also moves it between its app's per-state indexes of the
+non-terminal states (`keys.app_jobs_in_state`; the group is the job's `app` field, `_` without one), so an app's
+active and in-flight counts are a few ZCARDs.
+
 Replies: a table whose first item is a status word (`missing`, `noop`, `applied`, ...); state-changing scripts add
 the state before the step and the job's hash (HGETALL) after it.
 """
 
 from __future__ import annotations
 
-_PRELUDE = """
+from kling_relay.shared import keys
+
+# Per-app state indexes (non-terminal states only), named from the job's `app` field inside the scripts.
+_APPS = f"""
+local APP_PREFIX = '{keys.APP_PREFIX}'
+local ACTIVE = {{queued=true, submitted=true, processing=true, generated=true}}
+local function app_base(job_key)
+  local app = redis.call('HGET', job_key, 'app')
+  if not app or app == '' then app = '{keys.NO_APP_GROUP}' end
+  return APP_PREFIX .. app .. ':state:'
+end
+"""
+
+_PRELUDE = _APPS + """
 local RANK = {queued=0, submitted=1, processing=2, generated=3, stored=4}
 local TERMINAL = {stored=true, failed=true, canceled=true}
 local IDX = {queued=4, submitted=5, processing=6, generated=7, stored=8, failed=9, canceled=10}
@@ -36,6 +53,9 @@ end
 local function move_index(cur, to, id, score)
   redis.call('ZREM', KEYS[IDX[cur]], id)
   redis.call('ZADD', KEYS[IDX[to]], score, id)
+  local base = app_base(KEYS[1])
+  if ACTIVE[cur] then redis.call('ZREM', base .. cur, id) end
+  if ACTIVE[to] then redis.call('ZADD', base .. to, score, id) end
 end
 
 -- A due time never lies past the job's deadline, so the reconciler always gets to end a job that overran it.
@@ -54,21 +74,30 @@ local function update_due(to, mode, due_at, id)
 end
 """
 
-# KEYS: job, events, all-index, queued-index, due[, idem]
+# KEYS: job, events, all-index, queued-index, due, the app's listing index ('' = no app), the apps set[, idem]
 # ARGV: 1 id, 2 body hash, 3 idem ttl (0 = none), 4 created_at, 5 due_at ('' = none), 6 event json,
-#       7 job key prefix, 8 max events, 9.. field/value pairs
-CREATE = """
-if #KEYS >= 6 then
-  local cur = redis.call('HMGET', KEYS[6], 'job_id', 'body')
+#       7 job key prefix, 8 max events, 9 app group, 10 the app's active cap (0 = none), 11.. field/value pairs
+# Replies {'created'|'existing'|'conflict', id} or {'busy', active count} (the app's cap is reached).
+CREATE = _APPS + """
+if #KEYS >= 8 then
+  local cur = redis.call('HMGET', KEYS[8], 'job_id', 'body')
   if cur[1] and redis.call('EXISTS', ARGV[7] .. cur[1]) == 1 then
     if cur[2] == ARGV[2] then return {'existing', cur[1]} end
     return {'conflict', cur[1]}
   end
-  redis.call('DEL', KEYS[6])
-  redis.call('HSET', KEYS[6], 'job_id', ARGV[1], 'body', ARGV[2])
-  if tonumber(ARGV[3]) > 0 then redis.call('EXPIRE', KEYS[6], ARGV[3]) end
 end
-for i = 9, #ARGV, 2 do
+local base = APP_PREFIX .. ARGV[9] .. ':state:'
+if tonumber(ARGV[10]) > 0 then
+  local active = 0
+  for state in pairs(ACTIVE) do active = active + redis.call('ZCARD', base .. state) end
+  if active >= tonumber(ARGV[10]) then return {'busy', tostring(active)} end
+end
+if #KEYS >= 8 then
+  redis.call('DEL', KEYS[8])
+  redis.call('HSET', KEYS[8], 'job_id', ARGV[1], 'body', ARGV[2])
+  if tonumber(ARGV[3]) > 0 then redis.call('EXPIRE', KEYS[8], ARGV[3]) end
+end
+for i = 11, #ARGV, 2 do
   if ARGV[i] == 'request' then
     redis.call('SET', KEYS[1] .. ':request', ARGV[i + 1])
   else
@@ -79,6 +108,9 @@ redis.call('RPUSH', KEYS[2], ARGV[6])
 redis.call('LTRIM', KEYS[2], -tonumber(ARGV[8]), -1)
 redis.call('ZADD', KEYS[3], ARGV[4], ARGV[1])
 redis.call('ZADD', KEYS[4], ARGV[4], ARGV[1])
+if KEYS[6] ~= '' then redis.call('ZADD', KEYS[6], ARGV[4], ARGV[1]) end
+redis.call('ZADD', base .. 'queued', ARGV[4], ARGV[1])
+redis.call('SADD', KEYS[7], ARGV[9])
 if ARGV[5] ~= '' then redis.call('ZADD', KEYS[5], ARGV[5], ARGV[1]) end
 return {'created', ARGV[1]}
 """

@@ -164,6 +164,7 @@ class Job:
     units: float | None = None  # Kling's final_unit_deduction for the job's task, once known
     balance_deduction: float | None = None  # Kling's final_balance_deduction, when a callback carried it
     notify_events: tuple[str, ...] = field(default=DEFAULT_NOTIFY_EVENTS, repr=False)
+    app: str | None = None  # the app (API token name) that created the job; None: the in-process client's, or older
 
     @property
     def terminal(self) -> bool:
@@ -192,6 +193,7 @@ class Job:
             "units": _number(self.units),
             "balance_deduction": _number(self.balance_deduction),
             "notify_events": list(self.notify_events),
+            "app": self.app,
         }
         if events is not None:
             out["events"] = [e.as_dict() for e in events]
@@ -216,6 +218,7 @@ class Job:
             units=_opt_float(h.get("units")),
             balance_deduction=_opt_float(h.get("balance_deduction")),
             notify_events=tuple(_json_or(h.get("notify_events"), DEFAULT_NOTIFY_EVENTS)),
+            app=_opt(h.get("app")),
         )
 
 
@@ -264,6 +267,14 @@ class IdempotencyConflict(Exception):
     def __init__(self, job_id: str) -> None:
         self.job_id = job_id
         super().__init__(f"idempotency key already used for job {job_id} with a different body")
+
+
+class AppBusy(Exception):
+    """The app already has `active` jobs queued or in progress, its cap (APP_MAX_ACTIVE_JOBS): nothing stored."""
+
+    def __init__(self, app: str, active: int, cap: int) -> None:
+        self.app, self.active, self.cap = app, active, cap
+        super().__init__(f"app {app} has {active} jobs queued or in progress (its cap: {cap})")
 
 
 class JobNotFound(KeyError):

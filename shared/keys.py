@@ -4,12 +4,19 @@ All keys start with `kr:`; one Redis (database) serves one relay.
 - `kr:job:<id>` hash: the job (`jobs_model` has the field encoding); `kr:job:<id>:request` string: its Kling
   request as JSON; `kr:job:<id>:events` list: its timeline
 - `kr:jobs:all`, `kr:jobs:state:<state>` sorted sets (score = created_at): listing newest first, counts
+- `kr:jobs:app:<app>` sorted set (score = created_at): one app's jobs, for its listing (entries of expired jobs
+  dropped lazily); `kr:jobs:app:<group>:state:<state>` sorted sets for the non-terminal states (queued,
+  submitted, processing, generated) of the app's jobs (`<group>` is the app, or `_` for jobs without one):
+  its active count (APP_MAX_ACTIVE_JOBS) and its share of the in-flight cap; `kr:apps` set: the groups seen
+  (pruned by the in-flight reservation once a group has no active job). The job scripts build these names
+  from `APP_PREFIX` and the job's `app` field.
 - `kr:jobs:due` sorted set (score = when the reconciler should look next)
 - `kr:jobs:by_task` hash: Kling task id → job id (written with the task id; a lookup, never a scan)
 - `kr:idem:<sha256(idempotency key)>` hash: `job_id` and `body` (sha256 of the canonical body)
 - `kr:outbox` sorted set of `<id>|<state>|<at>` (score = at): steps still to be announced (`shared/notify.py`)
 - `kr:flow:rate` (GCRA theoretical arrival time), `kr:flow:in_flight` (sorted set of submit reservations),
-  `kr:flow:pause` (hash), `kr:flow:probe` (a recent probe's mark)
+  `kr:flow:in_flight:app:<group>` (the same reservations, per app group), `kr:flow:pause` (hash),
+  `kr:flow:probe` (a recent probe's mark)
 - `kr:usage:units:day:<yyyy-mm-dd>`, `kr:usage:units:month:<yyyy-mm>` (units Kling deducted, UTC, as floats),
   `kr:usage:estimates` (hash: `<model>|<mode>|<duration>` → the last deduction seen), `kr:usage:pending` (hash:
   job id → its `<model>|<mode>|<duration>`, from its submit until its deduction is recorded), `kr:usage:override`
@@ -40,6 +47,12 @@ JOBS_BY_TASK = f"{PREFIX}jobs:by_task"
 RECONCILE_LAST = f"{PREFIX}reconcile:last"
 OUTBOX = f"{PREFIX}outbox"
 JOB_KEY_PREFIX = f"{PREFIX}job:"  # the Lua create script builds `<this><id>` itself
+APP_PREFIX = f"{PREFIX}jobs:app:"  # the Lua job scripts build `<this><group>:state:<state>` themselves
+APPS = f"{PREFIX}apps"
+#: The group of jobs without an app (not a valid token name, so no app can be called that).
+NO_APP_GROUP = "_"
+#: The states an app's active count (and its per-state indexes) covers.
+ACTIVE_STATES = ("queued", "submitted", "processing", "generated")
 
 FLOW_RATE = f"{PREFIX}flow:rate"
 FLOW_IN_FLIGHT = f"{PREFIX}flow:in_flight"
@@ -77,6 +90,21 @@ def job_heard(job_id: str) -> str:
 
 def jobs_in_state(state: str) -> str:
     return f"{PREFIX}jobs:state:{state}"
+
+
+def app_jobs(app: str) -> str:
+    """One app's jobs, by created_at."""
+    return f"{APP_PREFIX}{app}"
+
+
+def app_jobs_in_state(group: str, state: str) -> str:
+    """One app group's jobs in a non-terminal state (`ACTIVE_STATES`)."""
+    return f"{APP_PREFIX}{group}:state:{state}"
+
+
+def app_in_flight(group: str) -> str:
+    """One app group's in-flight reservations (a subset of FLOW_IN_FLIGHT's)."""
+    return f"{PREFIX}flow:in_flight:app:{group}"
 
 
 def idempotency(key_hash: str) -> str:

@@ -1,7 +1,7 @@
 """Telling the world about a job: the consumers' Redis stream and Standard Webhooks POSTs to `notify_url`.
 
 The stream (`EVENTS_STREAM`, trimmed to about `EVENTS_STREAM_MAXLEN` entries, approximately) gets one entry per
-terminal transition (`stored`, `failed`, `canceled`), with the fields `job_id`, `state`, `at` (when the job
+terminal transition (`stored`, `failed`, `canceled`), with the fields `job_id`, `state`, `app`, `at` (when the job
 entered the state, ISO-8601 UTC) and `payload` (JSON, `event_payload`). Delivery is at-least-once: the step
 itself records, in the same Redis script, that it is to be announced (the store's outbox); whoever applied it
 appends the entry and clears the record, and the reconciler announces whatever a crash or an outage left behind,
@@ -84,7 +84,8 @@ def publish(client: redis.Redis, stream: str, job_public: dict[str, Any], *, max
             at: str | None = None) -> str:
     """Append one terminal transition to the consumers' stream; returns the entry id.
 
-    Fields: `job_id`, `state`, `at` (ISO-8601 UTC) and `payload` (`event_payload`, JSON). `state` and `at` default
+    Fields: `job_id`, `state`, `app` (the app that created the job; empty without one, so a consumer can filter),
+    `at` (ISO-8601 UTC) and `payload` (`event_payload`, JSON; its `data.app` too). `state` and `at` default
     to the job's own (`job_public` as the step left it: its `updated_at` is the transition's time). The stream is
     trimmed to about `maxlen` entries (approximate trimming: Redis may keep somewhat more).
     """
@@ -92,6 +93,7 @@ def publish(client: redis.Redis, stream: str, job_public: dict[str, Any], *, max
     fields: dict[Any, Any] = {
         "job_id": job_public["id"],
         "state": state or job_public["state"],
+        "app": job_public.get("app") or "",
         "at": payload["timestamp"],
         "payload": json.dumps(payload, separators=(",", ":"), sort_keys=True),
     }

@@ -120,17 +120,26 @@ def submission_status(store: JobStore, *, now: float | None = None) -> dict[str,
             "units": usage.spent(store.redis, now=now), "awaiting_callback": heard.awaiting(store.redis, store.get)}
 
 
+def _require_seen(store: JobStore, job_id: str, app: str | None) -> Job:
+    """The job, if `app` (None: an operator, who sees every job) may see it; else JobNotFound, as for an unknown
+    id (another app's job is not even hinted at)."""
+    job = store.require(job_id)
+    if app is not None and job.app != app:
+        raise JobNotFound(job_id)
+    return job
+
+
 def retry_job(store: JobStore, enqueuer: Enqueuer, job_id: str, *, detail: dict[str, Any] | None = None,
-              due_in: float = DEFAULT_DUE_SECONDS) -> StepResult:
+              due_in: float = DEFAULT_DUE_SECONDS, app: str | None = None) -> StepResult:
     """Put a failed job back to work (see the module docstring for which failures qualify and how).
 
     Returns the result of the last step taken (`applied` True, `job` as it is now, `from_state` failed).
     `due_in` (seconds, normally RECONCILE_QUIET_SECONDS) puts the job in the due index, so the reconciler re-sends
     the work if the message queued here is lost. A broker that is down does not undo the retry: the job stays
-    due and the reconciler sends it.
+    due and the reconciler sends it. `app`: the caller's app; another app's job is `JobNotFound` (None: all).
     """
     check_action(job_id, detail)
-    job = store.require(job_id)
+    job = _require_seen(store, job_id, app)
     mode = retry_mode(job)
     who = {"action": "retry", "mode": mode, **(detail or {})}
     result = store.retry(job_id, source="api", due_in=due_in)
@@ -155,15 +164,16 @@ def retry_job(store: JobStore, enqueuer: Enqueuer, job_id: str, *, detail: dict[
 
 
 def cancel_job(store: JobStore, enqueuer: Enqueuer, job_id: str, *, stream: EventsStream,
-               detail: dict[str, Any] | None = None) -> StepResult:
+               detail: dict[str, Any] | None = None, app: str | None = None) -> StepResult:
     """Move a queued, submitted, processing or generated job to `canceled`; ActionRefused for a finished one.
+    `app`: the caller's app; another app's job is `JobNotFound` (None: an operator, any job).
 
     A Kling task the job already has is not stopped (Kling cannot cancel one); the event's detail says so. The
     cancellation is announced like any terminal step: an entry in the events `stream`, and a notification if the
     job's `notify_events` has `canceled` (the default).
     """
     check_action(job_id, detail)
-    job = store.require(job_id)
+    job = _require_seen(store, job_id, app)
     if job.state not in CANCELABLE:
         raise ActionRefused(job, f"the job is already {job.state.value}; only queued, submitted, processing or "
                                  f"generated jobs can be canceled")

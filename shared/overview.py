@@ -77,7 +77,8 @@ class JobPage:
 
 
 def find(rt: Runtime, query: str) -> JobPage:
-    """One job by its id, its Kling task id or the Idempotency-Key that created it (at most three lookups)."""
+    """One job by its id, its Kling task id or the Idempotency-Key that created it (one lookup per configured app
+    for the key, which is scoped per app)."""
     query = query.strip()
     if is_job_id(query):
         job = rt.store.get(query)
@@ -86,9 +87,12 @@ def find(rt: Runtime, query: str) -> JobPage:
     job = rt.store.find_by_task(query)
     if job is not None:
         return JobPage([job], None, "Kling task id")
-    job = rt.store.find_by_idempotency_key(query)
-    if job is not None:
-        return JobPage([job], None, "idempotency key")
+    # keys are per app: the key of a job of no app, then each configured app's (a few HGETs)
+    apps = [None, *(t.name for t in (*rt.settings.api_tokens, *(rt.settings.ops_tokens or ())))]
+    for app in apps:
+        job = rt.store.find_by_idempotency_key(query, app)
+        if job is not None:
+            return JobPage([job], None, "idempotency key")
     return JobPage([], None, None, "no job has this id, Kling task id or idempotency key")
 
 

@@ -41,3 +41,19 @@ def without_password(url: str) -> str:
         return url
     netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
     return parts._replace(netloc=netloc).geturl()
+
+
+class NamedToken(Secret):
+    """A bearer token with the name it is known by (an app's or an operator's): the name may be shown anywhere
+    (events, logs, metrics), the token never."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str, value: str) -> None:
+        super().__init__(value)
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"NamedToken({self.name!r}, '***')"
+
+    __str__ = __repr__

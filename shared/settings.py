@@ -19,7 +19,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from kling_relay.shared.secret import Secret, without_password
+from kling_relay.shared.secret import NamedToken, Secret, without_password
 from kling_relay.shared.settings_spec import CLIENT_SETTINGS, SETTINGS, Setting
 
 __all__ = ["ClientSettings", "Secret", "Settings", "SettingsError", "load_client_settings", "load_settings"]
@@ -70,7 +70,8 @@ class Settings:
     public_base_url: str
     callback_secret: Secret
     kling_webhook_secret: Secret | None
-    api_tokens: tuple[Secret, ...]
+    api_tokens: tuple[NamedToken, ...]
+    ops_tokens: tuple[NamedToken, ...] | None
     dashboard_tokens: tuple[Secret, ...] | None
     s3_bucket: str
     s3_prefix: str
@@ -94,6 +95,7 @@ class Settings:
     reconcile_batch_size: int
     kling_rate_limit_per_second: float
     kling_max_in_flight: int
+    app_max_active_jobs: int | None
     kling_pause_probe_seconds: float
     kling_query: str
     kling_lookup_max_pages: int
@@ -213,11 +215,22 @@ def load_client_settings(env: Mapping[str, str] | None = None) -> ClientSettings
     return ClientSettings(**values)
 
 
+def _check_token_names(values: dict[str, Any], problems: dict[str, str]) -> None:
+    """API_TOKENS and OPS_TOKENS name different callers: no name and no token in both."""
+    apps, ops = values.get("api_tokens") or (), values.get("ops_tokens") or ()
+    shared_names = sorted({t.name for t in apps} & {t.name for t in ops})
+    if shared_names:
+        problems["OPS_TOKENS"] = f"names must differ from API_TOKENS' names: {', '.join(shared_names)} in both"
+    elif set(apps) & set(ops):
+        problems["OPS_TOKENS"] = "a token is in both API_TOKENS and OPS_TOKENS"
+
+
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     """Build Settings from `env` (default: os.environ); raise SettingsError listing every problem."""
     r = _Reader(os.environ if env is None else env)
     values = r.read_all(SETTINGS)
     _check_kling_auth(values, r.problems)
+    _check_token_names(values, r.problems)
     if r.problems:
         raise SettingsError(r.problems)
     return Settings(**values)

@@ -19,7 +19,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from kling_relay.shared.http_client import secret_bytes
-from kling_relay.shared.secret import Secret, without_password
+from kling_relay.shared.secret import NamedToken, Secret, without_password
 from kling_relay.shared.urlguard import UrlAllowlist
 
 Parser = Callable[[str, str], Any]
@@ -119,6 +119,48 @@ def tokens(raw: str, env: str) -> tuple[Secret, ...]:
     if any(len(t.reveal()) < _MIN_SECRET_CHARS for t in found):
         raise ValueError(f"each token must be at least {_MIN_SECRET_CHARS} characters")
     return found
+
+
+TOKEN_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
+
+
+def _named_tokens(raw: str, bare_prefix: str) -> tuple[NamedToken, ...]:
+    """`name:token` entries, comma-separated; a bare `token` (no `:`) is named `<bare_prefix><position>`.
+
+    Names: lowercase letters, digits, `_`, `-`, starting with a letter or digit, at most 32 characters, each
+    once. A token containing `:` must be given with its name (the first `:` ends the name)."""
+    entries = [e.strip() for e in raw.split(",") if e.strip()]
+    if not entries:
+        raise ValueError("must list at least one token (comma-separated)")
+    found: list[NamedToken] = []
+    for position, entry in enumerate(entries, start=1):
+        name, sep, value = entry.partition(":")
+        if not sep:
+            name, value = f"{bare_prefix}{position}", entry
+        name, value = name.strip(), value.strip()
+        if not TOKEN_NAME.match(name):
+            raise ValueError(f"entry {position}: the name before ':' must be 1-32 of a-z, 0-9, '_', '-' "
+                             f"(starting with a letter or digit)")
+        if len(value) < _MIN_SECRET_CHARS:
+            raise ValueError(f"each token must be at least {_MIN_SECRET_CHARS} characters")
+        found.append(NamedToken(name, value))
+    names = [t.name for t in found]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"names must differ: {', '.join(twice)} given twice")
+    if len(set(found)) != len(found):
+        raise ValueError("a token is given twice")
+    return tuple(found)
+
+
+def app_tokens(raw: str, env: str) -> tuple[NamedToken, ...]:
+    """API_TOKENS: apps, `name:token` or a bare token (named app1, app2, ... by position)."""
+    return _named_tokens(raw, "app")
+
+
+def ops_tokens(raw: str, env: str) -> tuple[NamedToken, ...]:
+    """OPS_TOKENS: operators, `name:token` or a bare token (named ops1, ops2, ... by position)."""
+    return _named_tokens(raw, "ops")
 
 
 def whole_number(raw: str, env: str) -> int:
@@ -248,10 +290,13 @@ SETTINGS: tuple[Setting, ...] = (
             required=True),
     Setting("KLING_WEBHOOK_SECRET", None, signing_secret, "Kling's callback signing secret (whsec_...); "
             "when set, callbacks must be signed", secret=True),
-    Setting("API_TOKENS", None, tokens, "comma-separated Bearer tokens for /v1/*, each >= 16 chars", secret=True,
-            required=True),
+    Setting("API_TOKENS", None, app_tokens, "the apps' Bearer tokens for /v1/*: comma-separated `name:token` (or "
+            "a bare token, named app1, app2, ... by position), each >= 16 chars; an app sees only its own jobs",
+            secret=True, required=True),
+    Setting("OPS_TOKENS", None, ops_tokens, "the operators' Bearer tokens (same syntax; bare: ops1, ...): all jobs, "
+            "the ops routes, the dashboard; unset: every API token is also an operator", secret=True),
     Setting("DASHBOARD_TOKENS", None, tokens, "comma-separated tokens that sign in to /dashboard, each >= 16 "
-            "chars; unset: API_TOKENS", secret=True),
+            "chars; unset: OPS_TOKENS (or API_TOKENS when that is unset too)", secret=True),
     Setting("S3_BUCKET", None, text, "destination bucket", required=True),
     Setting("S3_PREFIX", "", text, "key prefix, e.g. videos/"),
     Setting("S3_ENDPOINT_URL", None, url, "another S3 endpoint (MinIO, moto); none: AWS"),
@@ -283,6 +328,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("RECONCILE_BATCH_SIZE", 500, whole_number, "most due jobs one reconciler pass handles"),
     Setting("KLING_RATE_LIMIT_PER_SECOND", 5.0, per_second, "requests per second to Kling from all workers"),
     Setting("KLING_MAX_IN_FLIGHT", 20, whole_number, "most jobs submitted or processing at Kling at once"),
+    Setting("APP_MAX_ACTIVE_JOBS", None, whole_number, "most jobs one app may have queued or in progress (not "
+            "yet stored, failed or canceled); more are refused with 429; unset: no cap"),
     Setting("KLING_PAUSE_PROBE_SECONDS", 60.0, seconds,
             "how often paused submission probes Kling, paused copying probes S3, a refused host is re-checked"),
     Setting("KLING_QUERY", "auto", query_mode, "read tasks back from Kling: on, off (callbacks only) or auto "

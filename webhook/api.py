@@ -2,7 +2,13 @@
 the ops actions `POST /v1/jobs/<id>/retry` and `POST /v1/jobs/<id>/cancel`, and the ops views `GET /v1/status`,
 `POST /v1/submission/resume` and `POST /v1/copy/resume`.
 
-Bearer tokens from API_TOKENS. Bad input never stores or queues anything: 400 (not JSON), 413 (too large),
+Bearer tokens: apps (API_TOKENS) and operators (OPS_TOKENS; while it is unset, every API token is also an
+operator), `shared/tokens.py: Caller`. An app sees and acts on its own jobs only: another app's job answers 404,
+as an unknown id would; its list is its own index. Operators see every job (and may list one app's with
+`?app=`); the ops-only routes (`/status`, `/submission/resume`, `/copy/resume`) answer 403 to an app. An app at
+its APP_MAX_ACTIVE_JOBS cap gets 429 with Retry-After at submit.
+
+Bad input never stores or queues anything: 400 (not JSON), 413 (too large),
 422 (every field problem at once), 409 (Idempotency-Key reused with another body; an ops action the job's state
 does not allow, with the reason). `webhook/openapi.py` describes all of it; keep the two in step.
 """
@@ -12,31 +18,58 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from flask import Blueprint, jsonify, request
+from flask import Blueprint, g, jsonify, request
 
 from kling_relay.shared import copy_flow, limits, usage
 from kling_relay.shared.inputs import safe_text
 from kling_relay.shared.intake import accept_job
-from kling_relay.shared.jobs import IdempotencyConflict, InvalidCursor, JobNotFound, JobState, StepResult
+from kling_relay.shared.jobs import (
+    AppBusy,
+    IdempotencyConflict,
+    InvalidCursor,
+    JobNotFound,
+    JobState,
+    StepResult,
+)
 from kling_relay.shared.notify import EventsStream
 from kling_relay.shared.ops import ActionRefused, action_problems, cancel_job, retry_job, submission_status
-from kling_relay.shared.tokens import bearer_ok
-from kling_relay.shared.tokens import bearer_token_number as token_number
+from kling_relay.shared.settings_spec import TOKEN_NAME
+from kling_relay.shared.tokens import Caller, identify
 from kling_relay.shared.validation import FieldProblem, ValidationFailed, problems_payload
 from kling_relay.webhook.common import error, parse_json, read_body, runtime, valid_job_id
 
 bp = Blueprint("api", __name__, url_prefix="/v1")
 MAX_LIST_LIMIT = limits.LIST_LIMIT_MAX
 MAX_ACTION_BODY_BYTES = limits.ACTION_BODY_MAX_BYTES
+#: Seconds a 429 (the app's active-jobs cap) asks the app to wait before it submits again.
+APP_BUSY_RETRY_AFTER_SECONDS = 30
+#: The routes only operators may call (endpoint names); an app token gets 403.
+OPS_ONLY = frozenset({"api.get_status", "api.resume_submission", "api.resume_copy"})
 
 
 @bp.before_request
 def require_token() -> Any:
-    if not bearer_ok(request.headers.get("Authorization"), runtime().settings.api_tokens):
+    settings = runtime().settings
+    caller = identify(request.headers.get("Authorization"), settings.api_tokens, settings.ops_tokens)
+    if caller is None:
         response, status = error(401, "missing or invalid bearer token")
         response.headers["WWW-Authenticate"] = 'Bearer realm="kling-relay"'
         return response, status
+    g.caller = caller
+    if request.endpoint in OPS_ONLY and not caller.ops:
+        return error(403, "this route is for operators (OPS_TOKENS); an app token cannot call it")
     return None
+
+
+def caller() -> Caller:
+    """Who the request comes from (set by `require_token`)."""
+    found: Caller = g.caller
+    return found
+
+
+def _sees(job_app: str | None) -> bool:
+    scope = caller().app_scope
+    return scope is None or job_app == scope
 
 
 def _unprocessable(problems: list[FieldProblem]) -> Any:
@@ -57,9 +90,16 @@ def create_job() -> Any:
         return error(400, f"body is not valid JSON: {exc}")
     try:
         accepted = accept_job(body, store=rt.store, enqueuer=rt.enqueuer, settings=rt.settings,
-                              idempotency_key=request.headers.get("Idempotency-Key"))
+                              idempotency_key=request.headers.get("Idempotency-Key"), app=caller().name,
+                              max_active=rt.settings.app_max_active_jobs)
     except ValidationFailed as exc:
         return _unprocessable(list(exc.problems))
+    except AppBusy as exc:
+        response, status = error(429, f"this app has {exc.active} jobs queued or in progress, its cap "
+                                      f"(APP_MAX_ACTIVE_JOBS); submit again once some have finished",
+                                 limit="APP_MAX_ACTIVE_JOBS", active=exc.active)
+        response.headers["Retry-After"] = str(APP_BUSY_RETRY_AFTER_SECONDS)
+        return response, status
     except IdempotencyConflict:
         return error(409, "Idempotency-Key was already used with a different request body")
     response = jsonify(accepted.job.public_dict(rt.store.events(accepted.job.id)))
@@ -73,7 +113,7 @@ def create_job() -> Any:
 def get_job(job_id: str) -> Any:
     rt = runtime()
     job = rt.store.get(job_id) if valid_job_id(job_id) else None
-    if job is None:
+    if job is None or not _sees(job.app):  # another app's job: as if there were none
         return error(404, "no such job")
     return jsonify(job.public_dict(rt.store.events(job_id)))
 
@@ -97,11 +137,20 @@ def list_jobs() -> Any:
             problems.append(FieldProblem("limit", f"must be a whole number from 1 to {MAX_LIST_LIMIT}"))
         else:
             limit = int(raw_limit)
+    app = caller().app_scope
+    raw_app = request.args.get("app")
+    if raw_app is not None:
+        if not TOKEN_NAME.match(raw_app):
+            problems.append(FieldProblem("app", "must be an app's name (a-z, 0-9, '_', '-')"))
+        elif app is not None and raw_app != app:
+            problems.append(FieldProblem("app", "an app token lists its own jobs only"))
+        else:
+            app = raw_app
     if problems:
         return _unprocessable(problems)
     cursor = request.args.get("cursor") or None
     try:
-        jobs, next_cursor = rt.store.list(state=state, limit=limit, cursor=cursor)
+        jobs, next_cursor = rt.store.list(state=state, limit=limit, cursor=cursor, app=app)
     except InvalidCursor:
         return _unprocessable([FieldProblem("cursor", "is not a cursor this API returned")])
     return jsonify(jobs=[j.public_dict() for j in jobs], next_cursor=next_cursor)
@@ -109,9 +158,7 @@ def list_jobs() -> Any:
 
 def _action_detail() -> tuple[dict[str, Any] | None, Any]:
     """The event detail of an ops action from its optional JSON body `{"reason": "..."}`, or an error reply."""
-    rt = runtime()
-    detail: dict[str, Any] = {"via": "http",
-                              "api_token": token_number(request.headers.get("Authorization"), rt.settings.api_tokens)}
+    detail: dict[str, Any] = {"via": f"http:{caller().name}"}
     raw = read_body(MAX_ACTION_BODY_BYTES)
     if raw is None:
         return None, error(413, f"body over {MAX_ACTION_BODY_BYTES} bytes")
@@ -159,7 +206,8 @@ def retry(job_id: str) -> Any:
     failure; 409 with the reason otherwise (e.g. kling_failed: Kling allows one task per job id)."""
     rt = runtime()
     return _act(job_id, lambda detail: retry_job(rt.store, rt.enqueuer, job_id, detail=detail,
-                                                 due_in=rt.settings.reconcile_quiet_seconds))
+                                                 due_in=rt.settings.reconcile_quiet_seconds,
+                                                 app=caller().app_scope))
 
 
 @bp.post("/jobs/<job_id>/cancel")
@@ -167,7 +215,7 @@ def cancel(job_id: str) -> Any:
     """Queued/submitted/processing/generated → canceled; 409 for a finished job."""
     rt = runtime()
     return _act(job_id, lambda detail: cancel_job(rt.store, rt.enqueuer, job_id, detail=detail,
-                                                  stream=EventsStream.of(rt.settings)))
+                                                  stream=EventsStream.of(rt.settings), app=caller().app_scope))
 
 
 @bp.get("/status")
@@ -182,8 +230,7 @@ def resume_submission() -> Any:
     """Clear a pause after an account or auth error was fixed (a budget pause: the daily unit budget is off until
     midnight UTC); queued jobs resume as the reconciler finds them."""
     rt = runtime()
-    who = token_number(request.headers.get("Authorization"), rt.settings.api_tokens)
-    cleared = usage.operator_resume(rt.redis, by=f"api_token:{who}", now=rt.clock())
+    cleared = usage.operator_resume(rt.redis, by=f"http:{caller().name}", now=rt.clock())
     return jsonify(resumed=cleared is not None, pause=cleared)
 
 
@@ -191,6 +238,5 @@ def resume_submission() -> Any:
 def resume_copy() -> Any:
     """Clear a copy pause after the storage setting was fixed; waiting jobs are copied as the reconciler finds them."""
     rt = runtime()
-    who = token_number(request.headers.get("Authorization"), rt.settings.api_tokens)
-    cleared = copy_flow.resume(rt.redis, by=f"api_token:{who}")
+    cleared = copy_flow.resume(rt.redis, by=f"http:{caller().name}")
     return jsonify(resumed=cleared is not None, pause=cleared)

@@ -39,6 +39,7 @@ def _error(description: str) -> dict[str, Any]:
 _UNAUTHORIZED = _json(_ref("Error"), "Missing or wrong bearer token.", headers={
     "WWW-Authenticate": {"schema": {"type": "string"}, "description": 'Bearer realm="kling-relay"'}})
 _INVALID = _json(_ref("ValidationError"), "Invalid input: every problem, each with its field.")
+_FORBIDDEN = _error("An app token on an operators' route (x-required-role: ops).")
 
 
 def _schemas(settings: Settings) -> dict[str, Any]:
@@ -47,7 +48,11 @@ def _schemas(settings: Settings) -> dict[str, Any]:
             "type": "object", "required": ["error"],
             "properties": {"error": {"type": "string", "description": "What went wrong, in a sentence."},
                            "state": {"type": "string", "enum": _STATES,
-                                     "description": "The job's state (409 of an ops action)."}},
+                                     "description": "The job's state (409 of an ops action)."},
+                           "limit": {"type": "string", "enum": ["APP_MAX_ACTIVE_JOBS"],
+                                     "description": "The limit a 429 at submit is about."},
+                           "active": {"type": "integer", "description": "The app's jobs queued or in progress "
+                                                                        "(a 429 at submit)."}},
         },
         "FieldProblem": {
             "type": "object", "required": ["field", "problem"], "additionalProperties": False,
@@ -105,6 +110,8 @@ def _schemas(settings: Settings) -> dict[str, Any]:
                 "balance_deduction": {"type": ["number", "null"], "minimum": 0,
                                       "description": "Kling's final_balance_deduction, when a callback carried it."},
                 "notify_events": {**_NOTIFY_EVENTS, "description": "The states notify_url is told about."},
+                "app": {**_NULLABLE_STRING, "description": "The app (its API token's name) that created the job; "
+                                                           "null for a job of no app (the in-process client)."},
                 "events": {"type": "array", "items": _ref("Event"),
                            "description": "The timeline, oldest first (not in listings)."},
             },
@@ -285,6 +292,11 @@ def _schemas(settings: Settings) -> dict[str, Any]:
     }
 
 
+#: Marks a route only operators may call (OPS_TOKENS; while unset, every API token is an operator).
+_OPS_ONLY = {"x-required-role": "ops"}
+_OPS_NOTE = "Operators only (x-required-role: ops): an app token gets 403. "
+
+
 def _job_id_param() -> dict[str, Any]:
     return {"name": "job_id", "in": "path", "required": True,
             "schema": {"type": "string", "pattern": limits.JOB_ID_PATTERN}}
@@ -299,7 +311,7 @@ def _action(summary: str, description: str, operation_id: str) -> dict[str, Any]
             "200": _json(_ref("JobWithEvents"), "Applied: the job as it is now."),
             "400": _error("A body that is not JSON."),
             "401": _UNAUTHORIZED,
-            "404": _error("No such job."),
+            "404": _error("No such job (or another app's: an app acts on its own jobs only)."),
             "409": _error("Not allowed in the job's state or history; `error` says why, `state` is the state."),
             "413": _error("Body over 16 KiB."),
             "422": _INVALID,
@@ -343,7 +355,10 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
             "title": "kling-relay",
             "version": limits.API_VERSION,
             "description": "Jobs in, videos in S3 out: submit multi-image2video jobs for Kling, read them, and retry "
-                           "or cancel them. `/v1` needs `Authorization: Bearer <one of API_TOKENS>`.",
+                           "or cancel them. `/v1` needs `Authorization: Bearer <token>`: an app's (API_TOKENS) "
+                           "sees and acts on its own jobs only (another app's job is 404); an operator's "
+                           "(OPS_TOKENS; while unset, every API token is one) on every job and the routes marked "
+                           "`x-required-role: ops`, which answer 403 to an app token.",
         },
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
@@ -367,9 +382,12 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
                             "Idempotent-Replayed": {"schema": {"type": "string", "enum": ["true"]}}}),
                         "400": _error("Not JSON, or not Content-Type: application/json."),
                         "401": _UNAUTHORIZED,
-                        "409": _error("Idempotency-Key already used with a different body."),
+                        "409": _error("Idempotency-Key already used with a different body (keys are per app)."),
                         "413": _error(f"Body over MAX_REQUEST_BYTES ({settings.max_request_bytes})."),
                         "422": _INVALID,
+                        "429": _json(_ref("Error"), "The app has APP_MAX_ACTIVE_JOBS jobs queued or in progress; "
+                                     "nothing stored.", headers={"Retry-After": {"schema": {"type": "integer"},
+                                                                                 "description": "Seconds to wait."}}),
                     },
                 },
                 "get": {
@@ -382,6 +400,9 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
                                     "default": limits.LIST_LIMIT_DEFAULT}},
                         {"name": "cursor", "in": "query", "required": False, "schema": {"type": "string"},
                          "description": "next_cursor of the previous page."},
+                        {"name": "app", "in": "query", "required": False, "schema": {"type": "string"},
+                         "description": "Only this app's jobs (operators). An app token always lists its own "
+                                        "jobs only; with `state` too, a page may hold fewer than `limit`."},
                     ],
                     "responses": {"200": _json(_ref("JobList"), "One page."), "401": _UNAUTHORIZED,
                                   "422": _INVALID},
@@ -392,7 +413,7 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
                     "summary": "One job with its timeline", "operationId": "getJob", "tags": ["jobs"],
                     "parameters": [_job_id_param()],
                     "responses": {"200": _json(_ref("JobWithEvents"), "The job."), "401": _UNAUTHORIZED,
-                                  "404": _error("No such job.")},
+                                  "404": _error("No such job (or another app's).")},
                 },
             },
             "/v1/jobs/{job_id}/retry": {"post": _action(
@@ -408,32 +429,37 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
                 "change nothing. A finished job: 409.", "cancelJob")},
             "/v1/status": {
                 "get": {
-                    "summary": "Submission status", "operationId": "status", "tags": ["ops"],
-                    "description": "Whether submission to Kling is open or paused after an account or auth error, "
+                    "summary": "Submission status", "operationId": "status", "tags": ["ops"], **_OPS_ONLY,
+                    "description": _OPS_NOTE + "Whether submission to Kling is open or paused after an account or "
+                                   "auth error, "
                                    "tasks in flight, whether copying to S3 is open or paused (storage unusable) "
                                    "and which jobs' copies wait on a setting, and jobs per state.",
-                    "responses": {"200": _json(_ref("Status"), "The status."), "401": _UNAUTHORIZED},
+                    "responses": {"200": _json(_ref("Status"), "The status."), "401": _UNAUTHORIZED,
+                                  "403": _FORBIDDEN},
                 },
             },
             "/v1/submission/resume": {
                 "post": {
                     "summary": "Resume submission", "operationId": "resumeSubmission", "tags": ["ops"],
-                    "description": "Clear a pause once the account or keys are fixed (the reconciler also probes "
+                    **_OPS_ONLY,
+                    "description": _OPS_NOTE + "Clear a pause once the account or keys are fixed (the reconciler "
+                                   "also probes "
                                    "Kling and clears it by itself). Queued jobs then resume.",
                     "responses": {"200": _json(_ref("Resumed"), "Cleared, or nothing was paused."),
-                                  "401": _UNAUTHORIZED},
+                                  "401": _UNAUTHORIZED, "403": _FORBIDDEN},
                 },
             },
             "/v1/copy/resume": {
                 "post": {
-                    "summary": "Resume copying", "operationId": "resumeCopy", "tags": ["ops"],
-                    "description": "Clear a copy pause once the bucket, credentials or policy are fixed (the "
+                    "summary": "Resume copying", "operationId": "resumeCopy", "tags": ["ops"], **_OPS_ONLY,
+                    "description": _OPS_NOTE + "Clear a copy pause once the bucket, credentials or policy are "
+                                   "fixed (the "
                                    "reconciler also probes storage and clears it by itself). Jobs waiting in "
                                    "generated are then copied. A job waiting on a refused video host "
                                    "(video_host_refused) needs VIDEO_URL_ALLOWLIST widened and the workers "
                                    "restarted instead.",
                     "responses": {"200": _json(_ref("CopyResumed"), "Cleared, or nothing was paused."),
-                                  "401": _UNAUTHORIZED},
+                                  "401": _UNAUTHORIZED, "403": _FORBIDDEN},
                 },
             },
             "/healthz": {

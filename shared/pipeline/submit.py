@@ -1,8 +1,9 @@
 """Submit: create the Kling task of a queued job, at most once.
 
 Guards, in order: the job must be `queued`; a per-job lock (another worker submitting the same job: `busy`, the
-reconciler comes back); the pause (`paused`: the job stays queued and due, no Kling call); the in-flight cap and
-the shared rate limit (RetryIn, no attempt used). Then, whenever a create may already have reached Kling (counted by
+reconciler comes back); the pause (`paused`: the job stays queued and due, no Kling call); the in-flight cap,
+shared fairly between apps (`flow.reserve_in_flight`), and the shared rate limit (RetryIn, no attempt used). Then,
+whenever a create may already have reached Kling (counted by
 `create_sent`, set before each create is sent and cleared on a definite refusal of a first create), a lookup by
 `external_task_id` before any new create; the daily unit budget (`shared/usage.py`: over it, submission pauses with
 reason `budget` and the job stays queued, no attempt used, nothing sent); and the create.
@@ -62,12 +63,13 @@ def _submit_locked(rt: Runtime, job: Job) -> Outcome:
         return Outcome.PAUSED
     cap = rt.settings.kling_max_in_flight
     reservation_ttl = 2 * (rt.settings.kling_connect_timeout_seconds + rt.settings.kling_timeout_seconds) + 10
-    if not flow.reserve_in_flight(rt.redis, job.id, cap, reservation_ttl):
-        throttle(rt, job.id, "submit", f"{cap} tasks in flight at Kling", note=False, cause="in_flight_cap")
+    if not flow.reserve_in_flight(rt.redis, job.id, cap, reservation_ttl, job.app):
+        throttle(rt, job.id, "submit", f"{cap} tasks in flight at Kling (or this app's fair share of them)",
+                 note=False, cause="in_flight_cap")
     try:
         return _submit_to_kling(rt, job, trial=gate == "trial")
     finally:
-        flow.release_in_flight(rt.redis, job.id)
+        flow.release_in_flight(rt.redis, job.id, job.app)
 
 
 def _submit_to_kling(rt: Runtime, job: Job, *, trial: bool) -> Outcome:

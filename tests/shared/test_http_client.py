@@ -24,9 +24,11 @@ from kling_relay.shared import notify
 from kling_relay.shared.http_client import (
     BadRequest,
     Conflict,
+    Forbidden,
     NotFound,
     RelayClient,
     RelayError,
+    TooManyActiveJobs,
     Unauthorized,
     Unavailable,
     ValidationFailed,
@@ -390,3 +392,25 @@ def test_notify_verify_accepts_a_plain_string_secret() -> None:
 def test_a_whsec_secret_that_is_not_base64_is_an_error() -> None:
     with pytest.raises(ValueError, match="base64"):
         verify("whsec_not*base64", _headers(SPEC_ID, SPEC_TS, SPEC_SIGNATURE), SPEC_BODY, now=SPEC_TS)
+
+
+# --- apps and operators (issue 13) ----------------------------------------------------------------------------------
+
+def test_an_apps_cap_is_a_typed_error_never_retried(server: tuple[str, Script]) -> None:
+    """A 429 at submit for APP_MAX_ACTIVE_JOBS: TooManyActiveJobs (an Unavailable) with retry_after, sent once even
+    with an idempotency key (waiting would not help); the job's `app` is read from the answer."""
+    url, script = server
+    script.answers = [Answer(429, {"error": "this app has 2 jobs ...", "limit": "APP_MAX_ACTIVE_JOBS", "active": 2},
+                             {"Retry-After": "30"})]
+    with pytest.raises(TooManyActiveJobs) as info:
+        client_for(url).submit(image_list=[{"image": "https://example.com/a.jpg"}], prompt="p", idempotency_key="k")
+    assert isinstance(info.value, Unavailable) and info.value.retry_after == 30 and len(script.seen) == 1
+    script.answers = [Answer(202, job_json(app="web"))]
+    assert client_for(url).submit(image_list=[{"image": "https://example.com/a.jpg"}], prompt="p").app == "web"
+
+
+def test_an_ops_route_with_an_app_token_is_forbidden(server: tuple[str, Script]) -> None:
+    url, script = server
+    script.answers = [Answer(403, {"error": "this route is for operators (OPS_TOKENS)"})]
+    with pytest.raises(Forbidden):
+        client_for(url).status()

@@ -614,7 +614,7 @@ def test_public_dict_shape_and_no_images(store: JobStore) -> None:
     public = job.public_dict(store.events(job.id))
 
     assert set(public) == {"id", "state", "kling_task_id", "created_at", "updated_at", "error", "videos",
-                           "events", "metadata", "notify_url", "notify_events", "units", "balance_deduction"}
+                           "events", "metadata", "notify_url", "notify_events", "units", "balance_deduction", "app"}
     assert public["units"] is None and public["balance_deduction"] is None  # Kling has not billed anything
     assert public["state"] == "failed" and public["error"]["code"] == 1301
     for stamp in (public["created_at"], public["updated_at"], public["events"][0]["at"]):

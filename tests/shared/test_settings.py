@@ -190,3 +190,28 @@ def test_kling_webhook_secret_is_optional_a_secret_and_checked(tmp_path: Path) -
     with pytest.raises(SettingsError) as info:
         load_settings({**GOOD, "KLING_WEBHOOK_SECRET": "whsec_not*base64"})
     assert "base64" in info.value.problems["KLING_WEBHOOK_SECRET"]
+
+
+def test_named_tokens_and_bare_tokens_named_by_position() -> None:
+    """Issue 13: API_TOKENS entries are `name:token` or a bare token (app<position>); OPS_TOKENS likewise (ops<n>);
+    names show, tokens never."""
+    s = load_settings({**GOOD, "API_TOKENS": "web:token-aaaaaaaaaaaaaaaa, token-bbbbbbbbbbbbbbbb",
+                       "OPS_TOKENS": "token-cccccccccccccccc"})
+    assert [(t.name, t.reveal()) for t in s.api_tokens] == [("web", "token-aaaaaaaaaaaaaaaa"),
+                                                            ("app2", "token-bbbbbbbbbbbbbbbb")]
+    assert s.ops_tokens is not None and [t.name for t in s.ops_tokens] == ["ops1"]
+    assert "token-aaaa" not in repr(s) and "web" in repr(s.api_tokens)
+    assert s.app_max_active_jobs is None and load_settings(GOOD).ops_tokens is None
+
+
+@pytest.mark.parametrize(("env", "variable", "problem"), [
+    ({"API_TOKENS": "Web:token-aaaaaaaaaaaaaaaa"}, "API_TOKENS", "the name before ':'"),
+    ({"API_TOKENS": "a:token-aaaaaaaaaaaaaaaa,a:token-bbbbbbbbbbbbbbbb"}, "API_TOKENS", "a given twice"),
+    ({"OPS_TOKENS": "app1:token-cccccccccccccccc"}, "OPS_TOKENS", "app1 in both"),
+    ({"OPS_TOKENS": "token-aaaaaaaaaaaaaaaa"}, "OPS_TOKENS", "in both"),
+])
+def test_bad_token_names_are_refused(env: dict[str, str], variable: str, problem: str) -> None:
+    with pytest.raises(SettingsError) as info:
+        load_settings({**GOOD, **env})
+    assert problem in info.value.problems[variable]
+    assert "token-" not in info.value.problems[variable]

@@ -63,7 +63,7 @@ def test_cancel_answers_the_canceled_job_and_records_who_and_why(client: FlaskCl
     assert body["id"] == job_id and body["state"] == "canceled"
     event = body["events"][-1]
     assert (event["from"], event["to"], event["source"]) == (state.value, "canceled", "api")
-    assert event["detail"]["via"] == "http" and event["detail"]["api_token"] == 2
+    assert event["detail"]["via"] == "http:app2"  # the token's name (issue 13), never the token
     assert event["detail"]["reason"] == "customer left"
     assert TOKENS[1] not in response.text
 

@@ -80,3 +80,15 @@ def test_a_valid_reason_with_a_newline_is_recorded(runtime: Runtime, store: JobS
     out = jobs_cli(runtime, "cancel", job.id, "--reason", "customer left\nsee ticket 42")
     assert out.returncode == 0, out.stderr
     assert store.events(job.id)[-1].detail["reason"] == "customer left\nsee ticket 42"
+
+
+def test_jobs_list_sees_every_app_and_filters_by_app(runtime: Runtime, store: JobStore) -> None:
+    """Issue 13: the CLI is the operator's tool: every app's jobs, `--app NAME` for one app's."""
+    import json
+
+    web, _ = store.create(dict(REQUEST), app="web")
+    batch, _ = store.create(dict(REQUEST), app="batch")
+    everyone = json.loads(jobs_cli(runtime, "list").stdout)
+    assert {j["id"]: j["app"] for j in everyone["jobs"]} == {web.id: "web", batch.id: "batch"}
+    only = json.loads(jobs_cli(runtime, "list", "--app", "batch").stdout)
+    assert [j["id"] for j in only["jobs"]] == [batch.id]

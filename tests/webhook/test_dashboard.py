@@ -237,3 +237,33 @@ def test_pages_read_a_bounded_number_of_keys_with_100k_jobs(client: FlaskClient,
         used = _commands(probe) - before
         assert used <= 300, (page, used)  # a page of 50 jobs is ~50 reads; a scan would be 100,000
     probe.close()
+
+
+def test_an_apps_idempotency_key_finds_its_job(client: FlaskClient, runtime: Runtime) -> None:
+    """Issue 13: keys are scoped per app; the search still finds an app's job by its key."""
+    job, _ = runtime.store.create(REQUEST, idempotency_key="order-77", app="app2")
+    sign_in(client)
+    html = client.get("/dashboard/jobs", query_string={"q": "order-77"}).text
+    assert f'data-job="{job.id}"' in html and "found by idempotency key" in html
+
+
+def test_app_tokens_cannot_sign_in_once_ops_tokens_are_set(redis_url: str) -> None:
+    """Issue 13: the dashboard is for operators: OPS_TOKENS (or DASHBOARD_TOKENS); app tokens only while no
+    operator token is set (then every API token is an operator)."""
+    from kling_relay.shared.queue import make_celery
+    from kling_relay.webhook.app import create_app
+    from tests.webhook.conftest import app_settings
+
+    ops = "oncall-ops-token-0123456789"
+    celery_app = make_celery(redis_url)
+    rt = Runtime.from_settings(app_settings(redis_url, OPS_TOKENS=f"oncall:{ops}"), celery_app)
+    try:
+        client = create_app(runtime=rt).test_client()
+        page = client.get("/dashboard/signin")
+        refused = client.post("/dashboard/signin", data={"token": TOKENS[0], "csrf_token": csrf_of(page.text)})
+        assert refused.status_code == 401
+        sign_in(client, ops)
+    finally:
+        rt.redis.close()
+        rt.http.close()
+        celery_app.close()

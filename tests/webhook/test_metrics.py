@@ -49,6 +49,15 @@ def test_metrics_tokens_replace_the_api_tokens(redis_url: str) -> None:
         assert client.get("/metrics", headers=auth(METRICS_TOKEN)).status_code == 200
 
 
+def test_with_ops_tokens_an_app_token_gets_403_and_an_operator_scrapes(redis_url: str) -> None:
+    """Issue 13: /metrics is an ops route once OPS_TOKENS is set (and METRICS_TOKENS is not)."""
+    ops = "ops-token-0123456789abcdef"
+    for client in _client(redis_url, OPS_TOKENS=f"oncall:{ops}"):
+        assert client.get("/metrics", headers=auth(TOKENS[0])).status_code == 403
+        assert client.get("/metrics", headers=auth("not-a-token-0123456789")).status_code == 401
+        assert client.get("/metrics", headers=auth(ops)).status_code == 200
+
+
 def test_metrics_public_needs_no_token(redis_url: str) -> None:
     for client in _client(redis_url, METRICS_PUBLIC="true"):
         assert client.get("/metrics").status_code == 200
