@@ -89,8 +89,12 @@ def idempotency_key_problem(key: str | None) -> FieldProblem | None:
 
 
 def accept_job(body: object, *, store: JobStore, enqueuer: Enqueuer, settings: Settings | ClientSettings,
-               idempotency_key: str | None = None) -> Accepted:
-    """Validate, store and queue one job; raises ValidationFailed (every problem) or IdempotencyConflict."""
+               idempotency_key: str | None = None, request_id: str | None = None) -> Accepted:
+    """Validate, store and queue one job; raises ValidationFailed (every problem) or IdempotencyConflict.
+
+    `request_id` (the HTTP request's `X-Request-ID`) is recorded in the job's first event and sent with its submit
+    message, so the worker's log lines for the submit carry it too.
+    """
     request_limits = Limits(prompt_max_chars=settings.prompt_max_chars, model_names=settings.kling_models)
     result = validate_multi_image2video(body, limits=request_limits, extra_fields=EXTRA_FIELDS)
     problems = list(result.problems) + _extra_problems(result.extras, settings)
@@ -107,10 +111,12 @@ def accept_job(body: object, *, store: JobStore, enqueuer: Enqueuer, settings: S
         idempotency_key=idempotency_key,
         deadline_seconds=settings.job_deadline_seconds,
         due_in=settings.reconcile_quiet_seconds,
+        request_id=request_id,
     )
     if created:
+        log.info("job accepted", extra={"job_id": job.id})
         try:
-            enqueuer.submit(job.id)
+            enqueuer.submit(job.id, request_id=request_id)
         except Exception:  # the broker is down: the job is stored and due, the reconciler re-sends it
             log.exception("could not queue job; the reconciler will retry", extra={"job_id": job.id})
     return Accepted(job=job, created=created)

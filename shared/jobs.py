@@ -167,7 +167,8 @@ class JobStore:
     def create(self, request: dict[str, Any], *, notify_url: str | None = None,
                metadata: dict[str, Any] | None = None, idempotency_key: str | None = None,
                deadline_seconds: float | None = None, due_in: float | None = None,
-               source: str = "api", notify_events: Collection[str] | None = None) -> tuple[Job, bool]:
+               source: str = "api", notify_events: Collection[str] | None = None,
+               request_id: str | None = None) -> tuple[Job, bool]:
         """Store a new job in state `queued`; returns `(job, created)`.
 
         `request` is the normalized Kling body without `callback_url`/`external_task_id` (the worker adds
@@ -177,6 +178,7 @@ class JobStore:
         due index that many seconds from now; `deadline_seconds` sets `deadline_at`. `notify_events`: the states
         `notify_url` is told about (None: the terminal ones; see `normalize_notify_events`, ValueError otherwise);
         it is part of the idempotent body only when it is not the default, so older keys still match.
+        `request_id` (the `X-Request-ID` of the request that made the job) goes into the first event's detail.
         """
         self._check_source(source)
         if not isinstance(request, dict):
@@ -201,7 +203,8 @@ class JobStore:
             "created_at": repr(now), "updated_at": repr(now), "error": "null", "videos": "[]",
             "deadline_at": repr(now + deadline_seconds) if deadline_seconds is not None else "",
         }
-        event = dumps({"at": now, "from": None, "to": JobState.QUEUED.value, "source": source, "detail": {}})
+        event = dumps({"at": now, "from": None, "to": JobState.QUEUED.value, "source": source,
+                       "detail": {"request_id": request_id} if request_id else {}})
         names = [self._job_key(job_id), self._events_key(job_id), self._index_key(None),
                 self._index_key(JobState.QUEUED), self._due_key]
         if idempotency_key is not None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from flask import Blueprint, jsonify, request
+from flask import Blueprint, g, jsonify, request
 
 from kling_relay.shared import copy_flow, limits, usage
 from kling_relay.shared.inputs import safe_text
@@ -57,7 +57,8 @@ def create_job() -> Any:
         return error(400, f"body is not valid JSON: {exc}")
     try:
         accepted = accept_job(body, store=rt.store, enqueuer=rt.enqueuer, settings=rt.settings,
-                              idempotency_key=request.headers.get("Idempotency-Key"))
+                              idempotency_key=request.headers.get("Idempotency-Key"),
+                              request_id=g.get("request_id"))
     except ValidationFailed as exc:
         return _unprocessable(list(exc.problems))
     except IdempotencyConflict:

@@ -34,7 +34,9 @@ from flask import Blueprint, jsonify, request
 from kling_relay.shared.http_client import verify
 from kling_relay.shared.jobs import Job, JobNotFound, JobState
 from kling_relay.shared.kling import KlingTask
+from kling_relay.shared.logs import add, bound
 from kling_relay.shared.pipeline import CREATE_SENT, apply_task_status
+from kling_relay.shared.runtime import Runtime
 from kling_relay.shared.tokens import callback_token_ok
 from kling_relay.webhook.common import error, parse_json, read_body, runtime, valid_job_id
 
@@ -50,6 +52,11 @@ def kling_callback(job_id: str) -> Any:
     if not valid_job_id(job_id) or not callback_token_ok(rt.settings.callback_secret, job_id,
                                                          request.args.get("token")):
         return error(403, "bad callback token")
+    with bound(job_id=job_id):  # every log line of a genuine callback names its job (and its task, once read)
+        return _callback(rt, job_id)
+
+
+def _callback(rt: Runtime, job_id: str) -> Any:
     limit = rt.settings.max_callback_bytes
     raw = read_body(limit)
     if raw is None:
@@ -76,6 +83,7 @@ def kling_callback(job_id: str) -> Any:
         return _before_task_recorded(job, task)
     if job.kling_task_id != task.task_id:
         return error(409, "task_id does not match this job's Kling task")
+    add(kling_task_id=job.kling_task_id)
     result = apply_task_status(rt, job_id, task, source="callback")
     return jsonify(ok=True, applied=result.applied, state=result.job.state.value)
 

@@ -7,21 +7,19 @@ replaced by a fresh random id. Every record the app logs while it handles the re
 
 from __future__ import annotations
 
-import re
 import uuid
 from typing import Any
 
 from flask import Flask, Response, g, request
 
-from kling_relay.shared.logs import bind, unbind
+from kling_relay.shared.logs import bind, is_request_id, unbind
 
 HEADER = "X-Request-ID"
-_SANE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
 def sane(value: str | None) -> str | None:
     """The value if it is a sane request id, else None."""
-    return value if value is not None and _SANE.fullmatch(value) else None
+    return value if value is not None and is_request_id(value) else None
 
 
 def new() -> str:

@@ -16,10 +16,12 @@ from kling_relay.shared.queue import (
     COPY_TIME_LIMIT_SECONDS,
     NOTIFY_TASK,
     RECONCILE_QUEUE,
+    REQUEST_ID_HEADER,
     RECONCILE_TASK,
     SUBMIT_TASK,
     make_celery,
 )
+from kling_relay.shared.logs import bound, is_request_id
 from kling_relay.shared.reconcile import reconcile
 from kling_relay.shared.runtime import Runtime, limited_kling_client
 from kling_relay.shared.settings import Settings, load_settings
@@ -39,6 +41,15 @@ SUBMIT_TIME_LIMIT_SECONDS = 600
 def consume_reconcile_queue(sender: str, instance: Any, **kwargs: Any) -> None:
     """Every worker also takes reconcile passes, whatever queues it was started with (`--queues submit,copy`)."""
     instance.app.amqp.queues.select_add(RECONCILE_QUEUE)
+
+
+def request_id_of(task: Task) -> str | None:
+    """The request id the task's message carries (`REQUEST_ID_HEADER`, set by Enqueuer.submit), if it is sane."""
+    headers = getattr(task.request, "headers", None) or {}
+    value = headers.get(REQUEST_ID_HEADER) if isinstance(headers, dict) else None
+    if value is None:
+        value = getattr(task.request, REQUEST_ID_HEADER, None)
+    return value if isinstance(value, str) and is_request_id(value) else None
 
 
 def worker_runtime(settings: Settings, app: Celery) -> Runtime:
@@ -69,14 +80,20 @@ def create_worker_app(settings: Settings | None = None) -> Celery:
         return runtime["rt"]
 
     def run(task: Task, step: Any, *args: str) -> str:
-        try:
-            outcome: str = step(rt(), *args)
-        except pipeline.RetryIn as retry:
-            log.info("retrying later", extra={"job_id": args[0], "countdown": retry.seconds, "reason": retry.reason})
-            # no limit: the task's own max_retries is None (see above); the job's attempt budgets decide
-            raise task.retry(countdown=retry.seconds) from None
-        log.info("task done", extra={"job_id": args[0], "task": task.name, "outcome": outcome})
-        return outcome
+        """Run one pipeline step with `job_id` (and the request id that queued a submit) bound to every log line
+        of the task; the pipeline adds `kling_task_id` once it is known (shared/pipeline/common.py)."""
+        request_id = request_id_of(task)
+        with bound(job_id=args[0], request_id=request_id):
+            try:
+                outcome: str = step(rt(), *args)
+            except pipeline.RetryIn as retry:
+                log.info("retrying later", extra={"countdown": retry.seconds, "reason": retry.reason})
+                # no limit: the task's own max_retries is None (see above); the job's attempt budgets decide; the
+                # request id rides along in the retried message
+                headers = {REQUEST_ID_HEADER: request_id} if request_id else None
+                raise task.retry(countdown=retry.seconds, headers=headers) from None
+            log.info("task done", extra={"task": task.name, "outcome": outcome})
+            return outcome
 
     # A submit that hangs (a resolver without timeout, a trickling answer) is cut off: its lock lapses and the
     # job, still queued and due, is sent again by the reconciler, which looks the task up first.
