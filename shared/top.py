@@ -188,7 +188,8 @@ def _outcome(job: Job) -> str:
         where = ", ".join(f"s3://{v.get('bucket')}/{v.get('key')}" for v in job.videos)
         return f"{job.id} stored: {where}"
     error = job.error or {}
-    return f"{job.id} {job.state.value}: {error.get('reason') or ''} {error.get('message') or ''}".rstrip()
+    why = " ".join(str(error[k]) for k in ("reason", "message") if error.get(k))
+    return f"{job.id} {job.state.value}: {why}" if why else f"{job.id} {job.state.value}"
 
 
 def connect(redis_url: str) -> redis.Redis:
