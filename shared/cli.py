@@ -135,7 +135,7 @@ def _jobs(argv: Sequence[str]) -> int:
     from redis.exceptions import RedisError
 
     from kling_relay.shared.inputs import safe_text
-    from kling_relay.shared.jobs import InvalidCursor, JobNotFound
+    from kling_relay.shared.jobs import JobNotFound
     from kling_relay.shared.ops import ActionRefused
     from kling_relay.shared.validation import ValidationFailed
 
@@ -150,13 +150,7 @@ def _jobs(argv: Sequence[str]) -> int:
         if args.action == "watch":
             return _watch(relay, args.job_id, args.timeout)
         if args.action == "list":
-            try:
-                jobs, cursor = relay.list(state=args.state, limit=args.limit, cursor=args.cursor)
-            except InvalidCursor as exc:
-                print(f"--cursor: {exc}", file=sys.stderr)
-                return 2
-            _print_json({"jobs": [j.public_dict() for j in jobs], "next_cursor": cursor})
-            return 0
+            return _list(relay, args)
         if args.action == "get":
             job = relay.get(args.job_id)
             if job is None:
@@ -181,6 +175,18 @@ def _jobs(argv: Sequence[str]) -> int:
         return 1
     finally:
         relay.close()
+
+
+def _list(relay: Relay, args: argparse.Namespace) -> int:
+    from kling_relay.shared.jobs import InvalidCursor
+
+    try:
+        jobs, cursor = relay.list(state=args.state, limit=args.limit, cursor=args.cursor)
+    except InvalidCursor as exc:
+        print(f"--cursor: {exc}", file=sys.stderr)
+        return 2
+    _print_json({"jobs": [j.public_dict() for j in jobs], "next_cursor": cursor})
+    return 0
 
 
 def _watch(relay: Relay, job_id: str, timeout: float | None) -> int:

@@ -11,17 +11,17 @@ from celery.exceptions import SoftTimeLimitExceeded
 from celery.signals import celeryd_after_setup
 
 from kling_relay.shared import pipeline
+from kling_relay.shared.logs import bound, is_request_id
 from kling_relay.shared.queue import (
     COPY_TASK,
     COPY_TIME_LIMIT_SECONDS,
     NOTIFY_TASK,
     RECONCILE_QUEUE,
-    REQUEST_ID_HEADER,
     RECONCILE_TASK,
+    REQUEST_ID_HEADER,
     SUBMIT_TASK,
     make_celery,
 )
-from kling_relay.shared.logs import bound, is_request_id
 from kling_relay.shared.reconcile import reconcile
 from kling_relay.shared.runtime import Runtime, limited_kling_client
 from kling_relay.shared.settings import Settings, load_settings

@@ -76,7 +76,7 @@ def test_flower_shows_the_workers_and_every_task_with_its_job_id_and_state(flowe
         return found if wanted <= set(found) else None
 
     tasks = wait_for(tasks_done, timeout=60, what="the jobs' submit and copy tasks succeeded in Flower", stack=stack)
-    for (name, job_id), task in tasks.items():
+    for (_, job_id), task in tasks.items():
         assert ast.literal_eval(task["args"]) == [job_id], task  # the job id and nothing else
         assert task["worker"].startswith("worker1@"), task
     everything = str(flower_get(stack, "/api/tasks"))
