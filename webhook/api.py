@@ -23,6 +23,7 @@ from kling_relay.shared.ops import ActionRefused, action_problems, cancel_job, r
 from kling_relay.shared.tokens import bearer_ok
 from kling_relay.shared.tokens import bearer_token_number as token_number
 from kling_relay.shared.validation import FieldProblem, ValidationFailed, problems_payload
+from kling_relay.webhook import request_ids
 from kling_relay.webhook.common import error, parse_json, read_body, runtime, valid_job_id
 
 bp = Blueprint("api", __name__, url_prefix="/v1")
@@ -63,6 +64,7 @@ def create_job() -> Any:
         return _unprocessable(list(exc.problems))
     except IdempotencyConflict:
         return error(409, "Idempotency-Key was already used with a different request body")
+    request_ids.note_job(accepted.job.id)
     response = jsonify(accepted.job.public_dict(rt.store.events(accepted.job.id)))
     response.headers["Location"] = f"/v1/jobs/{accepted.job.id}"
     if not accepted.created:

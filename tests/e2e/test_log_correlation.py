@@ -51,9 +51,12 @@ def test_one_job_is_followed_across_processes_by_its_ids(stack: LocalStack) -> N
 
     # web: the access line of the POST carries the request id; the app's line about the job both ids
     access = [r for r in records(stack, "web") if r.get("msg") == "request" and r.get("request_id") == request_id]
-    assert [(r["method"], r["path"], r["status"]) for r in access] == [("POST", "/v1/jobs", 202)], access
-    web = grep(stack, "web", job_id)
-    assert any(r.get("job_id") == job_id and r.get("request_id") == request_id for r in web), web
+    assert [(r["method"], r["path"], r["status"], r.get("job_id")) for r in access] == [
+        ("POST", "/v1/jobs", 202, job_id)], access
+    web = grep(stack, "web", job_id)  # the POST's lines, the GETs that polled the job, Kling's callbacks
+    assert all(r.get("job_id") == job_id for r in web), [r for r in web if r.get("job_id") != job_id]
+    assert any(r.get("msg") == "job accepted" and r.get("request_id") == request_id for r in web), web
+    assert any(r.get("path", "").startswith(f"/callbacks/kling/{job_id}") for r in web), web
 
     # worker: every line that names the job carries it as job_id; the submit's lines carry the request id,
     # the lines written once the Kling task is known carry its id
