@@ -4,8 +4,8 @@
 why), copying open or paused (and why), jobs per state, tasks in flight at Kling against the cap
 (KLING_MAX_IN_FLIGHT), the depth of each Celery queue (the length of its Redis list: messages waiting for a
 worker, not those a worker holds or those retried with a countdown), and the Kling units spent today against the
-daily budget. `render()` draws it with `rich`; `top()` redraws it every second until Ctrl-C, `once=True` prints one
-frame (plain text when the output is not a terminal).
+daily budget. `render()` draws it with `rich`; `top()` redraws it every second until Ctrl-C (through a Redis restart,
+saying so meanwhile), `once=True` prints one frame (plain text when the output is not a terminal).
 
 `watch()` follows one job until it is stored, failed or canceled: one line per new event of its timeline (state
 changes, retries, waits), then the outcome. Both need only REDIS_URL (and read KLING_MAX_IN_FLIGHT and
@@ -113,7 +113,8 @@ def render(view: Mapping[str, Any]) -> Group:
 
 
 def top(store: JobStore, *, once: bool = False, console: Console | None = None,
-        refresh: float = REFRESH_SECONDS, env: Mapping[str, str] | None = None) -> None:
+        refresh: float = REFRESH_SECONDS, env: Mapping[str, str] | None = None,
+        sleep: Callable[[float], None] = time.sleep) -> None:
     """Draw the overview every `refresh` seconds until interrupted; `once`: print one frame and return."""
     console = console or Console()
     cap = env_setting("KLING_MAX_IN_FLIGHT", env)
@@ -122,13 +123,19 @@ def top(store: JobStore, *, once: bool = False, console: Console | None = None,
     def frame() -> Group:
         return render(overview(store, cap=cap, budget=budget))
 
+    def live_frame() -> Group | Text:
+        try:
+            return frame()
+        except redis.RedisError as exc:  # a Redis restart: say so, and show the relay again once it is back
+            return Text(f"{_when(time.time())}  Redis did not answer: {type(exc).__name__}", style="bold red")
+
     if once:
         console.print(frame())
         return
-    with Live(frame(), console=console, auto_refresh=False, screen=False) as live:
+    with Live(live_frame(), console=console, auto_refresh=False, screen=False) as live:
         while True:
-            time.sleep(refresh)
-            live.update(frame(), refresh=True)
+            sleep(refresh)
+            live.update(live_frame(), refresh=True)
 
 
 def progress_line(job: Job, event: Event | None) -> str:

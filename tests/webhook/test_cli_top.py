@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import re
 import subprocess
 import sys
 
 import redis
+from rich.console import Console
 
 from kling_relay.shared import flow
 from kling_relay.shared.jobs import JobState, JobStore
 from kling_relay.shared.queue import COPY_QUEUE, SUBMIT_QUEUE
 from kling_relay.shared.runtime import Runtime
-from kling_relay.shared.top import overview, render, watch
+from kling_relay.shared.top import overview, render, top, watch
 from tests.shared.test_ops import REQUEST, failed_job
+from tests.support.procs import free_port
 from tests.webhook.test_status import REPO_ROOT, _env
 
 
@@ -104,3 +107,23 @@ def test_watch_prints_each_event_once_when_the_timeline_is_capped(redis_client: 
     lines = out.getvalue().splitlines()
     assert [line.rsplit(" ", 1)[-1] for line in lines[1:6]] == [f"n={n}" for n in range(5)], lines
     assert "queued -> canceled" in lines[6] and lines[7] == f"{job.id} canceled" and len(lines) == 8, lines
+
+
+def test_top_keeps_running_through_a_redis_outage(redis_client: redis.Redis) -> None:
+    """The live view says Redis did not answer and shows the relay again once it is back (a Redis restart must
+    not end an operator's `top`)."""
+    store = JobStore(redis.Redis(port=free_port(), decode_responses=True, socket_connect_timeout=1))
+    sleeps = 0
+
+    def sleep(_: float) -> None:
+        nonlocal sleeps
+        sleeps += 1
+        if sleeps > 1:
+            raise KeyboardInterrupt
+        store._r = redis_client  # Redis is back
+
+    out = io.StringIO()
+    with contextlib.suppress(KeyboardInterrupt):
+        top(store, console=Console(file=out, width=120, force_terminal=True, color_system=None), sleep=sleep)
+    text = out.getvalue()
+    assert text.index("Redis did not answer: ConnectionError") < text.index("submission: open"), text
