@@ -34,7 +34,9 @@ def grep(stack: LocalStack, name: str, text: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in lines if text in line]
 
 
-def test_one_job_is_followed_across_processes_by_its_ids(stack: LocalStack) -> None:
+def test_one_job_is_followed_across_processes_by_its_ids(clean_sim: LocalStack) -> None:
+    stack = clean_sim
+    stack.sim_control(rate_limit_first_n=1)  # the first create is throttled: the submit is retried
     request_id = "req-log-correlation-0001"
     response = stack.api("POST", "/v1/jobs", json=job_body(7), headers={"X-Request-ID": request_id})
     assert response.status_code == 202, response.text
@@ -65,6 +67,9 @@ def test_one_job_is_followed_across_processes_by_its_ids(stack: LocalStack) -> N
     done = {r["task"]: r for r in worker if r.get("msg") == "task done"}
     assert set(done) >= {SUBMIT_TASK, COPY_TASK}, worker
     assert done[SUBMIT_TASK]["request_id"] == request_id
+    retried = [r for r in worker if r.get("msg") == "retrying later"]
+    assert retried and all(r.get("request_id") == request_id for r in retried), retried  # and after the retry:
+    assert done[SUBMIT_TASK]["outcome"] == "submitted"
     assert done[COPY_TASK]["kling_task_id"] == task_id
     received = [r for r in worker if r.get("logger") == "celery.worker.strategy"]
     assert {r["data"]["name"] for r in received} >= {SUBMIT_TASK, COPY_TASK}, received
