@@ -88,10 +88,9 @@ def create_worker_app(settings: Settings | None = None) -> Celery:
                 outcome: str = step(rt(), *args)
             except pipeline.RetryIn as retry:
                 log.info("retrying later", extra={"countdown": retry.seconds, "reason": retry.reason})
-                # no limit: the task's own max_retries is None (see above); the job's attempt budgets decide; the
-                # request id rides along in the retried message
-                headers = {REQUEST_ID_HEADER: request_id} if request_id else None
-                raise task.retry(countdown=retry.seconds, headers=headers) from None
+                # no limit: the task's own max_retries is None (see above); the job's attempt budgets decide. The
+                # retried message keeps the request's headers, the request id among them.
+                raise task.retry(countdown=retry.seconds) from None
             log.info("task done", extra={"task": task.name, "outcome": outcome})
             return outcome
 
