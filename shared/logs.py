@@ -9,11 +9,10 @@ still written, with the odd values as strings.
 `configure_logging()` sends the root logger to stderr through JsonFormatter and routes Python warnings there
 too. `bind(request_id=...)` adds fields to every record logged in the current context (thread, greenlet) until
 `unbind()`; `bound(job_id=...)` does the same for a `with` block, and `add(kling_task_id=...)` adds to the
-innermost such block. That is how the ids that tie one job together
-across processes get onto every line: the web process binds the request id (`X-Request-ID`) for a request and the
-job id once it has one, the worker binds `job_id` (plus the request id that queued a submit, and `kling_task_id`
-once known) for the whole of a task, the reconciler for each job it looks at. A field passed in `extra=` wins over
-a bound one of the same name.
+innermost such block. That is how the ids that tie one job together across processes get onto every line: the
+web process binds the request id (`X-Request-ID`) for a request and the job id once it has one, the worker binds
+`job_id` (plus the request id that queued a submit, and `kling_task_id` once known) for the whole of a task, the
+reconciler for each job it looks at. A field passed in `extra=` wins over a bound one of the same name.
 """
 
 from __future__ import annotations

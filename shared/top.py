@@ -1,11 +1,11 @@
 """`kling-relay top` and `kling-relay jobs watch <id>`: the relay's state in a terminal, read straight from Redis.
 
-`overview()` is one cheap read (one pipeline of counters: no scan of the jobs): submission open or paused (and
-why), copying open or paused (and why), jobs per state, tasks in flight at Kling against the cap
-(KLING_MAX_IN_FLIGHT), the depth of each Celery queue (the length of its Redis list: messages waiting for a
+`overview()` is a cheap read (a few round trips for counters, whatever the number of jobs: no scan): submission
+open or paused (and why), copying open or paused (and why), jobs per state, tasks in flight at Kling against the
+cap (KLING_MAX_IN_FLIGHT), the depth of each Celery queue (the length of its Redis list: messages waiting for a
 worker, not those a worker holds or those retried with a countdown), and the Kling units spent today against the
-daily budget. `render()` draws it with `rich`; `top()` redraws it every second until Ctrl-C (through a Redis restart,
-saying so meanwhile), `once=True` prints one frame (plain text when the output is not a terminal).
+daily budget. `render()` draws it with `rich`; `top()` redraws it every second until Ctrl-C (through a Redis
+restart, saying so meanwhile), `once=True` prints one frame (plain text when the output is not a terminal).
 
 `watch()` follows one job until it is stored, failed or canceled: one line per new event of its timeline (state
 changes, retries, waits), then the outcome. Both need only REDIS_URL (and read KLING_MAX_IN_FLIGHT and

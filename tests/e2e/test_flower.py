@@ -57,7 +57,12 @@ def test_flower_shows_the_workers_and_every_task_with_its_job_id_and_state(flowe
         return workers or None
 
     # the worker's heartbeats reach Flower: its event receiver is connected, so it sees the tasks sent from now on
-    workers = wait_for(worker_seen, timeout=60, what="a live worker in Flower", stack=stack)
+    try:
+        workers = wait_for(worker_seen, timeout=60, what="a live worker in Flower", stack=stack)
+    except BaseException:
+        print("DEBUG workers", flower_get(stack, "/workers?json=1"), flower_get(stack, "/api/tasks"))
+        print("DEBUG flowerlog", stack.processes["flower"].log_tail(100))
+        raise
     assert any(str(w["hostname"]).startswith("worker1@") for w in workers), workers
     assert requests.get(stack.flower_url + "/api/tasks", timeout=10).status_code == 401  # behind its basic auth
 
