@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import pytest
+import redis
 import requests
 
 from deploy.stack import DEMO_API_TOKEN, DEMO_CALLBACK_SECRET, DEMO_NOTIFY_SECRET, DEMO_SECRET_KEY, LocalStack
@@ -40,9 +41,51 @@ def flower_get(stack: LocalStack, path: str) -> Any:
     return response.json()
 
 
+def pubsub_state(stack: LocalStack) -> dict[str, Any]:
+    """What Redis says about event subscribers, and whether a heartbeat is published within 6 s."""
+    client = redis.Redis.from_url(stack.redis.url, socket_timeout=10)
+    try:
+        state: dict[str, Any] = {"numpat": client.pubsub_numpat(), "channels": client.pubsub_channels(),
+                                 "clients": [c.get("name") or c.get("cmd") for c in client.client_list()]}
+        sub = client.pubsub()
+        sub.psubscribe("*celeryev*")
+        deadline = time.monotonic() + 6
+        seen = []
+        while time.monotonic() < deadline:
+            message = sub.get_message(timeout=1)
+            if message and message["type"] == "pmessage":
+                seen.append(message["channel"])
+        state["published"] = seen
+        sub.close()
+        return state
+    finally:
+        client.close()
+
+
+def live_workers(stack: LocalStack) -> list[dict[str, Any]] | None:
+    workers = [w for w in flower_get(stack, "/workers?json=1")["data"] if w.get("status")]
+    return workers or None
+
+
 @pytest.fixture()
 def flower(stack: LocalStack) -> Iterator[LocalStack]:
-    stack.start_flower(basic_auth=":".join(AUTH))
+    """Flower started and receiving events: the worker's heartbeats (every 2 s) have reached it.
+
+    In 2 of about 10 runs here, Flower 2.2's event receiver (kombu 5.7, Redis) logged "Connected" but never
+    subscribed (Redis showed no pattern subscriber while the worker's heartbeats were published), so Flower showed
+    nothing for 60 s. Not understood yet; the workaround, here and in the README, is to restart Flower.
+    """
+    for attempt in range(3):
+        stack.start_flower(basic_auth=":".join(AUTH))
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and live_workers(stack) is None:
+            time.sleep(0.3)
+        if live_workers(stack) is not None:
+            break
+        print("flower received no event; restarting it", attempt, pubsub_state(stack))
+        stack.processes.pop("flower").stop()
+    else:
+        pytest.fail(f"Flower never received the worker's heartbeats\n{stack.logs_tail()}")
     try:
         yield stack
     finally:
@@ -52,17 +95,9 @@ def flower(stack: LocalStack) -> Iterator[LocalStack]:
 def test_flower_shows_the_workers_and_every_task_with_its_job_id_and_state(flower: LocalStack) -> None:
     stack = flower
 
-    def worker_seen() -> list[dict[str, Any]] | None:
-        workers = [w for w in flower_get(stack, "/workers?json=1")["data"] if w.get("status")]
-        return workers or None
-
-    # the worker's heartbeats reach Flower: its event receiver is connected, so it sees the tasks sent from now on
-    try:
-        workers = wait_for(worker_seen, timeout=60, what="a live worker in Flower", stack=stack)
-    except BaseException:
-        print("DEBUG workers", flower_get(stack, "/workers?json=1"), flower_get(stack, "/api/tasks"))
-        print("DEBUG flowerlog", stack.processes["flower"].log_tail(100))
-        raise
+    # the worker's heartbeats reach Flower (see the fixture): it sees the tasks sent from now on
+    workers = live_workers(stack)
+    assert workers is not None
     assert any(str(w["hostname"]).startswith("worker1@") for w in workers), workers
     assert requests.get(stack.flower_url + "/api/tasks", timeout=10).status_code == 401  # behind its basic auth
 
