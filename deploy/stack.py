@@ -76,6 +76,7 @@ class LocalStack:
         self.relay_s3_endpoint: str | None = None  # see route_s3_through
         self.workers: list[str] = []  # names of the Celery workers started (see restart_workers)
         self.worker_metrics_ports: dict[str, int] = {}  # each worker's metrics endpoint (WORKER_METRICS_PORT)
+        self.flower_port: int | None = None  # see start_flower
 
     # --- addresses ------------------------------------------------------------------------------------------
     @property
@@ -186,6 +187,18 @@ class LocalStack:
         argv = [self.python, "-m", "celery", "--quiet", "-A", "kling_relay.worker.celery_app", "beat", "--scheduler",
                 "celery.beat:Scheduler", "--loglevel", "INFO"]  # as in the Procfile: no schedule file
         return self._spawn("beat", argv)
+
+    def start_flower(self, *, basic_auth: str) -> Process:
+        """Flower (Celery's web monitor) on the stack's Redis, as the Procfile's `flower` process, on
+        `flower_url`; `basic_auth` is `user:password`. It sees the task events sent from the time it connects."""
+        self.flower_port = free_port()
+        argv = [self.python, "-m", "celery", "-A", "kling_relay.worker.celery_app", "flower", "--address=127.0.0.1",
+                f"--port={self.flower_port}", f"--basic-auth={basic_auth}"]
+        return self._spawn("flower", argv, self.flower_port)
+
+    @property
+    def flower_url(self) -> str:
+        return f"http://127.0.0.1:{self.flower_port}"
 
     def route_s3_through(self, endpoint_url: str) -> None:
         """Make the relay's processes started from now on use endpoint_url as S3 (e.g. a faulty proxy)."""

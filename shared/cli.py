@@ -121,6 +121,7 @@ def _copy(argv: Sequence[str]) -> int:
 
 EXIT_NOT_FOUND = 3
 EXIT_REFUSED = 4
+EXIT_UNSUCCESSFUL = 5
 
 
 def _jobs_parser() -> argparse.ArgumentParser:
@@ -133,10 +134,15 @@ def _jobs_parser() -> argparse.ArgumentParser:
                     f"1 Redis unreachable, 2 bad usage, settings or input (e.g. a --reason over 500 characters or "
                     f"not valid text, a --cursor this command did not print), {EXIT_NOT_FOUND} no such job (or an "
                     f"id that cannot be one), "
-                    f"{EXIT_REFUSED} refused in the job's state (the reason is printed on stderr).")
-    sub = parser.add_subparsers(dest="action", required=True, metavar="{get,list,retry,cancel}")
+                    f"{EXIT_REFUSED} refused in the job's state (the reason is printed on stderr); `watch`: "
+                    f"{EXIT_UNSUCCESSFUL} the job ended failed or canceled.")
+    sub = parser.add_subparsers(dest="action", required=True, metavar="{get,list,watch,retry,cancel}")
     get = sub.add_parser("get", help="one job with its timeline")
     get.add_argument("job_id")
+    watch = sub.add_parser("watch", help="follow one job to its end: a line per event of its timeline, then the "
+                                         "outcome (exit 0 stored, 5 failed or canceled)")
+    watch.add_argument("job_id")
+    watch.add_argument("--timeout", type=float, help="give up after this many seconds (exit 1)")
     listing = sub.add_parser("list", help="jobs newest first, one page")
     listing.add_argument("--state", choices=[s.value for s in JobState])
     listing.add_argument("--limit", type=int, default=limits.LIST_LIMIT_DEFAULT,
@@ -159,7 +165,7 @@ def _jobs(argv: Sequence[str]) -> int:
     from redis.exceptions import RedisError
 
     from kling_relay.shared.inputs import safe_text
-    from kling_relay.shared.jobs import InvalidCursor, JobNotFound
+    from kling_relay.shared.jobs import JobNotFound
     from kling_relay.shared.ops import ActionRefused
     from kling_relay.shared.validation import ValidationFailed
 
@@ -171,14 +177,10 @@ def _jobs(argv: Sequence[str]) -> int:
     if relay is None:
         return 2
     try:
+        if args.action == "watch":
+            return _watch(relay, args.job_id, args.timeout)
         if args.action == "list":
-            try:
-                jobs, cursor = relay.list(state=args.state, limit=args.limit, cursor=args.cursor, app=args.app)
-            except InvalidCursor as exc:
-                print(f"--cursor: {exc}", file=sys.stderr)
-                return 2
-            _print_json({"jobs": [j.public_dict() for j in jobs], "next_cursor": cursor})
-            return 0
+            return _list(relay, args)
         if args.action == "get":
             job = relay.get(args.job_id)
             if job is None:
@@ -198,6 +200,59 @@ def _jobs(argv: Sequence[str]) -> int:
     except ActionRefused as exc:
         print(f"refused: {exc.reason}", file=sys.stderr)
         return EXIT_REFUSED
+    except RedisError as exc:
+        print(f"Redis did not answer: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        relay.close()
+
+
+def _list(relay: Relay, args: argparse.Namespace) -> int:
+    from kling_relay.shared.jobs import InvalidCursor
+
+    try:
+        jobs, cursor = relay.list(state=args.state, limit=args.limit, cursor=args.cursor, app=args.app)
+    except InvalidCursor as exc:
+        print(f"--cursor: {exc}", file=sys.stderr)
+        return 2
+    _print_json({"jobs": [j.public_dict() for j in jobs], "next_cursor": cursor})
+    return 0
+
+
+def _watch(relay: Relay, job_id: str, timeout: float | None) -> int:
+    from kling_relay.shared.jobs import JobState
+    from kling_relay.shared.top import watch
+
+    try:
+        job = watch(relay.store, job_id, out=sys.stdout, timeout=timeout)
+    except TimeoutError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0 if job.state is JobState.STORED else EXIT_UNSUCCESSFUL
+
+
+def _top(argv: Sequence[str]) -> int:
+    from redis.exceptions import RedisError
+
+    from kling_relay.shared.top import top
+
+    parser = argparse.ArgumentParser(prog="kling-relay top",
+                                     description="A live view of the relay in the terminal, refreshed every second: "
+                                                 "submission and copying open or paused (and why), jobs per state, "
+                                                 "tasks in flight against KLING_MAX_IN_FLIGHT, Celery queue depths, "
+                                                 "Kling units spent today. Reads Redis (REDIS_URL) only.")
+    parser.add_argument("--once", action="store_true", help="print one frame and exit")
+    args = parser.parse_args(argv)
+    relay = _open_relay()
+    if relay is None:
+        return 2
+    try:
+        top(relay.store, once=args.once)
+        return 0
+    except KeyboardInterrupt:
+        return 0
     except RedisError as exc:
         print(f"Redis did not answer: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
@@ -228,7 +283,8 @@ def _user() -> str:
 
 COMMANDS = {
     "simulate": (_simulate, "run the local Kling simulator (see `kling-relay simulate --help`)"),
-    "jobs": (_jobs, "read and act on jobs in Redis: get, list, retry, cancel (see `kling-relay jobs --help`)"),
+    "jobs": (_jobs, "read and act on jobs in Redis: get, list, watch, retry, cancel (see `kling-relay jobs --help`)"),
+    "top": (_top, "a live view of the relay in the terminal (see `kling-relay top --help`)"),
     "submission": (_submission, "submission to Kling: status (open/paused, why) or resume after a pause"),
     "copy": (_copy, "copying to S3: status (open/paused, why, jobs waiting) or resume after a pause"),
     "config": (_config, "check the settings from the environment and print them (secrets masked)"),

@@ -90,9 +90,13 @@ def idempotency_key_problem(key: str | None) -> FieldProblem | None:
 
 def accept_job(body: object, *, store: JobStore, enqueuer: Enqueuer, settings: Settings | ClientSettings,
                idempotency_key: str | None = None, app: str | None = None,
-               max_active: int | None = None) -> Accepted:
+               max_active: int | None = None, request_id: str | None = None) -> Accepted:
     """Validate, store and queue one job; raises ValidationFailed (every problem), IdempotencyConflict, or
-    AppBusy (the app has `max_active` jobs queued or in progress). The job belongs to `app` (see JobStore.create)."""
+    AppBusy (the app has `max_active` jobs queued or in progress). The job belongs to `app` (see JobStore.create).
+
+    `request_id` (the HTTP request's `X-Request-ID`) is recorded in the job's first event and sent with its submit
+    message, so the worker's log lines for the submit carry it too.
+    """
     request_limits = Limits(prompt_max_chars=settings.prompt_max_chars, model_names=settings.kling_models)
     result = validate_multi_image2video(body, limits=request_limits, extra_fields=EXTRA_FIELDS)
     problems = list(result.problems) + _extra_problems(result.extras, settings)
@@ -111,11 +115,12 @@ def accept_job(body: object, *, store: JobStore, enqueuer: Enqueuer, settings: S
         due_in=settings.reconcile_quiet_seconds,
         app=app,
         max_active=max_active,
+        request_id=request_id,
     )
     if created:
         log.info("job accepted", extra={"job_id": job.id, "app": app})
         try:
-            enqueuer.submit(job.id)
+            enqueuer.submit(job.id, request_id=request_id)
         except Exception:  # the broker is down: the job is stored and due, the reconciler re-sends it
             log.exception("could not queue job; the reconciler will retry", extra={"job_id": job.id, "app": app})
     return Accepted(job=job, created=created)

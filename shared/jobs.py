@@ -171,7 +171,7 @@ class JobStore:
                metadata: dict[str, Any] | None = None, idempotency_key: str | None = None,
                deadline_seconds: float | None = None, due_in: float | None = None,
                source: str = "api", notify_events: Collection[str] | None = None, app: str | None = None,
-               max_active: int | None = None) -> tuple[Job, bool]:
+               max_active: int | None = None, request_id: str | None = None) -> tuple[Job, bool]:
         """Store a new job in state `queued`; returns `(job, created)`.
 
         `request` is the normalized Kling body without `callback_url`/`external_task_id` (the worker adds
@@ -185,6 +185,7 @@ class JobStore:
         `app` (a token name) owns the job: it is in the app's listing index, and its idempotency keys are its own
         (the same key from two apps makes two jobs). `max_active`: refuse with `AppBusy` (nothing stored) when
         the app already has that many jobs queued or in progress; an idempotent replay is answered first.
+        `request_id` (the `X-Request-ID` of the request that made the job) goes into the first event's detail.
         """
         self._check_source(source)
         if not isinstance(request, dict):
@@ -210,7 +211,8 @@ class JobStore:
             "deadline_at": repr(now + deadline_seconds) if deadline_seconds is not None else "",
             "app": app or "",
         }
-        event = dumps({"at": now, "from": None, "to": JobState.QUEUED.value, "source": source, "detail": {}})
+        event = dumps({"at": now, "from": None, "to": JobState.QUEUED.value, "source": source,
+                       "detail": {"request_id": request_id} if request_id else {}})
         names = [self._job_key(job_id), self._events_key(job_id), self._index_key(None),
                 self._index_key(JobState.QUEUED), self._due_key, keys.app_jobs(app) if app else "", keys.APPS]
         if idempotency_key is not None:

@@ -8,7 +8,11 @@ still written, with the odd values as strings.
 
 `configure_logging()` sends the root logger to stderr through JsonFormatter and routes Python warnings there
 too. `bind(request_id=...)` adds fields to every record logged in the current context (thread, greenlet) until
-`unbind()`.
+`unbind()`; `bound(job_id=...)` does the same for a `with` block, and `add(kling_task_id=...)` adds to the
+innermost such block. That is how the ids that tie one job together across processes get onto every line: the
+web process binds the request id (`X-Request-ID`) for a request and the job id once it has one, the worker binds
+`job_id` (plus the request id that queued a submit, and `kling_task_id` once known) for the whole of a task, the
+reconciler for each job it looks at. A field passed in `extra=` wins over a bound one of the same name.
 """
 
 from __future__ import annotations
@@ -16,14 +20,20 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from contextvars import ContextVar, Token
 from typing import Any
 
 _RESERVED = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
 
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
 _context: ContextVar[dict[str, Any]] = ContextVar("kling_relay_log_context", default={})  # noqa: B039 - never mutated
+_scopes: ContextVar[int] = ContextVar("kling_relay_log_scopes", default=0)
 
 
 def timestamp(created: float) -> str:
@@ -74,6 +84,11 @@ class JsonFormatter(logging.Formatter):
         return dumps(out)
 
 
+def is_request_id(value: str) -> bool:
+    """A sane request id (`X-Request-ID`): 1–128 letters, digits and `.`, `_`, `:`, `-`."""
+    return _REQUEST_ID.fullmatch(value) is not None
+
+
 def bind(**fields: Any) -> Token[dict[str, Any]]:
     """Add fields to every record logged in this context (thread, greenlet) until unbind(token)."""
     return _context.set({**_context.get(), **fields})
@@ -84,6 +99,31 @@ def unbind(token: Token[dict[str, Any]]) -> None:
         _context.reset(token)
     except ValueError:  # a token of another context: nothing of ours to undo here
         pass
+
+
+@contextmanager
+def bound(**fields: Any) -> Iterator[None]:
+    """`bind(**fields)` for the duration of a `with` block; fields whose value is None are left out. Inside it,
+    `add()` binds more fields until the block ends."""
+    token = bind(**{k: v for k, v in fields.items() if v is not None})
+    depth = _scopes.set(_scopes.get() + 1)
+    try:
+        yield
+    finally:
+        _scopes.reset(depth)
+        unbind(token)
+
+
+def add(**fields: Any) -> None:
+    """Bind fields (None values left out) until the innermost `bound()` block ends: e.g. `kling_task_id` once a
+    step learns it, for the rest of the task. Outside any `bound()` block it does nothing (nothing would undo it)."""
+    if _scopes.get() > 0:
+        bind(**{k: v for k, v in fields.items() if v is not None})
+
+
+def bound_fields() -> dict[str, Any]:
+    """The fields bound in this context now (a copy)."""
+    return dict(_context.get())
 
 
 def configure_logging(level: str | int | None = None) -> None:

@@ -18,6 +18,9 @@ NOTIFY_QUEUE = "notify"
 RECONCILE_QUEUE = "reconcile"
 
 SUBMIT_TASK = "kling_relay.submit_job"
+#: The message header with the request id that created a job (see Enqueuer.submit); not a task argument, so the
+#: tasks' signatures (and what Flower shows as their arguments) stay the job id alone.
+REQUEST_ID_HEADER = "kling_relay_request_id"
 COPY_TASK = "kling_relay.copy_video"
 NOTIFY_TASK = "kling_relay.notify_job"
 RECONCILE_TASK = "kling_relay.reconcile"
@@ -51,7 +54,12 @@ def make_celery(redis_url: str, **overrides: Any) -> Celery:
             RECONCILE_TASK: {"queue": RECONCILE_QUEUE},
         },
         worker_hijack_root_logger=False,
-        worker_send_task_events=False,
+        # Task events (sent, received, started, succeeded, retried, failed) and worker heartbeats go out on the
+        # broker, so Flower (`celery -A kling_relay.worker.celery_app flower`, Procfile) shows every task with its
+        # name, arguments (job ids, and the state of a notify: never a secret) and state. Publishing an event is a
+        # PUBLISH on the producer connection: no subscription, nothing for a Redis restart to break.
+        worker_send_task_events=True,
+        task_send_sent_event=True,
         # No remote control (`celery inspect/control`): its pub/sub connection is where kombu's Redis transport
         # crashes the worker when the broker goes away with messages unacknowledged (Channel.close ->
         # restore_unacked: 'NoneType' object has no attribute 'hostname'); tests/e2e/test_faults_redis.py.
@@ -68,8 +76,11 @@ class Enqueuer:
     def __init__(self, app: Celery) -> None:
         self.app = app
 
-    def submit(self, job_id: str, *, countdown: float | None = None) -> None:
-        self.app.send_task(SUBMIT_TASK, args=[job_id], queue=SUBMIT_QUEUE, countdown=countdown)
+    def submit(self, job_id: str, *, countdown: float | None = None, request_id: str | None = None) -> None:
+        """Queue the job's submit; `request_id` (the `X-Request-ID` of the POST that created the job) rides in a
+        message header, and the worker binds it to every log line of the submit."""
+        headers = {REQUEST_ID_HEADER: request_id} if request_id else None
+        self.app.send_task(SUBMIT_TASK, args=[job_id], queue=SUBMIT_QUEUE, countdown=countdown, headers=headers)
 
     def copy(self, job_id: str, *, countdown: float | None = None) -> None:
         self.app.send_task(COPY_TASK, args=[job_id], queue=COPY_QUEUE, countdown=countdown)

@@ -56,6 +56,7 @@ from kling_relay.shared.jobs import Job, JobState
 from kling_relay.shared.kling import KlingError, KlingFixAccount, KlingTask, KlingTaskNotFound
 from kling_relay.shared.kling_reads import reads_available
 from kling_relay.shared.locks import RedisLock, job_lock
+from kling_relay.shared.logs import add, bound
 from kling_relay.shared.notify import EventsStream, announce
 from kling_relay.shared.pipeline import Failure, apply_task_status, fail
 from kling_relay.shared.storage import CopyError, StorageUnusable
@@ -249,6 +250,10 @@ class _Pass:
             self.rt.redis.zrem(keys.JOBS_DUE, job_id)
             self.report.missing.append(job_id)
             return
+        with bound(job_id=job.id, kling_task_id=job.kling_task_id):  # on every log line about this job
+            self._look_after(job)
+
+    def _look_after(self, job: Job) -> None:
         if job.deadline_at is not None and job.deadline_at <= self.now and self._time_out(job):
             return
         if job.state is JobState.QUEUED:
@@ -379,6 +384,7 @@ class _Pass:
             ok, _ = self.rt.store.set_kling_task_id(job.id, task.task_id, source="reconciler")
             if not ok:
                 return
+            add(kling_task_id=task.task_id)
         result = apply_task_status(self.rt, job.id, task, source="reconciler")
         if result.applied:
             self.report.advanced.append(job.id)

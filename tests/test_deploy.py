@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import runpy
 import shlex
+import subprocess
 from pathlib import Path
 
 from gunicorn import glogging
@@ -33,3 +34,18 @@ def test_celery_processes_run_quiet() -> None:
     for name in ("worker", "beat"):
         argv = procfile()[name]
         assert argv[:4] == ["celery", "--quiet", "-A", "kling_relay.worker.celery_app"], name
+
+
+def test_flower_listens_on_localhost_and_never_starts_without_basic_auth() -> None:
+    """Issue 10.5: Flower shows every task and can be reached by anyone who reaches its port: the Procfile binds it
+    to 127.0.0.1 unless FLOWER_ADDRESS says otherwise, and its shell refuses to start it without FLOWER_BASIC_AUTH."""
+    command = (ROOT / "Procfile").read_text().split("\nflower:", 1)[1].splitlines()[0]
+    argv = procfile()["flower"]
+    assert argv[:4] == ["celery", "-A", "kling_relay.worker.celery_app", "flower"]
+    env = {"PATH": "/usr/bin:/bin", "FLOWER_PORT": "5555"}
+    unset = subprocess.run(["sh", "-c", f"echo {command}"], env=env, capture_output=True, text=True, timeout=10)
+    assert unset.returncode != 0 and "FLOWER_BASIC_AUTH" in unset.stderr
+    ok = subprocess.run(["sh", "-c", f"echo {command}"], env={**env, "FLOWER_BASIC_AUTH": "ops:secret"},
+                        capture_output=True, text=True, timeout=10)
+    assert ok.returncode == 0, ok.stderr
+    assert "--address=127.0.0.1" in ok.stdout.split() and "--basic-auth=ops:secret" in ok.stdout.split()

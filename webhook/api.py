@@ -36,6 +36,7 @@ from kling_relay.shared.ops import ActionRefused, action_problems, cancel_job, r
 from kling_relay.shared.settings_spec import TOKEN_NAME
 from kling_relay.shared.tokens import Caller, identify
 from kling_relay.shared.validation import FieldProblem, ValidationFailed, problems_payload
+from kling_relay.webhook import request_ids
 from kling_relay.webhook.common import error, parse_json, read_body, runtime, valid_job_id
 
 bp = Blueprint("api", __name__, url_prefix="/v1")
@@ -91,7 +92,7 @@ def create_job() -> Any:
     try:
         accepted = accept_job(body, store=rt.store, enqueuer=rt.enqueuer, settings=rt.settings,
                               idempotency_key=request.headers.get("Idempotency-Key"), app=caller().name,
-                              max_active=rt.settings.app_max_active_jobs)
+                              max_active=rt.settings.app_max_active_jobs, request_id=g.get("request_id"))
     except ValidationFailed as exc:
         return _unprocessable(list(exc.problems))
     except AppBusy as exc:
@@ -102,6 +103,7 @@ def create_job() -> Any:
         return response, status
     except IdempotencyConflict:
         return error(409, "Idempotency-Key was already used with a different request body")
+    request_ids.note_job(accepted.job.id)
     response = jsonify(accepted.job.public_dict(rt.store.events(accepted.job.id)))
     response.headers["Location"] = f"/v1/jobs/{accepted.job.id}"
     if not accepted.created:

@@ -43,7 +43,9 @@ from kling_relay.shared import heard, metrics
 from kling_relay.shared.http_client import verify
 from kling_relay.shared.jobs import Job, JobNotFound, JobState, StepResult
 from kling_relay.shared.kling import KlingTask
+from kling_relay.shared.logs import add, bound
 from kling_relay.shared.pipeline import CREATE_SENT, KLING_STATUS_TO_STATE, apply_task_status, record_task
+from kling_relay.shared.runtime import Runtime
 from kling_relay.shared.tokens import callback_token_ok
 from kling_relay.webhook.common import error, parse_json, read_body, runtime, valid_job_id
 
@@ -59,6 +61,11 @@ def kling_callback(job_id: str) -> Any:
     if not valid_job_id(job_id) or not callback_token_ok(rt.settings.callback_secret, job_id,
                                                          request.args.get("token")):
         return _refused("token", 403, "bad callback token")
+    with bound(job_id=job_id):  # every log line of a genuine callback names its job (and its task, once read)
+        return _callback(rt, job_id)
+
+
+def _callback(rt: Runtime, job_id: str) -> Any:
     limit = rt.settings.max_callback_bytes
     raw = read_body(limit)
     if raw is None:
@@ -91,6 +98,7 @@ def kling_callback(job_id: str) -> Any:
         return _before_task_recorded(job, task)
     if job.kling_task_id != task.task_id:
         return _refused("task_mismatch", 409, "task_id does not match this job's Kling task")
+    add(kling_task_id=job.kling_task_id)
     _remember(job, task)  # before the step: the copy it queues may need the URL (callbacks only)
     result = apply_task_status(rt, job_id, task, source="callback")
     metrics.callback(_outcome(result, KLING_STATUS_TO_STATE[task.status]))

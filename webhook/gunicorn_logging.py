@@ -4,7 +4,8 @@ other log of the relay.
 gunicorn's own messages (error log, stderr) go through JsonFormatter, and each request makes one access record
 (stdout) with `method`, `path` (decoded, never the query string: a callback URL carries its job's token),
 `status`, `bytes`, `duration_ms`, `request_id` (the `X-Request-ID` the app answered with), `remote_addr` and
-`user_agent`. A path or header full of newlines, escapes or NUL bytes comes out escaped inside one record.
+`user_agent`, plus `job_id` for a request about one job (webhook/request_ids.py). A path or header full of
+newlines, escapes or NUL bytes comes out escaped inside one record.
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ class JsonLogger(glogging.Logger):  # type: ignore[misc]
                 "request_id": request_id,
                 "remote_addr": environ.get("REMOTE_ADDR"),
                 "user_agent": user_agent[:MAX_USER_AGENT_CHARS] if isinstance(user_agent, str) else None,
+                **({"job_id": job_id} if isinstance(job_id := environ.get(request_ids.JOB_ID_ENVIRON), str) else {}),
             })
         except Exception:
             self.error_log.exception("access log failed")

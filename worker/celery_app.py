@@ -3,7 +3,8 @@
 Logs are JSON lines on stderr, like every other process of the relay: Celery's own loggers, the task logger,
 warnings (Celery's "running as root" among them) and anything printed to stdout (as `celery.redirected`, the
 way Celery redirects it) all go through kling_relay.shared.logs. `--quiet` leaves out the start-up banner; the
-shutdown notices Celery writes straight to the terminal become records too. A bad setting stops the process with
+shutdown notices Celery writes straight to the terminal become records too. Celery's lines about a relay task
+carry its `job_id` (worker/log_fields.py). A bad setting stops the process with
 one record naming every problem.
 
 Metrics: the worker's processes count in prometheus_client's multiprocess mode, in a fresh directory made here
@@ -27,7 +28,7 @@ from kling_relay.shared.settings import SettingsError, load_settings
 metrics_dir.prepare("worker")  # before the tasks import prometheus_client (it reads the directory at import)
 
 from kling_relay.shared import metrics  # noqa: E402 - after prepare(), see above
-from kling_relay.worker import metrics_endpoint  # noqa: E402
+from kling_relay.worker import log_fields, metrics_endpoint  # noqa: E402
 from kling_relay.worker.tasks import create_worker_app  # noqa: E402
 
 log = logging.getLogger("kling_relay.worker")
@@ -38,6 +39,7 @@ def keep_json_logs(loglevel: Any = None, **kwargs: Any) -> None:
     """With a receiver here Celery configures no handler of its own (no plain-text task logger); LOG_LEVEL, when
     set, wins over `--loglevel`."""
     configure_logging(os.environ.get("LOG_LEVEL") or loglevel or None)
+    log_fields.install()
     sys.stdout = LoggingProxy(logging.getLogger("celery.redirected"), logging.WARNING)
 
 
@@ -53,6 +55,7 @@ def _say(msg: str, f: Any = None) -> None:
 celery_worker.safe_say = _say  # read from the module at each call, so every shutdown notice goes through _say
 
 configure_logging()
+log_fields.install()
 try:
     settings = load_settings()
     app = create_worker_app(settings)

@@ -11,12 +11,14 @@ from celery.exceptions import SoftTimeLimitExceeded
 from celery.signals import celeryd_after_setup
 
 from kling_relay.shared import metrics, pipeline
+from kling_relay.shared.logs import bound, is_request_id
 from kling_relay.shared.queue import (
     COPY_TASK,
     COPY_TIME_LIMIT_SECONDS,
     NOTIFY_TASK,
     RECONCILE_QUEUE,
     RECONCILE_TASK,
+    REQUEST_ID_HEADER,
     SUBMIT_TASK,
     make_celery,
 )
@@ -40,6 +42,15 @@ SUBMIT_TIME_LIMIT_SECONDS = 600
 def consume_reconcile_queue(sender: str, instance: Any, **kwargs: Any) -> None:
     """Every worker also takes reconcile passes, whatever queues it was started with (`--queues submit,copy`)."""
     instance.app.amqp.queues.select_add(RECONCILE_QUEUE)
+
+
+def request_id_of(task: Task) -> str | None:
+    """The request id the task's message carries (`REQUEST_ID_HEADER`, set by Enqueuer.submit), if it is sane."""
+    headers = getattr(task.request, "headers", None) or {}
+    value = headers.get(REQUEST_ID_HEADER) if isinstance(headers, dict) else None
+    if value is None:
+        value = getattr(task.request, REQUEST_ID_HEADER, None)
+    return value if isinstance(value, str) and is_request_id(value) else None
 
 
 def worker_runtime(settings: Settings, app: Celery) -> Runtime:
@@ -70,21 +81,26 @@ def create_worker_app(settings: Settings | None = None) -> Celery:
         return runtime["rt"]
 
     def run(task: Task, step: Any, *args: str) -> str:
-        """Run one pipeline step for a job; every run's outcome is counted here, once for every task."""
+        """Run one pipeline step with `job_id` (and the request id that queued a submit) bound to every log line
+        of the task; the pipeline adds `kling_task_id` once it is known (shared/pipeline/common.py). Every run's
+        outcome is counted here, once for every task."""
         name = _TASK_NAMES.get(task.name, "other")
-        try:
-            outcome: str = step(rt(), *args)
-        except pipeline.RetryIn as retry:
-            metrics.task_run(name, "retry")
-            log.info("retrying later", extra={"job_id": args[0], "countdown": retry.seconds, "reason": retry.reason})
-            # no limit: the task's own max_retries is None (see above); the job's attempt budgets decide
-            raise task.retry(countdown=retry.seconds) from None
-        except Exception:
-            metrics.task_run(name, "error")
-            raise
-        metrics.task_run(name, str(outcome))
-        log.info("task done", extra={"job_id": args[0], "task": task.name, "outcome": outcome})
-        return outcome
+        request_id = request_id_of(task)
+        with bound(job_id=args[0], request_id=request_id):
+            try:
+                outcome: str = step(rt(), *args)
+            except pipeline.RetryIn as retry:
+                metrics.task_run(name, "retry")
+                log.info("retrying later", extra={"countdown": retry.seconds, "reason": retry.reason})
+                # no limit: the task's own max_retries is None (see above); the job's attempt budgets decide. The
+                # retried message keeps the request's headers, the request id among them.
+                raise task.retry(countdown=retry.seconds) from None
+            except Exception:
+                metrics.task_run(name, "error")
+                raise
+            metrics.task_run(name, str(outcome))
+            log.info("task done", extra={"task": task.name, "outcome": outcome})
+            return outcome
 
     # A submit that hangs (a resolver without timeout, a trickling answer) is cut off: its lock lapses and the
     # job, still queued and due, is sent again by the reconciler, which looks the task up first.

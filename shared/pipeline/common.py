@@ -22,6 +22,7 @@ from kling_relay.shared.jobs import Job, JobState, StepResult
 from kling_relay.shared.kling import KlingError, KlingFixAccount, KlingFixRequest
 from kling_relay.shared.kling_codes import THROTTLE_CODES, pause_reason
 from kling_relay.shared.locks import job_lock
+from kling_relay.shared.logs import add
 from kling_relay.shared.notify import EventsStream, announce
 
 if TYPE_CHECKING:  # the wiring module is handed in, never imported at run time
@@ -225,6 +226,7 @@ def under_job_lock(rt: Runtime, step: str, job_id: str, expected: JobState,
                 return Outcome.MISSING
             if job.state is not expected:
                 return Outcome.SKIPPED
+            add(kling_task_id=job.kling_task_id)  # on every log line of the task from here, once it is known
             return body(rt, job)
     finally:
         lock.release()

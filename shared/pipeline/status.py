@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 from kling_relay.shared import metrics, usage
 from kling_relay.shared.jobs import Job, JobState, StepResult
 from kling_relay.shared.kling import KlingTask
+from kling_relay.shared.logs import add
 from kling_relay.shared.pipeline.common import Failure, announced, finished
 
 if TYPE_CHECKING:  # the wiring module is handed in, never imported at run time
@@ -30,6 +31,7 @@ def record_task(rt: Runtime, job_id: str, task: KlingTask, *, source: str, detai
     if not ok:
         log.error("job already has another Kling task", extra={"job_id": job_id, "kling_task_id": existing})
         return
+    add(kling_task_id=task.task_id)  # on the task's log lines from here
     result = rt.store.step(job_id, JobState.SUBMITTED, source=source,
                            detail={"kling_task_id": task.task_id, **detail},
                            set_fields={"kling_task_id": task.task_id}, due_in=rt.settings.reconcile_quiet_seconds)

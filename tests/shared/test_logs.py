@@ -6,7 +6,17 @@ import warnings
 
 import pytest
 
-from kling_relay.shared.logs import JsonFormatter, bind, configure_logging, json_line, unbind
+from kling_relay.shared.logs import (
+    JsonFormatter,
+    add,
+    bind,
+    bound,
+    bound_fields,
+    configure_logging,
+    is_request_id,
+    json_line,
+    unbind,
+)
 
 
 def test_json_lines_with_fields() -> None:
@@ -86,3 +96,27 @@ def test_json_line_has_the_record_shape() -> None:
     line = json_line("worker: Warm shutdown", level="warning", logger="celery.worker", pid=1)
     record = json.loads(line)
     assert set(record) == {"ts", "level", "logger", "msg", "pid"} and record["ts"].endswith("Z")
+
+
+def test_bound_fields_last_for_the_block_and_add_extends_the_innermost_block() -> None:
+    """Issue 10.6: the worker binds `job_id` for a task and the pipeline adds `kling_task_id` once known; both
+    end with the task, and `add` outside any block binds nothing (nothing would undo it)."""
+    add(kling_task_id="leaked")
+    assert bound_fields() == {}
+    with bound(job_id="job_1", request_id=None):
+        add(kling_task_id="task-1", other=None)
+        record = _record("stored")
+        line = json.loads(JsonFormatter().format(record))
+        assert line["job_id"] == "job_1" and line["kling_task_id"] == "task-1" and "request_id" not in line
+        with bound(job_id="job_2"):
+            assert bound_fields() == {"job_id": "job_2", "kling_task_id": "task-1"}
+        assert bound_fields() == {"job_id": "job_1", "kling_task_id": "task-1"}
+        explicit = json.loads(JsonFormatter().format(_record("x", job_id="job_3")))
+        assert explicit["job_id"] == "job_3"  # a field given in extra= wins
+    assert bound_fields() == {}
+
+
+@pytest.mark.parametrize(("value", "sane"), [("req-1.a_b:c", True), ("a" * 128, True), ("a" * 129, False),
+                                             ("", False), ("two words", False), ("line\nbreak", False)])
+def test_request_ids(value: str, sane: bool) -> None:
+    assert is_request_id(value) is sane

@@ -13,6 +13,7 @@ from kling_relay.shared import copy_flow, flow, keys, stats
 from kling_relay.shared.jobs import JobState
 from kling_relay.shared.keys import RECONCILE_LOCK as LOCK_KEY
 from kling_relay.shared.locks import RedisLock, job_lock
+from kling_relay.shared.logs import bound_fields
 from kling_relay.shared.pipeline import submit_job
 from kling_relay.shared.reconcile import last_pass, reconcile
 from kling_relay.shared.runtime import Runtime
@@ -395,3 +396,17 @@ def test_a_pass_reads_only_the_due_jobs_not_the_10000_finished(runtime: Runtime,
     assert big_stats["zrangebyscore"] == 2  # the due index and the outbox of steps still to announce
     assert not {"keys", "scan", "zrange", "zrevrange", "zscan", "hscan", "sscan", "smembers"} & set(big_stats)
     assert sum(big_stats.values()) < 40 * len(due)
+
+
+def test_the_reconcilers_lines_about_a_job_carry_its_ids(runtime: Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 10.6: what the reconciler logs while it looks after a job carries `job_id` and `kling_task_id`."""
+    queued = new_job(runtime, due_in=0)
+    generated = new_job(runtime)
+    runtime.store.step(generated.id, JobState.GENERATED, source="callback", set_fields={"kling_task_id": "t1"})
+    make_due(runtime, generated.id)
+    seen: dict[str, dict[str, Any]] = {}
+    monkeypatch.setattr(runtime.enqueuer, "submit", lambda job_id: seen.setdefault(job_id, bound_fields()))
+    monkeypatch.setattr(runtime.enqueuer, "copy", lambda job_id: seen.setdefault(job_id, bound_fields()))
+    reconcile(runtime)
+    assert seen == {queued.id: {"job_id": queued.id}, generated.id: {"job_id": generated.id, "kling_task_id": "t1"}}
+    assert bound_fields() == {}

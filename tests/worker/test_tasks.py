@@ -10,7 +10,15 @@ import pytest
 from celery import Celery
 
 from kling_relay.shared import pipeline
-from kling_relay.shared.queue import COPY_TASK, NOTIFY_TASK, RECONCILE_QUEUE, RECONCILE_TASK, SUBMIT_TASK
+from kling_relay.shared.logs import add, bound_fields
+from kling_relay.shared.queue import (
+    COPY_TASK,
+    NOTIFY_TASK,
+    RECONCILE_QUEUE,
+    RECONCILE_TASK,
+    REQUEST_ID_HEADER,
+    SUBMIT_TASK,
+)
 from kling_relay.shared.runtime import Runtime
 from kling_relay.shared.settings import load_settings
 from kling_relay.worker.tasks import create_worker_app
@@ -63,3 +71,33 @@ def test_a_step_asking_to_retry_six_times_is_retried_six_times(app: Celery, monk
     assert result.state == "SUCCESS", result.result
     assert result.result == "done"
     assert calls == [tuple(args)] * 7
+
+
+def test_a_task_binds_its_job_id_and_the_request_id_of_its_message(app: Celery,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 10.6: every log line of a task carries `job_id`, and a submit's lines the `X-Request-ID` that queued
+    it (a message header), through its retries too; `kling_task_id` once the step learns it."""
+    seen: list[dict[str, Any]] = []
+
+    def step(rt: Runtime, job_id: str) -> str:
+        seen.append(bound_fields())
+        if len(seen) == 1:
+            add(kling_task_id="task-9")
+            seen.append(bound_fields())
+            raise pipeline.RetryIn(0.0, "once more")
+        return "done"
+
+    monkeypatch.setattr(pipeline, "submit_job", step)
+    result = app.tasks[SUBMIT_TASK].apply(args=["job_abc"], headers={REQUEST_ID_HEADER: "req-42"})
+    assert result.state == "SUCCESS", result.result
+    assert seen == [{"job_id": "job_abc", "request_id": "req-42"},
+                    {"job_id": "job_abc", "request_id": "req-42", "kling_task_id": "task-9"},
+                    {"job_id": "job_abc", "request_id": "req-42"}]
+    assert bound_fields() == {}  # nothing left bound after the task
+
+
+def test_a_request_id_header_that_is_not_sane_is_left_out(app: Celery, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[dict[str, Any]] = []
+    monkeypatch.setattr(pipeline, "submit_job", lambda rt, job_id: seen.append(bound_fields()) or "done")
+    app.tasks[SUBMIT_TASK].apply(args=["job_abc"], headers={REQUEST_ID_HEADER: "forged\nline"})
+    assert seen == [{"job_id": "job_abc"}]
