@@ -33,3 +33,15 @@ def test_celery_processes_run_quiet() -> None:
     for name in ("worker", "beat"):
         argv = procfile()[name]
         assert argv[:4] == ["celery", "--quiet", "-A", "kling_relay.worker.celery_app"], name
+
+
+def test_several_of_each_per_host() -> None:
+    """Issue 12.4: each worker has its own node name on its host (WORKER_NAME to run several on one host), beat
+    keeps no schedule file (the in-memory Scheduler), and gunicorn opens no control socket, which would be one
+    path (~/.gunicorn/gunicorn.ctl) shared by every web process of a user on a host."""
+    worker = procfile()["worker"]
+    assert worker[worker.index("--hostname") + 1] == "${WORKER_NAME:-worker}@%h"
+    beat = procfile()["beat"]
+    assert beat[beat.index("--scheduler") + 1] == "celery.beat:Scheduler"
+    conf = runpy.run_path(str(ROOT / "deploy" / "gunicorn.conf.py"))
+    assert conf["control_socket_disable"] is True
