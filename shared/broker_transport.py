@@ -1,4 +1,4 @@
-"""kombu's Sentinel transport with acknowledgements that survive a failover.
+"""kombu's Redis and Sentinel transports with acknowledgements that survive a failover or a restart.
 
 With late acks, each task's message stays in the broker's unacked index until its task ends, and the worker counts
 it against its prefetch limit until the ack is done. kombu's Redis QoS removes the message from the index first
@@ -65,4 +65,11 @@ class FailoverSentinelTransport(kombu_redis.SentinelTransport):
     Channel = FailoverSentinelChannel
 
 
-TRANSPORT = f"{__name__}:FailoverSentinelTransport"
+class FailoverChannel(kombu_redis.Channel):
+    QoS = FailoverQoS
+
+
+class FailoverTransport(kombu_redis.Transport):
+    """The same for one Redis (`redis://`): an ack while it restarts is retried until it is back."""
+
+    Channel = FailoverChannel

@@ -84,6 +84,8 @@ def celery_broker(url: str) -> tuple[str, dict[str, Any]]:
     """Celery's broker URL and the settings it needs for REDIS_URL: `broker_transport` (kombu's sentinel transport
     with acks that survive a failover, shared/broker_transport.py) and transport options (beyond the relay's own)."""
     if not is_sentinel(url):
+        if urlsplit(url).scheme == "redis":
+            return url, {"broker_transport": "kling_relay.shared.broker_transport:FailoverTransport"}
         return url, {}
     target = parse_sentinel(url)
     auth = f":{quote(target.password, safe='')}@" if target.password else ""

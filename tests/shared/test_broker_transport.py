@@ -1,4 +1,4 @@
-"""An ack across a Sentinel failover (issue 12 item 5), on real redis-server and redis-sentinel processes.
+"""An ack across a Sentinel failover (issue 12 item 5), or a restart of one Redis, on real redis-server processes.
 
 kombu's stock Redis QoS frees a late-acked message's prefetch slot only if removing it from the unacked index
 worked: an ack that meets the dead primary raises and the slot is lost. A worker whose slots are all lost this
@@ -8,6 +8,7 @@ broker for nothing more and sits idle for good. FailoverQoS retries the ack on t
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,8 +17,8 @@ import redis
 from kombu import Connection, Queue
 from kombu.transport import redis as kombu_redis
 
-from deploy.procs import SentinelCluster
-from kling_relay.shared.broker_transport import FailoverSentinelTransport
+from deploy.procs import RedisServer, SentinelCluster
+from kling_relay.shared.broker_transport import FailoverSentinelTransport, FailoverTransport
 from kling_relay.shared.redis_conn import celery_broker
 
 
@@ -63,3 +64,25 @@ def test_failover_qos_acks_on_the_new_primary(cluster: SentinelCluster) -> None:
     assert qos.can_consume()  # type: ignore[attr-defined]
     new_primary = redis.Redis(port=cluster.primary_port(), decode_responses=True)
     assert new_primary.zcard("unacked_index") == 0  # removed from the index on the promoted replica
+
+
+def test_failover_qos_acks_after_a_single_redis_restarts(tmp_path: Path) -> None:
+    """One Redis (redis://), stopped while a message is taken: the ack waits for it to come back (same port)."""
+    server = RedisServer(tmp_path / "one", appendonly=True).start()
+    try:
+        url, _ = celery_broker(server.url)
+        conn = Connection(url, transport=FailoverTransport)
+        channel = conn.channel()
+        queue = Queue("q", channel=channel)
+        queue.declare()
+        conn.Producer(channel).publish({"n": 1}, routing_key="q")
+        channel.basic_qos(prefetch_size=0, prefetch_count=1, apply_global=False)
+        message = queue.get(no_ack=False)
+        assert message is not None and not channel.qos.can_consume()
+        server.stop()
+        threading.Timer(1.0, server.start).start()  # back on the same port a second later
+        message.ack()
+        assert channel.qos.can_consume()
+        assert redis.Redis.from_url(server.url).zcard("unacked_index") == 0
+    finally:
+        server.stop()

@@ -27,7 +27,9 @@ def test_bad_sentinel_urls_are_refused_without_their_password(bad: str) -> None:
 
 def test_plain_urls_pass_unchanged() -> None:
     assert redis_url("redis://127.0.0.1:6379/0", "REDIS_URL") == "redis://127.0.0.1:6379/0"
-    assert celery_broker("redis://127.0.0.1:6379/0") == ("redis://127.0.0.1:6379/0", {})
+    assert celery_broker("redis://127.0.0.1:6379/0") == (
+        "redis://127.0.0.1:6379/0", {"broker_transport": "kling_relay.shared.broker_transport:FailoverTransport"})
+    assert celery_broker("rediss://h:6380/0") == ("rediss://h:6380/0", {})
 
 
 def test_celery_gets_kombus_sentinel_transport() -> None:
