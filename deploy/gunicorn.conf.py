@@ -17,6 +17,13 @@ Metrics: the workers count in prometheus_client's multiprocess mode. The master 
 counter files when it starts (`on_starting`, before any worker is forked and so before any imports
 prometheus_client), drops an exited worker's live gauges (`child_exit`) and removes the directory when it exits;
 `/metrics`, whichever worker serves it, adds up every worker's files (kling_relay.shared.metrics).
+
+Several instances: gunicorn 25.1+ opens a control socket for `gunicornc` at one fixed path per user
+($XDG_RUNTIME_DIR/gunicorn.ctl or ~/.gunicorn/gunicorn.ctl), so two web processes of one user on one host would
+share, and take over, one socket; it is off here (nothing of this process lives on local disk but the metrics
+directory, which is per master). Shutdown: SIGTERM lets each worker finish the requests in flight (a callback
+being read or answered) for up to `graceful_timeout` seconds, while no new connection is accepted;
+tests/e2e/test_faults_shutdown.py.
 """
 
 import os
@@ -28,6 +35,7 @@ worker_class = "gevent"
 worker_connections = int(os.environ.get("WEB_CONNECTIONS", "1000"))
 timeout = 30
 graceful_timeout = 5
+control_socket_disable = True
 keepalive = 5
 max_requests = 1000
 max_requests_jitter = 100

@@ -114,12 +114,12 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self) -> RedisServer:
+    def start(self, extra: Sequence[str] = ()) -> RedisServer:
         argv = [
             redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
             "--dir", str(self.data_dir), "--save", "",
             "--appendonly", "yes" if self.appendonly else "no",
-            "--appendfsync", "always",
+            "--appendfsync", "always", *extra,
         ]
         self.process = Process(f"redis-{self.port}", argv, log_dir=self.data_dir)
         wait_for_port(self.port, proc=self.process.proc)
@@ -133,3 +133,65 @@ class RedisServer:
     def restart(self) -> None:
         self.stop()
         self.start()
+
+
+class SentinelCluster:
+    """Redis with Sentinel on loopback: a primary, `replicas` replicas and `sentinels` sentinels (redis-server
+    --sentinel), monitoring the service `service`; failover after one second without an answer."""
+
+    def __init__(self, data_dir: Path, *, replicas: int = 1, sentinels: int = 3, service: str = "relay",
+                 down_after_ms: int = 1000) -> None:
+        self.data_dir = data_dir
+        self.service = service
+        self.down_after_ms = down_after_ms
+        self.servers = [RedisServer(data_dir / f"redis-{n}") for n in range(1 + replicas)]
+        self.sentinel_ports = [free_port() for _ in range(sentinels)]
+        self.sentinels: list[Process] = []
+
+    @property
+    def url(self) -> str:
+        hosts = ",".join(f"127.0.0.1:{port}" for port in self.sentinel_ports)
+        return f"redis+sentinel://{hosts}/{self.service}/0"
+
+    def start(self) -> SentinelCluster:
+        primary = self.servers[0]
+        primary.start()
+        for replica in self.servers[1:]:
+            replica.start(extra=["--replicaof", "127.0.0.1", str(primary.port)])
+        for port in self.sentinel_ports:
+            conf = self.data_dir / f"sentinel-{port}.conf"
+            conf.write_text(
+                f"port {port}\nbind 127.0.0.1\ndir {self.data_dir}\n"
+                f"sentinel monitor {self.service} 127.0.0.1 {primary.port} 2\n"
+                f"sentinel down-after-milliseconds {self.service} {self.down_after_ms}\n"
+                f"sentinel failover-timeout {self.service} 10000\n"
+                f"sentinel parallel-syncs {self.service} 1\n")
+            proc = Process(f"sentinel-{port}", [redis_server_binary(), str(conf), "--sentinel"],
+                           log_dir=self.data_dir)
+            self.sentinels.append(proc)
+            wait_for_port(port, proc=proc.proc)
+        return self
+
+    def primary_port(self) -> int:
+        """The primary's port as the first sentinel that answers sees it."""
+        import redis
+
+        for port in self.sentinel_ports:
+            try:
+                client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=2, decode_responses=True)
+                host_port = client.execute_command("SENTINEL", "get-master-addr-by-name", self.service)
+                client.close()
+                return int(host_port[1])
+            except redis.RedisError:
+                continue
+        raise RuntimeError("no sentinel answered")
+
+    def server_on(self, port: int) -> RedisServer:
+        return next(s for s in self.servers if s.port == port)
+
+    def stop(self) -> None:
+        for proc in self.sentinels:
+            proc.stop()
+        self.sentinels.clear()
+        for server in self.servers:
+            server.stop()

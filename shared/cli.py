@@ -38,9 +38,8 @@ def _config(argv: Sequence[str]) -> int:
 
 
 def _doctor(argv: Sequence[str]) -> int:
-    import redis
-
     from kling_relay.shared.doctor import diagnose, render
+    from kling_relay.shared.redis_conn import redis_client
     from kling_relay.shared.runtime import make_kling_client, make_s3_client
     from kling_relay.shared.settings import SettingsError, load_settings
 
@@ -59,7 +58,7 @@ def _doctor(argv: Sequence[str]) -> int:
     except SettingsError as exc:
         print(exc, file=sys.stderr)
         return 2
-    client = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
+    client = redis_client(settings.redis_url, decode_responses=False, socket_timeout=5)
     try:
         report = diagnose(settings, kling_client=lambda session: make_kling_client(settings, session=session),
                           s3_client=make_s3_client(settings), redis_client=client)

@@ -23,14 +23,13 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import redis
-
 from kling_relay.shared import copy_flow, usage
 from kling_relay.shared.intake import accept_job
 from kling_relay.shared.jobs import TERMINAL, Job, JobNotFound, JobState, JobStore
 from kling_relay.shared.notify import EventsStream
 from kling_relay.shared.ops import cancel_job, retry_job, submission_status
 from kling_relay.shared.queue import Enqueuer, make_celery
+from kling_relay.shared.redis_conn import redis_client
 from kling_relay.shared.settings import ClientSettings, Settings, load_client_settings
 
 
@@ -47,8 +46,7 @@ class Relay:
         self.settings = settings
         self._owned: list[Any] = []  # clients made here, closed by close()
         if store is None:
-            client = redis.Redis.from_url(settings.redis_url, decode_responses=True, socket_timeout=10,
-                                          socket_connect_timeout=5)
+            client = redis_client(settings.redis_url)
             self._owned.append(client)
             store = JobStore(client, job_ttl_seconds=settings.job_ttl_seconds)
         self.store = store

@@ -10,6 +10,8 @@ from typing import Any
 
 from celery import Celery
 
+from kling_relay.shared.redis_conn import celery_broker
+
 SUBMIT_QUEUE = "submit"
 COPY_QUEUE = "copy"
 NOTIFY_QUEUE = "notify"
@@ -32,8 +34,13 @@ VISIBILITY_TIMEOUT_SECONDS = 2 * COPY_TIME_LIMIT_SECONDS
 
 
 def make_celery(redis_url: str, **overrides: Any) -> Celery:
-    """A Celery app on Redis with the delivery guarantees of docs/architecture.md (JSON only, late acks, prefetch 1)."""
-    app = Celery("kling_relay", broker=redis_url)
+    """A Celery app on REDIS_URL (one Redis, or a Sentinel deployment: redis_conn.celery_broker) with the delivery
+    guarantees of docs/architecture.md (JSON only, late acks, prefetch 1)."""
+    broker, transport_options = celery_broker(redis_url)
+    transport = transport_options.pop("broker_transport", None)
+    app = Celery("kling_relay", broker=broker)
+    if transport is not None:
+        app.conf.broker_transport = transport
     app.conf.update(
         task_serializer="json",
         accept_content=["json"],
@@ -44,7 +51,7 @@ def make_celery(redis_url: str, **overrides: Any) -> Celery:
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
         broker_connection_retry_on_startup=True,
-        broker_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT_SECONDS},
+        broker_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT_SECONDS, **transport_options},
         broker_pool_limit=4,
         task_default_queue=SUBMIT_QUEUE,
         task_routes={

@@ -17,6 +17,7 @@ from kling_relay.shared import flow
 from kling_relay.shared.jobs import JobStore
 from kling_relay.shared.kling import KlingClient
 from kling_relay.shared.queue import Enqueuer, make_celery
+from kling_relay.shared.redis_conn import redis_client
 from kling_relay.shared.settings import Settings
 from kling_relay.shared.storage import Storage
 from kling_relay.shared.urlguard import UrlAllowlist
@@ -62,8 +63,7 @@ class Runtime:
 
     @classmethod
     def from_settings(cls, settings: Settings, celery_app: Celery | None = None) -> Runtime:
-        client = redis.Redis.from_url(settings.redis_url, decode_responses=True, socket_timeout=10,
-                                      socket_connect_timeout=5, health_check_interval=30)
+        client = redis_client(settings.redis_url)
         http = requests.Session()
         http.headers["user-agent"] = "kling-relay"
         return cls(

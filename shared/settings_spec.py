@@ -19,6 +19,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from kling_relay.shared.http_client import secret_bytes
+from kling_relay.shared.redis_conn import is_sentinel, parse_sentinel
 from kling_relay.shared.secret import NamedToken, Secret, without_password
 from kling_relay.shared.urlguard import UrlAllowlist
 
@@ -202,8 +203,17 @@ def units(raw: str, env: str) -> float:
 
 
 def redis_url(raw: str, env: str) -> str:
+    """One Redis (redis://, rediss://, unix://) or a Sentinel deployment (redis+sentinel://, shared/redis_conn.py)."""
+    if is_sentinel(raw):
+        try:
+            parse_sentinel(raw)
+        except ValueError as exc:
+            raise ValueError(f"{exc}: redis+sentinel://[:password@]host:port[,host:port...]/service_name[/db], "
+                             f"got {without_password(raw)!r}") from None
+        return raw
     if urlsplit(raw).scheme not in ("redis", "rediss", "unix"):
-        raise ValueError(f"must be a redis://, rediss:// or unix:// URL, got {without_password(raw)!r}")
+        raise ValueError(f"must be a redis://, rediss://, unix:// or redis+sentinel:// URL, "
+                         f"got {without_password(raw)!r}")
     return raw
 
 
@@ -276,7 +286,9 @@ def log_level(raw: str, env: str) -> str:
 # -- the table (in the README's order) -------------------------------------------------------------------------
 
 SETTINGS: tuple[Setting, ...] = (
-    Setting("REDIS_URL", "redis://127.0.0.1:6379/0", redis_url, "broker and job store", client=True),
+    Setting("REDIS_URL", "redis://127.0.0.1:6379/0", redis_url,
+            "broker and job store: one Redis, or Sentinel (`redis+sentinel://`, see Redis that fails over)",
+            client=True),
     Setting("KLING_BASE_URL", None, https_url, "Kling's API base (a reseller's with its prefix)", required=True),
     Setting("KLING_ACCESS_KEY", None, text, "legacy official auth: access key (with KLING_SECRET_KEY)",
             secret=True),

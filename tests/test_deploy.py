@@ -49,3 +49,15 @@ def test_flower_listens_on_localhost_and_never_starts_without_basic_auth() -> No
                         capture_output=True, text=True, timeout=10)
     assert ok.returncode == 0, ok.stderr
     assert "--address=127.0.0.1" in ok.stdout.split() and "--basic-auth=ops:secret" in ok.stdout.split()
+
+
+def test_several_of_each_per_host() -> None:
+    """Issue 12.4: each worker has its own node name on its host (WORKER_NAME to run several on one host), beat
+    keeps no schedule file (the in-memory Scheduler), and gunicorn opens no control socket, which would be one
+    path (~/.gunicorn/gunicorn.ctl) shared by every web process of a user on a host."""
+    worker = procfile()["worker"]
+    assert worker[worker.index("--hostname") + 1] == "${WORKER_NAME:-worker}@%h"
+    beat = procfile()["beat"]
+    assert beat[beat.index("--scheduler") + 1] == "celery.beat:Scheduler"
+    conf = runpy.run_path(str(ROOT / "deploy" / "gunicorn.conf.py"))
+    assert conf["control_socket_disable"] is True

@@ -7,7 +7,7 @@ from kling_relay.shared.settings_spec import SETTINGS
 
 # Read outside settings_spec: gunicorn's config, the Procfile's worker line, Flower's line, boto3, Python.
 OUTSIDE_SETTINGS = {
-    "WEB_CONCURRENCY", "WEB_CONNECTIONS", "HOST", "WORKER_CONCURRENCY", "FLOWER_ADDRESS", "FLOWER_PORT",
+    "WEB_CONCURRENCY", "WEB_CONNECTIONS", "HOST", "WORKER_CONCURRENCY", "WORKER_NAME", "FLOWER_ADDRESS", "FLOWER_PORT",
     "FLOWER_BASIC_AUTH", "AWS_DEFAULT_REGION", "AWS_SHARED_CREDENTIALS_FILE",
 }
 # The metrics work (issue 10.3) declares these in settings_spec; listed here until both are on one branch.
