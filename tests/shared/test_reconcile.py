@@ -26,19 +26,14 @@ from tests.support.relay_runtime import (
     queued_job_ids,
     relay_settings,
 )
-from tests.support.sim import SimHandle, running_simulator
+from tests.support.sim import UNIT_SIM_ARGS, SimHandle, sim_fixture
 from tests.support.waiting import wait_until
 
 GET_ONE = "GET /v1/videos/multi-image2video/{id}"
 LIST = "GET /v1/videos/multi-image2video"
 
 
-@pytest.fixture(scope="module")
-def sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimHandle]:
-    args = ("--submitted-seconds", "0.05", "--processing-seconds", "0.05", "--callback-retries", "0",
-            "--video-bytes", "2000")
-    with running_simulator(tmp_path_factory.mktemp("sim-logs"), *args) as handle:
-        yield handle
+sim = sim_fixture(*UNIT_SIM_ARGS, "--video-bytes", "2000")
 
 
 @pytest.fixture()
