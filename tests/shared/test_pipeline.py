@@ -28,17 +28,13 @@ from tests.support.relay_runtime import (
     sim_requests,
 )
 from tests.support.s3 import MotoS3, moto_s3, no_credentials_client
-from tests.support.sim import SimHandle, running_simulator
+from tests.support.sim import SimHandle, sim_fixture
 from tests.support.waiting import wait_until
 
 CREATE = "POST /v1/videos/multi-image2video"
 
 
-@pytest.fixture(scope="module")
-def sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimHandle]:
-    args = ("--submitted-seconds", "0.1", "--processing-seconds", "0.1", "--callback-retries", "0")
-    with running_simulator(tmp_path_factory.mktemp("sim-logs"), *args) as handle:
-        yield handle
+sim = sim_fixture("--submitted-seconds", "0.1", "--processing-seconds", "0.1", "--callback-retries", "0")
 
 
 @pytest.fixture()
