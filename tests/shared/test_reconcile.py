@@ -197,8 +197,10 @@ def test_a_copy_waiting_on_a_refused_host_is_requeued_quietly_and_times_out_sayi
 
 def test_while_copying_is_paused_generated_jobs_wait_and_time_out_saying_why(runtime: Runtime) -> None:
     """Issue 9.9: no copy is re-queued while storage is unusable (the probe fails: this runtime's S3 is a closed
-    port, and it may have no credentials either); a job that reaches its deadline meanwhile says so."""
-    job_id = generated(runtime, deadline=1)
+    port, and it may have no credentials either); a job that reaches its deadline meanwhile says so. The deadline is
+    far enough (30 s) that a slow probe on a loaded machine cannot pass it before the due time is checked; the
+    second pass is run as if two minutes later."""
+    job_id = generated(runtime, deadline=30)
     copy_flow.pause(runtime.redis, code="NoSuchBucket", message="S3 get manifest failed: NoSuchBucket")
     make_due(runtime, job_id)
     report = reconcile(runtime)
