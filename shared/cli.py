@@ -90,13 +90,18 @@ def _pause_command(argv: Sequence[str], *, what: str, description: str) -> int:
 
 def _with_relay(act: Callable[[Relay], object]) -> int:
     """Run `act` with a Relay from the environment and print its JSON: 0, 1 (Redis unreachable), 2 (settings)."""
+    return _run_with_relay(lambda relay: _print_json(act(relay)))
+
+
+def _run_with_relay(act: Callable[[Relay], None]) -> int:
+    """Run `act` with a Relay from the environment, then close it: 0, 1 (Redis unreachable), 2 (settings)."""
     from redis.exceptions import RedisError
 
     relay = _open_relay()
     if relay is None:
         return 2
     try:
-        _print_json(act(relay))
+        act(relay)
         return 0
     except RedisError as exc:
         print(f"Redis did not answer: {type(exc).__name__}: {exc}", file=sys.stderr)
@@ -233,8 +238,6 @@ def _watch(relay: Relay, job_id: str, timeout: float | None) -> int:
 
 
 def _top(argv: Sequence[str]) -> int:
-    from redis.exceptions import RedisError
-
     from kling_relay.shared.top import top
 
     parser = argparse.ArgumentParser(prog="kling-relay top",
@@ -244,19 +247,14 @@ def _top(argv: Sequence[str]) -> int:
                                                  "Kling units spent today. Reads Redis (REDIS_URL) only.")
     parser.add_argument("--once", action="store_true", help="print one frame and exit")
     args = parser.parse_args(argv)
-    relay = _open_relay()
-    if relay is None:
-        return 2
-    try:
-        top(relay.store, once=args.once)
-        return 0
-    except KeyboardInterrupt:
-        return 0
-    except RedisError as exc:
-        print(f"Redis did not answer: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        relay.close()
+
+    def show(relay: Relay) -> None:
+        try:
+            top(relay.store, once=args.once)
+        except KeyboardInterrupt:
+            pass
+
+    return _run_with_relay(show)
 
 
 def _open_relay() -> Relay | None:

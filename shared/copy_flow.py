@@ -39,7 +39,7 @@ from urllib.parse import parse_qsl, urlsplit
 import redis
 
 from kling_relay.shared import keys
-from kling_relay.shared.jobs_model import iso_utc
+from kling_relay.shared.jobs_model import iso_utc, json_object
 
 log = logging.getLogger(__name__)
 
@@ -165,13 +165,8 @@ def waiting(client: redis.Redis, *, now: float | None = None) -> list[dict[str, 
 
 
 def _load(raw: str | None) -> dict[str, Any] | None:
-    if not raw:
-        return None
-    try:
-        record = json.loads(raw)
-    except ValueError:
-        return None
-    if not isinstance(record, dict):
+    record = json_object(raw)
+    if record is None:
         return None
     return {"reason": str(record.get("reason", "")), "host": record.get("host"),
             "message": str(record.get("message", "")), "since": float(record.get("since") or 0),

@@ -139,6 +139,18 @@ def _number(value: float | None) -> int | float | None:
     return int(value) if value.is_integer() else value
 
 
+def json_object(raw: str | None) -> dict[str, Any] | None:
+    """The JSON object `raw` holds, or None when `raw` is empty, not JSON, or JSON but not an object (a record
+    kept in Redis that something else overwrote is read as missing, never as an error)."""
+    if not raw:
+        return None
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
 def _json_or(raw: str | None, default: Any) -> Any:
     if not raw:
         return default

@@ -53,6 +53,7 @@ import redis
 
 from kling_relay.shared import copy_flow, flow, heard, keys, metrics, usage
 from kling_relay.shared.jobs import Job, JobState
+from kling_relay.shared.jobs_model import json_object
 from kling_relay.shared.kling import KlingError, KlingFixAccount, KlingTask, KlingTaskNotFound
 from kling_relay.shared.kling_reads import reads_available
 from kling_relay.shared.locks import RedisLock, job_lock
@@ -128,14 +129,7 @@ def _remember(rt: Runtime, report: ReconcileReport, started: float, ended: float
 
 def last_pass(client: redis.Redis) -> dict[str, Any] | None:
     """The summary the last completed pass left (`at` Unix seconds, `duration_ms`, counts), or None."""
-    raw = cast(str | None, client.get(keys.RECONCILE_LAST))
-    if not raw:
-        return None
-    try:
-        record = json.loads(raw)
-    except ValueError:
-        return None
-    return record if isinstance(record, dict) else None
+    return json_object(cast(str | None, client.get(keys.RECONCILE_LAST)))
 
 
 class _Pass:

@@ -250,12 +250,17 @@ def query_mode(raw: str, env: str) -> str:
     return mode
 
 
+def _whole_number_to(raw: str, env: str, top: int, what: str) -> int:
+    """A whole number from 1 to `top`; `what` says what is wanted when it is more."""
+    value = whole_number(raw, env)
+    if value > top:
+        raise ValueError(f"must be {what}, got {value}")
+    return value
+
+
 def page_count(raw: str, env: str) -> int:
     """A whole number of list pages from 1 to 1000 (Kling's pageNum limit)."""
-    value = whole_number(raw, env)
-    if value > 1000:
-        raise ValueError(f"must be at most 1000 (Kling serves pageNum 1-1000), got {value}")
-    return value
+    return _whole_number_to(raw, env, 1000, "at most 1000 (Kling serves pageNum 1-1000)")
 
 
 def boolean(raw: str, env: str) -> bool:
@@ -270,10 +275,7 @@ def boolean(raw: str, env: str) -> bool:
 
 def port(raw: str, env: str) -> int:
     """A TCP port, 1-65535."""
-    value = whole_number(raw, env)
-    if value > 65535:
-        raise ValueError(f"must be a port (1-65535), got {value}")
-    return value
+    return _whole_number_to(raw, env, 65535, "a port (1-65535)")
 
 
 def log_level(raw: str, env: str) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -80,6 +81,15 @@ def retry_notes(job: dict[str, Any], reason_prefix: str) -> list[dict[str, Any]]
 
 def job_prefix(job: dict[str, Any]) -> str:
     return str(job["videos"][0]["key"]).rsplit("/", 1)[0] + "/"
+
+
+def assert_callbacks_tripled_and_reordered(stats: dict[str, Any], job: dict[str, Any]) -> None:
+    """The fault really happened to `job` (sim knobs callback_duplicate=3, callback_reorder): each status reached the
+    relay three times, and 'processing' only after 'succeed'. A callback that beat the create's answer was answered
+    202 (kept, applied once the task is bound), so 200 and 202 both count as delivered."""
+    delivered = [c["status"] for c in stats["callbacks"][job["kling_task_id"]] if c.get("http_status") in (200, 202)]
+    assert Counter(delivered) == {"submitted": 3, "processing": 3, "succeed": 3}, delivered
+    assert delivered.index("processing") > delivered.index("succeed"), delivered
 
 
 def assert_stored_once(stack: LocalStack, jobs: dict[str, dict[str, Any]], *, video_versions: int | None = 1) -> None:

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
 
 import pytest
 
@@ -18,40 +15,20 @@ from kling_relay.shared.notify import verify
 from kling_relay.shared.settings import Secret
 from kling_relay.shared.validation import ValidationFailed
 from tests.e2e.conftest import job_body, submit, wait_jobs
+from tests.support.receiver import Receiver, serve_receiver
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.e2e
 
 
-class _Hook(BaseHTTPRequestHandler):
-    seen: list[tuple[dict[str, str], bytes]] = []
-    fail_first = 0
-
-    def do_POST(self) -> None:  # noqa: N802
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        cls = type(self)
-        cls.seen.append(({k.lower(): v for k, v in self.headers.items()}, body))
-        status = 503 if len(cls.seen) <= cls.fail_first else 200
-        self.send_response(status)
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
 @pytest.fixture()
-def hook() -> Iterator[tuple[str, type[_Hook]]]:
-    handler = type("Hook", (_Hook,), {"seen": [], "fail_first": 1})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/hooks/kling", handler
-    server.shutdown()
-    server.server_close()
+def hook() -> Iterator[tuple[str, type[Receiver]]]:
+    with serve_receiver("/hooks/kling", status=200, fail_first=1) as served:
+        yield served
 
 
 def test_notify_url_gets_one_signed_event_after_a_retry(clean_sim: LocalStack,
-                                                         hook: tuple[str, type[_Hook]]) -> None:
+                                                         hook: tuple[str, type[Receiver]]) -> None:
     url, handler = hook
     job_id = submit(clean_sim, job_body(21, notify_url=url, metadata={"order": 7}))
     job = wait_jobs(clean_sim, [job_id])[job_id]

@@ -6,10 +6,8 @@ ISO-8601 time, and a job that asks for intermediate states (`notify_events`) get
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +19,7 @@ from deploy.stack import BUCKET, DEMO_NOTIFY_SECRET, LocalStack
 from kling_relay.shared.client import Relay
 from kling_relay.shared.notify import verify
 from tests.e2e.conftest import job_body, submit, wait_jobs
+from tests.support.receiver import Receiver, serve_receiver
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.e2e
@@ -88,32 +87,14 @@ def test_stored_and_canceled_jobs_each_get_one_stream_entry_with_its_iso_time(cl
         assert payload["data"]["id"] == job_id and payload["data"]["state"] == state
 
 
-class _Hook(BaseHTTPRequestHandler):
-    seen: list[tuple[dict[str, str], bytes]] = []
-
-    def do_POST(self) -> None:  # noqa: N802 - http.server's naming
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        type(self).seen.append(({k.lower(): v for k, v in self.headers.items()}, body))
-        self.send_response(204)
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
 @pytest.fixture()
-def hook() -> Iterator[tuple[str, type[_Hook]]]:
-    handler = type("Hook", (_Hook,), {"seen": []})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/hooks/relay", handler
-    server.shutdown()
-    server.server_close()
+def hook() -> Iterator[tuple[str, type[Receiver]]]:
+    with serve_receiver("/hooks/relay") as served:
+        yield served
 
 
 def test_a_job_asking_for_intermediate_states_gets_each_one_signed(clean_sim: LocalStack,
-                                                                     hook: tuple[str, type[_Hook]]) -> None:
+                                                                     hook: tuple[str, type[Receiver]]) -> None:
     """Issue 8.8: only the finished job was ever POSTed; with notify_events ["processing", "generated",
     "stored"] the receiver gets three signed notifications, one per state, each with its own webhook-id and the
     time the job entered that state; the states it did not ask for (submitted) are not sent."""

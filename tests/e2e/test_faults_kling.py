@@ -8,7 +8,6 @@ for 8 s ends ambiguous on the relay's side.
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,6 +16,7 @@ import pytest
 from deploy.stack import LocalStack
 from tests.e2e.conftest import job_body, submit, wait_jobs
 from tests.e2e.faults_conftest import (
+    assert_callbacks_tripled_and_reordered,
     assert_stored_once,
     fault_stack,
     get_jobs,
@@ -68,12 +68,7 @@ def test_callbacks_duplicated_three_times_and_reordered(stack: LocalStack) -> No
     jobs = wait_jobs(stack, ids, timeout=90)
     stats = stack.sim_stats()
     for job in jobs.values():
-        # (a 'submitted' callback that beats the create's answer is answered 202: received, applied by the worker)
-        delivered = [c["status"] for c in stats["callbacks"][job["kling_task_id"]]
-                     if c.get("http_status") in (200, 202)]
-        # the fault really happened: each status three times, 'processing' only after 'succeed'
-        assert Counter(delivered) == {"submitted": 3, "processing": 3, "succeed": 3}, delivered
-        assert delivered.index("processing") > delivered.index("succeed"), delivered
+        assert_callbacks_tripled_and_reordered(stats, job)
     assert_stored_once(stack, jobs)
 
 

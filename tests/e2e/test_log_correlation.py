@@ -12,20 +12,9 @@ import pytest
 from deploy.stack import LocalStack
 from kling_relay.shared.queue import COPY_TASK, SUBMIT_TASK
 from tests.e2e.conftest import job_body, wait_jobs
+from tests.support.json_logs import records
 
 pytestmark = pytest.mark.e2e
-
-
-def records(stack: LocalStack, name: str) -> list[dict[str, Any]]:
-    out = []
-    for line in stack.processes[name].log_path.read_text(errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict):
-            out.append(record)
-    return out
 
 
 def grep(stack: LocalStack, name: str, text: str) -> list[dict[str, Any]]:
@@ -52,7 +41,8 @@ def test_one_job_is_followed_across_processes_by_its_ids(clean_sim: LocalStack) 
     assert first["to"] == "queued" and first["detail"].get("request_id") == request_id, job["events"]
 
     # web: the access line of the POST carries the request id; the app's line about the job both ids
-    access = [r for r in records(stack, "web") if r.get("msg") == "request" and r.get("request_id") == request_id]
+    access = [r for r in records(stack.processes["web"].log_path)
+              if r.get("msg") == "request" and r.get("request_id") == request_id]
     assert [(r["method"], r["path"], r["status"], r.get("job_id")) for r in access] == [
         ("POST", "/v1/jobs", 202, job_id)], access
     web = grep(stack, "web", job_id)  # the POST's lines, the GETs that polled the job, Kling's callbacks

@@ -9,9 +9,7 @@ Back-offs are short (0.2 s up to 1 s) and the budgets large enough (10 submit / 
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
@@ -24,6 +22,7 @@ from kling_relay.shared.settings import Secret
 from tests.e2e.conftest import job_body, submit, wait_jobs
 from tests.e2e.faults_conftest import FAST_SIM_ARGS, assert_stored_once, get_job, retry_notes, wait_until
 from tests.support.faulty_proxy import FaultyProxy
+from tests.support.receiver import Receiver, serve_receiver
 
 pytestmark = pytest.mark.e2e
 
@@ -130,41 +129,14 @@ def test_copy_refused_by_s3_six_times_in_a_row_is_stored(stack: LocalStack, prox
                 if job_id in u["Key"]]
 
 
-class _Receiver(BaseHTTPRequestHandler):
-    """Answers 503 to the first `fail_first` POSTs, then 204; keeps (headers, body) of each."""
-
-    seen: list[tuple[dict[str, str], bytes]]
-    fail_first: int
-    lock: threading.Lock
-
-    def do_POST(self) -> None:  # noqa: N802 - http.server's naming
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        cls = type(self)
-        with cls.lock:
-            cls.seen.append(({k.lower(): v for k, v in self.headers.items()}, body))
-            status = 503 if len(cls.seen) <= cls.fail_first else 204
-        self.send_response(status)
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
 @pytest.fixture()
-def receiver() -> Iterator[tuple[str, type[_Receiver]]]:
-    handler = type("Receiver", (_Receiver,), {"seen": [], "fail_first": FAILURES, "lock": threading.Lock()})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/hooks/relay", handler
-    server.shutdown()
-    server.server_close()
-    thread.join(10)
+def receiver() -> Iterator[tuple[str, type[Receiver]]]:
+    with serve_receiver("/hooks/relay", fail_first=FAILURES) as served:
+        yield served
 
 
 def test_notify_answered_503_six_times_in_a_row_is_delivered(stack: LocalStack,
-                                                              receiver: tuple[str, type[_Receiver]]) -> None:
+                                                              receiver: tuple[str, type[Receiver]]) -> None:
     """The receiver answers 503 six times, then 204: the seventh delivery lands (budget: 10 attempts).
 
     Before the fix the fourth retry raised MaxRetriesExceededError: four POSTs, no "delivered", no "gave up".

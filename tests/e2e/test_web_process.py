@@ -27,6 +27,7 @@ import requests
 from deploy.stack import LocalStack
 from tests.e2e.conftest import job_body, submit, wait_jobs
 from tests.e2e.test_pipeline import callback_token_for
+from tests.support.json_logs import records
 
 pytestmark = pytest.mark.e2e
 
@@ -51,19 +52,6 @@ def bad_lines(path: Path) -> list[str]:
         if not ok:
             bad.append(raw.decode("latin-1")[:300])
     return bad
-
-
-def records(path: Path) -> list[dict[str, Any]]:
-    """The JSON records of a log file (lines that are not JSON are bad_lines' business)."""
-    out = []
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict):
-            out.append(record)
-    return out
 
 
 def raw_request(port: int, data: bytes) -> bytes:

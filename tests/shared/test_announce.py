@@ -27,17 +27,14 @@ from kling_relay.shared.queue import NOTIFY_QUEUE
 from kling_relay.shared.reconcile import ANNOUNCE_GRACE_SECONDS, reconcile
 from kling_relay.shared.runtime import Runtime
 from tests.support.relay_runtime import REQUEST, close_runtime, make_runtime, relay_settings
-from tests.support.sim import SimHandle, running_simulator
+from tests.support.sim import SimHandle, sim_fixture
 
 STREAM = "kling-relay:events"
 ISO = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 HOOK = "https://app.example.com/hook"
 
 
-@pytest.fixture(scope="module")
-def sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimHandle]:
-    with running_simulator(tmp_path_factory.mktemp("sim-logs"), "--callback-retries", "0") as handle:
-        yield handle
+sim = sim_fixture("--callback-retries", "0")
 
 
 @pytest.fixture()

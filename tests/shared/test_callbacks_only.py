@@ -25,8 +25,8 @@ from kling_relay.shared.queue import COPY_QUEUE
 from kling_relay.shared.reconcile import reconcile
 from kling_relay.shared.runtime import Runtime
 from tests.support.relay_runtime import close_runtime, make_runtime, new_job, relay_settings
-from tests.support.s3 import MotoS3, start_moto_s3
-from tests.support.sim import SimHandle, running_simulator
+from tests.support.s3 import MotoS3, moto_fixture
+from tests.support.sim import UNIT_SIM_ARGS, SimHandle, sim_fixture
 
 CREATE = "POST /v1/videos/multi-image2video"
 GET_ONE = "GET /v1/videos/multi-image2video/{id}"
@@ -34,20 +34,8 @@ LIST = "GET /v1/videos/multi-image2video"
 BUCKET = "videos"
 
 
-@pytest.fixture(scope="module")
-def sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimHandle]:
-    args = ("--submitted-seconds", "0.05", "--processing-seconds", "0.05", "--callback-retries", "0",
-            "--video-bytes", "3000")
-    with running_simulator(tmp_path_factory.mktemp("sim-logs"), *args) as handle:
-        yield handle
-
-
-@pytest.fixture(scope="module")
-def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoS3]:
-    server = start_moto_s3(tmp_path_factory.mktemp("moto-logs"))
-    server.client().create_bucket(Bucket=BUCKET)
-    yield server
-    server.stop()
+sim = sim_fixture(*UNIT_SIM_ARGS, "--video-bytes", "3000")
+moto = moto_fixture(bucket=BUCKET)
 
 
 @pytest.fixture()

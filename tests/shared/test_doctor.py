@@ -9,7 +9,6 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from email.utils import formatdate
 
 import pytest
@@ -30,26 +29,16 @@ from kling_relay.shared.doctor import (
 )
 from kling_relay.shared.kling_reads import FOREIGN, MISSING, UNKNOWN, WORKS, ReadsProbe, RouteCheck
 from tests.support.procs import free_port
-from tests.support.s3 import MotoS3, start_moto_s3
-from tests.support.sim import SimHandle, running_simulator
+from tests.support.s3 import MotoS3, moto_fixture
+from tests.support.sim import SimHandle, sim_fixture
 
 API_KEY = "reseller-static-key-0123456789"
 BUCKET = "doctor-bucket"
 CREATE = "POST /v1/videos/multi-image2video"
 
 
-@pytest.fixture(scope="module")
-def sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimHandle]:
-    with running_simulator(tmp_path_factory.mktemp("sim-logs"), prefix="/kling", api_key=API_KEY) as handle:
-        yield handle
-
-
-@pytest.fixture(scope="module")
-def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoS3]:
-    server = start_moto_s3(tmp_path_factory.mktemp("moto-logs"))
-    server.client().create_bucket(Bucket=BUCKET)
-    yield server
-    server.stop()
+sim = sim_fixture(prefix="/kling", api_key=API_KEY)
+moto = moto_fixture(bucket=BUCKET)
 
 
 def doctor(redis_url: str, sim: SimHandle, moto: MotoS3, *args: str, **env: str) -> tuple[int, str]:

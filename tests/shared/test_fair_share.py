@@ -19,15 +19,12 @@ from kling_relay.shared.jobs import JobState
 from kling_relay.shared.pipeline import RetryIn, submit_job
 from kling_relay.shared.runtime import Runtime
 from tests.support.relay_runtime import REQUEST, close_runtime, make_runtime, relay_settings
-from tests.support.sim import SimHandle, running_simulator
+from tests.support.sim import SimHandle, sim_fixture
 
 CAP = 2
 
 
-@pytest.fixture(scope="module")
-def sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimHandle]:
-    with running_simulator(tmp_path_factory.mktemp("sim-logs"), "--callback-retries", "0") as handle:
-        yield handle
+sim = sim_fixture("--callback-retries", "0")
 
 
 @pytest.fixture()

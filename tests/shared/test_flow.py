@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,7 @@ from kling_relay.shared.kling import KlingRetryLater
 from kling_relay.shared.runtime import limited_kling_client
 from tests.support.clock import FakeClock
 from tests.support.relay_runtime import REQUEST, relay_settings
-from tests.support.sim import SimHandle, running_simulator
+from tests.support.sim import SimHandle, sim_fixture
 
 # --- rate limit ---------------------------------------------------------------------------------------------------
 
@@ -75,10 +74,7 @@ def test_acquire_waits_briefly_then_raises_rate_limited(redis_client: redis.Redi
     assert isinstance(info.value, KlingRetryLater) and info.value.retryable
 
 
-@pytest.fixture(scope="module")
-def sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimHandle]:
-    with running_simulator(tmp_path_factory.mktemp("sim-logs")) as handle:
-        yield handle
+sim = sim_fixture()
 
 
 def test_limited_client_sends_nothing_over_the_limit(redis_url: str, redis_client: redis.Redis,

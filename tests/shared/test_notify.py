@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
@@ -15,6 +14,7 @@ import requests
 from kling_relay.shared.notify import NotifyError, deliver, event_payload, publish, sign, verify
 from kling_relay.shared.settings import Secret
 from kling_relay.shared.urlguard import UrlAllowlist
+from tests.support.receiver import Receiver, serve_receiver
 
 LOCAL = UrlAllowlist.parse("http://127.0.0.1", name="NOTIFY_URL_ALLOWLIST")
 
@@ -41,33 +41,13 @@ def test_verify_accepts_good_and_refuses_tampered_or_stale() -> None:
     assert verify(SPEC_SECRET, several, SPEC_BODY, now=SPEC_TS)
 
 
-class _Receiver(BaseHTTPRequestHandler):
-    status = 204
-    seen: list[tuple[dict[str, str], bytes]] = []
-
-    def do_POST(self) -> None:  # noqa: N802
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        type(self).seen.append(({k.lower(): v for k, v in self.headers.items()}, body))
-        self.send_response(type(self).status)
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
 @pytest.fixture()
-def receiver() -> Iterator[tuple[str, type[_Receiver]]]:
-    handler = type("Receiver", (_Receiver,), {"seen": [], "status": 204})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/hook", handler
-    server.shutdown()
-    server.server_close()
+def receiver() -> Iterator[tuple[str, type[Receiver]]]:
+    with serve_receiver("/hook") as served:
+        yield served
 
 
-def test_deliver_posts_a_signed_body(receiver: tuple[str, type[_Receiver]]) -> None:
+def test_deliver_posts_a_signed_body(receiver: tuple[str, type[Receiver]]) -> None:
     url, handler = receiver
     secret = Secret("a-plain-notify-secret")
     status = deliver(url, secret, "msg_1", {"type": "job.stored", "data": {"id": "job_1"}},
@@ -81,7 +61,7 @@ def test_deliver_posts_a_signed_body(receiver: tuple[str, type[_Receiver]]) -> N
 
 @pytest.mark.parametrize(("status", "retryable"), [(500, True), (503, True), (429, True), (408, True),
                                                    (400, False), (404, False), (410, False)])
-def test_deliver_classifies_failures(receiver: tuple[str, type[_Receiver]], status: int, retryable: bool) -> None:
+def test_deliver_classifies_failures(receiver: tuple[str, type[Receiver]], status: int, retryable: bool) -> None:
     url, handler = receiver
     handler.status = status
     with pytest.raises(NotifyError) as info:
@@ -101,7 +81,7 @@ def test_deliver_unreachable_is_retryable() -> None:
 @pytest.mark.parametrize("target", ["http://127.0.0.1:{port}/hook", "https://127.0.0.1:{port}/hook",
                                     "https://169.254.169.254/latest/meta-data/", "https://[::1]:{port}/",
                                     "https://2130706433:{port}/", "https://localhost:{port}/"])
-def test_default_allowlist_refuses_internal_targets(receiver: tuple[str, type[_Receiver]], target: str) -> None:
+def test_default_allowlist_refuses_internal_targets(receiver: tuple[str, type[Receiver]], target: str) -> None:
     url, handler = receiver
     port = url.split(":")[2].split("/")[0]
     default = UrlAllowlist.parse("*", name="NOTIFY_URL_ALLOWLIST")
@@ -112,7 +92,7 @@ def test_default_allowlist_refuses_internal_targets(receiver: tuple[str, type[_R
     assert handler.seen == []
 
 
-def test_redirects_are_not_followed(receiver: tuple[str, type[_Receiver]]) -> None:
+def test_redirects_are_not_followed(receiver: tuple[str, type[Receiver]]) -> None:
     url, handler = receiver
     handler.status = 307
     with pytest.raises(NotifyError) as info:

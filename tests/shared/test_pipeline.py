@@ -10,7 +10,6 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
-import boto3
 import pytest
 
 from kling_relay.shared import copy_flow, flow, ops
@@ -28,18 +27,14 @@ from tests.support.relay_runtime import (
     relay_settings,
     sim_requests,
 )
-from tests.support.s3 import MotoS3, moto_s3
-from tests.support.sim import SimHandle, running_simulator
+from tests.support.s3 import MotoS3, moto_s3, no_credentials_client
+from tests.support.sim import SimHandle, sim_fixture
 from tests.support.waiting import wait_until
 
 CREATE = "POST /v1/videos/multi-image2video"
 
 
-@pytest.fixture(scope="module")
-def sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimHandle]:
-    args = ("--submitted-seconds", "0.1", "--processing-seconds", "0.1", "--callback-retries", "0")
-    with running_simulator(tmp_path_factory.mktemp("sim-logs"), *args) as handle:
-        yield handle
+sim = sim_fixture("--submitted-seconds", "0.1", "--processing-seconds", "0.1", "--callback-retries", "0")
 
 
 @pytest.fixture()
@@ -417,14 +412,7 @@ def test_no_s3_credentials_pauses_copying(runtime: Runtime, sim: SimHandle, moto
                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """Issue 9.9: with no S3 credentials at all, the copy pauses (NoCredentials) instead of looping to
     copy_exhausted."""
-    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
-                 "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_CONTAINER_CREDENTIALS_FULL_URI",
-                 "AWS_WEB_IDENTITY_TOKEN_FILE"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/credentials")
-    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent/config")
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    client = boto3.session.Session().client("s3", endpoint_url=moto.endpoint_url, region_name="us-east-1")
+    client = no_credentials_client(moto, monkeypatch)
     runtime.storage = Storage(client, "videos")
     job_id = generated_job(runtime, sim)
     assert copy_job(runtime, job_id) == "paused"

@@ -16,7 +16,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pytest
 import requests
 from botocore.exceptions import ClientError
@@ -33,7 +32,7 @@ from kling_relay.shared.storage import (
 )
 from kling_relay.shared.urlguard import UrlAllowlist, UrlRefused
 from tests.support.procs import Process, free_port, wait_for_port
-from tests.support.s3 import MotoS3, start_moto_s3
+from tests.support.s3 import MotoS3, moto_fixture, no_credentials_client
 
 MIB = 1 << 20
 CREATED_AT = 1_767_225_599.5  # 2025-12-31T23:59:59.5Z: the date in the key is UTC's
@@ -41,11 +40,7 @@ CREATED_AT = 1_767_225_599.5  # 2025-12-31T23:59:59.5Z: the date in the key is U
 
 # --- fixtures -----------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoS3]:
-    server = start_moto_s3(tmp_path_factory.mktemp("moto"))
-    yield server
-    server.stop()
+moto = moto_fixture()
 
 
 @pytest.fixture()
@@ -282,18 +277,6 @@ def test_a_missing_bucket_makes_storage_unusable(s3: Any) -> None:
     with pytest.raises(StorageUnusable) as info:
         storage.copy_stream(iter([b"x"]), key="a.mp4", expected_bytes=None, metadata={})
     assert info.value.code == "NoSuchBucket"
-
-
-def no_credentials_client(moto: MotoS3, monkeypatch: pytest.MonkeyPatch) -> Any:
-    """A boto3 client for moto that finds no credentials anywhere (as on a machine where none were set up)."""
-    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
-                 "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_CONTAINER_CREDENTIALS_FULL_URI",
-                 "AWS_WEB_IDENTITY_TOKEN_FILE"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/credentials")
-    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent/config")
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    return boto3.session.Session().client("s3", endpoint_url=moto.endpoint_url, region_name="us-east-1")
 
 
 def test_no_credentials_make_storage_unusable(moto: MotoS3, bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:

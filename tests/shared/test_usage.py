@@ -24,8 +24,8 @@ from kling_relay.shared.runtime import Runtime
 from kling_relay.shared.storage import Storage
 from tests.support.clock import FakeClock
 from tests.support.relay_runtime import REQUEST, close_runtime, make_runtime, new_job, relay_settings
-from tests.support.s3 import MotoS3, start_moto_s3
-from tests.support.sim import SimHandle, running_simulator
+from tests.support.s3 import MotoS3, moto_fixture
+from tests.support.sim import UNIT_SIM_ARGS, SimHandle, sim_fixture
 from tests.support.waiting import wait_until
 
 CREATE = "POST /v1/videos/multi-image2video"
@@ -34,12 +34,7 @@ DAY_1 = datetime(2030, 3, 31, 12, 0, tzinfo=UTC).timestamp()  # the last day of 
 DAY_2 = datetime(2030, 4, 1, 0, 0, 1, tzinfo=UTC).timestamp()  # one second into the next UTC day (and month)
 
 
-@pytest.fixture(scope="module")
-def sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimHandle]:
-    args = ("--submitted-seconds", "0.05", "--processing-seconds", "0.05", "--callback-retries", "0",
-            "--video-bytes", "2000")
-    with running_simulator(tmp_path_factory.mktemp("sim-logs"), *args) as handle:
-        yield handle
+sim = sim_fixture(*UNIT_SIM_ARGS, "--video-bytes", "2000")
 
 
 @pytest.fixture()
@@ -240,11 +235,7 @@ def test_an_account_pause_is_never_replaced_by_a_budget_pause(runtime: Runtime, 
 
 # --- the manifest ---------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoS3]:
-    server = start_moto_s3(tmp_path_factory.mktemp("moto"))
-    yield server
-    server.stop()
+moto = moto_fixture()
 
 
 def test_the_units_are_in_the_manifest_and_the_job(runtime: Runtime, moto: MotoS3) -> None:

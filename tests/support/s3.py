@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import boto3
+import pytest
 from botocore.config import Config
 
 from tests.support.procs import Process, free_port, wait_for_port
@@ -88,3 +89,29 @@ def moto_s3(log_dir: Path, *, min_part_size: int | None = None) -> Iterator[Moto
         yield server
     finally:
         server.stop()
+
+
+def moto_fixture(*, bucket: str | None = None) -> Any:
+    """A module-scoped pytest fixture named `moto`: one moto S3 server for all the module's tests, with `bucket`
+    created when given. Use as `moto = moto_fixture(...)` at module level."""
+
+    @pytest.fixture(scope="module", name="moto")
+    def _moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoS3]:
+        with moto_s3(tmp_path_factory.mktemp("moto-logs")) as server:
+            if bucket is not None:
+                server.client().create_bucket(Bucket=bucket)
+            yield server
+
+    return _moto
+
+
+def no_credentials_client(moto: MotoS3, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """A boto3 client for moto that finds no credentials anywhere (as on a machine where none were set up)."""
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
+                 "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+                 "AWS_WEB_IDENTITY_TOKEN_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/credentials")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent/config")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    return boto3.session.Session().client("s3", endpoint_url=moto.endpoint_url, region_name="us-east-1")

@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
 import requests
 
 from tests.support.procs import Process, free_port, wait_for_port
@@ -162,3 +163,19 @@ def running_simulator(log_dir: Path, *args: str, **kwargs: Any) -> Iterator[SimH
         yield sim
     finally:
         sim.stop()
+
+
+#: Simulator arguments for plain-function tests: tasks finish in ~0.1 s and a failed callback is not sent again.
+UNIT_SIM_ARGS = ("--submitted-seconds", "0.05", "--processing-seconds", "0.05", "--callback-retries", "0")
+
+
+def sim_fixture(*args: str, **kwargs: Any) -> Any:
+    """A module-scoped pytest fixture named `sim`: one simulator started with `args`/`kwargs` (as
+    `running_simulator` takes them) for all the module's tests. Use as `sim = sim_fixture(...)` at module level."""
+
+    @pytest.fixture(scope="module", name="sim")
+    def _sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimHandle]:
+        with running_simulator(tmp_path_factory.mktemp("sim-logs"), *args, **kwargs) as handle:
+            yield handle
+
+    return _sim

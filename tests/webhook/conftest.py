@@ -7,6 +7,7 @@ Celery messages are read back from Redis.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -34,15 +35,23 @@ def app_settings(redis_url: str, **extra: str) -> Settings:
     return load_settings(app_env(redis_url, **extra))
 
 
+@contextmanager
+def open_runtime(settings: Settings) -> Iterator[Runtime]:
+    """A Runtime on `settings` with its own Celery app (on the settings' Redis); closed on exit."""
+    celery_app = make_celery(settings.redis_url)
+    rt = Runtime.from_settings(settings, celery_app)
+    try:
+        yield rt
+    finally:
+        rt.redis.close()
+        rt.http.close()
+        celery_app.close()
+
+
 @pytest.fixture()
 def runtime(redis_url: str) -> Iterator[Runtime]:
-    settings = app_settings(redis_url)
-    celery_app = make_celery(redis_url)
-    rt = Runtime.from_settings(settings, celery_app)
-    yield rt
-    rt.redis.close()
-    rt.http.close()
-    celery_app.close()
+    with open_runtime(app_settings(redis_url)) as rt:
+        yield rt
 
 
 @pytest.fixture()

@@ -11,11 +11,10 @@ import pytest
 from flask.testing import FlaskClient
 
 from kling_relay.shared.jobs import JobState
-from kling_relay.shared.queue import make_celery
 from kling_relay.shared.runtime import Runtime
 from kling_relay.shared.settings import load_settings
 from kling_relay.webhook.app import create_app
-from tests.webhook.conftest import app_env, auth
+from tests.webhook.conftest import app_env, auth, open_runtime
 from tests.webhook.test_api_inputs import BODY
 
 WEB = "web-app-token-0123456789"
@@ -25,12 +24,8 @@ ONCALL = "oncall-ops-token-0123456789"
 
 def _runtime(redis_url: str, **extra: str) -> Iterator[Runtime]:
     settings = load_settings({**app_env(redis_url, **extra), "API_TOKENS": f"web:{WEB},batch:{BATCH}"})
-    celery_app = make_celery(redis_url)
-    rt = Runtime.from_settings(settings, celery_app)
-    yield rt
-    rt.redis.close()
-    rt.http.close()
-    celery_app.close()
+    with open_runtime(settings) as rt:
+        yield rt
 
 
 @pytest.fixture()

@@ -11,21 +11,17 @@ from collections.abc import Iterator
 import pytest
 from flask.testing import FlaskClient
 
-from kling_relay.shared.queue import SUBMIT_QUEUE, make_celery
+from kling_relay.shared.queue import SUBMIT_QUEUE
 from kling_relay.shared.runtime import Runtime
 from kling_relay.webhook.app import create_app
 from tests.shared.test_ops import REQUEST
-from tests.webhook.conftest import app_settings, auth
+from tests.webhook.conftest import app_settings, auth, open_runtime
 
 
 @pytest.fixture()
 def notify_runtime(redis_url: str) -> Iterator[Runtime]:
-    celery_app = make_celery(redis_url)
-    rt = Runtime.from_settings(app_settings(redis_url, NOTIFY_SECRET="notify-secret-0123456789"), celery_app)
-    yield rt
-    rt.redis.close()
-    rt.http.close()
-    celery_app.close()
+    with open_runtime(app_settings(redis_url, NOTIFY_SECRET="notify-secret-0123456789")) as rt:
+        yield rt
 
 
 @pytest.fixture()

@@ -16,12 +16,12 @@ from flask.testing import FlaskClient
 from kling_relay.shared.jobs import JobState
 from kling_relay.shared.kling import KlingTask
 from kling_relay.shared.pipeline import CREATE_SENT, record_task
-from kling_relay.shared.queue import COPY_QUEUE, make_celery
+from kling_relay.shared.queue import COPY_QUEUE
 from kling_relay.shared.runtime import Runtime
 from kling_relay.shared.settings import Secret
 from kling_relay.shared.tokens import callback_token
 from kling_relay.webhook.app import create_app
-from tests.webhook.conftest import CALLBACK_SECRET, app_settings, auth
+from tests.webhook.conftest import CALLBACK_SECRET, app_settings, auth, open_runtime
 
 REQUEST = {"model_name": "kling-v1-6", "image_list": [{"image": "https://img.example.com/a.png"}], "prompt": "p",
            "mode": "std", "duration": "5", "aspect_ratio": "16:9"}
@@ -202,12 +202,8 @@ def _signed(body: bytes, *, secret: bytes = base64.b64decode(WEBHOOK_SECRET[6:])
 
 @pytest.fixture()
 def signed_runtime(redis_url: str) -> Iterator[Runtime]:
-    celery_app = make_celery(redis_url)
-    rt = Runtime.from_settings(app_settings(redis_url, KLING_WEBHOOK_SECRET=WEBHOOK_SECRET), celery_app)
-    yield rt
-    rt.redis.close()
-    rt.http.close()
-    celery_app.close()
+    with open_runtime(app_settings(redis_url, KLING_WEBHOOK_SECRET=WEBHOOK_SECRET)) as rt:
+        yield rt
 
 
 @pytest.fixture()

@@ -48,17 +48,21 @@ def _env(runtime: Runtime) -> dict[str, str]:
     return {**os.environ, **app_env(runtime.settings.redis_url)}
 
 
+def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """Run `kling-relay *args` (the CLI module) in a subprocess with `env`; its output as text."""
+    return subprocess.run([sys.executable, "-m", "kling_relay.shared.cli", *args], env=env, cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=60)
+
+
 def test_status_and_resume_from_python_and_the_cli(runtime: Runtime) -> None:
     env = _env(runtime)
     relay = Relay.from_env(env)
     flow.pause(runtime.redis, code=1002, message="token invalid")
     assert relay.status()["submission"] == "paused"
-    out = subprocess.run([sys.executable, "-m", "kling_relay.shared.cli", "submission", "status"], env=env,
-                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    out = _cli(env, "submission", "status")
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["pause"]["reason"] == "auth"
-    out = subprocess.run([sys.executable, "-m", "kling_relay.shared.cli", "submission", "resume"], env=env,
-                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    out = _cli(env, "submission", "resume")
     assert out.returncode == 0 and json.loads(out.stdout)["resumed"] is True
     assert relay.status()["submission"] == "open"
     assert relay.resume_submission() is None
@@ -108,13 +112,11 @@ def test_copy_status_and_resume_from_python_and_the_cli(runtime: Runtime) -> Non
     relay = Relay.from_env(env)
     copy_flow.pause(runtime.redis, code="NoCredentials", message="S3 get manifest failed: no credentials")
     assert relay.status()["copy"] == "paused"
-    out = subprocess.run([sys.executable, "-m", "kling_relay.shared.cli", "copy", "status"], env=env,
-                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    out = _cli(env, "copy", "status")
     assert out.returncode == 0, out.stderr
     shown = json.loads(out.stdout)
     assert shown["copy"] == "paused" and shown["copy_pause"]["code"] == "NoCredentials"
-    out = subprocess.run([sys.executable, "-m", "kling_relay.shared.cli", "copy", "resume"], env=env,
-                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    out = _cli(env, "copy", "resume")
     assert out.returncode == 0 and json.loads(out.stdout)["resumed"] is True
     assert relay.status()["copy"] == "open"
     assert relay.resume_copy() is None
@@ -123,8 +125,7 @@ def test_copy_status_and_resume_from_python_and_the_cli(runtime: Runtime) -> Non
 
 def test_config_prints_no_secret(runtime: Runtime) -> None:
     env = {**_env(runtime), "REDIS_URL": runtime.settings.redis_url.replace("redis://", "redis://:pw1234567@")}
-    out = subprocess.run([sys.executable, "-m", "kling_relay.shared.cli", "config"], env=env, cwd=REPO_ROOT,
-                         capture_output=True, text=True, timeout=60)
+    out = _cli(env, "config")
     assert out.returncode == 0, out.stderr
     shown = json.loads(out.stdout)
     assert "pw1234567" not in out.stdout and "k" * 32 not in out.stdout and CALLBACK not in out.stdout
