@@ -63,6 +63,35 @@ def remember(client: redis.Redis, job_id: str, task: KlingTask, *, ttl_seconds: 
     return True
 
 
+# KEYS: 1 the job's hash, 2 its heard hash. ARGV: 1 task id, 2 field, 3 task JSON, 4 ttl seconds, 5 MAX_HEARD.
+# Returns {kept (0/1), the job's hash as a flat list (empty: no job)}; keeps the task only if it is the job's.
+_READ_AND_REMEMBER = """
+local h = redis.call('HGETALL', KEYS[1])
+if #h == 0 then return {0, h} end
+if redis.call('HGET', KEYS[1], 'kling_task_id') ~= ARGV[1] then return {0, h} end
+if redis.call('HEXISTS', KEYS[2], ARGV[2]) == 0 and redis.call('HLEN', KEYS[2]) >= tonumber(ARGV[5]) then
+  return {0, h}
+end
+redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+redis.call('EXPIRE', KEYS[2], ARGV[4])
+return {1, h}
+"""
+
+
+def read_and_remember(client: redis.Redis, job_id: str, task: KlingTask, *,
+                      ttl_seconds: int) -> tuple[Job | None, bool]:
+    """One round trip for a callback: the job (None if there is none) and, when `task` is the job's own bound
+    task, `remember` it as well (the second value: whether it was kept). A task that is not the job's bound one is
+    not kept here: the caller checks it and calls `remember` itself where that is allowed."""
+    field = f"{task.status}:{task.task_id}"
+    kept, flat = cast(list[Any], client.register_script(_READ_AND_REMEMBER)(
+        keys=[keys.job(job_id), keys.job_heard(job_id)],
+        args=[task.task_id, field, json.dumps(task_json(task), ensure_ascii=False), ttl_seconds, MAX_HEARD]))
+    if not flat:
+        return None, False
+    return Job.from_hash(dict(zip(flat[0::2], flat[1::2], strict=True))), bool(kept)
+
+
 def heard(client: redis.Redis, job_id: str, task_id: str) -> KlingTask | None:
     """The most advanced status callbacks reported for this task of the job (None if none did)."""
     best: KlingTask | None = None

@@ -39,9 +39,10 @@ from typing import Any
 
 from flask import Blueprint, jsonify, request
 
-from kling_relay.shared import heard, metrics
+from kling_relay.shared import heard, metrics, usage
 from kling_relay.shared.http_client import verify
 from kling_relay.shared.jobs import Job, JobNotFound, JobState, StepResult
+from kling_relay.shared.jobs_model import step_applies
 from kling_relay.shared.kling import KlingTask
 from kling_relay.shared.pipeline import CREATE_SENT, KLING_STATUS_TO_STATE, apply_task_status, record_task
 from kling_relay.shared.tokens import callback_token_ok
@@ -68,15 +69,14 @@ def kling_callback(job_id: str) -> Any:
     if not signed:
         log.warning("callback refused: missing, wrong or stale webhook signature", extra={"job_id": job_id})
         return _refused("signature", 401, "missing, wrong or stale webhook signature")
-    job = rt.store.get(job_id)
+    task = _parse(job_id, raw)
+    if not isinstance(task, KlingTask):
+        return task
+    # One round trip: the job, and the callback kept (`heard`) if its task is the job's bound one (the checks
+    # below then pass; kept before any step: the copy the step queues may need the URL, callbacks only).
+    job, _ = heard.read_and_remember(rt.redis, job_id, task, ttl_seconds=_heard_ttl())
     if job is None:
         return _refused("unknown_job", 404, "unknown job")
-    try:
-        task = KlingTask.from_json(parse_json(raw))
-    except (ValueError, TypeError) as exc:
-        return _refused("malformed", 400, f"not a Kling task object: {exc}")
-    if task.external_task_id is not None and task.external_task_id != job_id:
-        return _refused("task_mismatch", 409, "external_task_id does not match this job")
     if job.kling_task_id is None:
         if task.external_task_id != job_id:
             # Only a task that names this job could ever be its own: a token alone must not pass another job's
@@ -91,16 +91,40 @@ def kling_callback(job_id: str) -> Any:
         return _before_task_recorded(job, task)
     if job.kling_task_id != task.task_id:
         return _refused("task_mismatch", 409, "task_id does not match this job's Kling task")
-    _remember(job, task)  # before the step: the copy it queues may need the URL (callbacks only)
+    to = KLING_STATUS_TO_STATE[task.status]
+    if not step_applies(job.state, to):
+        # Duplicate or stale (the job is already there or past it): the step would change nothing, so it is not
+        # run. What Kling billed is still recorded, as `apply_task_status` does first for every status.
+        usage.record_deduction(rt.redis, job_id, task, now=rt.clock())
+        metrics.callback("duplicate" if job.state is to else "stale")
+        return jsonify(ok=True, applied=False, state=job.state.value)
     result = apply_task_status(rt, job_id, task, source="callback")
-    metrics.callback(_outcome(result, KLING_STATUS_TO_STATE[task.status]))
+    metrics.callback(_outcome(result, to))
     return jsonify(ok=True, applied=result.applied, state=result.job.state.value)
 
 
-def _remember(job: Job, task: KlingTask) -> None:
+def _parse(job_id: str, raw: bytes) -> Any:
+    """The callback's task, or the refusal to answer (an unknown job is a 404 whatever the body, as before)."""
+    try:
+        task = KlingTask.from_json(parse_json(raw))
+    except (ValueError, TypeError) as exc:
+        if runtime().store.get(job_id) is None:
+            return _refused("unknown_job", 404, "unknown job")
+        return _refused("malformed", 400, f"not a Kling task object: {exc}")
+    if task.external_task_id is not None and task.external_task_id != job_id:
+        if runtime().store.get(job_id) is None:
+            return _refused("unknown_job", 404, "unknown job")
+        return _refused("task_mismatch", 409, "external_task_id does not match this job")
+    return task
+
+
+def _heard_ttl() -> int:
     settings = runtime().settings
-    heard.remember(runtime().redis, job.id, task,
-                   ttl_seconds=int(settings.job_ttl_seconds + settings.job_deadline_seconds))
+    return int(settings.job_ttl_seconds + settings.job_deadline_seconds)
+
+
+def _remember(job: Job, task: KlingTask) -> None:
+    heard.remember(runtime().redis, job.id, task, ttl_seconds=_heard_ttl())
 
 
 def _before_task_recorded(job: Job, task: KlingTask) -> Any:
