@@ -72,35 +72,51 @@ def kling_callback(job_id: str) -> Any:
     task = _parse(job_id, raw)
     if not isinstance(task, KlingTask):
         return task
-    # One round trip: the job, and the callback kept (`heard`) if its task is the job's bound one (the checks
-    # below then pass; kept before any step: the copy the step queues may need the URL, callbacks only).
-    job, _ = heard.read_and_remember(rt.redis, job_id, task, ttl_seconds=_heard_ttl())
-    if job is None:
+    # One round trip: the job's state and task, and the callback kept (`heard`) if its task is the job's bound one
+    # (the checks below then pass; kept before any step: the copy the step queues may need the URL, callbacks only).
+    seen = heard.read_and_remember(rt.redis, job_id, task, ttl_seconds=_heard_ttl())
+    if seen.state is None:
         return _refused("unknown_job", 404, "unknown job")
-    if job.kling_task_id is None:
-        if task.external_task_id != job_id:
-            # Only a task that names this job could ever be its own: a token alone must not pass another job's
-            # task off as this one's (whose video the copy would then store here).
-            return _refused("task_mismatch", 409,
-                            "task_info.external_task_id must name this job until its task id is known")
-        _remember(job, task)
-        if heard.may_bind_from_callback(job, task, signed=secret is not None):
-            record_task(rt, job_id, task, source="callback", detail={"bound_by": "signed callback"})
-            metrics.callback("applied")
-            return jsonify(ok=True, applied=True, state=rt.store.require(job_id).state.value)
-        return _before_task_recorded(job, task)
-    if job.kling_task_id != task.task_id:
+    if seen.kling_task_id is None:
+        return _unbound(job_id, task, signed=secret is not None)
+    if seen.kling_task_id != task.task_id:
         return _refused("task_mismatch", 409, "task_id does not match this job's Kling task")
     to = KLING_STATUS_TO_STATE[task.status]
-    if not step_applies(job.state, to):
+    if not step_applies(seen.state, to):
         # Duplicate or stale (the job is already there or past it): the step would change nothing, so it is not
         # run. What Kling billed is still recorded, as `apply_task_status` does first for every status.
         usage.record_deduction(rt.redis, job_id, task, now=rt.clock())
-        metrics.callback("duplicate" if job.state is to else "stale")
-        return jsonify(ok=True, applied=False, state=job.state.value)
+        metrics.callback("duplicate" if seen.state is to else "stale")
+        return jsonify(ok=True, applied=False, state=seen.state.value)
     result = apply_task_status(rt, job_id, task, source="callback")
     metrics.callback(_outcome(result, to))
     return jsonify(ok=True, applied=result.applied, state=result.job.state.value)
+
+
+def _unbound(job_id: str, task: KlingTask, *, signed: bool) -> Any:
+    """A callback for a job whose task is not recorded yet (read in full: this path is rare)."""
+    rt = runtime()
+    job = rt.store.get(job_id)
+    if job is None:
+        return _refused("unknown_job", 404, "unknown job")
+    if job.kling_task_id is not None:  # bound since the first read: answer as for a bound job
+        if job.kling_task_id != task.task_id:
+            return _refused("task_mismatch", 409, "task_id does not match this job's Kling task")
+        _remember(job, task)
+        result = apply_task_status(rt, job_id, task, source="callback")
+        metrics.callback(_outcome(result, KLING_STATUS_TO_STATE[task.status]))
+        return jsonify(ok=True, applied=result.applied, state=result.job.state.value)
+    if task.external_task_id != job_id:
+        # Only a task that names this job could ever be its own: a token alone must not pass another job's
+        # task off as this one's (whose video the copy would then store here).
+        return _refused("task_mismatch", 409,
+                        "task_info.external_task_id must name this job until its task id is known")
+    _remember(job, task)
+    if heard.may_bind_from_callback(job, task, signed=signed):
+        record_task(rt, job_id, task, source="callback", detail={"bound_by": "signed callback"})
+        metrics.callback("applied")
+        return jsonify(ok=True, applied=True, state=rt.store.require(job_id).state.value)
+    return _before_task_recorded(job, task)
 
 
 def _parse(job_id: str, raw: bytes) -> Any:
