@@ -26,9 +26,17 @@ async def _client(host: str, port: int, next_request: Callable[[], bytes | None]
     try:
         while (req := next_request()) is not None:
             t0 = time.perf_counter()
-            writer.write(req)
-            await writer.drain()
-            head = await reader.readuntil(b"\r\n\r\n")
+            for attempt in range(3):  # a recycled gunicorn worker closes its keep-alive connections: reconnect
+                try:
+                    writer.write(req)
+                    await writer.drain()
+                    head = await reader.readuntil(b"\r\n\r\n")
+                    break
+                except (ConnectionError, asyncio.IncompleteReadError):
+                    writer.close()
+                    if attempt == 2:
+                        raise
+                    reader, writer = await asyncio.open_connection(host, port)
             status = int(head.split(b" ", 2)[1])
             length = 0
             for line in head.split(b"\r\n")[1:]:
