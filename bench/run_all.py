@@ -37,6 +37,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--only", default="callbacks,pipeline,copy,reconcile,memory")
+    parser.add_argument("--concurrency", default="4,1,2", help="pipeline worker processes (first: the headline)")
+    parser.add_argument("--web-workers", default="2,1,4", help="callback web workers (first: the headline)")
     args = parser.parse_args(argv)
     reps = str(args.reps)
     only = set(args.only.split(","))
@@ -45,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     curve: list[list[object]] = [["scaling", "processes", "relay", "baseline", "ratio"]]
     started = time.time()
     if "callbacks" in only:
-        cb = callbacks.main(["--reps", reps, *(["--jobs", "60"] if q else [])])
+        cb = callbacks.main(["--reps", reps, "--workers", args.web_workers, *(["--jobs", "60"] if q else [])])
         for r in cb:
             curve.append(["callbacks req/s", r["web_workers"], f"{r['relay_rps']:.0f}", f"{r['noop_rps']:.0f}",
                           f"{r['ratio']:.2f}"])
@@ -54,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
                      f"{h['noop_rps']:.0f}", f"{h['ratio']:.2f} ({h['lo']:.2f}-{h['hi']:.2f})", ">= 0.8",
                      _ok(float(str(h["ratio"])) >= 0.8)])
     if "pipeline" in only:
-        pl = pipeline.main(["--reps", reps, *(["--jobs", "40"] if q else [])])
+        pl = pipeline.main(["--reps", reps, "--concurrency", args.concurrency, *(["--jobs", "40"] if q else [])])
         for r in pl:
             curve.append(["pipeline jobs/s", int(r["concurrency"]), f"{r['relay_jps']:.1f}", f"{r['noop_jps']:.1f}",
                           f"{r['ratio']:.2f}"])
