@@ -27,9 +27,8 @@ lint: setup ## ruff and mypy
 fmt: setup ## Sort imports and fix what ruff can fix
 	@$(VENV)/bin/ruff check --fix .
 
-bench: setup ## Benchmarks (on demand, not part of test)
-	@$(PY) bench/copy_memory.py
-	@$(PY) bench/job_memory.py
+bench: setup ## Benchmarks against bare baselines, one table (BENCH_ARGS="--reps 3", "--quick"; not part of test)
+	@$(PY) bench/run_all.py $(BENCH_ARGS)
 
 lock: setup ## Re-resolve every dependency into requirements.lock (then `make setup` installs it)
 	@$(PY) -m pip install --disable-pip-version-check -q uv

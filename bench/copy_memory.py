@@ -1,6 +1,6 @@
 """Peak memory and throughput of the streaming copy (source URL → S3), against boto3's own upload.
 
-    python bench/copy_memory.py [--size-mib 512] [--naive-size-mib 128]   # `make bench`
+    python bench/copy_memory.py [--size-mib 1024] [--naive-size-mib 128] [--reps 3]   # `make bench`
 
 Starts moto's S3 server (deploy/stack.py) and the generated-bytes source server (deploy/copy_probe.py) as
 subprocesses, then runs each copy in its OWN subprocess (a probe, deploy/copy_probe.py) so that its peak
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 from pathlib import Path
 
@@ -32,7 +33,9 @@ from deploy.stack import AWS_ENV, LocalStack  # noqa: E402
 BUCKET = "bench"
 
 
-def bench(size_mib: int, naive_size_mib: int) -> None:
+def bench(size_mib: int, naive_size_mib: int, reps: int = 1) -> dict[str, float]:
+    """Each rep copies `size_mib` with the relay's stream then with upload_fileobj (each in a fresh process);
+    the naive copy runs once. Returns the medians and the median of the per-rep throughput ratios."""
     workdir = Path(os.environ.get("BENCH_DIR", ROOT / ".bench"))
     workdir.mkdir(exist_ok=True)
     stack = LocalStack(workdir)  # only its S3 (moto's server) is started
@@ -44,34 +47,46 @@ def bench(size_mib: int, naive_size_mib: int) -> None:
         wait_for_port(port, proc=source.proc)
         stack.s3().create_bucket(Bucket=BUCKET)
         env = {**AWS_ENV, "S3_ENDPOINT_URL": stack.s3_endpoint}
-        runs = []
-        for mode, mib in (("stream", size_mib), ("upload_fileobj", size_mib), ("naive", naive_size_mib)):
+        sha, _etag = expected_digests(size_mib * MIB)
+        plan = [("stream", size_mib), ("upload_fileobj", size_mib)] * reps + [("naive", naive_size_mib)]
+        results: dict[str, list[dict[str, object]]] = {"stream": [], "upload_fileobj": [], "naive": []}
+        for i, (mode, mib) in enumerate(plan):
             url = f"http://127.0.0.1:{port}/{mib * MIB}.mp4"
-            result = run_probe(mode, url, stack.s3_endpoint, BUCKET, f"{mode}.mp4", env=env)
-            runs.append(result)
+            result = run_probe(mode, url, stack.s3_endpoint, BUCKET, f"{mode}-{i}.mp4", env=env)
+            results[mode].append(result)
             peak = int(str(result["peak_rss_bytes"])) / MIB
             base = int(str(result["rss_after_imports_bytes"])) / MIB
             rate = mib / float(str(result["seconds"]))
-            print(f"{mode:15s} {mib:5d} MiB  peak RSS {peak:7.1f} MiB (after imports {base:5.1f})  "
+            print(f"copy  {mode:15s} {mib:5d} MiB  peak RSS {peak:7.1f} MiB (after imports {base:5.1f})  "
                   f"{float(str(result['seconds'])):6.1f} s  {rate:6.1f} MiB/s", flush=True)
-        sha, _etag = expected_digests(size_mib * MIB)
-        print(f"stream sha256 {'matches' if runs[0]['sha256'] == sha else 'DIFFERS'}")
-        stream, managed = runs[0], runs[1]
-        mem_ratio = int(str(stream["peak_rss_bytes"])) / int(str(managed["peak_rss_bytes"]))
-        speed_ratio = float(str(managed["seconds"])) / float(str(stream["seconds"]))
-        print(f"stream / upload_fileobj: peak RSS x{mem_ratio:.2f}, throughput x{speed_ratio:.2f}")
+            if mode == "stream" and result["sha256"] != sha:
+                raise RuntimeError("the stream copy's sha256 differs from the source's")
+        speed = [float(str(m["seconds"])) / float(str(s["seconds"]))
+                 for s, m in zip(results["stream"], results["upload_fileobj"], strict=True)]
+        row = {"size_mib": float(size_mib),
+               "stream_mibs": statistics.median(size_mib / float(str(r["seconds"])) for r in results["stream"]),
+               "fileobj_mibs": statistics.median(size_mib / float(str(r["seconds"]))
+                                                 for r in results["upload_fileobj"]),
+               "ratio": statistics.median(speed), "lo": min(speed), "hi": max(speed),
+               "stream_peak_mib": max(int(str(r["peak_rss_bytes"])) for r in results["stream"]) / MIB,
+               "fileobj_peak_mib": max(int(str(r["peak_rss_bytes"])) for r in results["upload_fileobj"]) / MIB}
+        print(f"copy  stream / upload_fileobj throughput x{row['ratio']:.2f} ({row['lo']:.2f}-{row['hi']:.2f}), "
+              f"peak RSS {row['stream_peak_mib']:.0f} MiB vs {row['fileobj_peak_mib']:.0f} MiB; sha256 matches",
+              flush=True)
+        return row
     finally:
         if source is not None:
             source.stop()
         stack.stop()
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--size-mib", type=int, default=512)
+    parser.add_argument("--size-mib", type=int, default=1024)
     parser.add_argument("--naive-size-mib", type=int, default=128)
+    parser.add_argument("--reps", type=int, default=3)
     args = parser.parse_args(argv)
-    bench(args.size_mib, args.naive_size_mib)
+    return bench(args.size_mib, args.naive_size_mib, args.reps)
 
 
 if __name__ == "__main__":

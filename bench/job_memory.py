@@ -55,10 +55,11 @@ def used(client: redis.Redis) -> int:
     return int(client.info("memory")["used_memory"])
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=2000)
-    n = parser.parse_args().jobs
+    n = parser.parse_args(argv).jobs
+    row: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         server = RedisServer(Path(tmp) / "redis").start()
         try:
@@ -67,15 +68,17 @@ def main() -> None:
             before = used(client)
             run_jobs(client, store, n, "https://img.example.com/a.jpg", "url")
             per_job = (used(client) - before) / n
-            print(f"{n} jobs with image URLs: {per_job / 1024:.1f} KiB per stored job")
+            row["bytes_per_job"] = per_job
+            print(f"memory  {n} jobs with image URLs: {per_job / 1024:.2f} KiB per stored job", flush=True)
             m = max(1, n // 20)
             before = used(client)
             run_jobs(client, store, m, base64.b64encode(b"\xff" * 750_000).decode(), "b64")
             per_job = (used(client) - before) / m
-            print(f"{m} jobs with one 1 MB base64 image: {per_job / 1024:.1f} KiB per stored job")
+            print(f"memory  {m} jobs with one 1 MB base64 image: {per_job / 1024:.1f} KiB per stored job")
             client.close()
         finally:
             server.stop()
+    return row
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, cast
 
 import redis
@@ -61,6 +62,43 @@ def remember(client: redis.Redis, job_id: str, task: KlingTask, *, ttl_seconds: 
     pipe.expire(key, ttl_seconds)
     pipe.execute()
     return True
+
+
+# KEYS: 1 the job's hash, 2 its heard hash. ARGV: 1 task id, 2 field, 3 task JSON, 4 ttl seconds, 5 MAX_HEARD.
+# Returns {kept (0/1), state ('' = no job), kling_task_id}; keeps the task only if it is the job's bound one.
+_READ_AND_REMEMBER = """
+local job = redis.call('HMGET', KEYS[1], 'state', 'kling_task_id')
+if not job[1] then return {0, '', ''} end
+local tid = job[2] or ''
+if tid ~= ARGV[1] then return {0, job[1], tid} end
+if redis.call('HEXISTS', KEYS[2], ARGV[2]) == 0 and redis.call('HLEN', KEYS[2]) >= tonumber(ARGV[5]) then
+  return {0, job[1], tid}
+end
+redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+redis.call('EXPIRE', KEYS[2], ARGV[4])
+return {1, job[1], tid}
+"""
+
+
+@dataclass(frozen=True)
+class Glimpse:
+    """What one round trip tells a callback: the job's state and bound task (None: no job; task None: unbound),
+    and whether the callback was kept (only when its task is the job's bound one)."""
+
+    state: JobState | None
+    kling_task_id: str | None
+    kept: bool
+
+
+def read_and_remember(client: redis.Redis, job_id: str, task: KlingTask, *, ttl_seconds: int) -> Glimpse:
+    """One round trip for a callback: the job's state and bound task and, when `task` is that bound task,
+    `remember` it as well. A task that is not the job's bound one is not kept here: the caller checks it and
+    calls `remember` itself where that is allowed."""
+    field = f"{task.status}:{task.task_id}"
+    kept, state, task_id = cast(list[Any], client.register_script(_READ_AND_REMEMBER)(
+        keys=[keys.job(job_id), keys.job_heard(job_id)],
+        args=[task.task_id, field, json.dumps(task_json(task), ensure_ascii=False), ttl_seconds, MAX_HEARD]))
+    return Glimpse(JobState(state) if state else None, task_id or None, bool(int(kept)))
 
 
 def heard(client: redis.Redis, job_id: str, task_id: str) -> KlingTask | None:

@@ -243,6 +243,15 @@ class JobStore:
         h = cast(dict[str, str], self._r.hgetall(self._job_key(job_id)))
         return Job.from_hash(h) if h else None
 
+    def get_many(self, job_ids: list[str]) -> list[Job | None]:
+        """Each job (None where there is none, or the id is not a job id), read in one round trip (a pipeline)."""
+        valid = [j for j in job_ids if is_job_id(j)]
+        pipe = self._r.pipeline(transaction=False)
+        for job_id in valid:
+            pipe.hgetall(self._job_key(job_id))
+        found = dict(zip(valid, cast(list[dict[str, str]], pipe.execute()) if valid else [], strict=True))
+        return [Job.from_hash(h) if (h := found.get(j)) else None for j in job_ids]
+
     def find_by_task(self, task_id: str) -> Job | None:
         """The job bound to Kling task `task_id` (one HGET of the index, one read of the job), or None.
 

@@ -45,6 +45,18 @@ RANK: dict[JobState, int] = {
     JobState.STORED: 4,
 }
 
+
+def step_applies(current: JobState, to: JobState) -> bool:
+    """Whether `JobStore.step(to)` (no `only_from`) would change a job now in `current`: the step script's own rule
+    (never from a terminal state; `failed`/`canceled` from any other; else only to a higher rank). States only
+    move forward (but for the ops retry of a failed job), so False from a state read earlier stays False."""
+    if current in TERMINAL:
+        return False
+    if to in (JobState.FAILED, JobState.CANCELED):
+        return True
+    return RANK[to] > RANK[current]
+
+
 # Who may write a timeline event.
 SOURCES: frozenset[str] = frozenset({"api", "worker", "callback", "reconciler"})
 

@@ -39,9 +39,10 @@ from typing import Any
 
 from flask import Blueprint, jsonify, request
 
-from kling_relay.shared import heard, metrics
+from kling_relay.shared import heard, metrics, usage
 from kling_relay.shared.http_client import verify
 from kling_relay.shared.jobs import Job, JobNotFound, JobState, StepResult
+from kling_relay.shared.jobs_model import step_applies
 from kling_relay.shared.kling import KlingTask
 from kling_relay.shared.logs import add, bound
 from kling_relay.shared.pipeline import CREATE_SENT, KLING_STATUS_TO_STATE, apply_task_status, record_task
@@ -75,40 +76,79 @@ def _callback(rt: Runtime, job_id: str) -> Any:
     if not signed:
         log.warning("callback refused: missing, wrong or stale webhook signature", extra={"job_id": job_id})
         return _refused("signature", 401, "missing, wrong or stale webhook signature")
-    job = rt.store.get(job_id)
-    if job is None:
+    task = _parse(job_id, raw)
+    if not isinstance(task, KlingTask):
+        return task
+    # One round trip: the job's state and task, and the callback kept (`heard`) if its task is the job's bound one
+    # (the checks below then pass; kept before any step: the copy the step queues may need the URL, callbacks only).
+    seen = heard.read_and_remember(rt.redis, job_id, task, ttl_seconds=_heard_ttl())
+    if seen.state is None:
         return _refused("unknown_job", 404, "unknown job")
-    try:
-        task = KlingTask.from_json(parse_json(raw))
-    except (ValueError, TypeError) as exc:
-        return _refused("malformed", 400, f"not a Kling task object: {exc}")
-    if task.external_task_id is not None and task.external_task_id != job_id:
-        return _refused("task_mismatch", 409, "external_task_id does not match this job")
-    if job.kling_task_id is None:
-        if task.external_task_id != job_id:
-            # Only a task that names this job could ever be its own: a token alone must not pass another job's
-            # task off as this one's (whose video the copy would then store here).
-            return _refused("task_mismatch", 409,
-                            "task_info.external_task_id must name this job until its task id is known")
-        _remember(job, task)
-        if heard.may_bind_from_callback(job, task, signed=secret is not None):
-            record_task(rt, job_id, task, source="callback", detail={"bound_by": "signed callback"})
-            metrics.callback("applied")
-            return jsonify(ok=True, applied=True, state=rt.store.require(job_id).state.value)
-        return _before_task_recorded(job, task)
-    if job.kling_task_id != task.task_id:
+    if seen.kling_task_id is None:
+        return _unbound(job_id, task, signed=secret is not None)
+    if seen.kling_task_id != task.task_id:
         return _refused("task_mismatch", 409, "task_id does not match this job's Kling task")
-    add(kling_task_id=job.kling_task_id)
-    _remember(job, task)  # before the step: the copy it queues may need the URL (callbacks only)
+    add(kling_task_id=seen.kling_task_id)
+    to = KLING_STATUS_TO_STATE[task.status]
+    if not step_applies(seen.state, to):
+        # Duplicate or stale (the job is already there or past it): the step would change nothing, so it is not
+        # run. What Kling billed is still recorded, as `apply_task_status` does first for every status.
+        usage.record_deduction(rt.redis, job_id, task, now=rt.clock())
+        metrics.callback("duplicate" if seen.state is to else "stale")
+        return jsonify(ok=True, applied=False, state=seen.state.value)
     result = apply_task_status(rt, job_id, task, source="callback")
-    metrics.callback(_outcome(result, KLING_STATUS_TO_STATE[task.status]))
+    metrics.callback(_outcome(result, to))
     return jsonify(ok=True, applied=result.applied, state=result.job.state.value)
 
 
-def _remember(job: Job, task: KlingTask) -> None:
+def _unbound(job_id: str, task: KlingTask, *, signed: bool) -> Any:
+    """A callback for a job whose task is not recorded yet (read in full: this path is rare)."""
+    rt = runtime()
+    job = rt.store.get(job_id)
+    if job is None:
+        return _refused("unknown_job", 404, "unknown job")
+    if job.kling_task_id is not None:  # bound since the first read: answer as for a bound job
+        if job.kling_task_id != task.task_id:
+            return _refused("task_mismatch", 409, "task_id does not match this job's Kling task")
+        _remember(job, task)
+        result = apply_task_status(rt, job_id, task, source="callback")
+        metrics.callback(_outcome(result, KLING_STATUS_TO_STATE[task.status]))
+        return jsonify(ok=True, applied=result.applied, state=result.job.state.value)
+    if task.external_task_id != job_id:
+        # Only a task that names this job could ever be its own: a token alone must not pass another job's
+        # task off as this one's (whose video the copy would then store here).
+        return _refused("task_mismatch", 409,
+                        "task_info.external_task_id must name this job until its task id is known")
+    _remember(job, task)
+    if heard.may_bind_from_callback(job, task, signed=signed):
+        record_task(rt, job_id, task, source="callback", detail={"bound_by": "signed callback"})
+        metrics.callback("applied")
+        return jsonify(ok=True, applied=True, state=rt.store.require(job_id).state.value)
+    return _before_task_recorded(job, task)
+
+
+def _parse(job_id: str, raw: bytes) -> Any:
+    """The callback's task, or the refusal to answer (an unknown job is a 404 whatever the body, as before)."""
+    try:
+        task = KlingTask.from_json(parse_json(raw))
+    except (ValueError, TypeError) as exc:
+        if runtime().store.get(job_id) is None:
+            return _refused("unknown_job", 404, "unknown job")
+        return _refused("malformed", 400, f"not a Kling task object: {exc}")
+    if task.external_task_id is not None and task.external_task_id != job_id:
+        if runtime().store.get(job_id) is None:
+            return _refused("unknown_job", 404, "unknown job")
+        return _refused("task_mismatch", 409, "external_task_id does not match this job")
+    return task
+
+
+def _heard_ttl() -> int:
     settings = runtime().settings
-    heard.remember(runtime().redis, job.id, task,
-                   ttl_seconds=int(settings.job_ttl_seconds + settings.job_deadline_seconds))
+    return int(settings.job_ttl_seconds + settings.job_deadline_seconds)
+
+
+def _remember(job: Job, task: KlingTask) -> None:
+    heard.remember(runtime().redis, job.id, task, ttl_seconds=_heard_ttl())
 
 
 def _before_task_recorded(job: Job, task: KlingTask) -> Any:

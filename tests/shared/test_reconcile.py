@@ -407,3 +407,22 @@ def test_the_reconcilers_lines_about_a_job_carry_its_ids(runtime: Runtime, monke
     reconcile(runtime)
     assert seen == {queued.id: {"job_id": queued.id}, generated.id: {"job_id": generated.id, "kling_task_id": "t1"}}
     assert bound_fields() == {}
+def test_a_pass_reads_its_due_jobs_in_one_round_trip(runtime: Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 11 (about 5 Redis commands per due job, one at a time): the due jobs are now read together
+    (`JobStore.get_many`, one pipeline), not one `get` each; every due job is still handled, and a due id whose
+    job is gone is still dropped from the due index."""
+    ids = [new_job(runtime).id for _ in range(5)]
+    make_due(runtime, *ids)
+    runtime.redis.zadd(keys.JOBS_DUE, {"job_gone_0000000000000000": 0})  # a job that expired while due
+    singles: list[str] = []
+    real_get = runtime.store.get
+
+    def spy(job_id: str) -> Any:
+        singles.append(job_id)
+        return real_get(job_id)
+
+    monkeypatch.setattr(runtime.store, "get", spy)
+    report = reconcile(runtime)
+    assert sorted(report.resubmitted) == sorted(ids) and report.missing == ["job_gone_0000000000000000"]
+    assert singles == []
+    assert runtime.redis.zscore(keys.JOBS_DUE, "job_gone_0000000000000000") is None

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from flask.testing import FlaskClient
 
+from kling_relay.shared import heard
 from kling_relay.shared.jobs import JobState
 from kling_relay.shared.kling import KlingTask
 from kling_relay.shared.pipeline import CREATE_SENT, record_task
@@ -21,6 +22,7 @@ from kling_relay.shared.runtime import Runtime
 from kling_relay.shared.settings import Secret
 from kling_relay.shared.tokens import callback_token
 from kling_relay.webhook.app import create_app
+from tests.support import promtool
 from tests.webhook.conftest import CALLBACK_SECRET, app_settings, auth, open_runtime
 
 REQUEST = {"model_name": "kling-v1-6", "image_list": [{"image": "https://img.example.com/a.png"}], "prompt": "p",
@@ -270,3 +272,58 @@ def test_without_a_webhook_secret_signatures_are_not_required(client: FlaskClien
     job_id = _submitted_job(runtime)
     body = json.dumps(_task("t-1", "processing", job_id)).encode()
     assert _post_raw(client, job_id, body, {}).status_code == 200
+
+
+def _callback_counts(client: FlaskClient) -> dict[str, float]:
+    text = client.get("/metrics", headers=auth()).get_data(as_text=True)
+    return {o: promtool.value(text, "kling_relay_callbacks_total", outcome=o) for o in ("duplicate", "stale")}
+
+
+def test_a_duplicate_or_stale_callback_is_answered_without_the_state_script(
+        client: FlaskClient, runtime: Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 11 (callbacks at 0.45x a no-op endpoint): a duplicate or stale callback ran the step script (a second
+    round trip returning the whole job) after reading the job. Now the job read decides: no step, nothing
+    changes, the outcome is counted, the callback is still kept (`heard`) and its bill still recorded."""
+    job, _ = runtime.store.create(dict(REQUEST))
+    record_task(runtime, job.id, KlingTask("task-1", "submitted", external_task_id=job.id), source="worker",
+                detail={})
+    assert _post(client, job.id, _task("task-1", "processing", job.id)).json["applied"] is True
+    steps: list[JobState] = []
+    real_step = runtime.store.step
+
+    def spy(job_id: str, to: JobState, **kwargs: Any) -> Any:
+        steps.append(to)
+        return real_step(job_id, to, **kwargs)
+
+    monkeypatch.setattr(runtime.store, "step", spy)
+    before_job, before_events = runtime.store.require(job.id), runtime.store.events(job.id)
+    before = _callback_counts(client)
+    for status in ("processing", "submitted", "processing"):
+        answer = _post(client, job.id, _task("task-1", status, job.id))
+        assert answer.status_code == 200 and answer.json == {"ok": True, "applied": False, "state": "processing"}
+    assert steps == []
+    after = _callback_counts(client)
+    assert after["duplicate"] - before["duplicate"] == 2 and after["stale"] - before["stale"] == 1
+    assert runtime.store.require(job.id) == before_job and runtime.store.events(job.id) == before_events
+    assert heard.heard(runtime.redis, job.id, "task-1") is not None  # the callbacks are still kept
+
+    # stale after the job is finished: still no step, but what Kling billed is recorded (once)
+    runtime.store.step(job.id, JobState.FAILED, source="worker", set_fields={"error": {"code": "x"}})
+    late = {**_task("task-1", "succeed", job.id), "final_unit_deduction": "2"}
+    for _ in range(2):
+        answer = _post(client, job.id, late)
+        assert answer.status_code == 200 and answer.json["applied"] is False and answer.json["state"] == "failed"
+    assert steps == [JobState.FAILED]  # the test's own step only
+    assert runtime.store.require(job.id).units == 2.0
+    assert _callback_counts(client)["stale"] - after["stale"] == 2
+
+
+def test_a_callback_that_moves_the_job_still_runs_the_step(client: FlaskClient, runtime: Runtime) -> None:
+    """The fast path is only for steps that cannot apply: a forward status and a failure still step the job."""
+    job, _ = runtime.store.create(dict(REQUEST))
+    record_task(runtime, job.id, KlingTask("task-1", "submitted", external_task_id=job.id), source="worker",
+                detail={})
+    assert _post(client, job.id, _task("task-1", "processing", job.id)).json["applied"] is True
+    answer = _post(client, job.id, _task("task-1", "failed", job.id))
+    assert answer.json["applied"] is True and answer.json["state"] == "failed"
+    assert runtime.store.require(job.id).state is JobState.FAILED

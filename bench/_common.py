@@ -1,0 +1,88 @@
+"""Shared helpers of the benchmarks: a keep-alive HTTP load generator (asyncio, no extra dependency), medians.
+
+Not a test helper: bench/ never imports tests/.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def median_ratio(relay: Sequence[float], base: Sequence[float]) -> tuple[float, float, float]:
+    """Median, min and max of the per-run ratios relay/base (each run's pair measured back to back)."""
+    ratios = [r / b for r, b in zip(relay, base, strict=True)]
+    return statistics.median(ratios), min(ratios), max(ratios)
+
+
+async def _client(host: str, port: int, next_request: Callable[[], bytes | None], latencies: list[float],
+                  statuses: dict[int, int]) -> None:
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        while (req := next_request()) is not None:
+            t0 = time.perf_counter()
+            for attempt in range(3):  # a recycled gunicorn worker closes its keep-alive connections: reconnect
+                try:
+                    writer.write(req)
+                    await writer.drain()
+                    head = await reader.readuntil(b"\r\n\r\n")
+                    break
+                except (ConnectionError, asyncio.IncompleteReadError):
+                    writer.close()
+                    if attempt == 2:
+                        raise
+                    reader, writer = await asyncio.open_connection(host, port)
+            status = int(head.split(b" ", 2)[1])
+            length = 0
+            for line in head.split(b"\r\n")[1:]:
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"content-length":
+                    length = int(value)
+            if length:
+                await reader.readexactly(length)
+            latencies.append(time.perf_counter() - t0)
+            statuses[status] = statuses.get(status, 0) + 1
+            if b"connection: close" in head.lower():
+                writer.close()
+                reader, writer = await asyncio.open_connection(host, port)
+    finally:
+        writer.close()
+
+
+def load(host: str, port: int, requests: Sequence[bytes], connections: int) -> tuple[float, list[float],
+                                                                                      dict[int, int]]:
+    """Send every request (raw HTTP/1.1 bytes, keep-alive) over `connections` connections; (seconds, latencies,
+    status counts)."""
+    it = iter(requests)
+    latencies: list[float] = []
+    statuses: dict[int, int] = {}
+
+    def next_request() -> bytes | None:
+        return next(it, None)
+
+    async def run() -> None:
+        await asyncio.gather(*(_client(host, port, next_request, latencies, statuses) for _ in range(connections)))
+
+    t0 = time.perf_counter()
+    asyncio.run(run())
+    return time.perf_counter() - t0, latencies, statuses
+
+
+def post(path: str, body: bytes, host: str = "127.0.0.1") -> bytes:
+    return (f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+
+def pct(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+def table(rows: Sequence[Sequence[object]]) -> str:
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows)

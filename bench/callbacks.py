@@ -1,0 +1,134 @@
+"""Callback requests/s under gunicorn (the project's config) against a no-op Flask endpoint on the same settings.
+
+    python bench/callbacks.py [--reps 3] [--jobs 300] [--per-job 10] [--connections 32] [--workers 1,2,4]
+
+Starts redis-server and the relay's web process (deploy/stack.py, gunicorn with deploy/gunicorn.conf.py), makes
+`--jobs` jobs bound to a Kling task and `submitted`, then sends `--per-job` callbacks per job: the first says
+`processing` (applied), the rest repeat it or report `submitted` (duplicate or stale: 90% by default). The
+baseline is bench/noop_web.py under the same gunicorn config and worker count, fed the same requests. Each rep
+measures relay then baseline back to back; the figure is the median of the per-rep ratios. Repeated for each
+web worker count (the scaling curve). Prints one line per worker count: relay req/s, baseline req/s, ratio,
+relay p50/p99.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import hmac
+import json
+import random
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+for p in (str(ROOT), str(ROOT / "bench")):
+    if p not in sys.path:
+        sys.path.insert(0, p)
+
+import redis  # noqa: E402
+from _common import load, median_ratio, pct, post  # noqa: E402
+
+from deploy.procs import Process, free_port, wait_for_port  # noqa: E402
+from deploy.stack import DEMO_CALLBACK_SECRET, LocalStack  # noqa: E402
+from kling_relay.shared.jobs import JobState, JobStore  # noqa: E402
+
+
+def _token(job_id: str) -> str:
+    return hmac.new(DEMO_CALLBACK_SECRET.encode(), job_id.encode(), hashlib.sha256).hexdigest()
+
+
+def _body(job_id: str, task_id: str, status: str) -> bytes:
+    return json.dumps({"task_id": task_id, "task_status": status, "task_info": {"external_task_id": job_id},
+                       "created_at": 1700000000000, "updated_at": 1700000000000}).encode()
+
+
+def make_requests(store: JobStore, n_jobs: int, per_job: int, seed: int) -> list[bytes]:
+    """One applied `processing` per job, then duplicates (processing) and stale ones (submitted), interleaved."""
+    rng = random.Random(seed)
+    first: list[bytes] = []
+    rest: list[bytes] = []
+    for i in range(n_jobs):
+        job, _ = store.create({"model_name": "kling-v1-6", "prompt": "bench"}, source="api")
+        task_id = f"bench-{seed}-{i}"
+        store.set_kling_task_id(job.id, task_id, source="worker")
+        store.step(job.id, JobState.SUBMITTED, source="worker")
+        path = f"/callbacks/kling/{job.id}?token={_token(job.id)}"
+        first.append(post(path, _body(job.id, task_id, "processing")))
+        for _ in range(per_job - 1):
+            rest.append(post(path, _body(job.id, task_id, rng.choice(("processing", "submitted")))))
+    rng.shuffle(rest)
+    # the applied ones spread through the run, each before its job's duplicates
+    out = first[: n_jobs // 2] + rest[: len(rest) // 2] + first[n_jobs // 2:] + rest[len(rest) // 2:]
+    return out
+
+
+def warm(port: int, reqs: list[bytes], connections: int) -> None:
+    load("127.0.0.1", port, reqs[: 200], connections)
+
+
+def run(reps: int, jobs: int, per_job: int, connections: int, worker_counts: list[int]) -> list[dict[str, object]]:
+    rows: list[dict[str, object]] = []
+    for workers in worker_counts:
+        with tempfile.TemporaryDirectory() as tmp:
+            stack = LocalStack(Path(tmp), web_workers=workers)
+            noop: Process | None = None
+            try:
+                stack.redis.start()
+                stack.start_web()
+                client = redis.Redis.from_url(stack.redis.url, decode_responses=True)
+                store = JobStore(client)
+                nport = free_port()
+                noop = Process("noop-web", [stack.python, "-m", "gunicorn", "--config", "deploy/gunicorn.conf.py",
+                                            "--bind", f"127.0.0.1:{nport}", "--workers", str(workers),
+                                            "--pythonpath", "bench", "noop_web:app"],
+                               log_dir=stack.logs, env=stack.env, cwd=ROOT)
+                wait_for_port(nport, proc=noop.proc)
+                relay_rates: list[float] = []
+                base_rates: list[float] = []
+                lat: list[float] = []
+                for rep in range(reps):
+                    reqs = make_requests(store, jobs, per_job, seed=rep * 1000 + workers)
+                    warm_reqs = make_requests(store, 20, 10, seed=rep * 1000 + workers + 500)
+                    warm(stack.web_port, warm_reqs, connections)
+                    seconds, latencies, statuses = load("127.0.0.1", stack.web_port, reqs, connections)
+                    bad = {s: c for s, c in statuses.items() if s >= 300}
+                    if bad:
+                        raise RuntimeError(f"relay answered {bad}: see {stack.logs}")
+                    relay_rates.append(len(reqs) / seconds)
+                    lat += latencies
+                    warm(nport, warm_reqs, connections)
+                    bseconds, _, _ = load("127.0.0.1", nport, reqs, connections)
+                    base_rates.append(len(reqs) / bseconds)
+                ratio, lo, hi = median_ratio(relay_rates, base_rates)
+                rows.append({"web_workers": workers, "relay_rps": statistics.median(relay_rates),
+                             "noop_rps": statistics.median(base_rates), "ratio": ratio, "lo": lo, "hi": hi,
+                             "p50_ms": pct(lat, 0.5) * 1000, "p99_ms": pct(lat, 0.99) * 1000})
+                client.close()
+            finally:
+                if noop is not None:
+                    noop.stop()
+                stack.stop()
+    return rows
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, object]]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--jobs", type=int, default=300)
+    parser.add_argument("--per-job", type=int, default=10)
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--workers", default="2,1,4", help="web worker counts (the first is the headline)")
+    args = parser.parse_args(argv)
+    rows = run(args.reps, args.jobs, args.per_job, args.connections, [int(w) for w in args.workers.split(",")])
+    for r in rows:
+        print(f"callbacks  web_workers={r['web_workers']}  relay {r['relay_rps']:.0f} req/s  "
+              f"no-op {r['noop_rps']:.0f} req/s  ratio {r['ratio']:.2f} ({r['lo']:.2f}-{r['hi']:.2f})  "
+              f"relay p50 {r['p50_ms']:.1f} ms p99 {r['p99_ms']:.1f} ms", flush=True)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

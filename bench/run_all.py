@@ -1,0 +1,94 @@
+"""`make bench`: run every benchmark and print one table of ratios against their baselines, and the scaling curve.
+
+    python bench/run_all.py [--reps 3] [--quick]
+
+`--quick` shrinks every size (a smoke run, not figures to quote). Each ratio is the median of per-rep ratios
+whose two sides ran back to back on the same machine: on a shared or busy machine the absolute figures move,
+the ratios much less. Targets are the ones of the issue that asked for this suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+for p in (str(ROOT), str(ROOT / "bench")):
+    if p not in sys.path:
+        sys.path.insert(0, p)
+
+import callbacks  # noqa: E402
+import copy_memory  # noqa: E402
+import job_memory  # noqa: E402
+import pipeline  # noqa: E402
+import reconcile_pass  # noqa: E402
+from _common import table  # noqa: E402
+
+
+def _ok(good: bool) -> str:
+    return "met" if good else "MISSED"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--only", default="callbacks,pipeline,copy,reconcile,memory")
+    parser.add_argument("--concurrency", default="4,1,2", help="pipeline worker processes (first: the headline)")
+    parser.add_argument("--web-workers", default="2,1,4", help="callback web workers (first: the headline)")
+    args = parser.parse_args(argv)
+    reps = str(args.reps)
+    only = set(args.only.split(","))
+    q = args.quick
+    rows: list[list[object]] = [["measure", "relay", "baseline", "ratio (min-max)", "target", ""]]
+    curve: list[list[object]] = [["scaling", "processes", "relay", "baseline", "ratio"]]
+    started = time.time()
+    if "callbacks" in only:
+        cb = callbacks.main(["--reps", reps, "--workers", args.web_workers, *(["--jobs", "60"] if q else [])])
+        for r in cb:
+            curve.append(["callbacks req/s", r["web_workers"], f"{r['relay_rps']:.0f}", f"{r['noop_rps']:.0f}",
+                          f"{r['ratio']:.2f}"])
+        h = cb[0]
+        rows.append([f"callback req/s ({h['web_workers']} web workers, 90% dup/stale)", f"{h['relay_rps']:.0f}",
+                     f"{h['noop_rps']:.0f}", f"{h['ratio']:.2f} ({h['lo']:.2f}-{h['hi']:.2f})", ">= 0.8",
+                     _ok(float(str(h["ratio"])) >= 0.8)])
+    if "pipeline" in only:
+        pl = pipeline.main(["--reps", reps, "--concurrency", args.concurrency, *(["--jobs", "40"] if q else [])])
+        for r in pl:
+            curve.append(["pipeline jobs/s", int(r["concurrency"]), f"{r['relay_jps']:.1f}", f"{r['noop_jps']:.1f}",
+                          f"{r['ratio']:.2f}"])
+        h2 = pl[0]
+        rows.append([f"pipeline jobs/s (concurrency {int(h2['concurrency'])})", f"{h2['relay_jps']:.1f}",
+                     f"{h2['noop_jps']:.1f}", f"{h2['ratio']:.2f} ({h2['lo']:.2f}-{h2['hi']:.2f})", ">= 0.5",
+                     _ok(h2["ratio"] >= 0.5)])
+    if "copy" in only:
+        cp = copy_memory.main(["--reps", reps, *(["--size-mib", "128", "--naive-size-mib", "32"] if q else [])])
+        rows.append([f"copy MiB/s, {int(cp['size_mib'])} MiB (peak RSS MiB)",
+                     f"{cp['stream_mibs']:.0f} ({cp['stream_peak_mib']:.0f})",
+                     f"{cp['fileobj_mibs']:.0f} ({cp['fileobj_peak_mib']:.0f})",
+                     f"{cp['ratio']:.2f} ({cp['lo']:.2f}-{cp['hi']:.2f})", ">= 0.9, RSS < 150",
+                     _ok(cp["ratio"] >= 0.9 and cp["stream_peak_mib"] < 150)])
+    if "reconcile" in only:
+        rc = reconcile_pass.main(["--reps", reps, *(["--stored", "10000"] if q else [])])
+        rows.append([f"reconcile pass ms ({int(rc['stored'])} stored + {int(rc['due'])} due vs {int(rc['due'])})",
+                     f"{rc['relay_s'] * 1000:.0f} ({rc['ms_per_due']:.2f}/job)", f"{rc['base_s'] * 1000:.0f}",
+                     f"{rc['ratio']:.2f}", "<= 1.2, <= 2 ms/job", _ok(rc["ratio"] <= 1.2 and rc["ms_per_due"] <= 2)])
+    if "memory" in only:
+        mem = job_memory.main(["--jobs", "300" if q else "2000"])
+        rows.append(["Redis bytes per stored job", f"{mem['bytes_per_job']:.0f}", "-", "-", "<= 2048",
+                     _ok(mem["bytes_per_job"] <= 2048)])
+    print()
+    print(f"# make bench  {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}  {platform.node()}  "
+          f"{platform.machine()}  cpus={__import__('os').cpu_count()}  reps={reps}{'  QUICK' if q else ''}  "
+          f"{time.time() - started:.0f} s")
+    print(table(rows))
+    if len(curve) > 1:
+        print()
+        print(table(curve))
+
+
+if __name__ == "__main__":
+    main()
