@@ -4,8 +4,9 @@ The web process (gunicorn: a master and its worker processes) and the Celery wor
 prefork children) each run several processes; each process writes its counters to small files in one shared
 directory, and a scrape reads them all (`kling_relay.shared.metrics`). `prepare()` makes a fresh, empty
 directory for one such group and names it in `PROMETHEUS_MULTIPROC_DIR` for the processes started from then on.
-It must run before anything imports prometheus_client (which reads the variable once, at import): the gunicorn
-master calls it in its `on_starting` hook, the Celery worker's entry module before it imports the tasks.
+It must run before our metrics are defined (prometheus_client picks its value class from the variable at import;
+`prepare` makes it pick again when something imported it earlier): the gunicorn master calls it in its
+`on_starting` hook, the Celery worker's entry module before it imports the tasks.
 
 A directory given from outside is never reused: two groups sharing one (the web and the worker, started with the
 same environment) would report each other's counters. `TMPDIR` chooses where the directories go. This module uses
@@ -17,6 +18,7 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
+import sys
 import tempfile
 
 ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -30,6 +32,12 @@ def prepare(group: str, *, remove_at_exit: bool = True) -> str:
     """
     path = tempfile.mkdtemp(prefix=f"kling-relay-metrics-{group}-")
     os.environ[ENV] = path
+    values = sys.modules.get("prometheus_client.values")
+    if values is not None:
+        # Imported already, before the directory was named: Celery's command line loads its plugins first, and
+        # Flower's (the `flower` extra) imports prometheus_client. It chose its value class at import; choose again,
+        # so the metrics our modules define from now on are multiprocess values.
+        values.ValueClass = values.get_value_class()
     if remove_at_exit:
         owner = os.getpid()
         atexit.register(_remove, path, owner)

@@ -86,3 +86,22 @@ def test_the_metrics_settings() -> None:
     shown = {s.env: s.shown_default for s in SETTINGS}
     assert shown["METRICS_PUBLIC"] == "false" and shown["WORKER_METRICS_PORT"] == "9808"
     assert [s.secret for s in SETTINGS if s.env == "METRICS_TOKENS"] == [True]
+
+
+def test_prepare_works_even_when_prometheus_client_was_imported_first() -> None:
+    """Celery's command line loads its plugins before our app module, and Flower's imports prometheus_client: the
+    worker's metrics must still be multiprocess values (the worker's endpoint was empty otherwise)."""
+    import os
+    import subprocess
+    import sys
+
+    probe = ("import os, prometheus_client\n"
+             "from kling_relay.shared import metrics_dir\n"
+             "path = metrics_dir.prepare('probe')\n"
+             "c = prometheus_client.Counter('probe_total', 'p', registry=None)\n"
+             "c.inc()\n"
+             "print(sorted(os.listdir(path)))\n")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60,
+                         env={k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"})
+    assert out.returncode == 0, out.stderr
+    assert "counter_" in out.stdout  # a file per process in the multiprocess directory: the value is shared
