@@ -37,7 +37,7 @@ def prepare(group: str, *, remove_at_exit: bool = True) -> str:
         # Imported already, before the directory was named: Celery's command line loads its plugins first, and
         # Flower's (the `flower` extra) imports prometheus_client. It chose its value class at import; choose again,
         # so the metrics our modules define from now on are multiprocess values.
-        values.ValueClass = values.get_value_class()
+        values.ValueClass = values.get_value_class()  # type: ignore[attr-defined]
     if remove_at_exit:
         owner = os.getpid()
         atexit.register(_remove, path, owner)
