@@ -29,6 +29,9 @@ def is_job_id(value: object) -> bool:
     return isinstance(value, str) and _JOB_ID.fullmatch(value) is not None
 
 
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def has_lone_surrogate(value: str) -> bool:
     """Whether ``value`` holds a code point U+D800..U+DFFF, which no UTF-8 text can carry."""
     try:
@@ -50,8 +53,15 @@ def text_problem(value: str, *, controls: bool = True) -> str | None:
 
 
 def safe_text(value: str) -> str:
-    """``value`` with every lone surrogate written as a ``\\udxxx`` escape: always encodable as UTF-8."""
+    """``value`` with every lone surrogate written as a ``\\udxxx`` escape: always encodable as UTF-8. For text
+    shown back to whoever typed it (the escape says what was wrong)."""
     return value.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def replaced_text(value: str) -> str:
+    """``value`` with every lone surrogate replaced by U+FFFD: always encodable as UTF-8. For a third party's text
+    kept as data (Kling's messages, URLs, durations)."""
+    return _LONE_SURROGATE.sub("\ufffd", value)
 
 
 def reason_problem(reason: object) -> str | None:

@@ -31,7 +31,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -43,6 +42,7 @@ import requests
 from urllib3.exceptions import MaxRetryError, NewConnectionError
 
 from kling_relay.shared import metrics
+from kling_relay.shared.inputs import has_lone_surrogate, replaced_text
 from kling_relay.shared.kling_auth import DEFAULT_RENEW_MARGIN_S, JwtTokenSource, StaticApiKey, TokenSource
 from kling_relay.shared.kling_codes import LOOKUP_FALLBACK_CODES, TOKEN_EXPIRED, Handling, handling
 
@@ -60,7 +60,6 @@ DEFAULT_LOOKUP_MAX_PAGES = 100
 #: An answer bigger than this is not a Kling envelope (a list page of 500 tasks is well under 1 MiB).
 MAX_BODY_BYTES = 16 * 1024 * 1024
 _MAX_MESSAGE_CHARS = 500
-_LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # a valid pair is one code point once JSON is decoded
 
 
 # --------------------------------------------------------------------------------------------- errors
@@ -240,7 +239,7 @@ class KlingTask:
         task_id = obj.get("task_id")
         if not isinstance(task_id, str) or not task_id:
             raise ValueError("task_id must be a non-empty string")
-        if _LONE_SURROGATE.search(task_id):
+        if has_lone_surrogate(task_id):
             raise ValueError("task_id must be valid Unicode (it has a lone surrogate)")
         status = obj.get("task_status")
         if status not in TASK_STATUSES:
@@ -251,7 +250,7 @@ class KlingTask:
         return cls(
             task_id=task_id,
             status=cast(TaskStatus, status),
-            status_msg=safe_text(_optional(obj, "task_status_msg", str) or ""),
+            status_msg=replaced_text(_optional(obj, "task_status_msg", str) or ""),
             external_task_id=_safe_or_none(_optional(info, "external_task_id", str)),
             created_at_ms=_timestamp(obj, "created_at"),
             updated_at_ms=_timestamp(obj, "updated_at"),
@@ -261,13 +260,8 @@ class KlingTask:
         )
 
 
-def safe_text(text: str) -> str:
-    """`text` with every lone UTF-16 surrogate replaced by U+FFFD, so that it can be encoded as UTF-8."""
-    return _LONE_SURROGATE.sub("\ufffd", text)
-
-
 def _safe_or_none(text: str | None) -> str | None:
-    return None if text is None else safe_text(text)
+    return None if text is None else replaced_text(text)
 
 
 def _optional(obj: Mapping[str, Any], key: str, kind: type[Any]) -> Any:
@@ -321,9 +315,9 @@ def _video(obj: object, index: int) -> KlingVideo:
     if isinstance(duration, bool) or not isinstance(duration, str | int | float | None):
         raise ValueError(f"task_result.videos[{index}].duration must be a string")
     watermark = obj.get("watermark_url")
-    return KlingVideo(id="" if vid is None else safe_text(str(vid)), url=safe_text(url),
-                      duration="" if duration is None else safe_text(str(duration)),
-                      watermark_url=safe_text(watermark) if isinstance(watermark, str) and watermark else None)
+    return KlingVideo(id="" if vid is None else replaced_text(str(vid)), url=replaced_text(url),
+                      duration="" if duration is None else replaced_text(str(duration)),
+                      watermark_url=replaced_text(watermark) if isinstance(watermark, str) and watermark else None)
 
 
 # --------------------------------------------------------------------------------------------- client
@@ -552,8 +546,8 @@ def _parse_envelope(raw: bytes) -> _Envelope | None:
     if isinstance(code, bool) or not isinstance(code, int):
         return None
     message, request_id = obj.get("message"), obj.get("request_id")
-    return _Envelope(code=code, message=safe_text(message) if isinstance(message, str) else "",
-                     request_id=safe_text(request_id) if isinstance(request_id, str) and request_id else None,
+    return _Envelope(code=code, message=replaced_text(message) if isinstance(message, str) else "",
+                     request_id=replaced_text(request_id) if isinstance(request_id, str) and request_id else None,
                      data=obj.get("data"))
 
 
@@ -665,5 +659,5 @@ def _log_outcome(method: str, path: str, started: float, error: KlingError | Non
 __all__ = [
     "TASK_STATUSES", "ErrorKind", "KlingAmbiguous", "KlingClient", "KlingError", "KlingFixAccount",
     "KlingFixRequest", "KlingLookupIncomplete", "KlingProtocolError", "KlingRetryLater", "KlingTask",
-    "KlingTaskNotFound", "KlingVideo", "TaskStatus", "error_for", "kind_for_code", "safe_text",
+    "KlingTaskNotFound", "KlingVideo", "TaskStatus", "error_for", "kind_for_code",
 ]

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from kling_relay.shared import copy_flow, flow, stats, usage
 from kling_relay.shared.inputs import is_job_id
-from kling_relay.shared.jobs import Event, InvalidCursor, Job, JobNotFound, JobState
+from kling_relay.shared.jobs import Event, InvalidCursor, Job, JobNotFound, JobState, JobStore
 from kling_relay.shared.ops import CANCELABLE, ActionRefused, retry_mode
 from kling_relay.shared.queue import COPY_QUEUE, NOTIFY_QUEUE, RECONCILE_QUEUE, SUBMIT_QUEUE
 from kling_relay.shared.reconcile import last_pass
@@ -40,12 +40,13 @@ SHOWN_STRING_CHARS = 500
 _IMAGE_TYPES = ((b"\x89PNG\r\n\x1a\n", "image/png"), (b"\xff\xd8\xff", "image/jpeg"))
 
 
-def overview(rt: Runtime, *, now: float | None = None) -> dict[str, Any]:
-    """The overview page: submission and copying (open or paused, why, since), jobs per state, tasks in flight
-    against KLING_MAX_IN_FLIGHT, Celery queue depths, stored and failed per minute over the last hour, failures
-    by reason over the last hour, the reconciler's last pass, units spent today and this month."""
+def snapshot(store: JobStore, *, max_in_flight: int | None, budget: float | None,
+             now: float | None = None) -> dict[str, Any]:
+    """The relay's state in a few round trips, none per job (what `kling-relay top` draws and the dashboard's
+    overview starts from): submission and copying (open or paused, why, since), jobs per state, tasks in flight
+    against `max_in_flight`, Celery queue depths, units spent today and this month against `budget`."""
     at = time.time() if now is None else now
-    client = rt.redis
+    client = store.redis
     pipe = client.pipeline(transaction=False)
     for queue in QUEUES:
         pipe.llen(queue)
@@ -55,16 +56,27 @@ def overview(rt: Runtime, *, now: float | None = None) -> dict[str, Any]:
     return {
         **submission,
         **copy_flow.status(client),
-        "jobs": rt.store.counts(),
+        "jobs": store.counts(),
         "in_flight_total": int(in_flight.get("submitted", 0)) + int(in_flight.get("processing", 0)),
-        "max_in_flight": rt.settings.kling_max_in_flight,
+        "max_in_flight": max_in_flight,
         "queues": depths,
-        "per_minute": stats.per_minute(client, now=at),
-        "failed_reasons": stats.failed_reasons(client, now=at),
-        "reconcile": last_pass(client),
         "units": usage.spent(client, now=at),
-        "budget": rt.settings.kling_daily_unit_budget,
+        "budget": budget,
         "now": at,
+    }
+
+
+def overview(rt: Runtime, *, now: float | None = None) -> dict[str, Any]:
+    """The overview page: `snapshot` plus stored and failed per minute over the last hour, failures by reason
+    over the last hour and the reconciler's last pass."""
+    view = snapshot(rt.store, max_in_flight=rt.settings.kling_max_in_flight,
+                    budget=rt.settings.kling_daily_unit_budget, now=now)
+    at = view["now"]
+    return {
+        **view,
+        "per_minute": stats.per_minute(rt.redis, now=at),
+        "failed_reasons": stats.failed_reasons(rt.redis, now=at),
+        "reconcile": last_pass(rt.redis),
     }
 
 

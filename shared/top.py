@@ -26,12 +26,10 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from kling_relay.shared import copy_flow, flow, usage
 from kling_relay.shared.jobs import TERMINAL, Event, Job, JobNotFound, JobState, JobStore
-from kling_relay.shared.queue import COPY_QUEUE, NOTIFY_QUEUE, RECONCILE_QUEUE, SUBMIT_QUEUE
+from kling_relay.shared.overview import QUEUES, snapshot
 from kling_relay.shared.settings_spec import SETTINGS
 
-QUEUES = (SUBMIT_QUEUE, COPY_QUEUE, NOTIFY_QUEUE, RECONCILE_QUEUE)
 REFRESH_SECONDS = 1.0
 WATCH_EVENTS = 200  # the latest events read per poll (a job's timeline is capped; see JobStore max_events)
 _STATE_STYLE = {"stored": "green", "failed": "red", "canceled": "yellow"}
@@ -52,27 +50,8 @@ def env_setting(name: str, env: Mapping[str, str] | None = None) -> Any:
 
 def overview(store: JobStore, *, cap: int | None = None, budget: float | None = None,
              now: float | None = None) -> dict[str, Any]:
-    """The relay's state in one dict (see the module docstring); a few Redis round trips, none per job."""
-    client = store.redis
-    pipe = client.pipeline(transaction=False)
-    for queue in QUEUES:
-        pipe.llen(queue)
-    depths = {queue: int(n) for queue, n in zip(QUEUES, pipe.execute(), strict=True)}
-    submission = flow.status(client)
-    in_flight = submission["in_flight"]
-    return {
-        "at": time.time() if now is None else now,
-        "submission": submission["submission"],
-        "pause": submission["pause"],
-        "copy": copy_flow.state(client),
-        "copy_pause": copy_flow.current_pause(client),
-        "jobs": store.counts(),
-        "in_flight": in_flight["submitted"] + in_flight["processing"],
-        "in_flight_cap": cap,
-        "queues": depths,
-        "units": usage.spent(client, now=now),
-        "unit_budget": budget,
-    }
+    """The relay's state in one dict (see the module docstring and `overview.snapshot`); no read per job."""
+    return snapshot(store, max_in_flight=cap, budget=budget, now=now)
 
 
 def _when(at: float) -> str:
@@ -89,14 +68,14 @@ def _pause_text(what: str, state: str, pause: dict[str, Any] | None) -> Text:
 
 def render(view: Mapping[str, Any]) -> Group:
     """One frame of `top`: the flow lines, jobs per state, queue depths."""
-    cap = view["in_flight_cap"]
+    cap = view["max_in_flight"]
     units = view["units"]
-    budget = view["unit_budget"]
-    head = Text.assemble(("kling-relay", "bold"), f"  {_when(view['at'])}")
+    budget = view["budget"]
+    head = Text.assemble(("kling-relay", "bold"), f"  {_when(view['now'])}")
     flow_lines = [
         _pause_text("submission", view["submission"], view["pause"]),
         _pause_text("copy", view["copy"], view["copy_pause"]),
-        Text(f"in flight at Kling: {view['in_flight']} / {cap if cap is not None else '?'}"),
+        Text(f"in flight at Kling: {view['in_flight_total']} / {cap if cap is not None else '?'}"),
         Text(f"units today ({units['day']}): {units['today']:g}"
              + (f" / {budget:g}" if budget is not None else " (no daily budget)")
              + (" (budget overridden today)" if units.get("budget_override") else "")),

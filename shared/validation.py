@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kling_relay.shared import limits
+from kling_relay.shared.http_client import FieldProblem  # the client and the API speak the same shape
 from kling_relay.shared.images import image_problems
 from kling_relay.shared.inputs import has_lone_surrogate, safe_text, text_problem
 
@@ -50,17 +51,6 @@ RELAY_FIELDS = ("callback_url", "external_task_id")
 SINGLE_IMAGE_FIELDS = ("image", "image_tail", "cfg_scale")
 _ALIASES = {"model": "model_name", "images": "image_list", "negativePrompt": "negative_prompt",
             "aspectRatio": "aspect_ratio"}
-
-
-@dataclass(frozen=True)
-class FieldProblem:
-    """One thing wrong with a request: where (``field`` path) and what, in a sentence (``problem``)."""
-
-    field: str
-    problem: str
-
-    def as_dict(self) -> dict[str, str]:
-        return {"field": self.field, "problem": self.problem}
 
 
 @dataclass(frozen=True)

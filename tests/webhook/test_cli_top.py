@@ -55,7 +55,7 @@ def test_overview_reads_counters_not_jobs(runtime: Runtime) -> None:
     store = runtime.store
     store.create(dict(REQUEST))
     view = overview(store, cap=3, budget=None)
-    assert view["jobs"]["queued"] == 1 and view["in_flight"] == 0 and view["in_flight_cap"] == 3
+    assert view["jobs"]["queued"] == 1 and view["in_flight_total"] == 0 and view["max_in_flight"] == 3
     assert view["submission"] == "open" and view["copy"] == "open"
     assert set(view["queues"]) == {"submit", "copy", "notify", "reconcile"}
     render(view)  # draws without a terminal
