@@ -32,7 +32,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kling_relay.shared import limits
-from kling_relay.shared.http_client import FieldProblem  # the client and the API speak the same shape
+
+# FieldProblem is re-exported: the client and the API speak one shape.
+from kling_relay.shared.http_client import FieldProblem as FieldProblem
 from kling_relay.shared.images import image_problems
 from kling_relay.shared.inputs import has_lone_surrogate, safe_text, text_problem
 
