@@ -7,12 +7,12 @@ changes nothing and records nothing (`applied=False`); only the explicit ops act
 state (failed → queued).
 
 Keys (the layout is written once, in `shared/keys.py`): the job's hash (field encoding in `shared/jobs_model.py`),
-its request (the normalized Kling request as JSON, images included, read only by `request()`) and its timeline
-(JSON events, oldest first, capped at `max_events`); the `all` and per-state indexes (sorted sets, score =
-created_at: listing newest first); per app, its listing index and per-state indexes of its non-terminal jobs
-(`keys.app_jobs`, `keys.app_jobs_in_state`: an app's list, active count and in-flight share); the due index
-(score = when the reconciler should look next; terminal jobs are never in it); idempotency keys (`job_id` and the
-sha256 of the canonical body); the outbox (a sorted set of
+its request (the normalized Kling request as JSON, images included, read only by `request()`; the step into
+`stored` deletes it) and its timeline (compact JSON events, oldest first, capped at `max_events`); the `all` and
+per-state indexes (sorted sets, score = created_at: listing newest first); per app, its listing index and
+per-state indexes of its non-terminal jobs (`keys.app_jobs`, `keys.app_jobs_in_state`: an app's list, active
+count and in-flight share); the due index (score = when the reconciler should look next; terminal jobs are never
+in it); idempotency keys (`job_id` and the sha256 of the canonical body); the outbox (a sorted set of
 `<id>|<state>|<at>`, score = at: steps still to be announced to the consumers' stream and notifications, added
 by the step itself, removed once announced: `Transition`, `unannounced`, `announced`).
 
@@ -227,11 +227,7 @@ class JobStore:
             event, keys.JOB_KEY_PREFIX, self._max_events, app or keys.NO_APP_GROUP,
             max_active if app and max_active else 0,
         ]
-        for name, value in fields.items():
-            if name == "request":
-                args += [name, value]
-            elif value:
-                args += pieces(name, value)
+        args += self._create_fields(fields)
         status, found_id = _reply(self._create(keys=names, args=args))
         if status == "busy":
             raise AppBusy(app or "", int(found_id), max_active or 0)
@@ -241,6 +237,18 @@ class JobStore:
         if job is None:  # only if someone deleted the job between the script and this read
             raise JobNotFound(found_id)
         return job, status == "created"
+
+    @staticmethod
+    def _create_fields(fields: dict[str, str]) -> list[str]:
+        """`[name, value, ...]` for the create script: empty fields left out, long values in pieces (`pieces`); the
+        request whole (the script keeps it in its own key)."""
+        out: list[str] = []
+        for name, value in fields.items():
+            if name == "request":
+                out += [name, value]
+            elif value:
+                out += pieces(name, value)
+        return out
 
     def get(self, job_id: str) -> Job | None:
         """The job, or None if there is none with this id (or the id is not a job id: nothing is read then)."""
