@@ -1,6 +1,6 @@
 """Redis memory per job, for the capacity guide (deploy/README.md, "Capacity").
 
-    python bench/job_memory.py [--jobs 2000]
+    python bench/job_memory.py [--jobs 2000] [--redis-config hash-max-listpack-value=128 ...]
 
 Starts a throwaway redis-server (deploy/procs.py), then creates N jobs through the job store as the API does
 (image URLs, a 300-character prompt, metadata, a notify_url, an idempotency key) and walks each to `stored` as
@@ -87,12 +87,18 @@ def used(client: redis.Redis) -> int:
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=2000)
-    n = parser.parse_args(argv).jobs
+    parser.add_argument("--redis-config", action="append", default=[], metavar="NAME=VALUE",
+                        help="a Redis setting to change first (CONFIG SET), to compare with the defaults")
+    args = parser.parse_args(argv)
+    n = args.jobs
     row: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         server = RedisServer(Path(tmp) / "redis").start()
         try:
             client = redis.Redis.from_url(server.url, decode_responses=True)
+            for setting in args.redis_config:
+                name, _, value = setting.partition("=")
+                client.config_set(name, value)
             store = JobStore(client, job_ttl_seconds=2_592_000)
             before = used(client)
             run_jobs(client, store, n, "https://img.example.com/a.jpg", "url")
