@@ -50,7 +50,9 @@ end
 _PIECES = """
 local function full(key, name)
   local value = redis.call('HGET', key, name)
-  if not value then return value end
+  if not value or redis.call('HEXISTS', key, name .. '~1') == 0 then return value end
+  -- a whole JSON value over stale pieces: written by a process of the older layout (jobs_model._whole_json)
+  if pcall(cjson.decode, value) then return value end
   local n = 1
   while true do
     local more = redis.call('HGET', key, name .. '~' .. n)

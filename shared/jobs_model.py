@@ -126,6 +126,8 @@ def dumps(value: Any) -> str:
 PIECE_BYTES = 64
 #: Between a field's name and the number of one of its further pieces (no field name contains it).
 PIECE_MARK = "~"
+#: The fields whose values are JSON documents.
+JSON_FIELDS: frozenset[str] = frozenset({"metadata", "error", "videos", "notify_events"})
 
 
 def pieces(name: str, value: str) -> list[str]:
@@ -146,18 +148,31 @@ def pieces(name: str, value: str) -> list[str]:
     return out
 
 
+def _whole_json(value: str) -> bool:
+    """Whether `value` is a JSON document on its own. The first piece of a longer JSON object or array never is,
+    so a JSON field that is whole has been written over its pieces by a process of the older layout (which knew
+    nothing of pieces): its further pieces are stale."""
+    try:
+        json.loads(value)
+    except ValueError:
+        return False
+    return True
+
+
 def joined(h: dict[str, str]) -> dict[str, str]:
-    """A job hash as read from Redis with each value's pieces (`pieces`) joined back under its own name."""
+    """A job hash as read from Redis with each value's pieces (`pieces`) joined back under its own name (stale
+    pieces under a whole JSON value ignored, see `_whole_json`)."""
     if not any(PIECE_MARK in k for k in h):
         return h
     out: dict[str, str] = {}
     for name, value in h.items():
         if PIECE_MARK in name:
             continue
-        n = 1
-        while (more := h.get(f"{name}{PIECE_MARK}{n}")) is not None:
-            value += more
-            n += 1
+        if f"{name}{PIECE_MARK}1" in h and not (name in JSON_FIELDS and _whole_json(value)):
+            n = 1
+            while (more := h.get(f"{name}{PIECE_MARK}{n}")) is not None:
+                value += more
+                n += 1
         out[name] = value
     return out
 

@@ -160,3 +160,20 @@ def test_a_job_written_in_the_older_layout_reads_and_steps_the_same(store: JobSt
     assert store.events(job_id)[-1] == Event(clock.now, "failed", "queued", "api", {"previous_error": error})
     assert store.step(job_id, S.CANCELED, source="api").applied
     assert store.require(job_id).error is None and encoding(redis_client, keys.job(job_id)) == "hashtable"
+
+
+def test_a_json_value_an_older_process_wrote_over_its_pieces_reads_whole(store: JobStore,
+                                                                         redis_client: redis.Redis) -> None:
+    """During a rolling upgrade a process of the older layout may write `error` whole over a job whose error is in
+    pieces (its retry writes `null`) without clearing them: the stale pieces are ignored, by the reads and by the
+    retry script, rather than glued onto the new value (which would leave the job and its timeline unreadable)."""
+    job, _ = store.create(dict(REQUEST))
+    long_error = {"reason": "copy_exhausted", "message": "x" * 300}
+    store.step(job.id, S.FAILED, source="worker", set_fields={"error": long_error})
+    assert redis_client.hexists(keys.job(job.id), "error~1")
+    redis_client.hset(keys.job(job.id), "error", json.dumps({"reason": "submit_exhausted", "message": "older"}))
+    assert store.require(job.id).error == {"reason": "submit_exhausted", "message": "older"}
+    assert store.retry(job.id, source="api").applied
+    assert store.events(job.id)[-1].detail == {"previous_error": {"reason": "submit_exhausted", "message": "older"}}
+    redis_client.hset(keys.job(job.id), mapping={"error": "null", "error~1": "stale"})  # an older retry's write
+    assert store.require(job.id).error is None
