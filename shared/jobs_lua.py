@@ -11,9 +11,8 @@ is left after a grace period (so an announcement may be made twice, never lost).
 
 Events are JSON arrays built by Python (`Event.to_json`), except the `from` state which only the script knows:
 Python sends a head (`[<at>,`) and a tail (`,"<to>","<source>"]`) and the script puts the quoted current state
-between them. State
-names are plain lowercase words, so no escaping is needed. Numbers never pass through Lua arithmetic (its
-`tostring` would round timestamps); scores and times arrive as strings and are stored as given.
+between them. State names are plain lowercase words, so no escaping is needed. Numbers never pass through Lua
+arithmetic (its `tostring` would round timestamps); scores and times arrive as strings and are stored as given.
 
 The request body (images included, up to tens of MB) is kept apart from the hash, in `<job key>:request`, so that
 the HGETALL every step answers with stays small; the submit and the copy read it (`JobStore.request`), and the

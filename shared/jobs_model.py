@@ -8,10 +8,10 @@ lives in its own key), one `attempt:<kind>` integer field per retry counter, and
 
 Memory (Redis keeps a hash compact, as a listpack, only while every value is at most `hash-max-listpack-value`
 bytes, 64 by default, and it has at most 128 fields; one longer value turns the whole hash into a hashtable, about
-three times the size): a field left at its default is not written (`from_hash` reads a missing field as its
-default, so hashes written before, with every field, read the same), and a value longer than `PIECE_BYTES` is
-kept in pieces of at most that many bytes: the first under the field's own name, the rest under `<name>~1`,
-`<name>~2`, ... (`pieces`, joined back by `from_hash`; the job scripts read and clear them the same way).
+twice the size: `bench/job_memory.py`): a field left at its default is not written (`from_hash` reads a missing
+field as its default, so hashes written before, with every field, read the same), and a value longer than
+`PIECE_BYTES` is kept in pieces of at most that many bytes: the first under the field's own name, the rest under
+`<name>~1`, `<name>~2`, ... (`pieces`, joined back by `from_hash`; the job scripts read and clear them the same way).
 Timeline events are compact JSON arrays (`Event.to_json`; the older JSON objects still read).
 """
 
