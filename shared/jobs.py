@@ -7,12 +7,12 @@ changes nothing and records nothing (`applied=False`); only the explicit ops act
 state (failed → queued).
 
 Keys (the layout is written once, in `shared/keys.py`): the job's hash (field encoding in `shared/jobs_model.py`),
-its request (the normalized Kling request as JSON, images included, read only by `request()`) and its timeline
-(JSON events, oldest first, capped at `max_events`); the `all` and per-state indexes (sorted sets, score =
-created_at: listing newest first); per app, its listing index and per-state indexes of its non-terminal jobs
-(`keys.app_jobs`, `keys.app_jobs_in_state`: an app's list, active count and in-flight share); the due index
-(score = when the reconciler should look next; terminal jobs are never in it); idempotency keys (`job_id` and the
-sha256 of the canonical body); the outbox (a sorted set of
+its request (the normalized Kling request as JSON, images included, read only by `request()`; the step into
+`stored` deletes it) and its timeline (compact JSON events, oldest first, capped at `max_events`); the `all` and
+per-state indexes (sorted sets, score = created_at: listing newest first); per app, its listing index and
+per-state indexes of its non-terminal jobs (`keys.app_jobs`, `keys.app_jobs_in_state`: an app's list, active
+count and in-flight share); the due index (score = when the reconciler should look next; terminal jobs are never
+in it); idempotency keys (`job_id` and the sha256 of the canonical body); the outbox (a sorted set of
 `<id>|<state>|<at>`, score = at: steps still to be announced to the consumers' stream and notifications, added
 by the step itself, removed once announced: `Transition`, `unannounced`, `announced`).
 
@@ -58,6 +58,7 @@ from kling_relay.shared.jobs_model import (
     dumps,
     new_job_id,
     normalize_notify_events,
+    pieces,
 )
 
 __all__ = [
@@ -158,12 +159,13 @@ class JobStore:
             raise ValueError(f"source must be one of {sorted(SOURCES)}, not {source!r}")
 
     def _event_head(self, now: float) -> str:
-        return '{"at":' + json.dumps(now) + ',"from":'
+        """The start of an event as `Event.to_json` writes it, up to its `from` state: `[<at>,`."""
+        return "[" + json.dumps(now) + ","
 
     @staticmethod
     def _event_tail(source: str, detail: dict[str, Any] | None) -> str:
-        """The part after `"to":...`: `,"source":...,"detail":{...}}`."""
-        return ',"source":' + dumps(source) + ',"detail":' + dumps(dict(detail or {})) + "}"
+        """The part after the `to` state: `,"<source>"]`, or `,"<source>",{detail}]` with a detail."""
+        return "," + dumps(source) + ("," + dumps(dict(detail)) if detail else "") + "]"
 
     # -- create and read --------------------------------------------------------------------------------
 
@@ -203,16 +205,17 @@ class JobStore:
         job_id = new_job_id(now)
         body = [request, notify_url, meta] if events is None else [request, notify_url, meta, list(events)]
         body_hash = hashlib.sha256(dumps(body).encode()).hexdigest()
+        # Fields left at their defaults are not written (`Job.from_hash` reads them back as such).
         fields = {
             "id": job_id, "state": JobState.QUEUED.value, "request": dumps(request),
-            "notify_url": notify_url or "", "metadata": dumps(meta), "kling_task_id": "",
+            "notify_url": notify_url or "", "metadata": dumps(meta) if meta else "",
             "notify_events": "" if events is None else dumps(list(events)),
-            "created_at": repr(now), "updated_at": repr(now), "error": "null", "videos": "[]",
+            "created_at": repr(now), "updated_at": repr(now),
             "deadline_at": repr(now + deadline_seconds) if deadline_seconds is not None else "",
             "app": app or "",
         }
-        event = dumps({"at": now, "from": None, "to": JobState.QUEUED.value, "source": source,
-                       "detail": {"request_id": request_id} if request_id else {}})
+        event = Event(now, None, JobState.QUEUED.value, source,
+                      {"request_id": request_id} if request_id else {}).to_json()
         names = [self._job_key(job_id), self._events_key(job_id), self._index_key(None),
                 self._index_key(JobState.QUEUED), self._due_key, keys.app_jobs(app) if app else "", keys.APPS]
         if idempotency_key is not None:
@@ -224,8 +227,7 @@ class JobStore:
             event, keys.JOB_KEY_PREFIX, self._max_events, app or keys.NO_APP_GROUP,
             max_active if app and max_active else 0,
         ]
-        for name, value in fields.items():
-            args += [name, value]
+        args += self._create_fields(fields)
         status, found_id = _reply(self._create(keys=names, args=args))
         if status == "busy":
             raise AppBusy(app or "", int(found_id), max_active or 0)
@@ -235,6 +237,18 @@ class JobStore:
         if job is None:  # only if someone deleted the job between the script and this read
             raise JobNotFound(found_id)
         return job, status == "created"
+
+    @staticmethod
+    def _create_fields(fields: dict[str, str]) -> list[str]:
+        """`[name, value, ...]` for the create script: empty fields left out, long values in pieces (`pieces`); the
+        request whole (the script keeps it in its own key)."""
+        out: list[str] = []
+        for name, value in fields.items():
+            if name == "request":
+                out += [name, value]
+            elif value:
+                out += pieces(name, value)
+        return out
 
     def get(self, job_id: str) -> Job | None:
         """The job, or None if there is none with this id (or the id is not a job id: nothing is read then)."""
@@ -279,18 +293,13 @@ class JobStore:
         return self.get(job_id) if job_id else None
 
     def request(self, job_id: str) -> dict[str, Any]:
-        """The job's normalized Kling request (images included; kept apart from the job hash); JobNotFound if none."""
+        """The job's normalized Kling request (images included; kept apart from the job hash); JobNotFound if none
+        (no such job, or a stored one: the step into `stored` drops it, the manifest records it)."""
         raw = cast(str | None, self._r.get(self._request_key(job_id)))
         if raw is None:
             raise JobNotFound(job_id)
         request: dict[str, Any] = json.loads(raw)
         return request
-
-    def replace_request(self, job_id: str, request: dict[str, Any]) -> bool:
-        """Overwrite the stored request (keeping its expiry), e.g. without its images once the job is stored."""
-        if not is_job_id(job_id):
-            return False
-        return bool(self._r.set(self._request_key(job_id), dumps(request), xx=True, keepttl=True))
 
     def require(self, job_id: str) -> Job:
         """The job; raises `JobNotFound` if there is none."""
@@ -311,6 +320,8 @@ class JobStore:
     # -- state changes ----------------------------------------------------------------------------------
 
     def _encode_fields(self, set_fields: dict[str, Any] | None) -> list[str]:
+        """`[name, value, ...]` for the step script, long values in pieces (`pieces`): the script clears a field's
+        earlier pieces before it writes the field."""
         out: list[str] = []
         for name, value in (set_fields or {}).items():
             if name not in SETTABLE_FIELDS:
@@ -322,11 +333,11 @@ class JobStore:
             elif name == "videos":
                 if not isinstance(value, list):
                     raise TypeError("videos must be a list")
-                out += [name, dumps(value)]
+                out += pieces(name, dumps(value))
             else:
                 if value is not None and not isinstance(value, dict):
                     raise TypeError("error must be a dict or None")
-                out += [name, dumps(value)]
+                out += pieces(name, dumps(value))
         return out
 
     def _due_args(self, due_in: float | None | Literal["keep"], now: float) -> list[str]:
@@ -363,7 +374,7 @@ class JobStore:
         fields = self._encode_fields(set_fields)
         allowed = "*" if only_from is None else ",".join(JobState(s).value for s in only_from)
         now = self._clock()
-        tail = ',"to":' + dumps(to.value) + self._event_tail(source, detail)
+        tail = "," + dumps(to.value) + self._event_tail(source, detail)
         args: list[str | int] = [to.value, repr(now), self._event_head(now), tail, allowed,
                                  *self._due_args(due_in, now), self._ttl, self._max_events, *fields]
         return self._result(job_id, self._step(keys=self._step_keys(job_id), args=args))
@@ -377,7 +388,7 @@ class JobStore:
         """
         self._check_source(source)
         now = self._clock()
-        tail = ',"to":"queued","source":' + dumps(source) + ',"detail":{"previous_error":'
+        tail = ',"queued",' + dumps(source) + ',{"previous_error":'
         args: list[str | int] = [repr(now), self._event_head(now), tail, *self._due_args(due_in, now),
                                  self._max_events]
         return self._result(job_id, self._retry(keys=self._step_keys(job_id), args=args))

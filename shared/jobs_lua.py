@@ -9,13 +9,18 @@ that enters a terminal state, or a state the job's `notify_url` asked for, adds 
 the same script; whoever applied the step announces it and removes the entry, and the reconciler announces what
 is left after a grace period (so an announcement may be made twice, never lost).
 
-Events are JSON built by Python, except the `from` state which only the script knows: Python sends a head
-(`{"at":...,"from":`) and a tail (`,"to":...}`) and the script puts the quoted current state between them. State
-names are plain lowercase words, so no escaping is needed. Numbers never pass through Lua arithmetic (its
-`tostring` would round timestamps); scores and times arrive as strings and are stored as given.
+Events are JSON arrays built by Python (`Event.to_json`), except the `from` state which only the script knows:
+Python sends a head (`[<at>,`) and a tail (`,"<to>","<source>"]`) and the script puts the quoted current state
+between them. State names are plain lowercase words, so no escaping is needed. Numbers never pass through Lua
+arithmetic (its `tostring` would round timestamps); scores and times arrive as strings and are stored as given.
 
 The request body (images included, up to tens of MB) is kept apart from the hash, in `<job key>:request`, so that
-the HGETALL every step answers with stays small; only the submit reads it (`JobStore.request`).
+the HGETALL every step answers with stays small; the submit and the copy read it (`JobStore.request`), and the
+step into `stored` deletes it (the manifest records it, without image payloads).
+
+A hash value longer than 64 bytes is kept in pieces (`jobs_model.pieces`: `<name>`, `<name>~1`, ...) so the hash
+stays a listpack under Redis's default limits: `full` reads a field whole, and a write clears the field's earlier
+pieces first (`clear_pieces`).
 
 Every script that moves a job between states also moves it between its app's per-state indexes of the
 non-terminal states (`keys.app_jobs_in_state`; the group is the job's `app` field, `_` without one), so an app's
@@ -40,7 +45,29 @@ local function app_base(job_key)
 end
 """
 
-_PRELUDE = _APPS + """
+# A field kept in pieces (`jobs_model.pieces`): read whole, or drop its further pieces before the field is rewritten.
+_PIECES = """
+local function full(key, name)
+  local value = redis.call('HGET', key, name)
+  if not value or redis.call('HEXISTS', key, name .. '~1') == 0 then return value end
+  -- a whole JSON value over stale pieces: written by a process of the older layout (jobs_model._whole_json)
+  if pcall(cjson.decode, value) then return value end
+  local n = 1
+  while true do
+    local more = redis.call('HGET', key, name .. '~' .. n)
+    if not more then return value end
+    value = value .. more
+    n = n + 1
+  end
+end
+
+local function clear_pieces(key, name)
+  local n = 1
+  while redis.call('HDEL', key, name .. '~' .. n) == 1 do n = n + 1 end
+end
+"""
+
+_PRELUDE = _APPS + _PIECES + """
 local RANK = {queued=0, submitted=1, processing=2, generated=3, stored=4}
 local TERMINAL = {stored=true, failed=true, canceled=true}
 local IDX = {queued=4, submitted=5, processing=6, generated=7, stored=8, failed=9, canceled=10}
@@ -121,14 +148,15 @@ _WANTS = """
 local function wants_notification(job_key, to)
   local url = redis.call('HGET', job_key, 'notify_url')
   if not url or url == '' then return false end
-  local events = redis.call('HGET', job_key, 'notify_events')
+  local events = full(job_key, 'notify_events')
   if not events or events == '' then return TERMINAL[to] == true end
   return string.find(events, '"' .. to .. '"', 1, true) ~= nil
 end
 """
 
 # ARGV: 1 to, 2 now, 3 event head, 4 event tail, 5 allowed sources ('*' = any, else comma-separated),
-#       6 due mode (keep|none|set), 7 due_at, 8 ttl seconds (0 = none), 9 max events, 10.. field/value pairs
+#       6 due mode (keep|none|set), 7 due_at, 8 ttl seconds (0 = none), 9 max events, 10.. field/value pairs (a
+#       field's pieces right after it). The step into `stored` deletes the job's request.
 STEP = _PRELUDE + _WANTS + """
 local cur = redis.call('HGET', KEYS[1], 'state')
 if not cur then return {'missing'} end
@@ -147,8 +175,10 @@ if not ok then return {'noop', cur, redis.call('HGETALL', KEYS[1])} end
 local id = redis.call('HGET', KEYS[1], 'id')
 redis.call('HSET', KEYS[1], 'state', to, 'updated_at', ARGV[2])
 for i = 10, #ARGV, 2 do
+  if not string.find(ARGV[i], '~', 1, true) then clear_pieces(KEYS[1], ARGV[i]) end
   redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
 end
+if to == 'stored' then redis.call('DEL', KEYS[1] .. ':request') end
 push_event(KEYS[2], ARGV[3], cur, ARGV[4], ARGV[9])
 move_index(cur, to, id, redis.call('HGET', KEYS[1], 'created_at'))
 update_due(to, ARGV[6], ARGV[7], id)
@@ -170,13 +200,14 @@ local cur = redis.call('HGET', KEYS[1], 'state')
 if not cur then return {'missing'} end
 if cur ~= 'failed' then return {'noop', cur, redis.call('HGETALL', KEYS[1])} end
 local id = redis.call('HGET', KEYS[1], 'id')
-local err = redis.call('HGET', KEYS[1], 'error')
+local err = full(KEYS[1], 'error')
 if not err or err == '' then err = 'null' end
+clear_pieces(KEYS[1], 'error')
 redis.call('HSET', KEYS[1], 'state', 'queued', 'updated_at', ARGV[1], 'error', 'null')
 for _, k in ipairs(redis.call('HKEYS', KEYS[1])) do
   if string.sub(k, 1, 8) == 'attempt:' then redis.call('HDEL', KEYS[1], k) end
 end
-push_event(KEYS[2], ARGV[2], cur, ARGV[3] .. err .. '}}', ARGV[6])
+push_event(KEYS[2], ARGV[2], cur, ARGV[3] .. err .. '}]', ARGV[6])
 move_index(cur, 'queued', id, redis.call('HGET', KEYS[1], 'created_at'))
 update_due('queued', ARGV[4], ARGV[5], id)
 redis.call('PERSIST', KEYS[1])
@@ -185,17 +216,17 @@ redis.call('PERSIST', KEYS[1] .. ':request')
 return {'applied', cur, redis.call('HGETALL', KEYS[1])}
 """
 
-# KEYS: job, events. ARGV: 1 event head, 2 event tail (starting after "to"), 3 max events
+# KEYS: job, events. ARGV: 1 event head, 2 event tail (after the `to` state), 3 max events
 NOTE = """
 local cur = redis.call('HGET', KEYS[1], 'state')
 if not cur then return {'missing'} end
-redis.call('RPUSH', KEYS[2], ARGV[1] .. '"' .. cur .. '","to":"' .. cur .. '"' .. ARGV[2])
+redis.call('RPUSH', KEYS[2], ARGV[1] .. '"' .. cur .. '","' .. cur .. '"' .. ARGV[2])
 redis.call('LTRIM', KEYS[2], -tonumber(ARGV[3]), -1)
 return {'noted', cur}
 """
 
 # KEYS: job, events, (optional) the task id → job id index. ARGV: 1 task id, 2 now, 3 event head, 4 event tail
-# (after "to"), 5 max events
+# (after the `to` state), 5 max events
 SET_KLING_TASK_ID = """
 local cur = redis.call('HGET', KEYS[1], 'state')
 if not cur then return {'missing'} end
@@ -206,7 +237,7 @@ if existing and existing ~= '' then
 end
 redis.call('HSET', KEYS[1], 'kling_task_id', ARGV[1], 'updated_at', ARGV[2])
 if KEYS[3] then redis.call('HSET', KEYS[3], ARGV[1], redis.call('HGET', KEYS[1], 'id')) end
-redis.call('RPUSH', KEYS[2], ARGV[3] .. '"' .. cur .. '","to":"' .. cur .. '"' .. ARGV[4])
+redis.call('RPUSH', KEYS[2], ARGV[3] .. '"' .. cur .. '","' .. cur .. '"' .. ARGV[4])
 redis.call('LTRIM', KEYS[2], -tonumber(ARGV[5]), -1)
 return {'set', ''}
 """

@@ -1,10 +1,18 @@
 """The job record as values: its states, its timeline events, and the `Job` read back from Redis.
 
 Nothing here talks to Redis; `shared/jobs.py` stores and steps these values. A job is kept as one Redis hash
-of strings: plain strings for ids and timestamps (`""` meaning "none"), JSON for the structured fields
+of strings: plain strings for ids and timestamps (`""` or no field meaning "none"), JSON for the structured fields
 (`metadata`, `error`, `videos`, and `notify_events`, where `""` means the default: the terminal states; the request
 lives in its own key), one `attempt:<kind>` integer field per retry counter, and what Kling billed once it says so
 (`units`, `balance_deduction`: numbers as text, each written once by `shared/usage.py`, never by a state step).
+
+Memory (Redis keeps a hash compact, as a listpack, only while every value is at most `hash-max-listpack-value`
+bytes, 64 by default, and it has at most 128 fields; one longer value turns the whole hash into a hashtable, about
+twice the size: `bench/job_memory.py`): a field left at its default is not written (`from_hash` reads a missing
+field as its default, so hashes written before, with every field, read the same), and a value longer than
+`PIECE_BYTES` is kept in pieces of at most that many bytes: the first under the field's own name, the rest under
+`<name>~1`, `<name>~2`, ... (`pieces`, joined back by `from_hash`; the job scripts read and clear them the same way).
+Timeline events are compact JSON arrays (`Event.to_json`; the older JSON objects still read).
 """
 
 from __future__ import annotations
@@ -114,6 +122,61 @@ def dumps(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
+#: The longest value a job's hash field holds: Redis's default `hash-max-listpack-value` (see the module doc).
+PIECE_BYTES = 64
+#: Between a field's name and the number of one of its further pieces (no field name contains it).
+PIECE_MARK = "~"
+#: The fields whose values are JSON documents.
+JSON_FIELDS: frozenset[str] = frozenset({"metadata", "error", "videos", "notify_events"})
+
+
+def pieces(name: str, value: str) -> list[str]:
+    """`[name, piece, name~1, piece, ...]`: `value` cut into pieces of at most PIECE_BYTES UTF-8 bytes, never
+    inside a character (so each piece decodes on its own); `[name, value]` for a value that fits."""
+    if len(value.encode()) <= PIECE_BYTES:
+        return [name, value]
+    out: list[str] = []
+    piece, size = "", 0
+    for char in value:
+        width = len(char.encode())
+        if size + width > PIECE_BYTES:
+            out += [f"{name}{PIECE_MARK}{len(out) // 2}" if out else name, piece]
+            piece, size = "", 0
+        piece += char
+        size += width
+    out += [f"{name}{PIECE_MARK}{len(out) // 2}" if out else name, piece]
+    return out
+
+
+def _whole_json(value: str) -> bool:
+    """Whether `value` is a JSON document on its own. The first piece of a longer JSON object or array never is,
+    so a JSON field that is whole has been written over its pieces by a process of the older layout (which knew
+    nothing of pieces): its further pieces are stale."""
+    try:
+        json.loads(value)
+    except ValueError:
+        return False
+    return True
+
+
+def joined(h: dict[str, str]) -> dict[str, str]:
+    """A job hash as read from Redis with each value's pieces (`pieces`) joined back under its own name (stale
+    pieces under a whole JSON value ignored, see `_whole_json`)."""
+    if not any(PIECE_MARK in k for k in h):
+        return h
+    out: dict[str, str] = {}
+    for name, value in h.items():
+        if PIECE_MARK in name:
+            continue
+        if f"{name}{PIECE_MARK}1" in h and not (name in JSON_FIELDS and _whole_json(value)):
+            n = 1
+            while (more := h.get(f"{name}{PIECE_MARK}{n}")) is not None:
+                value += more
+                n += 1
+        out[name] = value
+    return out
+
+
 @dataclass(frozen=True)
 class Event:
     """One entry of a job's timeline. `from_state` is None for the creation event; a note has from == to."""
@@ -129,9 +192,19 @@ class Event:
         return {"at": iso_utc(self.at), "from": self.from_state, "to": self.to_state,
                 "source": self.source, "detail": dict(self.detail)}
 
+    def to_json(self) -> str:
+        """How the job's timeline stores it: `[at, from, to, source]`, plus `detail` when it is not empty."""
+        return dumps([self.at, self.from_state, self.to_state, self.source, *([self.detail] if self.detail else [])])
+
     @classmethod
     def from_json(cls, raw: str) -> Event:
+        """An event as `to_json` stores it, or as a JSON object `{"at", "from", "to", "source", "detail"}` (the
+        layout before 2026-12: the timelines of jobs stored then read the same)."""
         data = json.loads(raw)
+        if isinstance(data, list):
+            at, from_state, to_state, source, *rest = data
+            return cls(at=float(at), from_state=from_state, to_state=to_state, source=source,
+                       detail=rest[0] if rest else {})
         return cls(at=float(data["at"]), from_state=data.get("from"), to_state=data["to"],
                    source=data["source"], detail=data.get("detail") or {})
 
@@ -225,7 +298,9 @@ class Job:
 
     @classmethod
     def from_hash(cls, h: dict[str, str]) -> Job:
-        """Decode the Redis hash written by `JobStore` (a client with `decode_responses=True`)."""
+        """Decode the Redis hash written by `JobStore` (a client with `decode_responses=True`): fields in pieces are
+        joined, missing fields read as their defaults."""
+        h = joined(h)
         attempts = {k[len(ATTEMPT_PREFIX):]: int(v) for k, v in h.items() if k.startswith(ATTEMPT_PREFIX)}
         return cls(
             id=h["id"],

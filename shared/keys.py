@@ -1,8 +1,10 @@
 """The Redis key layout, written once. Every module that keeps keys in Redis builds them here.
 
 All keys start with `kr:`; one Redis (database) serves one relay.
-- `kr:job:<id>` hash: the job (`jobs_model` has the field encoding); `kr:job:<id>:request` string: its Kling
-  request as JSON; `kr:job:<id>:events` list: its timeline
+- `kr:job:<id>` hash: the job (`jobs_model` has the field encoding: defaults not written, values over 64 bytes
+  in pieces `<field>~<n>`, so the hash stays a listpack under Redis's default config); `kr:job:<id>:request`
+  string: its Kling request as JSON (deleted by the step into `stored`: the manifest records it);
+  `kr:job:<id>:events` list: its timeline (compact JSON arrays, `Event.to_json`)
 - `kr:jobs:all`, `kr:jobs:state:<state>` sorted sets (score = created_at): listing newest first, counts
 - `kr:jobs:app:<app>` sorted set (score = created_at): one app's jobs, for its listing (entries of expired jobs
   dropped lazily); `kr:jobs:app:<group>:state:<state>` sorted sets for the non-terminal states (queued,

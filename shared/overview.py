@@ -159,8 +159,9 @@ def _retry_refusal(job: Job) -> str | None:
 
 def job_detail(rt: Runtime, job_id: str) -> dict[str, Any] | None:
     """Everything the job page shows, or None for no such job: the job, its latest events, its request without
-    image payloads, its stored videos with presigned S3 URLs (valid PRESIGN_SECONDS), its manifest (stored jobs
-    only: one S3 read), and whether retry and cancel apply (with the reason when retry does not)."""
+    image payloads (a stored job's from its manifest: the step into `stored` drops it from Redis), its stored videos
+    with presigned S3 URLs (valid PRESIGN_SECONDS), its manifest (stored jobs only: one S3 read), and whether retry
+    and cancel apply (with the reason when retry does not)."""
     job = rt.store.get(job_id)
     if job is None:
         return None
@@ -185,6 +186,8 @@ def job_detail(rt: Runtime, job_id: str) -> dict[str, Any] | None:
             manifest = rt.storage.read_manifest(job.id, job.created_at)
         except Exception as exc:
             manifest_error = type(exc).__name__
+    if not request and manifest is not None and isinstance(manifest.get("request"), dict):
+        request = manifest["request"]
     return {
         "job": job,
         "public": _shown(job.public_dict()),

@@ -180,7 +180,6 @@ def _mark_stored(rt: Runtime, job: Job, stored: list[StoredVideo], recorded: dic
         return Outcome.SKIPPED
     if result.applied:
         log.info("stored", extra={"job_id": job.id, "keys": [v["key"] for v in videos]})
-        rt.store.replace_request(job.id, recorded)  # the images are no longer needed: free their memory in Redis
         finished(rt, result.job)
     return Outcome.STORED
 

@@ -152,8 +152,10 @@ def test_finished_job_is_published_to_the_stream(clean_sim: LocalStack) -> None:
     assert len(entries) == 1
     payload = json.loads(entries[0]["payload"])
     assert payload["type"] == "job.stored" and payload["data"]["metadata"] == {"order": 42}
-    kept = json.loads(client.get(f"kr:job:{job_id}:request"))  # a stored job keeps its request without images
-    assert "image_list" not in kept and kept["images"] == ["<base64>", "<base64>"] and kept["prompt"] == "test job 9"
+    assert client.get(f"kr:job:{job_id}:request") is None  # a stored job's request is in its manifest only
+    recorded = _manifest(stack, stack.api("GET", f"/v1/jobs/{job_id}").json())["request"]
+    assert "image_list" not in recorded and recorded["images"] == ["<base64>", "<base64>"]
+    assert recorded["prompt"] == "test job 9"
 
 
 def in_state(stack: LocalStack, job_id: str, state: str) -> dict[str, Any] | None:

@@ -516,7 +516,7 @@ def test_bulk_copies_of_a_job_read_like_jobs_the_store_made(store: JobStore, red
     for job_id in ids:
         assert store.require(job_id) == dataclasses.replace(template, id=job_id)
         assert store.events(job_id) == store.events(template.id)
-        assert store.request(job_id) == store.request(template.id)
+        assert redis_client.get(f"kr:job:{job_id}:request") == redis_client.get(f"kr:job:{template.id}:request")
     assert store.counts()["stored"] == 6
     announced = redis_client.zrange("kr:outbox", 0, -1)
     assert len(announced) == 6 and {m.split("|")[0] for m in announced} == {template.id, *ids}
@@ -659,16 +659,21 @@ def test_a_key_whose_job_is_gone_makes_a_new_job(store: JobStore, redis_client: 
     assert created and second.id != first.id
 
 
-def test_replace_request_keeps_the_expiry_and_needs_an_existing_request(redis_client: redis.Redis,
-                                                                        clock: FakeClock) -> None:
+def test_the_step_into_stored_drops_the_request_and_other_ends_keep_it(redis_client: redis.Redis,
+                                                                       clock: FakeClock) -> None:
+    """Nothing reads a stored job's request from Redis (its manifest records it; only a failed job is retried),
+    so the step into `stored` deletes it; a failed or canceled job keeps it until it expires with the job."""
     store = JobStore(redis_client, clock=clock, job_ttl_seconds=3600)
-    job = make_job(store, S.GENERATED)
-    store.step(job.id, S.STORED, source="worker")
-    assert store.replace_request(job.id, {"prompt": "p", "images": ["<base64>"]})
-    assert store.request(job.id) == {"prompt": "p", "images": ["<base64>"]}
-    assert 0 < redis_client.ttl(f"kr:job:{job.id}:request") <= 3600
-    assert not store.replace_request("job_missing", {})
-    assert not redis_client.exists("kr:job:job_missing:request")
+    stored = make_job(store, S.GENERATED)
+    store.step(stored.id, S.STORED, source="worker")
+    assert not redis_client.exists(f"kr:job:{stored.id}:request")
+    with pytest.raises(JobNotFound):
+        store.request(stored.id)
+    for end in (S.FAILED, S.CANCELED):
+        job = make_job(store, S.GENERATED)
+        store.step(job.id, end, source="worker")
+        assert store.request(job.id) == REQUEST
+        assert 0 < redis_client.ttl(f"kr:job:{job.id}:request") <= 3600
 
 
 def test_due_times_never_pass_the_deadline(store: JobStore, redis_client: redis.Redis, clock: FakeClock) -> None:
@@ -726,7 +731,6 @@ def test_an_id_that_is_not_a_job_id_is_no_job_and_reads_no_other_key(store: JobS
     other = job.id + suffix
     assert store.get(other) is None
     assert store.events(other) == []
-    assert store.replace_request(other, {}) is False
     store.forget_attempt(other, "submit")
     with pytest.raises(JobNotFound):
         store.require(other)

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from kling_relay.shared import copy_flow, flow, ops
+from kling_relay.shared import copy_flow, flow, keys, ops, overview
 from kling_relay.shared.jobs import JobState
 from kling_relay.shared.jobs_model import iso_utc
 from kling_relay.shared.locks import job_lock
@@ -345,6 +345,26 @@ def test_a_video_url_off_the_allowlist_waits_in_generated_until_the_list_is_wide
     assert stored.state is JobState.STORED and len(stored.videos) == 1
     assert sorted(k.rsplit("/", 1)[1] for k in objects(moto, bucket)) == ["manifest.json", "video.mp4"]
     assert copy_flow.waiting(runtime.redis) == []
+
+
+def test_a_stored_jobs_request_is_in_its_manifest_only_and_the_job_page_reads_it_there(
+        redis_url: str, sim: SimHandle, moto: MotoS3) -> None:
+    """Issue 11: a stored job kept its request (without base64 images) in Redis until it expired, though only the
+    dashboard read it; the step into `stored` drops it, and the job page shows the manifest's."""
+    bucket = f"videos-{uuid.uuid4().hex[:8]}"
+    moto.client().create_bucket(Bucket=bucket)
+    rt = with_storage(make_runtime(relay_settings(redis_url, sim, VIDEO_URL_ALLOWLIST=sim.root_url)), moto, bucket)
+    try:
+        job_id = generated_job(rt, sim)
+        assert rt.store.request(job_id)["prompt"] == "a cat surfing"
+        assert copy_job(rt, job_id) == "stored"
+        assert not rt.redis.exists(keys.job_request(job_id))
+        detail = overview.job_detail(rt, job_id)
+        assert detail is not None and detail["manifest"] is not None
+        assert detail["request"]["prompt"] == "a cat surfing" and detail["request"]["model_name"] == "kling-v1-6"
+        assert detail["images"] == [{"removed": True}]
+    finally:
+        close_runtime(rt)
 
 
 @pytest.mark.parametrize("runtime", [{"VIDEO_URL_ALLOWLIST": DEFAULT_ALLOWLIST}], indirect=True)
