@@ -24,6 +24,7 @@ from kling_relay.shared.redis_conn import redis_client
 from tests.e2e.conftest import job_body, submit, wait_jobs
 from tests.e2e.test_pipeline import callback_token_for
 from tests.support import promtool
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -156,7 +157,7 @@ def names_unknown_to(exported: set[str]) -> dict[str, list[str]]:
 
 def test_recycled_web_workers_keep_their_counts_and_duplicates_change_nothing(stack: LocalStack) -> None:
     """deploy/gunicorn.conf.py recycles each web worker after about 10,000 requests (max_requests); here a web
-    process on the same config recycles after 8, so its two workers are replaced several times during 40 callbacks
+    process on the same config recycles after 8, so its workers are replaced during 40 callbacks
     for one job (1 applied, 39 duplicate or stale, each on its own connection). The scrape still counts every one
     (an exited worker's counter files stay in the master's directory), and the duplicates changed nothing."""
     port = free_port()
@@ -182,8 +183,11 @@ def test_recycled_web_workers_keep_their_counts_and_duplicates_change_nothing(st
         assert [a.status_code for a in answers] == [200] * 40
         assert [a.json()["applied"] for a in answers] == [True] + [False] * 39
         assert store.require(job.id).state is JobState.PROCESSING
-        restarts = proc.log_path.read_text().count("Autorestarting worker")
-        assert restarts >= 4  # 40 callbacks over two workers that each stop at 8 requests
+        # A worker that reached its count stops accepting within a second (gevent's worker checks once a second),
+        # so it may serve more than 8; at least one of the two did reach 8 and has been replaced by now.
+        assert "Autorestarting worker" in proc.log_path.read_text()
+        wait_until(lambda: proc.log_path.read_text().count("Booting worker") >= 3, timeout=60,
+                   what="a recycled web worker replaced")
         for _ in range(4):  # whichever (new) worker answers the scrape, every callback is counted once
             answer = requests.get(url + "/metrics", headers={"Authorization": f"Bearer {DEMO_API_TOKEN}"},
                                   timeout=10)
