@@ -8,7 +8,9 @@ Starts redis-server and the relay's web process (deploy/stack.py, gunicorn with 
 baseline is bench/noop_web.py under the same gunicorn config and worker count, fed the same requests. Each rep
 measures relay then baseline back to back; the figure is the median of the per-rep ratios. Repeated for each
 web worker count (the scaling curve). Prints one line per worker count: relay req/s, baseline req/s, ratio,
-relay p50/p99.
+relay p50/p99, and the CPU milliseconds per request of each side (gunicorn's master and workers, recycled ones
+included), of Redis during the relay's run and of this load generator: on a loaded machine the CPU split says
+more than the rates.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import random
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,7 +32,7 @@ for p in (str(ROOT), str(ROOT / "bench")):
         sys.path.insert(0, p)
 
 import redis  # noqa: E402
-from _common import load, median_ratio, pct, post  # noqa: E402
+from _common import load, median_ratio, pct, post, tree_cpu_seconds  # noqa: E402
 
 from deploy.procs import Process, free_port, wait_for_port  # noqa: E402
 from deploy.stack import DEMO_CALLBACK_SECRET, LocalStack  # noqa: E402
@@ -69,6 +72,17 @@ def warm(port: int, reqs: list[bytes], connections: int) -> None:
     load("127.0.0.1", port, reqs[: 200], connections)
 
 
+def measured(port: int, reqs: list[bytes], connections: int, server_pid: int,
+             redis_pid: int) -> tuple[float, list[float], dict[int, int], dict[str, float]]:
+    """`load`, plus the CPU milliseconds per request of the server (master and workers), Redis and this client."""
+    before = (tree_cpu_seconds(server_pid), tree_cpu_seconds(redis_pid), time.process_time())
+    seconds, latencies, statuses = load("127.0.0.1", port, reqs, connections)
+    after = (tree_cpu_seconds(server_pid), tree_cpu_seconds(redis_pid), time.process_time())
+    cpu = {name: (b - a) * 1000 / len(reqs) for name, a, b in zip(("server", "redis", "client"), before, after,
+                                                                      strict=True)}
+    return seconds, latencies, statuses, cpu
+
+
 def run(reps: int, jobs: int, per_job: int, connections: int, worker_counts: list[int]) -> list[dict[str, object]]:
     rows: list[dict[str, object]] = []
     for workers in worker_counts:
@@ -86,6 +100,8 @@ def run(reps: int, jobs: int, per_job: int, connections: int, worker_counts: lis
                                             "--pythonpath", "bench", "noop_web:app"],
                                log_dir=stack.logs, env=stack.env, cwd=ROOT)
                 wait_for_port(nport, proc=noop.proc)
+                web_pid, redis_pid = stack.processes["web"].pid, stack.redis.process.pid  # type: ignore[union-attr]
+                cpu: dict[str, list[float]] = {"relay": [], "noop": [], "redis": [], "client": []}
                 relay_rates: list[float] = []
                 base_rates: list[float] = []
                 lat: list[float] = []
@@ -93,19 +109,25 @@ def run(reps: int, jobs: int, per_job: int, connections: int, worker_counts: lis
                     reqs = make_requests(store, jobs, per_job, seed=rep * 1000 + workers)
                     warm_reqs = make_requests(store, 20, 10, seed=rep * 1000 + workers + 500)
                     warm(stack.web_port, warm_reqs, connections)
-                    seconds, latencies, statuses = load("127.0.0.1", stack.web_port, reqs, connections)
+                    seconds, latencies, statuses, rcpu = measured(stack.web_port, reqs, connections, web_pid,
+                                                                  redis_pid)
                     bad = {s: c for s, c in statuses.items() if s >= 300}
                     if bad:
                         raise RuntimeError(f"relay answered {bad}: see {stack.logs}")
                     relay_rates.append(len(reqs) / seconds)
                     lat += latencies
                     warm(nport, warm_reqs, connections)
-                    bseconds, _, _ = load("127.0.0.1", nport, reqs, connections)
+                    bseconds, _, _, bcpu = measured(nport, reqs, connections, noop.pid, redis_pid)
+                    cpu["relay"].append(rcpu["server"])
+                    cpu["redis"].append(rcpu["redis"])
+                    cpu["client"].append(rcpu["client"])
+                    cpu["noop"].append(bcpu["server"])
                     base_rates.append(len(reqs) / bseconds)
                 ratio, lo, hi = median_ratio(relay_rates, base_rates)
                 rows.append({"web_workers": workers, "relay_rps": statistics.median(relay_rates),
                              "noop_rps": statistics.median(base_rates), "ratio": ratio, "lo": lo, "hi": hi,
-                             "p50_ms": pct(lat, 0.5) * 1000, "p99_ms": pct(lat, 0.99) * 1000})
+                             "p50_ms": pct(lat, 0.5) * 1000, "p99_ms": pct(lat, 0.99) * 1000,
+                             **{f"cpu_{k}_ms": statistics.median(v) for k, v in cpu.items()}})
                 client.close()
             finally:
                 if noop is not None:
@@ -126,7 +148,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
     for r in rows:
         print(f"callbacks  web_workers={r['web_workers']}  relay {r['relay_rps']:.0f} req/s  "
               f"no-op {r['noop_rps']:.0f} req/s  ratio {r['ratio']:.2f} ({r['lo']:.2f}-{r['hi']:.2f})  "
-              f"relay p50 {r['p50_ms']:.1f} ms p99 {r['p99_ms']:.1f} ms", flush=True)
+              f"relay p50 {r['p50_ms']:.1f} ms p99 {r['p99_ms']:.1f} ms  CPU ms/req: relay {r['cpu_relay_ms']:.2f} "
+              f"(Redis {r['cpu_redis_ms']:.2f}) no-op {r['cpu_noop_ms']:.2f} client {r['cpu_client_ms']:.2f}",
+              flush=True)
     return rows
 
 

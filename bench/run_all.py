@@ -51,6 +51,11 @@ def main(argv: list[str] | None = None) -> None:
         for r in cb:
             curve.append(["callbacks req/s", r["web_workers"], f"{r['relay_rps']:.0f}", f"{r['noop_rps']:.0f}",
                           f"{r['ratio']:.2f}"])
+        for r in cb:  # CPU per callback, Redis's included: what a CPU-bound machine divides its cores by
+            relay_cpu = float(str(r["cpu_relay_ms"])) + float(str(r["cpu_redis_ms"]))
+            noop_cpu = float(str(r["cpu_noop_ms"]))
+            curve.append(["callbacks CPU ms/req", r["web_workers"], f"{relay_cpu:.2f}", f"{noop_cpu:.2f}",
+                          f"{noop_cpu / relay_cpu:.2f}"])
         h = cb[0]
         rows.append([f"callback req/s ({h['web_workers']} web workers, 90% dup/stale)", f"{h['relay_rps']:.0f}",
                      f"{h['noop_rps']:.0f}", f"{h['ratio']:.2f} ({h['lo']:.2f}-{h['hi']:.2f})", ">= 0.8",

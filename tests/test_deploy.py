@@ -61,3 +61,13 @@ def test_several_of_each_per_host() -> None:
     assert beat[beat.index("--scheduler") + 1] == "celery.beat:Scheduler"
     conf = runpy.run_path(str(ROOT / "deploy" / "gunicorn.conf.py"))
     assert conf["control_socket_disable"] is True
+
+
+def test_web_workers_recycle_rarely_and_not_together() -> None:
+    """A recycled web worker imports and builds the app again (about 1.1 s of CPU, no preload_app: see the config's
+    docstring): every 1,000 requests that added about 1.1 ms of CPU to each callback (bench/callbacks.py). Recycling
+    stays on (a bound on a slow leak), each worker at its own count so that two never restart together."""
+    conf = runpy.run_path(str(ROOT / "deploy" / "gunicorn.conf.py"))
+    assert conf["max_requests"] >= 10_000
+    assert conf["max_requests"] // 20 <= conf["max_requests_jitter"] < conf["max_requests"]
+    assert not conf.get("preload_app", False)

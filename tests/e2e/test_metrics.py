@@ -16,10 +16,15 @@ import pytest
 import requests
 import yaml
 
+from deploy.procs import free_port
 from deploy.stack import DEMO_API_TOKEN, LocalStack
+from kling_relay.shared.jobs import JobState, JobStore
 from kling_relay.shared.queue import RECONCILE_QUEUE, RECONCILE_TASK, make_celery
+from kling_relay.shared.redis_conn import redis_client
 from tests.e2e.conftest import job_body, submit, wait_jobs
+from tests.e2e.test_pipeline import callback_token_for
 from tests.support import promtool
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -148,3 +153,48 @@ def names_unknown_to(exported: set[str]) -> dict[str, list[str]]:
         if names - exported:
             unknown[expr] = sorted(names - exported)
     return unknown
+
+
+def test_recycled_web_workers_keep_their_counts_and_duplicates_change_nothing(stack: LocalStack) -> None:
+    """deploy/gunicorn.conf.py recycles each web worker after about 10,000 requests (max_requests); here a web
+    process on the same config recycles after 8, so its workers are replaced during 40 callbacks
+    for one job (1 applied, 39 duplicate or stale, each on its own connection). The scrape still counts every one
+    (an exited worker's counter files stay in the master's directory), and the duplicates changed nothing."""
+    port = free_port()
+    argv = [stack.python, "-m", "gunicorn", "--config", "deploy/gunicorn.conf.py", "--bind", f"127.0.0.1:{port}",
+            "--workers", "2", "--max-requests", "8", "--max-requests-jitter", "0", "kling_relay.webhook.wsgi:app"]
+    proc = stack._spawn("web-recycling", argv, port, overrides={"PORT": str(port)})
+    url = f"http://127.0.0.1:{port}"
+    client = redis_client(stack.redis.url)
+    store = JobStore(client)
+    try:
+        job, _ = store.create({"model_name": "kling-v1-6", "prompt": "recycled"}, source="api")
+        store.set_kling_task_id(job.id, "task-recycled", source="worker")
+        store.step(job.id, JobState.SUBMITTED, source="worker")
+        path = f"{url}/callbacks/kling/{job.id}?token={callback_token_for(job.id)}"
+        statuses = ["processing"] + ["processing", "submitted"] * 19 + ["processing"]
+        answers = []
+        for status in statuses:
+            with requests.Session() as session:
+                answers.append(session.post(path, json={"task_id": "task-recycled", "task_status": status,
+                                                        "task_info": {"external_task_id": job.id},
+                                                        "created_at": 1700000000000, "updated_at": 1700000000000},
+                                            timeout=30))
+        assert [a.status_code for a in answers] == [200] * 40
+        assert [a.json()["applied"] for a in answers] == [True] + [False] * 39
+        assert store.require(job.id).state is JobState.PROCESSING
+        # A worker that reached its count stops accepting within a second (gevent's worker checks once a second),
+        # so it may serve more than 8; at least one of the two did reach 8 and has been replaced by now.
+        assert "Autorestarting worker" in proc.log_path.read_text()
+        wait_until(lambda: proc.log_path.read_text().count("Booting worker") >= 3, timeout=60,
+                   what="a recycled web worker replaced")
+        for _ in range(4):  # whichever (new) worker answers the scrape, every callback is counted once
+            answer = requests.get(url + "/metrics", headers={"Authorization": f"Bearer {DEMO_API_TOKEN}"},
+                                  timeout=10)
+            assert answer.status_code == 200, answer.text
+            counted = {outcome: promtool.value(answer.text, "kling_relay_callbacks_total", outcome=outcome)
+                       for outcome in ("applied", "duplicate", "stale")}
+            assert counted == {"applied": 1, "duplicate": 20, "stale": 19}
+    finally:
+        stack.processes.pop("web-recycling").stop()
+        client.close()
