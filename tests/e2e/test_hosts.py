@@ -1,0 +1,167 @@
+"""Issue 12 item 6, proven on several hosts: the relay spread over network namespaces of this machine
+(deploy/hosts.py), one host each for Redis, S3 (moto), the Kling simulator, two web hosts behind a load balancer
+(PUBLIC_BASE_URL: the simulator's callbacks go through it), three worker hosts and a beat host, every process
+bound to its own host's address. 500 jobs go in through the load balancer; once a third are stored, one worker
+host is cut off (its link down, then its processes SIGKILLed) while it holds work. The other two worker hosts and
+the reconciler finish everything: every job `stored`, one Kling task each, each object once beside its manifest,
+no multipart upload left open. `make scale-test` runs just this.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+import redis
+import requests
+from PIL import Image
+
+from deploy.hosts import HostsStack, Network, NetnsUnavailable, topology, unavailable_reason
+from deploy.stack import BUCKET, DEMO_API_TOKEN
+from kling_relay.shared import keys
+from tests.support.waiting import wait_until
+
+pytestmark = pytest.mark.e2e
+
+JOBS = 500
+CUT_AFTER = JOBS // 3
+SIM_ARGS = ["--submitted-seconds", "0", "--processing-seconds", "0", "--video-bytes", "1024"]
+ENV = {
+    "KLING_RATE_LIMIT_PER_SECOND": "100000",
+    "KLING_MAX_IN_FLIGHT": "100000",
+    "RECONCILE_INTERVAL_SECONDS": "1",
+    "RECONCILE_QUIET_SECONDS": "5",
+    "JOB_LOCK_SECONDS": "3",
+    "RETRY_BASE_SECONDS": "0.2",
+    "RETRY_MAX_SECONDS": "2",
+}
+
+
+def small_png() -> str:
+    buffer = io.BytesIO()
+    Image.new("RGB", (320, 320), (40, 140, 200)).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+@pytest.fixture()
+def hosts_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HostsStack]:
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    try:
+        net = Network.create(topology(3))
+    except NetnsUnavailable as exc:
+        pytest.skip(str(exc))
+    try:
+        stack = HostsStack(tmp_path_factory.mktemp("hosts"), net, sim_args=SIM_ARGS, env=ENV, worker_concurrency=2,
+                           web_workers=1, bucket_versioning=True)
+        try:
+            stack.start(workers=3, beat=True)
+            yield stack
+        finally:
+            stack.stop()
+    finally:
+        net.delete()
+
+
+def submit_all(stack: HostsStack, count: int) -> list[str]:
+    body = {"image_list": [{"image": small_png()}], "prompt": "hosts", "aspect_ratio": "16:9", "duration": 5}
+    session = requests.Session()
+    session.trust_env = False
+    session.headers["Authorization"] = f"Bearer {DEMO_API_TOKEN}"
+
+    def one(_: int) -> str:
+        response = session.post(f"{stack.web_url}/v1/jobs", json=body, timeout=30)
+        assert response.status_code == 202, response.text
+        job_id: str = response.json()["id"]
+        return job_id
+
+    with ThreadPoolExecutor(8) as pool:
+        return list(pool.map(one, range(count)))
+
+
+def read_jobs(stack: HostsStack, ids: list[str]) -> dict[str, dict[str, Any]]:
+    session = requests.Session()
+    session.trust_env = False
+    session.headers["Authorization"] = f"Bearer {DEMO_API_TOKEN}"
+
+    def one(job_id: str) -> dict[str, Any]:
+        response = session.get(f"{stack.web_url}/v1/jobs/{job_id}", timeout=30)
+        assert response.status_code == 200, response.text
+        job: dict[str, Any] = response.json()
+        return job
+
+    with ThreadPoolExecutor(8) as pool:
+        return dict(zip(ids, pool.map(one, ids), strict=True))
+
+
+def test_jobs_survive_a_worker_host_cut_off(hosts_stack: HostsStack) -> None:
+    stack = hosts_stack
+    client = redis.Redis.from_url(stack.redis.url, decode_responses=True, socket_timeout=10)
+    stored_index = keys.jobs_in_state("stored")
+
+    def counts() -> str:
+        return (f"stored {client.zcard(stored_index)}, failed {client.zcard(keys.jobs_in_state('failed'))}\n"
+                f"{stack.logs_tail(20)}")
+
+    ids = submit_all(stack, JOBS)
+    assert len(set(ids)) == JOBS
+    wait_until(lambda: client.zcard(stored_index) >= CUT_AFTER, timeout=180, what=f"{CUT_AFTER} jobs stored",
+               diagnostics=counts, interval=0.2)
+    left = JOBS - client.zcard(stored_index)
+    assert left > JOBS // 3, left  # the cut comes with plenty of work still to do
+    stack.cut("worker1")
+    assert not stack.net.hosts["w1"].address.startswith("127.")
+    # worker1 held messages when it went (acks are late): they stay unacknowledged in the broker for its
+    # visibility timeout (two hours); the reconciler re-queues their jobs once their locks lapse
+    held = client.hlen("unacked")
+    assert held > 0
+
+    wait_until(lambda: client.zcard(stored_index) >= JOBS, timeout=240, what=f"all {JOBS} jobs stored",
+               diagnostics=counts, interval=0.5)
+    jobs = read_jobs(stack, ids)
+    assert Counter(j["state"] for j in jobs.values()) == {"stored": JOBS}
+    rescued = [i for i, j in jobs.items() if any("requeued" in e["detail"] for e in j["events"])]
+    assert rescued, "no job was re-queued by the reconciler"
+
+    stats = stack.sim_stats()
+    for job_id, job in jobs.items():  # one Kling task per job, the one the job names
+        assert stats["tasks_by_external_id"].get(job_id) == [job["kling_task_id"]], job_id
+    assert not set(stats["duplicate_creates"]) & set(ids), stats["duplicate_creates"]
+    assert len({j["kling_task_id"] for j in jobs.values()}) == JOBS
+
+    s3 = stack.s3()
+    assert stack.multipart_uploads() == []
+    versions: dict[str, int] = Counter()
+    for page in s3.get_paginator("list_object_versions").paginate(Bucket=BUCKET):
+        assert not page.get("DeleteMarkers")
+        for v in page.get("Versions", []):
+            versions[v["Key"]] += 1
+    expected = {}
+    for job in jobs.values():
+        video = job["videos"]
+        assert len(video) == 1, video
+        prefix = video[0]["key"].rsplit("/", 1)[0] + "/"
+        expected[video[0]["key"]] = 1
+        expected[prefix + "manifest.json"] = 1
+    assert dict(versions) == expected  # each video and manifest written once, nothing else in the bucket
+
+    def manifest(job: dict[str, Any]) -> dict[str, Any]:
+        key = job["videos"][0]["key"].rsplit("/", 1)[0] + "/manifest.json"
+        body: dict[str, Any] = json.loads(s3.get_object(Bucket=BUCKET, Key=key)["Body"].read())
+        return body
+
+    with ThreadPoolExecutor(8) as pool:
+        manifests = dict(zip(jobs, pool.map(manifest, jobs.values()), strict=True))
+    for job_id, job in jobs.items():
+        m = manifests[job_id]
+        assert (m["job_id"], m["kling_task_id"]) == (job_id, job["kling_task_id"])
+        assert [(v["key"], v["sha256"], v["bytes"]) for v in m["videos"]] == [
+            (v["key"], v["sha256"], v["bytes"]) for v in job["videos"]]
+    client.close()
