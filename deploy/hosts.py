@@ -26,6 +26,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -199,6 +200,12 @@ class HostsStack(LocalStack):
         backends = [arg for web in ("web1", "web2") for arg in ("--backend", f"{self.host(web).address}:{self.web_port}")]
         self._spawn("lb", [self.python, "-m", "deploy.tcp_lb", "--listen", f"{self.host('lb').address}:{self.web_port}",
                            *backends], self.web_port)
+
+    def stop(self) -> None:
+        """SIGTERM to every process at once (a dozen warm shutdowns overlap), then LocalStack's stop."""
+        for proc in self.processes.values():
+            proc.kill(signal.SIGTERM)
+        super().stop()
 
     def cut(self, worker: str) -> None:
         """Cut a worker's host off, as a machine that drops off the network: its link down, then its processes

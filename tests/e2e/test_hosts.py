@@ -10,10 +10,12 @@ no multipart upload left open. `make scale-test` runs just this.
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -36,8 +38,8 @@ ENV = {
     "KLING_RATE_LIMIT_PER_SECOND": "100000",
     "KLING_MAX_IN_FLIGHT": "100000",
     "RECONCILE_INTERVAL_SECONDS": "1",
-    "RECONCILE_QUIET_SECONDS": "5",
-    "JOB_LOCK_SECONDS": "3",
+    "RECONCILE_QUIET_SECONDS": "20",
+    "JOB_LOCK_SECONDS": "10",
     "RETRY_BASE_SECONDS": "0.2",
     "RETRY_MAX_SECONDS": "2",
 }
@@ -101,6 +103,31 @@ def read_jobs(stack: HostsStack, ids: list[str]) -> dict[str, dict[str, Any]]:
         return dict(zip(ids, pool.map(one, ids), strict=True))
 
 
+def in_flight(log_path: Path) -> dict[str, str]:
+    """The Celery tasks of jobs (submit, copy, notify; not the reconciler's) a worker had received and not finished,
+    from its JSON log: task id -> job id."""
+    received: dict[str, str] = {}
+    finished: set[str] = set()
+    for line in log_path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # a line cut short by the kill, or not ours
+        data = record.get("data") if isinstance(record, dict) else None
+        if not isinstance(data, dict) or "id" not in data:
+            continue
+        if record.get("logger") == "celery.worker.strategy" and record.get("job_id"):
+            received[data["id"]] = record["job_id"]
+        elif record.get("logger") == "celery.app.trace":
+            finished.add(data["id"])
+    return {task: job for task, job in received.items() if task not in finished}
+
+
+def unacked_task_ids(client: redis.Redis) -> set[str]:
+    """Ids of the tasks whose messages the broker holds as delivered and not acknowledged (kombu's `unacked`)."""
+    return {json.loads(raw)[0]["headers"]["id"] for raw in client.hvals("unacked")}
+
+
 def test_jobs_survive_a_worker_host_cut_off(hosts_stack: HostsStack) -> None:
     stack = hosts_stack
     client = redis.Redis.from_url(stack.redis.url, decode_responses=True, socket_timeout=10)
@@ -117,18 +144,17 @@ def test_jobs_survive_a_worker_host_cut_off(hosts_stack: HostsStack) -> None:
     left = JOBS - client.zcard(stored_index)
     assert left > JOBS // 3, left  # the cut comes with plenty of work still to do
     stack.cut("worker1")
-    assert not stack.net.hosts["w1"].address.startswith("127.")
-    # worker1 held messages when it went (acks are late): they stay unacknowledged in the broker for its
-    # visibility timeout (two hours); the reconciler re-queues their jobs once their locks lapse
-    held = client.hlen("unacked")
-    assert held > 0
+    # what worker1 held when it went (received, not finished): acks are late, so those messages stay unacknowledged
+    # in the broker for its visibility timeout (two hours); the reconciler re-queues their jobs once locks lapse
+    lost = in_flight(stack.logs / "worker1.log")
+    assert lost, "worker1 held no task when cut off"
 
     wait_until(lambda: client.zcard(stored_index) >= JOBS, timeout=240, what=f"all {JOBS} jobs stored",
                diagnostics=counts, interval=0.5)
     jobs = read_jobs(stack, ids)
     assert Counter(j["state"] for j in jobs.values()) == {"stored": JOBS}
-    rescued = [i for i, j in jobs.items() if any("requeued" in e["detail"] for e in j["events"])]
-    assert rescued, "no job was re-queued by the reconciler"
+    assert set(lost.values()) <= set(ids)
+    assert set(lost) <= unacked_task_ids(client)  # never redelivered by the broker, yet their jobs are stored
 
     stats = stack.sim_stats()
     for job_id, job in jobs.items():  # one Kling task per job, the one the job names
@@ -143,24 +169,30 @@ def test_jobs_survive_a_worker_host_cut_off(hosts_stack: HostsStack) -> None:
         assert not page.get("DeleteMarkers")
         for v in page.get("Versions", []):
             versions[v["Key"]] += 1
-    expected = {}
+    manifests = {}
     for job in jobs.values():
-        video = job["videos"]
-        assert len(video) == 1, video
-        prefix = video[0]["key"].rsplit("/", 1)[0] + "/"
-        expected[video[0]["key"]] = 1
-        expected[prefix + "manifest.json"] = 1
-    assert dict(versions) == expected  # each video and manifest written once, nothing else in the bucket
+        assert len(job["videos"]) == 1, job["videos"]
+        manifests[job["videos"][0]["key"].rsplit("/", 1)[0] + "/manifest.json"] = job
+    videos = {job["videos"][0]["key"]: job for job in jobs.values()}
+    assert set(versions) == set(manifests) | set(videos)  # nothing else in the bucket
+    assert {versions[key] for key in manifests} == {1}  # each manifest written once
+    # each video once, except where worker1's completed upload reached S3 as its link went down (the answer lost):
+    # the copy that took over wrote the same bytes again
+    rewritten = {key for key in videos if versions[key] > 1}
+    assert {videos[key]["id"] for key in rewritten} <= set(lost.values()), rewritten
+    for key in rewritten:
+        data = s3.get_object(Bucket=BUCKET, Key=key)["Body"].read()
+        served = [v["sha256"] for v in stats["videos"][videos[key]["kling_task_id"]]]
+        assert [hashlib.sha256(data).hexdigest()] == [videos[key]["videos"][0]["sha256"]] == served
 
-    def manifest(job: dict[str, Any]) -> dict[str, Any]:
-        key = job["videos"][0]["key"].rsplit("/", 1)[0] + "/manifest.json"
+    def manifest(key: str) -> dict[str, Any]:
         body: dict[str, Any] = json.loads(s3.get_object(Bucket=BUCKET, Key=key)["Body"].read())
         return body
 
     with ThreadPoolExecutor(8) as pool:
-        manifests = dict(zip(jobs, pool.map(manifest, jobs.values()), strict=True))
-    for job_id, job in jobs.items():
-        m = manifests[job_id]
+        written = dict(zip(manifests, pool.map(manifest, manifests), strict=True))
+    for key, job in manifests.items():
+        job_id, m = job["id"], written[key]
         assert (m["job_id"], m["kling_task_id"]) == (job_id, job["kling_task_id"])
         assert [(v["key"], v["sha256"], v["bytes"]) for v in m["videos"]] == [
             (v["key"], v["sha256"], v["bytes"]) for v in job["videos"]]
