@@ -197,9 +197,9 @@ class HostsStack(LocalStack):
             return
         for web in ("web1", "web2"):
             super().start_web(web)
-        backends = [arg for web in ("web1", "web2") for arg in ("--backend", f"{self.host(web).address}:{self.web_port}")]
-        self._spawn("lb", [self.python, "-m", "deploy.tcp_lb", "--listen", f"{self.host('lb').address}:{self.web_port}",
-                           *backends], self.web_port)
+        backends = [f"--backend={self.host(web).address}:{self.web_port}" for web in ("web1", "web2")]
+        listen = f"--listen={self.host('lb').address}:{self.web_port}"
+        self._spawn("lb", [self.python, "-m", "deploy.tcp_lb", listen, *backends], self.web_port)
 
     def stop(self) -> None:
         """SIGTERM to every process at once (a dozen warm shutdowns overlap), then LocalStack's stop."""

@@ -15,8 +15,8 @@ import io
 import json
 from collections import Counter
 from collections.abc import Iterator
-from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,7 +24,7 @@ import redis
 import requests
 from PIL import Image
 
-from deploy.hosts import HostsStack, Network, NetnsUnavailable, topology, unavailable_reason
+from deploy.hosts import HostsStack, NetnsUnavailable, Network, topology, unavailable_reason
 from deploy.stack import BUCKET, DEMO_API_TOKEN
 from kling_relay.shared import keys
 from tests.support.waiting import wait_until
