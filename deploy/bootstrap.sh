@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up what `make demo` and `make test` need on a fresh Debian/Ubuntu machine:
-# a Python >= 3.11 with venv, redis-server, chromium (the dashboard's browser test), promtool, iproute2, then .venv/ with the
-# project installed (editable, with test extras),
+# a Python >= 3.11 with venv, redis-server, chromium (the dashboard's browser test), promtool, iproute2, then
+# .venv/ with the project installed (editable, with test extras),
 # every dependency pinned by requirements.lock (`make lock` refreshes it).
 # Idempotent: a second run only re-installs when pyproject.toml or requirements.lock changed.
 set -euo pipefail
