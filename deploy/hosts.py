@@ -70,12 +70,18 @@ def _alive(pid: int) -> bool:
 
 
 def remove_stale() -> list[str]:
-    """Delete the namespaces and bridges of earlier runs whose process is gone; their names."""
+    """Delete the namespaces and bridges of earlier runs whose process is gone; their names. Processes still inside
+    such a namespace (a crashed run's children: they run in sessions of their own) are SIGKILLed first."""
     removed = []
     for line in _ip("netns", "list", check=False).stdout.splitlines():
         name = line.split()[0] if line.split() else ""
         match = re.fullmatch(rf"{PREFIX}(\d+)-[a-z0-9]+", name)
         if match and not _alive(int(match.group(1))):
+            for pid in _ip("netns", "pids", name, check=False).stdout.split():
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except (ProcessLookupError, ValueError):
+                    pass
             _ip("netns", "delete", name, check=False)
             removed.append(name)
     for line in _ip("-o", "link", "show", check=False).stdout.splitlines():

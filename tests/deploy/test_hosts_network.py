@@ -17,6 +17,7 @@ from deploy import hosts
 from deploy.hosts import Network, remove_stale, unavailable_reason
 from deploy.procs import Process, free_port, wait_for_port
 from deploy.tcp_lb import Balancer, host_port, serve
+from tests.support.waiting import wait_until
 
 needs_netns = pytest.mark.skipif(unavailable_reason() is not None, reason=str(unavailable_reason()))
 
@@ -115,10 +116,17 @@ def test_stale_namespaces_of_dead_runs_are_removed() -> None:
     mine = f"{hosts.PREFIX}{os.getpid()}-alive"
     subprocess.run(["ip", "netns", "add", stale], check=True, timeout=15)
     subprocess.run(["ip", "netns", "add", mine], check=True, timeout=15)
+    orphan = subprocess.Popen(["ip", "netns", "exec", stale, sys.executable, "-c", "import time; time.sleep(600)"])
     try:
+        wait_until(lambda: str(orphan.pid) in subprocess.run(["ip", "netns", "pids", stale], capture_output=True,
+                                                             text=True, timeout=15).stdout.split(),
+                   timeout=30, what="the orphan inside the stale namespace")
         removed = remove_stale()
         assert stale in removed and mine not in removed
         assert stale not in _netns_names() and mine in _netns_names()
+        assert orphan.wait(10) == -9  # a crashed run's process left inside: killed with its namespace
     finally:
+        orphan.kill()
+        orphan.wait(10)
         subprocess.run(["ip", "netns", "delete", mine], check=False, timeout=15)
         subprocess.run(["ip", "netns", "delete", stale], check=False, timeout=15)
