@@ -29,7 +29,7 @@ from deploy.stack import BUCKET, DEMO_API_TOKEN
 from kling_relay.shared import keys
 from tests.support.waiting import wait_until
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]  # ~2.5 min on a loaded 2-vCPU VM
 
 JOBS = 500
 CUT_AFTER = JOBS // 3
