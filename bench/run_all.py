@@ -85,10 +85,11 @@ def main(argv: list[str] | None = None) -> None:
     if "hosts" in only:
         hs = hosts.main(["--reps", reps, *(["--quick"] if q else [])])
         for r in hs:
-            curve.append(["worker hosts jobs/s", int(r["worker_hosts"]), f"{r['jps']:.1f}", f"{hs[0]['jps']:.1f}",
-                          f"{r['scaling']:.2f}"])
-        if len(hs) > 1:
-            top = hs[-1]
+            curve.append([f"worker hosts jobs/s (x{int(r['concurrency'])} processes)", int(r["worker_hosts"]),
+                          f"{r['jps']:.1f}", f"{hs[0]['jps']:.1f}", f"{r['scaling']:.2f}"])
+        spread = [r for r in hs if r["concurrency"] == hs[0]["concurrency"]]
+        if len(spread) > 1:
+            top = spread[-1]
             rows.append([f"jobs/s, {int(top['worker_hosts'])} worker hosts vs 1 (namespaces, one machine)",
                          f"{top['jps']:.1f}", f"{hs[0]['jps']:.1f}", f"{top['scaling']:.2f}", "-", ""])
     print()
