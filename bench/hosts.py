@@ -1,6 +1,6 @@
 """Pipeline jobs/s with 1, 2 and 3 worker hosts, on the multi-host topology of deploy/hosts.py (network namespaces).
 
-    python bench/hosts.py [--reps 2] [--jobs 200] [--hosts 1,2,3] [--concurrency 2] [--quick]
+    python bench/hosts.py [--reps 2] [--jobs 200] [--hosts 1,2,3] [--concurrency 2] [--no-same-processes] [--quick]
 
 For each count of worker hosts: a fresh network (Redis, S3, simulator, two web hosts behind the load balancer,
 N worker hosts each with one Celery worker of `--concurrency` processes, beat), the zero-delay simulator with
@@ -8,9 +8,10 @@ N worker hosts each with one Celery worker of `--concurrency` processes, beat), 
 timed until every one is `stored`. Nothing is cut. The figure per point is the median over `--reps`; the curve
 is read against the 1-host point measured in the same run (its `scaling` column), since absolute figures move
 with the machine's load. A last point runs one worker host with as many processes as the largest count of hosts
-has in all (3 x 2 = 6): what more hosts bring beyond more processes. Every host is a namespace of this one machine: its cores bound the curve, which shows
-what the relay's own coordination (Redis, locks, the broker) costs as hosts are added, not a cluster's capacity.
-Needs root (network namespaces).
+has in all (3 x 2 = 6): what more hosts bring beyond more processes. Every host is a namespace of this one
+machine: its cores bound the curve, which shows what the relay's own coordination (Redis, locks, the broker)
+costs as hosts are added, not a cluster's capacity. On a machine shared with other work, more processes also
+take a larger share of the CPU, which flatters the curve. Needs root (network namespaces).
 """
 
 from __future__ import annotations
