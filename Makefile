@@ -4,11 +4,11 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: help setup demo test lint fmt bench lock clean
+.PHONY: help setup demo test scale-test lint fmt bench lock clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | \
-		awk 'BEGIN {FS = ":.*?## "}; {printf "  %-8s %s\n", $$1, $$2}'
+		awk 'BEGIN {FS = ":.*?## "}; {printf "  %-10s %s\n", $$1, $$2}'
 
 setup: ## Create .venv/ and install the project, its test tools and redis-server if missing
 	@deploy/bootstrap.sh
@@ -18,6 +18,9 @@ demo: setup ## Run three jobs end to end (simulator, local Redis and S3); MP4s l
 
 test: setup ## Run the whole test suite (starts its own redis-server, moto S3, simulator, workers)
 	@$(PY) -m pytest $(PYTEST_ARGS)
+
+scale-test: setup ## Only the multi-host test: network namespaces, 500 jobs, a worker host cut off (needs root)
+	@$(PY) -m pytest tests/e2e/test_hosts.py $(PYTEST_ARGS)
 
 lint: setup ## ruff and mypy
 	@$(VENV)/bin/ruff check .

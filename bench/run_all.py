@@ -22,6 +22,7 @@ for p in (str(ROOT), str(ROOT / "bench")):
 
 import callbacks  # noqa: E402
 import copy_memory  # noqa: E402
+import hosts  # noqa: E402
 import job_memory  # noqa: E402
 import pipeline  # noqa: E402
 import reconcile_pass  # noqa: E402
@@ -36,7 +37,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--only", default="callbacks,pipeline,copy,reconcile,memory")
+    parser.add_argument("--only", default="callbacks,pipeline,copy,reconcile,memory,hosts",
+                        help="hosts needs root (network namespaces); it is skipped otherwise")
     parser.add_argument("--concurrency", default="4,1,2", help="pipeline worker processes (first: the headline)")
     parser.add_argument("--web-workers", default="2,1,4", help="callback web workers (first: the headline)")
     args = parser.parse_args(argv)
@@ -85,6 +87,16 @@ def main(argv: list[str] | None = None) -> None:
         mem = job_memory.main(["--jobs", "300" if q else "2000"])
         rows.append(["Redis bytes per stored job", f"{mem['bytes_per_job']:.0f}", "-", "-", "<= 2048",
                      _ok(mem["bytes_per_job"] <= 2048)])
+    if "hosts" in only:
+        hs = hosts.main(["--reps", reps, *(["--quick"] if q else [])])
+        for r in hs:
+            curve.append([f"worker hosts jobs/s (x{int(r['concurrency'])} processes)", int(r["worker_hosts"]),
+                          f"{r['jps']:.1f}", f"{hs[0]['jps']:.1f}", f"{r['scaling']:.2f}"])
+        spread = [r for r in hs if r["concurrency"] == hs[0]["concurrency"]]
+        if len(spread) > 1:
+            top = spread[-1]
+            rows.append([f"jobs/s, {int(top['worker_hosts'])} worker hosts vs 1 (namespaces, one machine)",
+                         f"{top['jps']:.1f}", f"{hs[0]['jps']:.1f}", f"{top['scaling']:.2f}", "-", ""])
     print()
     print(f"# make bench  {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}  {platform.node()}  "
           f"{platform.machine()}  cpus={__import__('os').cpu_count()}  reps={reps}{'  QUICK' if q else ''}  "

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up what `make demo` and `make test` need on a fresh Debian/Ubuntu machine:
-# a Python >= 3.11 with venv, redis-server, chromium (the dashboard's browser test), promtool, then .venv/ with the
-# project installed (editable, with test extras),
+# a Python >= 3.11 with venv, redis-server, chromium (the dashboard's browser test), promtool, iproute2, then
+# .venv/ with the project installed (editable, with test extras),
 # every dependency pinned by requirements.lock (`make lock` refreshes it).
 # Idempotent: a second run only re-installs when pyproject.toml or requirements.lock changed.
 set -euo pipefail
@@ -51,6 +51,10 @@ fi
 # Nothing here starts a Prometheus server.
 if ! command -v promtool >/dev/null 2>&1; then
   apt_install prometheus
+fi
+# iproute2 (`ip netns`, veth, bridge): the multi-host test (tests/e2e/test_hosts.py) puts each host in a namespace.
+if ! command -v ip >/dev/null 2>&1; then
+  apt_install iproute2
 fi
 
 STAMP=.venv/.installed

@@ -39,12 +39,15 @@ def wait_for_port(port: int, *, host: str = "127.0.0.1", timeout: float = 30.0,
 
 
 class Process:
-    """A child process with its output in a log file, stopped with SIGTERM then SIGKILL."""
+    """A child process with its output in a log file, stopped with SIGTERM then SIGKILL.
+
+    `netns`: run it inside that network namespace (`ip netns exec NS argv...`, which execs the command: the pid
+    and process group stay the process's own)."""
 
     def __init__(self, name: str, argv: Sequence[str], *, log_dir: Path,
-                 env: dict[str, str] | None = None, cwd: str | Path | None = None) -> None:
+                 env: dict[str, str] | None = None, cwd: str | Path | None = None, netns: str | None = None) -> None:
         self.name = name
-        self.argv = list(argv)
+        self.argv = ["ip", "netns", "exec", netns, *argv] if netns else list(argv)
         self.log_path = log_dir / f"{name}.log"
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         full_env = dict(os.environ)
@@ -101,10 +104,14 @@ def redis_server_binary() -> str:
 
 
 class RedisServer:
-    """A private redis-server on a free port, data in its own directory."""
+    """A private redis-server on a free port, data in its own directory; on `host` (default loopback), inside the
+    network namespace `netns` if given."""
 
-    def __init__(self, data_dir: Path, *, appendonly: bool = False, port: int | None = None) -> None:
+    def __init__(self, data_dir: Path, *, appendonly: bool = False, port: int | None = None,
+                 host: str = "127.0.0.1", netns: str | None = None) -> None:
         self.data_dir = data_dir
+        self.host = host
+        self.netns = netns
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
         self.appendonly = appendonly
@@ -112,17 +119,19 @@ class RedisServer:
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"redis://{self.host}:{self.port}/0"
 
     def start(self, extra: Sequence[str] = ()) -> RedisServer:
         argv = [
-            redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
+            redis_server_binary(), "--port", str(self.port), "--bind", self.host,
             "--dir", str(self.data_dir), "--save", "",
             "--appendonly", "yes" if self.appendonly else "no",
-            "--appendfsync", "always", *extra,
+            "--appendfsync", "always",
+            # another host's clients (deploy/hosts.py): protected mode would answer them DENIED (no password here)
+            *(["--protected-mode", "no"] if self.host != "127.0.0.1" else []), *extra,
         ]
-        self.process = Process(f"redis-{self.port}", argv, log_dir=self.data_dir)
-        wait_for_port(self.port, proc=self.process.proc)
+        self.process = Process(f"redis-{self.port}", argv, log_dir=self.data_dir, netns=self.netns)
+        wait_for_port(self.port, host=self.host, proc=self.process.proc)
         return self
 
     def stop(self) -> None:

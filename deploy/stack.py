@@ -36,6 +36,17 @@ AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "
 
 
 @dataclass(frozen=True)
+class Host:
+    """Where a process of the stack runs: a network namespace (None: this one) and the address it binds."""
+
+    netns: str | None
+    address: str
+
+
+LOOPBACK = Host(None, "127.0.0.1")
+
+
+@dataclass(frozen=True)
 class _Spec:
     """How a process was started, so that it can be started again after a kill."""
 
@@ -51,12 +62,18 @@ class LocalStack:
     `bucket_versioning=True` turns versioning on for the bucket, so a test can prove that no object was ever
     written twice (one version per key). `sim_api_key` runs the simulator like a reseller, with that static Bearer
     key (and the relay with `KLING_API_KEY`) instead of the demo AK/SK.
+
+    `hosts` places processes on other hosts (deploy/hosts.py: network namespaces), by process name: `redis`, `s3`,
+    `simulator`, `web` (the address `web_url` names: the web process, or a load balancer in front of several),
+    `worker1`..., `beat`; a name not in it runs here on 127.0.0.1.
     """
 
     def __init__(self, workdir: Path, *, sim_args: Iterable[str] = (), env: Mapping[str, str] | None = None,
                  worker_concurrency: int = 4, web_workers: int = 2, redis_appendonly: bool = False,
-                 sim_prefix: str = "", bucket_versioning: bool = False, sim_api_key: str | None = None) -> None:
+                 sim_prefix: str = "", bucket_versioning: bool = False, sim_api_key: str | None = None,
+                 hosts: Mapping[str, Host] | None = None) -> None:
         self.workdir = workdir
+        self.hosts = dict(hosts or {})
         self.logs = workdir / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         self.sim_args = list(sim_args)
@@ -65,7 +82,8 @@ class LocalStack:
         self.extra_env = dict(env or {})
         self.worker_concurrency = worker_concurrency
         self.web_workers = web_workers
-        self.redis = RedisServer(workdir / "redis", appendonly=redis_appendonly)
+        self.redis = RedisServer(workdir / "redis", appendonly=redis_appendonly, host=self.host("redis").address,
+                                 netns=self.host("redis").netns)
         self.s3_port = free_port()
         self.sim_port = free_port()
         self.web_port = free_port()
@@ -79,13 +97,17 @@ class LocalStack:
         self.flower_port: int | None = None  # see start_flower
 
     # --- addresses ------------------------------------------------------------------------------------------
+    def host(self, name: str) -> Host:
+        """Where the process `name` runs (see `hosts`)."""
+        return self.hosts.get(name, LOOPBACK)
+
     @property
     def s3_endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.s3_port}"
+        return f"http://{self.host('s3').address}:{self.s3_port}"
 
     @property
     def sim_root(self) -> str:
-        return f"http://127.0.0.1:{self.sim_port}"
+        return f"http://{self.host('simulator').address}:{self.sim_port}"
 
     @property
     def sim_base(self) -> str:
@@ -93,11 +115,11 @@ class LocalStack:
 
     @property
     def web_url(self) -> str:
-        return f"http://127.0.0.1:{self.web_port}"
+        return f"http://{self.host('web').address}:{self.web_port}"
 
     def worker_metrics_url(self, name: str = "worker1") -> str:
         """The metrics endpoint of a Celery worker of the stack (each has its own WORKER_METRICS_PORT)."""
-        return f"http://127.0.0.1:{self.worker_metrics_ports[name]}/metrics"
+        return f"http://{self.host(name).address}:{self.worker_metrics_ports[name]}/metrics"
 
     @property
     def env(self) -> dict[str, str]:
@@ -115,7 +137,7 @@ class LocalStack:
             "NOTIFY_URL_ALLOWLIST": "http://127.0.0.1",
             "S3_BUCKET": BUCKET,
             "S3_ENDPOINT_URL": self.relay_s3_endpoint or self.s3_endpoint,
-            "VIDEO_URL_ALLOWLIST": f"http://127.0.0.1:{self.sim_port}",
+            "VIDEO_URL_ALLOWLIST": self.sim_root,
             "PORT": str(self.web_port),
             "RETRY_BASE_SECONDS": "0.5",
             "RETRY_MAX_SECONDS": "5",
@@ -128,11 +150,12 @@ class LocalStack:
                timeout: float = 60.0, overrides: Mapping[str, str] | None = None) -> Process:
         self._specs[name] = _Spec(list(argv), port, dict(env) if env is not None else None, dict(overrides or {}))
         proc_env = dict(env) if env is not None else {**self.env, **(overrides or {})}
-        proc = Process(name, argv, log_dir=self.logs, env=proc_env, cwd=Path(__file__).parent.parent)
+        host = self.host(name)
+        proc = Process(name, argv, log_dir=self.logs, env=proc_env, cwd=Path(__file__).parent.parent, netns=host.netns)
         self.processes[name] = proc
         if port is not None:
             try:
-                wait_for_port(port, proc=proc.proc, timeout=timeout)
+                wait_for_port(port, host=host.address, proc=proc.proc, timeout=timeout)
             except (RuntimeError, TimeoutError) as exc:
                 raise RuntimeError(f"{name} did not start: {exc}\n--- {proc.log_path} ---\n{proc.log_tail()}") from exc
         return proc
@@ -154,7 +177,7 @@ class LocalStack:
         return self
 
     def start_s3(self) -> None:
-        self._spawn("s3", [self.python, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.s3_port)],
+        self._spawn("s3", [self.python, "-m", "moto.server", "-H", self.host("s3").address, "-p", str(self.s3_port)],
                     self.s3_port, env={**os.environ, **AWS_ENV})
         self.s3().create_bucket(Bucket=BUCKET)
         if self.bucket_versioning:
@@ -163,16 +186,20 @@ class LocalStack:
     def start_simulator(self) -> None:
         keys = (["--api-key", self.sim_api_key] if self.sim_api_key is not None
                 else ["--access-key", DEMO_ACCESS_KEY, "--secret-key", DEMO_SECRET_KEY])
-        argv = [self.python, "-m", "kling_relay.simulator", "--host", "127.0.0.1", "--port", str(self.sim_port),
+        argv = [self.python, "-m", "kling_relay.simulator", "--host", self.host("simulator").address,
+                "--port", str(self.sim_port),
                 *keys, *self.sim_args]
         if self.sim_prefix:
             argv += ["--prefix", self.sim_prefix]
         self._spawn("simulator", argv, self.sim_port)
 
-    def start_web(self) -> None:
+    def start_web(self, name: str = "web") -> None:
+        """The web process (gunicorn) on web_port of the host of `name` (several, each on its own host, behind a
+        load balancer: deploy/hosts.py)."""
         argv = [self.python, "-m", "gunicorn", "--config", "deploy/gunicorn.conf.py", "--bind",
-                f"127.0.0.1:{self.web_port}", "--workers", str(self.web_workers), "kling_relay.webhook.wsgi:app"]
-        self._spawn("web", argv, self.web_port)
+                f"{self.host(name).address}:{self.web_port}", "--workers", str(self.web_workers),
+                "kling_relay.webhook.wsgi:app"]
+        self._spawn(name, argv, self.web_port)
 
     def start_worker(self, name: str = "worker1", queues: str = "submit,copy,notify,reconcile") -> Process:
         argv = [self.python, "-m", "celery", "--quiet", "-A", "kling_relay.worker.celery_app", "worker", "--queues",
@@ -261,7 +288,7 @@ class LocalStack:
             except requests.RequestException:
                 pass
             time.sleep(0.1)
-        raise RuntimeError("web process never became healthy:\n" + self.processes["web"].log_tail())
+        raise RuntimeError("web process never became healthy:\n" + self.logs_tail())
 
     def stop(self) -> None:
         for proc in reversed(list(self.processes.values())):

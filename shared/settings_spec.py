@@ -26,6 +26,7 @@ from kling_relay.shared.urlguard import UrlAllowlist
 Parser = Callable[[str, str], Any]
 
 _LOOPBACK = frozenset({"localhost", "127.0.0.1", "::1"})
+_HOST = re.compile(r"^(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)*$")
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 _MIN_SECRET_CHARS = 16
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -236,6 +237,23 @@ def https_url(raw: str, env: str) -> str:
     return value
 
 
+def plain_http_hosts(raw: str, env: str) -> tuple[str, ...]:
+    """Comma-separated host names or IP literals (no scheme, port or path), at least one, each once, lower case."""
+    found = tuple(dict.fromkeys(h.strip().lower() for h in raw.split(",") if h.strip()))
+    if not found:
+        raise ValueError("must list at least one host (comma-separated)")
+    for host in found:
+        if not _HOST.match(host):
+            raise ValueError(f"{host[:70]!r} is not a host name or IP address (no scheme, port or path)")
+    return found
+
+
+def plain_http_allowed(raw: str, hosts: tuple[str, ...]) -> bool:
+    """Whether `raw` is a plain http URL whose host is one of `hosts` (PLAIN_HTTP_HOSTS)."""
+    parts = urlsplit(raw)
+    return parts.scheme == "http" and (parts.hostname or "") in hosts
+
+
 def allowlist(raw: str, env: str) -> str:
     """A URL allow-list as `UrlAllowlist.parse` reads it; kept as text (each process parses it where used)."""
     UrlAllowlist.parse(raw, name=env)
@@ -300,6 +318,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("KLING_MODELS", ("kling-v1-6",), names, "model_name values accepted, comma-separated; the first is "
             "the default", client=True),
     Setting("PUBLIC_BASE_URL", None, https_url, "where Kling reaches the web process (callbacks)", required=True),
+    Setting("PLAIN_HTTP_HOSTS", None, plain_http_hosts, "hosts (names or IP addresses, comma-separated) that "
+            "KLING_BASE_URL and PUBLIC_BASE_URL may name with plain http besides loopback: a private test network "
+            "(the multi-host test), never a public host"),
     Setting("CALLBACK_SECRET", None, long_secret, "key of the per-job callback token, >= 16 chars", secret=True,
             required=True),
     Setting("KLING_WEBHOOK_SECRET", None, signing_secret, "Kling's callback signing secret (whsec_...); "

@@ -58,6 +58,12 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
             return response, 503
         return jsonify(status="ok", submission=submission, copy=copy_flow.state(rt.redis))
 
+    @app.get("/livez")
+    def livez() -> Any:
+        """Liveness (Kubernetes' livenessProbe): 200 while this process answers HTTP, touching nothing else, so a
+        Redis outage (the readiness probe's business) never gets the pod restarted."""
+        return jsonify(status="alive")
+
     @app.get("/readyz")
     def readyz() -> Any:
         """Readiness (Kubernetes' readinessProbe): 200 while Redis answers a PING, else 503, so a pod that cannot

@@ -209,6 +209,10 @@ def _schemas(settings: Settings) -> dict[str, Any]:
                            "submission": {"type": "string", "enum": ["open", "paused"]},
                            "copy": {"type": "string", "enum": ["open", "paused"]}},
         },
+        "Alive": {
+            "type": "object", "required": ["status"], "additionalProperties": False,
+            "properties": {"status": {"type": "string", "enum": ["alive"]}},
+        },
         "Ready": {
             "type": "object", "required": ["status"], "additionalProperties": False,
             "properties": {"status": {"type": "string", "enum": ["ready", "unready"]}},
@@ -480,6 +484,14 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
                     "responses": {"200": {"description": "Prometheus text exposition format 0.0.4.",
                                           "content": {"text/plain": {"schema": {"type": "string"}}}},
                                   "401": _UNAUTHORIZED},
+                },
+            },
+            "/livez": {
+                "get": {
+                    "summary": "Liveness", "operationId": "alive", "tags": ["ops"], "security": [],
+                    "description": "Kubernetes' liveness probe: 200 while the process answers HTTP; it reads "
+                                   "nothing else (not Redis), so an outage elsewhere never restarts the pod.",
+                    "responses": {"200": _json(_ref("Alive"), "The process answers.")},
                 },
             },
             "/readyz": {

@@ -215,3 +215,22 @@ def test_bad_token_names_are_refused(env: dict[str, str], variable: str, problem
         load_settings({**GOOD, **env})
     assert problem in info.value.problems[variable]
     assert "token-" not in info.value.problems[variable]
+
+
+def test_plain_http_only_for_the_hosts_named_in_plain_http_hosts() -> None:
+    """Issue 12 item 6: hosts on a private test network reach Kling and the web process over plain http, by name."""
+    private = {**GOOD, "KLING_BASE_URL": "http://10.77.0.4:9000", "PUBLIC_BASE_URL": "http://10.77.0.9:8000"}
+    with pytest.raises(SettingsError) as info:
+        load_settings(private)
+    assert set(info.value.problems) == {"KLING_BASE_URL", "PUBLIC_BASE_URL"}
+    s = load_settings({**private, "PLAIN_HTTP_HOSTS": " 10.77.0.4, 10.77.0.9 ,10.77.0.4"})
+    assert (s.kling_base_url, s.public_base_url) == ("http://10.77.0.4:9000", "http://10.77.0.9:8000")
+    assert s.plain_http_hosts == ("10.77.0.4", "10.77.0.9")
+    with pytest.raises(SettingsError) as info:  # a host not named stays https-only
+        load_settings({**private, "PLAIN_HTTP_HOSTS": "10.77.0.4"})
+    assert set(info.value.problems) == {"PUBLIC_BASE_URL"}
+    assert "must be https" in info.value.problems["PUBLIC_BASE_URL"]
+    for bad in (",", "http://10.77.0.4", "10.77.0.4:9000", "host/path", "bad host"):
+        with pytest.raises(SettingsError) as info:
+            load_settings({**private, "PLAIN_HTTP_HOSTS": bad})
+        assert "PLAIN_HTTP_HOSTS" in info.value.problems, bad

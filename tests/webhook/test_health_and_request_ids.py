@@ -103,3 +103,13 @@ def test_readyz_is_503_without_redis_and_names_no_component(redis_down_app: Flas
     assert answer.json == {"status": "unready"}
     assert answer.headers["Retry-After"] == "5"
     assert "redis" not in answer.get_data(as_text=True).lower()
+
+
+def test_liveness_does_not_touch_redis(redis_down_app: Flask) -> None:
+    """The k8s liveness probe pointed at /healthz, which fails while Redis is down: every web pod would be restarted
+    by a Redis outage, which a restart cannot fix. /livez answers while the process does, whatever Redis does."""
+    client = redis_down_app.test_client()
+    assert client.get("/healthz").status_code == 503
+    answer = client.get("/livez")
+    assert answer.status_code == 200
+    assert answer.json == {"status": "alive"}

@@ -75,6 +75,7 @@ def test_responses_match_their_declared_schemas(client: FlaskClient, runtime: Ru
     checks = [
         (client.get("/healthz"), "/healthz", "get"),
         (client.get("/readyz"), "/readyz", "get"),
+        (client.get("/livez"), "/livez", "get"),
         (client.get("/v1/jobs", headers=auth()), "/v1/jobs", "get"),
         (client.get("/v1/jobs", query_string={"limit": "x"}, headers=auth()), "/v1/jobs", "get"),
         (client.post("/v1/jobs", json={}, headers=auth()), "/v1/jobs", "post"),
