@@ -1,6 +1,6 @@
 """Pipeline jobs/s (API to stored, zero-delay simulator, 1 KiB videos) against a no-op 3-task Celery chain.
 
-    python bench/pipeline.py [--reps 3] [--jobs 200] [--concurrency 4,1,2]
+    python bench/pipeline.py [--reps 3] [--jobs 200] [--concurrency 4,1,2] [--no-beat]
 
 Starts the whole stack (deploy/stack.py: redis-server, moto S3, the simulator with `--submitted-seconds 0
 --processing-seconds 0 --video-bytes 1024`, gunicorn, one Celery worker with the given prefork concurrency; the
@@ -9,6 +9,14 @@ rate limit and in-flight cap set out of the way), posts `--jobs` jobs to the API
 flags and concurrency on the same Redis, sent `--jobs` chains of three no-op tasks (submit, copy, done). Each
 rep measures relay then baseline; the figure is the median of the per-rep ratios. Repeated per concurrency
 (worker processes: the scaling curve).
+
+Where the CPU goes: the CPU seconds (user + system, from /proc/<pid>/stat) each process group of the stack used
+during the relay's runs and during the baseline's (moto, the simulator, gunicorn, the Celery worker with its
+prefork children, beat, redis-server, the no-op worker), printed per job. On a small machine moto and the
+simulator, which a deployment does not run, take a share of the CPU the relay would otherwise have.
+
+`--no-beat` runs without the reconciler: a job the pipeline itself drops is then never stored, and the timeout
+names the states of the jobs left and the last events of a few (which step dropped them).
 """
 
 from __future__ import annotations
