@@ -116,7 +116,9 @@ def jobs_with_failed_copy(stack: LocalStack, ids: list[str]) -> set[str]:
 def test_s3_slow_down_on_uploads_copies_retry_and_leave_no_open_upload(stack: LocalStack,
                                                                        proxy: FaultyProxy) -> None:
     # Parts, completes and aborts answer 503: a copy opens an upload it can neither fill nor abort, gives up
-    # after boto3's retries (tens of seconds of back-off), and leaves the upload open.
+    # after boto3's retries (tens of seconds of back-off), and leaves the upload open. The videos are over one
+    # part (8 MiB): a shorter one goes up in a single PutObject, with no upload to leave open.
+    stack.sim_control(video_bytes=9 * 1024 * 1024)
     proxy.refuse("503", match=FaultyProxy.multipart_requests)
     ids = [submit(stack, job_body(2000 + n)) for n in range(3)]
     failed = wait_until(lambda: jobs_with_failed_copy(stack, ids), timeout=150, what="a failed copy attempt",
