@@ -82,7 +82,7 @@ def _not_stored(client: redis.Redis, ids: list[str]) -> str:
     return f"not stored by state {counts}; " + " | ".join(tails)
 
 
-def relay_run(stack: LocalStack, client: redis.Redis, n: int, image: str) -> float:
+def relay_run(stack: LocalStack, client: redis.Redis, n: int, image: str, timeout: float = 300) -> float:
     stored_key = keys.jobs_in_state("stored")
     start_count = client.zcard(stored_key)
     session = requests.Session()
@@ -95,7 +95,7 @@ def relay_run(stack: LocalStack, client: redis.Redis, n: int, image: str) -> flo
         if r.status_code != 202:
             raise RuntimeError(f"submit answered {r.status_code}: {r.text}")
         ids.append(r.json()["id"])
-    wait_count(lambda: int(client.zcard(stored_key)) - start_count, n, 300, lambda: _not_stored(client, ids))
+    wait_count(lambda: int(client.zcard(stored_key)) - start_count, n, timeout, lambda: _not_stored(client, ids))
     return n / (time.perf_counter() - t0)
 
 
@@ -142,7 +142,7 @@ def run(reps: int, jobs: int, concurrencies: list[int], *, beat: bool = True) ->
                 base_cpu: dict[str, float] = {}
                 for _ in range(reps):
                     before = cpu_by_process(groups)
-                    relay.append(relay_run(stack, client, jobs, image))
+                    relay.append(relay_run(stack, client, jobs, image, timeout=300 if beat else 90))
                     middle = cpu_by_process(groups)
                     base.append(noop_run(client, jobs))
                     after = cpu_by_process(groups)
