@@ -127,7 +127,8 @@ _TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
 def _cpu_of_group(pgid: int) -> float:
-    """CPU seconds (user + system) used so far by the live processes of a process group (Linux /proc)."""
+    """CPU seconds (user + system) used so far by the live processes of a process group and by the children they
+    reaped (a gunicorn or prefork worker recycled meanwhile is counted by its parent's cutime/cstime; Linux /proc)."""
     total = 0
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -137,8 +138,8 @@ def _cpu_of_group(pgid: int) -> float:
                 fields = f.read().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if int(fields[2]) == pgid:  # fields after the name: state, ppid, pgrp, ..., utime (11), stime (12)
-            total += int(fields[11]) + int(fields[12])
+        if int(fields[2]) == pgid:  # fields after the name: state, ppid, pgrp, ..., utime (11) to cstime (14)
+            total += sum(int(v) for v in fields[11:15])
     return total / _TICKS
 
 
