@@ -230,19 +230,17 @@ class Storage:
         if not fresh:
             self.abort_stale_uploads(key)
         sha = hashlib.sha256()
-        parts = self._cut(chunks)
+        parts = self._cut(chunks, sha)
         head = [next(parts)]
         if head[0][1]:  # the stream ended within its first part
-            body = head.pop()[0]
-            sha.update(body)
-            return self._put_whole(body, sha, key=key, expected_bytes=expected_bytes, metadata=metadata)
+            return self._put_whole(head.pop()[0], sha, key=key, expected_bytes=expected_bytes, metadata=metadata)
         try:
             upload_id = self.s3.create_multipart_upload(
                 Bucket=self.bucket, Key=key, ContentType=VIDEO_CONTENT_TYPE, Metadata=metadata)["UploadId"]
         except (ClientError, BotoCoreError) as exc:
             raise _s3_error(exc, "create multipart upload") from exc
         try:
-            size, completed = self._upload_parts(_prepend(head, parts), key, upload_id, sha)
+            size, completed = self._upload_parts(_prepend(head, parts), key, upload_id)
             if expected_bytes is not None and size != expected_bytes:
                 raise CopyError(f"source sent {size} bytes, expected {expected_bytes}", retryable=True)
             self.s3.complete_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id,
@@ -269,9 +267,10 @@ class Storage:
             raise _s3_error(exc, "put object") from exc
         return sha.hexdigest(), size
 
-    def _cut(self, chunks: Iterable[bytes]) -> Iterator[tuple[bytearray, bool]]:
+    def _cut(self, chunks: Iterable[bytes], sha: hashlib._Hash) -> Iterator[tuple[bytearray, bool]]:
         """The stream as parts of exactly `part_size` bytes (the last one shorter, or empty for an empty stream),
-        each with whether it is the last one.
+        each with whether it is the last one; `sha` is fed each chunk on the way (in the reading thread: a hashing
+        thread of its own was measured slower at a moderate load, faster only on a machine loaded 6-8 times over).
 
         Each part is filled in place (one copy per byte, into a buffer of exactly part_size) and handed out as it
         is: no part is copied again. A full part is handed out once the next chunk shows the stream goes on (or
@@ -283,6 +282,7 @@ class Storage:
         for chunk in chunks:
             if not chunk:
                 continue
+            sha.update(chunk)
             with memoryview(chunk) as rest:
                 while rest:
                     if held == self.part_size:  # full, and more follows
@@ -299,19 +299,13 @@ class Storage:
         del buf[held:]
         yield buf, True
 
-    def _upload_parts(self, parts: Iterable[tuple[bytearray, bool]], key: str, upload_id: str,
-                      sha: hashlib._Hash) -> tuple[int, list[CompletedPartTypeDef]]:
-        """Upload the parts, at most `max_in_flight` at a time (bounded memory), and feed them to `sha` in order on
-        a thread of its own (hashlib lets go of the GIL on large buffers: the hashing overlaps the download instead
-        of following each chunk in the reading thread); (bytes sent, completed parts)."""
+    def _upload_parts(self, parts: Iterable[tuple[bytearray, bool]], key: str,
+                      upload_id: str) -> tuple[int, list[CompletedPartTypeDef]]:
+        """Upload the parts, at most `max_in_flight` at a time (bounded memory); (bytes sent, completed parts)."""
         size = 0
         completed: list[CompletedPartTypeDef] = []
-        in_flight: deque[tuple[Future[CompletedPartTypeDef], Future[None]]] = deque()
+        in_flight: deque[Future[CompletedPartTypeDef]] = deque()
         submitted = 0
-
-        def done(oldest: tuple[Future[CompletedPartTypeDef], Future[None]]) -> None:
-            oldest[1].result()
-            completed.append(oldest[0].result())
 
         def upload(number: int, body: bytearray) -> CompletedPartTypeDef:
             # botocore sends any bytes-like body (the stubs name only bytes): the part's own buffer, uncopied
@@ -319,21 +313,19 @@ class Storage:
                                        Body=cast(bytes, body))["ETag"]
             return {"ETag": etag, "PartNumber": number}
 
-        # Leaving the with-blocks waits for the parts in flight, so an abort never races an upload_part. One hashing
-        # thread takes the parts in the order given (its queue is first in, first out).
-        with ThreadPoolExecutor(max_workers=self.max_in_flight, thread_name_prefix="s3-part") as pool, \
-                ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256") as hasher:
+        # Leaving the with-block waits for the parts in flight, so an abort never races an upload_part.
+        with ThreadPoolExecutor(max_workers=self.max_in_flight, thread_name_prefix="s3-part") as pool:
             for body, _last in parts:
                 while len(in_flight) >= self.max_in_flight:
-                    done(in_flight.popleft())
+                    completed.append(in_flight.popleft().result())
                 if submitted >= MAX_PARTS:
                     raise CopyError(f"more than {MAX_PARTS} parts of {self.part_size} bytes", retryable=False)
                 submitted += 1
                 size += len(body)
-                in_flight.append((pool.submit(upload, submitted, body), hasher.submit(sha.update, body)))
+                in_flight.append(pool.submit(upload, submitted, body))
                 del body
             while in_flight:
-                done(in_flight.popleft())
+                completed.append(in_flight.popleft().result())
         return size, completed
 
     def probe(self) -> str:
