@@ -6,12 +6,13 @@ Starts moto's S3 server (deploy/stack.py) and the generated-bytes source server 
 subprocesses, then runs each copy in its OWN subprocess (a probe, deploy/copy_probe.py) so that its peak
 resident memory (VmHWM) measures that copy alone:
 
-* ``stream``   — this project's copy: `download_chunks` + `Storage.copy_stream` (8 MiB parts, one at a time);
+* ``stream``   — this project's copy: `download_chunks` + `Storage.copy_stream` (8 MiB parts, 6 in flight);
 * ``upload_fileobj`` — the baseline: boto3's managed transfer reading the response's raw stream (default
   TransferConfig: 8 MiB parts, up to 10 threads);
 * ``naive``    — read the whole body into memory, then `put_object` (run at --naive-size-mib, smaller).
 
-The memory test in tests/shared/test_storage.py runs the same probe; neither imports the other.
+The memory test in tests/shared/test_storage.py runs the same probe; neither imports the other. Each copy's line
+also gives the CPU seconds it cost: the probe's own (its process), moto's and the source server's, and the load.
 """
 
 from __future__ import annotations
