@@ -1,16 +1,22 @@
-"""Shared helpers of the benchmarks: a keep-alive HTTP load generator (asyncio, no extra dependency), medians.
+"""Shared helpers of the benchmarks: a keep-alive HTTP load generator (asyncio, no extra dependency), medians, the
+scripts' parser and stack teardown, CPU seconds per process.
 
-Not a test helper: bench/ never imports tests/.
+Not a test helper: bench/ never imports tests/. The scripts put the repository root on sys.path before importing it.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+
+from deploy.procs import Process, wait_for_port
+from deploy.stack import LocalStack
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -113,3 +119,69 @@ def pct(values: Sequence[float], q: float) -> float:
 def table(rows: Sequence[Sequence[object]]) -> str:
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows)
+
+
+# --- the parts the scripts share: their parser, a stack with its baseline process, CPU use per process ----------
+
+def parser(doc: str | None, reps: int = 3) -> argparse.ArgumentParser:
+    """The script's parser, described by the first line of its docstring, with `--reps`."""
+    out = argparse.ArgumentParser(description=doc.splitlines()[0] if doc else None)
+    out.add_argument("--reps", type=int, default=reps)
+    return out
+
+
+@contextmanager
+def stack_with(stack: LocalStack, start: Callable[[LocalStack], object], name: str | None = None,
+               argv: Sequence[str] = (), *, port: int | None = None, cwd: Path = ROOT) -> Iterator[Process | None]:
+    """Start the stack (`start(stack)`), then the baseline process `name` (argv, on the stack's environment, its
+    log beside the stack's; `port`: wait until it listens); yield the baseline; stop both, whatever happens."""
+    baseline: Process | None = None
+    try:
+        start(stack)
+        if name is not None:
+            baseline = Process(name, list(argv), log_dir=stack.logs, env=stack.env, cwd=cwd)
+            if port is not None:
+                wait_for_port(port, proc=baseline.proc)
+        yield baseline
+    finally:
+        if baseline is not None:
+            baseline.stop()
+        stack.stop()
+
+
+_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _cpu_of_group(pgid: int) -> float:
+    """CPU seconds (user + system) used so far by the live processes of a process group and by the children they
+    reaped (a gunicorn or prefork worker recycled meanwhile is counted by its parent's cutime/cstime; Linux /proc)."""
+    total = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="ascii") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:  # fields after the name: state, ppid, pgrp, ..., utime (11) to cstime (14)
+            total += sum(int(v) for v in fields[11:15])
+    return total / _TICKS
+
+
+def cpu_by_process(groups: dict[str, int]) -> dict[str, float]:
+    """CPU seconds used so far by each named process group (`name → pgid`; prefork children included)."""
+    return {name: _cpu_of_group(pgid) for name, pgid in groups.items()}
+
+
+def stack_groups(stack: LocalStack, **more: Process | None) -> dict[str, int]:
+    """The process groups of a stack's processes (each started in its own session), Redis and `more` included."""
+    groups = {name: proc.pid for name, proc in stack.processes.items()}
+    if stack.redis.process is not None:
+        groups["redis"] = stack.redis.process.pid
+    groups.update({name: proc.pid for name, proc in more.items() if proc is not None})
+    return groups
+
+
+def cpu_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {name: after[name] - before.get(name, 0.0) for name in after}

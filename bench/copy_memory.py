@@ -6,25 +6,29 @@ Starts moto's S3 server (deploy/stack.py) and the generated-bytes source server 
 subprocesses, then runs each copy in its OWN subprocess (a probe, deploy/copy_probe.py) so that its peak
 resident memory (VmHWM) measures that copy alone:
 
-* ``stream``   — this project's copy: `download_chunks` + `Storage.copy_stream` (8 MiB parts, one at a time);
+* ``stream``   — this project's copy: `download_chunks` + `Storage.copy_stream` (8 MiB parts, 6 in flight);
 * ``upload_fileobj`` — the baseline: boto3's managed transfer reading the response's raw stream (default
   TransferConfig: 8 MiB parts, up to 10 threads);
 * ``naive``    — read the whole body into memory, then `put_object` (run at --naive-size-mib, smaller).
 
-The memory test in tests/shared/test_storage.py runs the same probe; neither imports the other.
+The memory test in tests/shared/test_storage.py runs the same probe; neither imports the other. Each copy's line
+also gives the CPU seconds it cost: the probe's own (its process), moto's and the source server's, and the load.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
+import resource
 import statistics
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for p in (str(ROOT), str(ROOT / "bench")):
+    if p not in sys.path:
+        sys.path.insert(0, p)
+
+from _common import cpu_by_process, parser  # noqa: E402
 
 from deploy.copy_probe import MIB, expected_digests, run_probe, serve_argv  # noqa: E402 - after the path
 from deploy.procs import Process, free_port, wait_for_port  # noqa: E402
@@ -50,15 +54,21 @@ def bench(size_mib: int, naive_size_mib: int, reps: int = 1) -> dict[str, float]
         sha, _etag = expected_digests(size_mib * MIB)
         plan = [("stream", size_mib), ("upload_fileobj", size_mib)] * reps + [("naive", naive_size_mib)]
         results: dict[str, list[dict[str, object]]] = {"stream": [], "upload_fileobj": [], "naive": []}
+        groups = {"moto": stack.processes["s3"].pid, "source": source.pid}
         for i, (mode, mib) in enumerate(plan):
             url = f"http://127.0.0.1:{port}/{mib * MIB}.mp4"
+            before, children = cpu_by_process(groups), _children_cpu()
             result = run_probe(mode, url, stack.s3_endpoint, BUCKET, f"{mode}-{i}.mp4", env=env)
+            after = cpu_by_process(groups)
+            cpu = {"copy": _children_cpu() - children, **{k: after[k] - before[k] for k in groups}}
             results[mode].append(result)
             peak = int(str(result["peak_rss_bytes"])) / MIB
             base = int(str(result["rss_after_imports_bytes"])) / MIB
             rate = mib / float(str(result["seconds"]))
             print(f"copy  {mode:15s} {mib:5d} MiB  peak RSS {peak:7.1f} MiB (after imports {base:5.1f})  "
-                  f"{float(str(result['seconds'])):6.1f} s  {rate:6.1f} MiB/s", flush=True)
+                  f"{float(str(result['seconds'])):6.1f} s  {rate:6.1f} MiB/s  CPU s: "
+                  + "  ".join(f"{k} {v:.1f}" for k, v in cpu.items()) + f"  load {os.getloadavg()[0]:.1f}",
+                  flush=True)
             if mode == "stream" and result["sha256"] != sha:
                 raise RuntimeError("the stream copy's sha256 differs from the source's")
         speed = [float(str(m["seconds"])) / float(str(s["seconds"]))
@@ -80,12 +90,17 @@ def bench(size_mib: int, naive_size_mib: int, reps: int = 1) -> dict[str, float]
         stack.stop()
 
 
+def _children_cpu() -> float:
+    """CPU seconds (user + system) of this process's finished children: the probes."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--size-mib", type=int, default=1024)
-    parser.add_argument("--naive-size-mib", type=int, default=128)
-    parser.add_argument("--reps", type=int, default=3)
-    args = parser.parse_args(argv)
+    p = parser(__doc__)
+    p.add_argument("--size-mib", type=int, default=1024)
+    p.add_argument("--naive-size-mib", type=int, default=128)
+    args = p.parse_args(argv)
     return bench(args.size_mib, args.naive_size_mib, args.reps)
 
 

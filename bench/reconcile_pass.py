@@ -12,7 +12,6 @@ pass time of each, the ratio and the time per due job.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import tempfile
@@ -20,8 +19,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for p in (str(ROOT), str(ROOT / "bench")):
+    if p not in sys.path:
+        sys.path.insert(0, p)
+
+from _common import parser  # noqa: E402
 
 from deploy.procs import RedisServer  # noqa: E402
 from deploy.stack import LocalStack  # noqa: E402
@@ -99,11 +101,10 @@ def bench(reps: int, stored: int, due: int) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--stored", type=int, default=100_000)
-    parser.add_argument("--due", type=int, default=100)
-    args = parser.parse_args(argv)
+    p = parser(__doc__)
+    p.add_argument("--stored", type=int, default=100_000)
+    p.add_argument("--due", type=int, default=100)
+    args = p.parse_args(argv)
     row = bench(args.reps, args.stored, args.due)
     print(f"reconcile  {int(row['stored'])} stored + {int(row['due'])} due: {row['relay_s'] * 1000:.0f} ms  "
           f"{int(row['due'])} in all: {row['base_s'] * 1000:.0f} ms  ratio {row['ratio']:.2f}  "

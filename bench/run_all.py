@@ -71,6 +71,8 @@ def main(argv: list[str] | None = None) -> None:
         rows.append([f"pipeline jobs/s (concurrency {int(h2['concurrency'])})", f"{h2['relay_jps']:.1f}",
                      f"{h2['noop_jps']:.1f}", f"{h2['ratio']:.2f} ({h2['lo']:.2f}-{h2['hi']:.2f})", ">= 0.5",
                      _ok(h2["ratio"] >= 0.5)])
+        rows.append(["pipeline CPU ms per job, all processes (moto + simulator)",
+                     f"{h2['relay_cpu_ms']:.1f} ({h2['s3_sim_cpu_ms']:.1f})", "-", "-", "-", ""])
     if "copy" in only:
         cp = copy_memory.main(["--reps", reps, *(["--size-mib", "128", "--naive-size-mib", "32"] if q else [])])
         rows.append([f"copy MiB/s, {int(cp['size_mib'])} MiB (peak RSS MiB)",

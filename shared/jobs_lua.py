@@ -193,7 +193,8 @@ end
 return {'applied', cur, redis.call('HGETALL', KEYS[1])}
 """
 
-# Ops retry: only failed -> queued. Clears the error and the attempt counters, removes any TTL.
+# Ops retry: only failed -> queued. Clears the error and the attempt counters, removes any TTL. A job whose copy
+# ever ran keeps that fact in `copy_ran` (the copy's first run skips S3 reads only when no copy ran before).
 # ARGV: 1 now, 2 event head, 3 event tail start (up to the previous error), 4 due mode, 5 due_at, 6 max events
 RETRY = _PRELUDE + """
 local cur = redis.call('HGET', KEYS[1], 'state')
@@ -204,6 +205,7 @@ local err = full(KEYS[1], 'error')
 if not err or err == '' then err = 'null' end
 clear_pieces(KEYS[1], 'error')
 redis.call('HSET', KEYS[1], 'state', 'queued', 'updated_at', ARGV[1], 'error', 'null')
+if redis.call('HEXISTS', KEYS[1], 'attempt:copy') == 1 then redis.call('HSET', KEYS[1], 'copy_ran', '1') end
 for _, k in ipairs(redis.call('HKEYS', KEYS[1])) do
   if string.sub(k, 1, 8) == 'attempt:' then redis.call('HDEL', KEYS[1], k) end
 end

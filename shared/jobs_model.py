@@ -4,7 +4,8 @@ Nothing here talks to Redis; `shared/jobs.py` stores and steps these values. A j
 of strings: plain strings for ids and timestamps (`""` or no field meaning "none"), JSON for the structured fields
 (`metadata`, `error`, `videos`, and `notify_events`, where `""` means the default: the terminal states; the request
 lives in its own key), one `attempt:<kind>` integer field per retry counter, and what Kling billed once it says so
-(`units`, `balance_deduction`: numbers as text, each written once by `shared/usage.py`, never by a state step).
+(`units`, `balance_deduction`: numbers as text, each written once by `shared/usage.py`, never by a state step), and
+`copy_ran` ("1": a copy ran before an ops retry cleared the attempt counters; written by that retry).
 
 Memory (Redis keeps a hash compact, as a listpack, only while every value is at most `hash-max-listpack-value`
 bytes, 64 by default, and it has at most 128 fields; one longer value turns the whole hash into a hashtable, about
@@ -262,6 +263,7 @@ class Job:
     balance_deduction: float | None = None  # Kling's final_balance_deduction, when a callback carried it
     notify_events: tuple[str, ...] = field(default=DEFAULT_NOTIFY_EVENTS, repr=False)
     app: str | None = None  # the app (API token name) that created the job; None: the in-process client's, or older
+    copy_ran: bool = False  # a copy ran before an ops retry cleared the attempt counters (see shared/pipeline/copy.py)
 
     @property
     def terminal(self) -> bool:
@@ -318,6 +320,7 @@ class Job:
             balance_deduction=_opt_float(h.get("balance_deduction")),
             notify_events=tuple(_json_or(h.get("notify_events"), DEFAULT_NOTIFY_EVENTS)),
             app=_opt(h.get("app")),
+            copy_ran=h.get("copy_ran") == "1",
         )
 
 

@@ -1,4 +1,4 @@
-"""The copy of finished videos into S3: a streaming download, a multipart upload, the manifest last.
+"""The copy of finished videos into S3: a streaming download, one PutObject or a multipart upload, the manifest last.
 
 Layout (docs/architecture.md): ``<prefix><yyyy>/<mm>/<dd>/<job_id>/video.mp4`` (``video-<n>.mp4``, n from 1, when a task
 has several videos), then ``manifest.json`` beside them, written LAST with a conditional create
@@ -6,17 +6,22 @@ has several videos), then ``manifest.json`` beside them, written LAST with a con
 re-run after success neither downloads nor uploads again. Moto (the test S3) honours ``If-None-Match: *`` on
 PutObject and answers 412, which the tests check, so no HEAD guard is added in front of it.
 
-`Storage.copy_stream` always uses a multipart upload, even for a stream shorter than one part (one part then,
-which S3 accepts because the last part may be small): one code path, and the object appears only on
-CompleteMultipartUpload, never half-written. Memory stays bounded whatever the size: one part being
-assembled plus `max_in_flight` parts uploading (default 6, on a thread pool, so the download overlaps the
-upload), i.e. about 7 × part_size on top of the interpreter (each part is filled
-in place and uploaded from that buffer, never copied again); bench/copy_memory.py measures the peak RSS
-(kept under 150 MB with 8 MiB parts, as the memory test in tests/shared/test_storage.py checks). Any failure
-aborts the upload (no incomplete upload left behind) and
-raises `CopyError`. A process killed mid-copy cannot abort, so every copy first aborts the uploads left open
-on its own key (`Storage.abort_stale_uploads`); for jobs that are never copied again, give the bucket a
-lifecycle rule ``AbortIncompleteMultipartUpload`` too (a day is plenty).
+`Storage.copy_stream` reads the stream into parts of `part_size` (8 MiB). A stream that ends within its first
+part (a short video) goes up in one PutObject from that buffer: S3 stores it whole or not at all, the size is
+the bytes sent (no HEAD), and no multipart upload exists that a crash could leave open. A longer stream goes up
+as one multipart upload, and the object appears only on CompleteMultipartUpload, never half-written. Memory
+stays bounded whatever the size: one part being assembled plus `max_in_flight` parts uploading (default 6, on a
+thread pool, so the download overlaps the upload), i.e. about 7 × part_size on top of the interpreter (each part
+is filled in place and uploaded from that buffer, never copied again); bench/copy_memory.py measures the peak
+RSS (kept under 150 MB with 8 MiB parts, as the memory test in tests/shared/test_storage.py checks). Any failure
+aborts the upload (no incomplete upload left behind) and raises `CopyError`. A process killed mid-copy cannot
+abort, so a copy that is not its job's first run first aborts the uploads left open on its own key
+(`Storage.abort_stale_uploads`; the first run, `fresh`, has none to find); for jobs that are never copied again,
+give the bucket a lifecycle rule ``AbortIncompleteMultipartUpload`` too (a day is plenty).
+
+S3 requests of one copy of a 1-video job: first run of a short video, PutObject + the manifest's conditional
+PutObject (2); a later run adds the manifest GET and the LIST of stale uploads; a long video takes
+CreateMultipartUpload, one UploadPart per part, CompleteMultipartUpload and a HEAD instead of the PutObject.
 
 `CopyError.retryable` tells the caller whether a retry can help: network errors, 5xx, truncated downloads and
 S3 hiccups are retryable; 403/404/410 from the source (expired result URL: re-read the task from Kling for a
@@ -206,44 +211,99 @@ class Storage:
         return True
 
     def copy_stream(self, chunks: Iterable[bytes], *, key: str, expected_bytes: int | None,
-                    metadata: dict[str, str]) -> tuple[str, int]:
-        """Stream chunks into key as one multipart upload; returns (sha256 hex, size).
+                    metadata: dict[str, str], fresh: bool = False) -> tuple[str, int]:
+        """Stream chunks into key; returns (sha256 hex, size). The SHA-256 is computed on the way.
 
-        Parts of `part_size` are assembled from the chunks (memory bounded by max_in_flight + 1 parts), the
-        SHA-256 is computed on the way, the upload is completed only if the byte count equals expected_bytes
-        (when given), and the object is then HEAD-checked for the same size (deleted if it differs). On any
-        failure the multipart upload is aborted and CopyError raised (other exceptions, e.g. a worker's time
-        limit, abort the upload and propagate unchanged).
+        A stream that ends within its first part (`part_size`) goes up in ONE PutObject from that buffer: the size
+        is the bytes sent, which S3 stores whole or not at all, so no HEAD follows and no multipart upload exists
+        to leave behind. A longer stream goes up as one multipart upload: parts of `part_size` (memory bounded by
+        max_in_flight + 1 parts), completed only if the byte count equals expected_bytes (when given), and the
+        object is then HEAD-checked for the same size (deleted if it differs). On any failure the multipart upload
+        is aborted and CopyError raised (other exceptions, e.g. a worker's time limit, abort the upload and
+        propagate unchanged). In both cases a byte count that differs from expected_bytes writes nothing.
 
-        Before starting, any multipart upload still open on the same key is aborted (`abort_stale_uploads`):
-        a worker killed mid-copy, or an abort that S3 refused, leaves one behind, and the retry cleans it up.
+        Before writing, any multipart upload still open on the same key is aborted (`abort_stale_uploads`): a
+        worker killed mid-copy, or an abort that S3 refused, leaves one behind, and the retry cleans it up.
+        `fresh=True` skips that listing: the caller knows that no earlier copy ever wrote to this key (the job's
+        first copy run, `copy_videos`).
         """
-        self.abort_stale_uploads(key)
+        if not fresh:
+            self.abort_stale_uploads(key)
+        sha = hashlib.sha256()
+        parts = self._cut(chunks, sha)
+        head = [next(parts)]
+        if head[0][1]:  # the stream ended within its first part
+            return self._put_whole(head.pop()[0], sha, key=key, expected_bytes=expected_bytes, metadata=metadata)
         try:
             upload_id = self.s3.create_multipart_upload(
                 Bucket=self.bucket, Key=key, ContentType=VIDEO_CONTENT_TYPE, Metadata=metadata)["UploadId"]
         except (ClientError, BotoCoreError) as exc:
             raise _s3_error(exc, "create multipart upload") from exc
         try:
-            digest, size, parts = self._upload_parts(chunks, key, upload_id)
+            size, completed = self._upload_parts(_prepend(head, parts), key, upload_id)
             if expected_bytes is not None and size != expected_bytes:
                 raise CopyError(f"source sent {size} bytes, expected {expected_bytes}", retryable=True)
             self.s3.complete_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id,
-                                              MultipartUpload={"Parts": parts})
+                                              MultipartUpload={"Parts": completed})
         except BaseException as exc:
             self._abort(key, upload_id)
             if isinstance(exc, (ClientError, BotoCoreError)):
                 raise _s3_error(exc, "multipart upload") from exc
             raise
         self._verify_size(key, size)
-        return digest, size
+        return sha.hexdigest(), size
 
-    def _upload_parts(self, chunks: Iterable[bytes], key: str,
-                      upload_id: str) -> tuple[str, int, list[CompletedPartTypeDef]]:
-        """Cut the stream into parts and upload them, at most `max_in_flight` at a time (bounded memory)."""
-        sha = hashlib.sha256()
+    def _put_whole(self, body: bytearray, sha: hashlib._Hash, *, key: str, expected_bytes: int | None,
+                   metadata: dict[str, str]) -> tuple[str, int]:
+        """The whole stream fits in one part: one PutObject of that buffer (see `copy_stream`)."""
+        size = len(body)
+        if expected_bytes is not None and size != expected_bytes:
+            raise CopyError(f"source sent {size} bytes, expected {expected_bytes}", retryable=True)
+        try:
+            # botocore sends any bytes-like body (the stubs name only bytes): the buffer as it is, uncopied
+            self.s3.put_object(Bucket=self.bucket, Key=key, Body=cast(bytes, body), ContentType=VIDEO_CONTENT_TYPE,
+                               Metadata=metadata)
+        except (ClientError, BotoCoreError) as exc:
+            raise _s3_error(exc, "put object") from exc
+        return sha.hexdigest(), size
+
+    def _cut(self, chunks: Iterable[bytes], sha: hashlib._Hash) -> Iterator[tuple[bytearray, bool]]:
+        """The stream as parts of exactly `part_size` bytes (the last one shorter, or empty for an empty stream),
+        each with whether it is the last one; `sha` is fed each chunk on the way (in the reading thread: a hashing
+        thread of its own was measured slower at a moderate load, faster only on a machine loaded 6-8 times over).
+
+        Each part is filled in place (one copy per byte, into a buffer of exactly part_size) and handed out as it
+        is: no part is copied again. A full part is handed out once the next chunk shows the stream goes on (or
+        ends), so at most one chunk is held beside it.
+        """
+        buf = bytearray(self.part_size)
+        view = memoryview(buf)
+        held = 0
+        for chunk in chunks:
+            if not chunk:
+                continue
+            sha.update(chunk)
+            with memoryview(chunk) as rest:
+                while rest:
+                    if held == self.part_size:  # full, and more follows
+                        view.release()
+                        yield buf, False
+                        buf = bytearray(self.part_size)
+                        view = memoryview(buf)
+                        held = 0
+                    take = min(len(rest), self.part_size - held)
+                    view[held:held + take] = rest[:take]
+                    held += take
+                    rest = rest[take:]
+        view.release()
+        del buf[held:]
+        yield buf, True
+
+    def _upload_parts(self, parts: Iterable[tuple[bytearray, bool]], key: str,
+                      upload_id: str) -> tuple[int, list[CompletedPartTypeDef]]:
+        """Upload the parts, at most `max_in_flight` at a time (bounded memory); (bytes sent, completed parts)."""
         size = 0
-        parts: list[CompletedPartTypeDef] = []
+        completed: list[CompletedPartTypeDef] = []
         in_flight: deque[Future[CompletedPartTypeDef]] = deque()
         submitted = 0
 
@@ -255,44 +315,18 @@ class Storage:
 
         # Leaving the with-block waits for the parts in flight, so an abort never races an upload_part.
         with ThreadPoolExecutor(max_workers=self.max_in_flight, thread_name_prefix="s3-part") as pool:
-
-            def submit(body: bytearray) -> None:
-                nonlocal submitted
+            for body, _last in parts:
                 while len(in_flight) >= self.max_in_flight:
-                    parts.append(in_flight.popleft().result())
+                    completed.append(in_flight.popleft().result())
                 if submitted >= MAX_PARTS:
                     raise CopyError(f"more than {MAX_PARTS} parts of {self.part_size} bytes", retryable=False)
                 submitted += 1
+                size += len(body)
                 in_flight.append(pool.submit(upload, submitted, body))
-
-            # Each part is filled in place (one copy per byte, into a buffer of exactly part_size) and handed to
-            # its upload as it is: no part is copied again, so memory is the part being filled plus those in flight.
-            buf = bytearray(self.part_size)
-            view = memoryview(buf)
-            held = 0
-            for chunk in chunks:
-                sha.update(chunk)
-                size += len(chunk)
-                with memoryview(chunk) as rest:
-                    while rest:
-                        take = min(len(rest), self.part_size - held)
-                        view[held:held + take] = rest[:take]
-                        held += take
-                        rest = rest[take:]
-                        if held == self.part_size:
-                            view.release()
-                            submit(buf)
-                            buf = bytearray(self.part_size)
-                            view = memoryview(buf)
-                            held = 0
-            view.release()
-            if held or not submitted:
-                del buf[held:]
-                submit(buf)
-            del buf
+                del body
             while in_flight:
-                parts.append(in_flight.popleft().result())
-        return sha.hexdigest(), size, parts
+                completed.append(in_flight.popleft().result())
+        return size, completed
 
     def probe(self) -> str:
         """Check that a copy can write here: the bucket answers (HEAD bucket), and a tiny object can be created and
@@ -391,6 +425,13 @@ class Storage:
             raise CopyError(f"stored object {key} has {stored} bytes, copied {size}", retryable=True)
 
 
+def _prepend(head: list[tuple[bytearray, bool]], rest: Iterator[tuple[bytearray, bool]]
+             ) -> Iterator[tuple[bytearray, bool]]:
+    """The part taken out of `head` (so that no other reference keeps it once uploaded), then the rest."""
+    yield head.pop()
+    yield from rest
+
+
 @dataclass
 class Download:
     """An open streaming download: iterate `chunks` once; `close()` (or the context manager) releases it."""
@@ -487,7 +528,7 @@ def copy_videos(job_id: str, created_at: float, kling_task_id: str,
                 videos: Sequence[SourceVideo], storage: Storage, allowlist: UrlAllowlist,
                 session: requests.Session, *, extra_manifest: dict[str, Any],
                 timeout: tuple[float, float] = (5, 60), max_bytes: int | None = None,
-                still_wanted: Callable[[], bool] | None = None) -> list[StoredVideo]:
+                still_wanted: Callable[[], bool] | None = None, fresh: bool = False) -> list[StoredVideo]:
     """Copy a finished task's videos ((video_id, url, duration) or (video_id, url, duration, watermark_url)) into
     S3, exactly once per job; a watermark_url is recorded with its video, not downloaded.
 
@@ -498,11 +539,14 @@ def copy_videos(job_id: str, created_at: float, kling_task_id: str,
     CopyError / UrlRefused.
     `still_wanted()` is asked right before the manifest: if it says no, the videos just written are deleted and
     CopyCanceled is raised, so consumers (who trigger on the manifest) never see a canceled job's video.
+    `fresh=True`: the caller knows that no earlier copy of this job ever ran (its first copy run), so no manifest
+    nor upload of it can exist: the manifest is not read first and no stale uploads are listed (the manifest is
+    still created conditionally).
     """
     clash = _MANIFEST_CORE_KEYS & extra_manifest.keys()
     if clash:
         raise ValueError(f"extra_manifest may not set {sorted(clash)}")
-    existing = storage.read_manifest(job_id, created_at)
+    existing = None if fresh else storage.read_manifest(job_id, created_at)
     if existing is not None:
         log.info("manifest already present, nothing to copy", extra={"job_id": job_id})
         return [StoredVideo.from_dict(v) for v in existing.get("videos", [])]
@@ -517,7 +561,7 @@ def copy_videos(job_id: str, created_at: float, kling_task_id: str,
         with download_chunks(url, allowlist, session=session, timeout=timeout, max_bytes=max_bytes) as dl:
             metadata = {"job-id": job_id, "kling-task-id": kling_task_id, "kling-video-id": video_id}
             sha256, size = storage.copy_stream(dl.chunks, key=key, expected_bytes=dl.content_length,
-                                               metadata=metadata)
+                                               metadata=metadata, fresh=fresh)
         stored.append(StoredVideo(bucket=storage.bucket, key=key, sha256=sha256, bytes=size, duration=duration,
                                   watermark_url=watermark_url))
         log.info("copied video", extra={"job_id": job_id, "key": key, "bytes": size,

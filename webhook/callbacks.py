@@ -108,23 +108,37 @@ def _unbound(job_id: str, task: KlingTask, *, signed: bool) -> Any:
     if job is None:
         return _refused("unknown_job", 404, "unknown job")
     if job.kling_task_id is not None:  # bound since the first read: answer as for a bound job
-        if job.kling_task_id != task.task_id:
-            return _refused("task_mismatch", 409, "task_id does not match this job's Kling task")
-        _remember(job, task)
-        result = apply_task_status(rt, job_id, task, source="callback")
-        metrics.callback(_outcome(result, KLING_STATUS_TO_STATE[task.status]))
-        return jsonify(ok=True, applied=result.applied, state=result.job.state.value)
+        return _as_bound(job, task)
     if task.external_task_id != job_id:
         # Only a task that names this job could ever be its own: a token alone must not pass another job's
         # task off as this one's (whose video the copy would then store here).
         return _refused("task_mismatch", 409,
                         "task_info.external_task_id must name this job until its task id is known")
     _remember(job, task)
+    # Kept first, then the binding read again: a worker that binds the task after this read finds the callback when
+    # it looks for early ones (`submit._record`), and one that bound it before is seen here, so one of the two
+    # applies the status. (Read before keeping it, the worker could bind and look in between: neither applied it,
+    # and the job waited for the reconciler. Issue 11: a bench job never stored without one.)
+    job = rt.store.get(job_id)
+    if job is None:
+        return _refused("unknown_job", 404, "unknown job")
+    if job.kling_task_id is not None:
+        return _as_bound(job, task)
     if heard.may_bind_from_callback(job, task, signed=signed):
         record_task(rt, job_id, task, source="callback", detail={"bound_by": "signed callback"})
         metrics.callback("applied")
         return jsonify(ok=True, applied=True, state=rt.store.require(job_id).state.value)
     return _before_task_recorded(job, task)
+
+
+def _as_bound(job: Job, task: KlingTask) -> Any:
+    """A callback for a job found bound on a second read: answered as for a job bound from the start."""
+    if job.kling_task_id != task.task_id:
+        return _refused("task_mismatch", 409, "task_id does not match this job's Kling task")
+    _remember(job, task)
+    result = apply_task_status(runtime(), job.id, task, source="callback")
+    metrics.callback(_outcome(result, KLING_STATUS_TO_STATE[task.status]))
+    return jsonify(ok=True, applied=result.applied, state=result.job.state.value)
 
 
 def _parse(job_id: str, raw: bytes) -> Any:

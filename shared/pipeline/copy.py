@@ -13,6 +13,14 @@ unusable) a copy leaves its job `generated` and due, without calling Kling or S3
 S3 error that refuses every request alike (`StorageUnusable`) pauses copying; a result URL that VIDEO_URL_ALLOWLIST
 refuses makes this job wait (reason `video_host_refused`, naming the host) until the list is widened, the job's
 deadline, or the URL's expiry. These outcomes are `paused`.
+
+The job's first copy run is `fresh`: no copy of it ran before (its `copy` attempt counter is 0 under the lock, and
+no ops retry cleared an earlier one: `copy_ran`), so nothing of it can be in S3 and the copy neither reads the
+manifest nor lists stale multipart uploads (`storage.copy_videos`): a 1 KiB video then costs two S3 requests, its
+PutObject and the manifest's conditional create. Any later run (a retry, a redelivery, the reconciler's re-queue
+after a crash) takes the careful path. Jobs whose earlier copies ran under a release without this counter
+(attempts cleared by an ops retry before the upgrade) look fresh: their manifest is still created conditionally,
+and an upload left open by a copy killed back then is left to the bucket's AbortIncompleteMultipartUpload rule.
 """
 
 from __future__ import annotations
@@ -58,6 +66,8 @@ def _copy_locked(rt: Runtime, job: Job) -> Outcome:
         return _wait(rt, job, {"waiting": "copy paused", "reason": paused["reason"], "code": paused["code"],
                                "message": paused["message"]}, counted=False)
     prior_wait = copy_flow.take_wait(rt.redis, job.id)
+    # No copy of this job ever ran (read under the lock, before this run is counted): nothing of it can be in S3.
+    fresh = job.attempts.get("copy", 0) == 0 and not job.copy_ran
     attempt = count_attempt(rt, job, "copy")
     budget = Budget("copy", attempt, rt.settings.copy_max_attempts,
                     Failure("copy_exhausted", f"could not copy the video after {attempt} attempts"))
@@ -80,7 +90,7 @@ def _copy_locked(rt: Runtime, job: Job) -> Outcome:
     recorded = _manifest_request(rt.store.request(job.id))
     started = time.monotonic()
     try:
-        stored = _copy_videos(rt, job, task, recorded)
+        stored = _copy_videos(rt, job, task, recorded, fresh=fresh)
     except CopyCanceled:
         log.info("copy dropped: the job was canceled or ended meanwhile", extra={"job_id": job.id})
         return Outcome.SKIPPED
@@ -150,7 +160,8 @@ def _host_refused(rt: Runtime, job: Job, task: KlingTask, exc: UrlRefused,
     return _wait(rt, job, detail, counted=True, due_in=None if expiry is None else expiry - now)
 
 
-def _copy_videos(rt: Runtime, job: Job, task: KlingTask, recorded: dict[str, Any]) -> list[StoredVideo]:
+def _copy_videos(rt: Runtime, job: Job, task: KlingTask, recorded: dict[str, Any], *,
+                 fresh: bool) -> list[StoredVideo]:
     for video in task.videos:  # scheme/host/port first, before touching S3 (addresses are checked on connect)
         rt.allowlist.match(video.url)
     return copy_videos(
@@ -158,6 +169,7 @@ def _copy_videos(rt: Runtime, job: Job, task: KlingTask, recorded: dict[str, Any
         rt.storage, rt.allowlist, rt.http,
         extra_manifest={"metadata": job.metadata, "request": recorded, **_billing(rt, job)},
         max_bytes=rt.settings.max_video_bytes, still_wanted=lambda: in_state(rt, job.id, JobState.GENERATED),
+        fresh=fresh,
     )
 
 

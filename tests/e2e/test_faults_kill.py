@@ -33,6 +33,9 @@ def stack(kill_stack: LocalStack) -> Iterator[LocalStack]:
         kill_stack.restart("worker1")
 
 
+VIDEO_BYTES = 12 * 1024 * 1024
+
+
 def open_upload_jobs(stack: LocalStack, ids: list[str]) -> set[str]:
     """The jobs (of ids) that have a multipart upload open in the bucket."""
     keys = [u["Key"] for u in stack.multipart_uploads()]
@@ -40,8 +43,10 @@ def open_upload_jobs(stack: LocalStack, ids: list[str]) -> set[str]:
 
 
 def test_worker_killed_mid_copy(stack: LocalStack) -> None:
-    # 400 kB served at 50 kB/s: each copy spends eight seconds inside its download, its upload open
-    stack.sim_control(video_bytes=400_000, download_rate=50_000)
+    # 12 MiB served at 1 MB/s: each copy opens its multipart upload once it has read a part (8 MiB, after about
+    # eight seconds; a shorter video goes up in one PutObject at the end) and spends four more seconds inside its
+    # download with the upload open
+    stack.sim_control(video_bytes=VIDEO_BYTES, download_rate=1_000_000)
     ids = [submit(stack, job_body(3000 + n)) for n in range(3)]
 
     def all_copying() -> dict[str, dict[str, Any]] | None:
@@ -63,7 +68,7 @@ def test_worker_killed_mid_copy(stack: LocalStack) -> None:
     # one version of video.mp4: the killed uploads were never completed; none is left open either
     assert_stored_once(stack, jobs, video_versions=1)
     for job in jobs.values():
-        assert job["videos"][0]["bytes"] == 400_000
+        assert job["videos"][0]["bytes"] == VIDEO_BYTES
 
 
 def test_worker_killed_mid_submit(stack: LocalStack) -> None:

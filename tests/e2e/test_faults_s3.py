@@ -116,7 +116,9 @@ def jobs_with_failed_copy(stack: LocalStack, ids: list[str]) -> set[str]:
 def test_s3_slow_down_on_uploads_copies_retry_and_leave_no_open_upload(stack: LocalStack,
                                                                        proxy: FaultyProxy) -> None:
     # Parts, completes and aborts answer 503: a copy opens an upload it can neither fill nor abort, gives up
-    # after boto3's retries (tens of seconds of back-off), and leaves the upload open.
+    # after boto3's retries (tens of seconds of back-off), and leaves the upload open. The videos are over one
+    # part (8 MiB): a shorter one goes up in a single PutObject, with no upload to leave open.
+    stack.sim_control(video_bytes=9 * 1024 * 1024)
     proxy.refuse("503", match=FaultyProxy.multipart_requests)
     ids = [submit(stack, job_body(2000 + n)) for n in range(3)]
     failed = wait_until(lambda: jobs_with_failed_copy(stack, ids), timeout=150, what="a failed copy attempt",
@@ -138,4 +140,34 @@ def test_s3_connection_resets_copies_retry_and_finish(stack: LocalStack, proxy: 
     proxy.heal()
     jobs = wait_jobs(stack, ids, timeout=120)
     assert refused >= 3 * 6  # boto3 tried each call six times before each copy gave up for a while
+    assert_stored_once(stack, jobs)
+
+
+# --- the S3 requests of a copy (issue 11) ---------------------------------------------------------------------------
+
+def s3_requests_of(proxy: FaultyProxy, job_id: str, since: int) -> list[tuple[str, str]]:
+    """(method, object name and query) of the requests the relay sent on the job's keys, from seen[since] on."""
+    return [(method, path.rsplit("/", 1)[-1]) for method, path in proxy.seen[since:] if f"/{job_id}/" in path]
+
+
+def test_a_short_video_is_stored_with_two_s3_requests_and_a_long_one_still_in_parts(stack: LocalStack,
+                                                                                      proxy: FaultyProxy) -> None:
+    """Issue 11: a 1 KiB video took seven S3 requests (GET manifest, LIST uploads, create, part, complete, HEAD,
+    manifest PUT). The job's first copy of a video that fits in one part is now its PutObject and the manifest's
+    conditional PutObject; a video over one part (8 MiB) still goes up as a multipart upload, HEAD-checked."""
+    stack.sim_control(video_bytes=1024)
+    since = len(proxy.seen)
+    short = submit(stack, job_body(2200))
+    jobs = wait_jobs(stack, [short], timeout=120)
+    assert s3_requests_of(proxy, short, since) == [("PUT", "video.mp4"), ("PUT", "manifest.json")]
+
+    stack.sim_control(video_bytes=9 * 1024 * 1024)
+    since = len(proxy.seen)
+    long = submit(stack, job_body(2201))
+    jobs.update(wait_jobs(stack, [long], timeout=120))
+    sent = [(method, name.split("?", 1)[1].split("=", 1)[0] if "?" in name else name)
+            for method, name in s3_requests_of(proxy, long, since)]
+    # create, two parts (PUT ...?uploadId=...&partNumber=n), complete, HEAD, the manifest
+    assert sent == [("POST", "uploads"), ("PUT", "uploadId"), ("PUT", "uploadId"), ("POST", "uploadId"),
+                    ("HEAD", "video.mp4"), ("PUT", "manifest.json")], sent
     assert_stored_once(stack, jobs)

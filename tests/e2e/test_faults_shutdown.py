@@ -45,8 +45,10 @@ def open_upload_jobs(stack: LocalStack, ids: list[str]) -> set[str]:
 
 def test_worker_sigterm_mid_copy_finishes_the_copy(stack: LocalStack) -> None:
     stack.sim_reset()
-    # 400 kB served at 80 kB/s: each copy spends five seconds inside its download, its upload open
-    stack.sim_control(video_bytes=400_000, download_rate=80_000)
+    # 12 MiB served at 1 MB/s: each copy opens its multipart upload once it has read a part (8 MiB, after about
+    # eight seconds; a shorter video goes up in one PutObject at the end) and spends four more seconds inside its
+    # download with the upload open
+    stack.sim_control(video_bytes=12 * 1024 * 1024, download_rate=1_000_000)
     ids = [submit(stack, job_body(6000 + n)) for n in range(3)]
 
     def all_copying() -> bool:

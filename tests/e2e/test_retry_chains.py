@@ -68,10 +68,10 @@ def proxy(proxied: tuple[LocalStack, FaultyProxy]) -> Iterator[FaultyProxy]:
     proxied[1].heal()
 
 
-def creates_multipart_upload(method: str, path: str) -> bool:
-    """Matcher for CreateMultipartUpload (`POST /<bucket>/<key>?uploads`)."""
-    query = path.partition("?")[2]
-    return method == "POST" and "uploads" in (part.partition("=")[0] for part in query.split("&"))
+def puts_the_video(method: str, path: str) -> bool:
+    """Matcher for the PutObject of a video (`PUT /<bucket>/<key>/video.mp4`, no query): a short video's upload."""
+    key, _, query = path.partition("?")
+    return method == "PUT" and not query and key.endswith("/video.mp4")
 
 
 def only_the_back_off(stack: LocalStack, job: dict[str, Any]) -> None:
@@ -100,13 +100,13 @@ def test_submit_throttled_six_times_in_a_row_is_stored(stack: LocalStack) -> Non
 
 
 def test_copy_refused_by_s3_six_times_in_a_row_is_stored(stack: LocalStack, proxy: FaultyProxy) -> None:
-    """S3 answers 500 InternalError to every CreateMultipartUpload: six copy attempts fail (each after boto3's
-    own quick retries), then S3 heals and the seventh attempt stores the video.
+    """S3 answers 500 InternalError to every PutObject of the video (a short video goes up in one): six copy
+    attempts fail (each after boto3's own quick retries), then S3 heals and the seventh attempt stores the video.
 
     Before the fix the chain ended at the fourth copy attempt (MaxRetriesExceededError), the job stayed
     `generated` and the sixth failed attempt never came.
     """
-    proxy.refuse("500", match=creates_multipart_upload)
+    proxy.refuse("500", match=puts_the_video)
     job_id = submit(stack, job_body(7002))
 
     def six_failed_copies() -> list[dict[str, Any]] | None:

@@ -536,3 +536,92 @@ def test_1203_on_the_copys_re_read_retries_within_the_budget(runtime: Runtime, s
         copy_job(runtime, job.id)
     after = runtime.store.require(job.id)
     assert after.state is JobState.GENERATED and after.error is None
+
+
+# --- the copy's S3 requests (issue 11: a fresh copy of a short video is two PutObjects) ------------------------------
+
+class S3Calls:
+    """The S3 operations a boto3 client sends, in order (one per HTTP attempt)."""
+
+    def __init__(self, s3: Any) -> None:
+        self.ops: list[str] = []
+        s3.meta.events.register("request-created.s3", self._seen)
+
+    def _seen(self, operation_name: str, **kwargs: Any) -> None:
+        self.ops.append(operation_name)
+
+    def take(self) -> list[str]:
+        ops, self.ops = self.ops, []
+        return ops
+
+
+class Killed(BaseException):
+    """A worker dying where it is raised (nothing of the copy catches a BaseException that is not its own)."""
+
+
+def copy_ready(runtime: Runtime, sim: SimHandle, moto: MotoS3) -> tuple[str, str, S3Calls]:
+    bucket = f"videos-{uuid.uuid4().hex[:8]}"
+    moto.client().create_bucket(Bucket=bucket)
+    with_storage(runtime, moto, bucket)
+    sim.control(video_bytes=1024)
+    job_id = generated_job(runtime, sim)
+    return job_id, bucket, S3Calls(runtime.storage.s3)
+
+
+def test_the_first_copy_of_a_short_video_makes_two_s3_requests(runtime: Runtime, sim: SimHandle,
+                                                                moto: MotoS3) -> None:
+    """Issue 11: it made seven (GET manifest, LIST uploads, create, part, complete, HEAD, manifest PUT)."""
+    job_id, bucket, calls = copy_ready(runtime, sim, moto)
+    assert copy_job(runtime, job_id) == "stored"
+    assert calls.take() == ["PutObject", "PutObject"]  # the video, then the manifest (conditional, last)
+    assert sorted(k.rsplit("/", 1)[1] for k in objects(moto, bucket)) == ["manifest.json", "video.mp4"]
+    [video] = runtime.store.require(job_id).videos
+    assert video["bytes"] == 1024
+    assert moto.client().list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+
+
+def test_a_copy_killed_between_the_video_and_the_manifest_is_finished_by_the_next_one(
+        runtime: Runtime, sim: SimHandle, moto: MotoS3) -> None:
+    """The next run is not fresh: it reads the manifest (none), lists stale uploads, writes the video again and the
+    manifest; the job is stored once, with one manifest."""
+    job_id, bucket, calls = copy_ready(runtime, sim, moto)
+    storage = runtime.storage
+
+    def killed(*args: Any, **kwargs: Any) -> bool:
+        raise Killed
+
+    storage.write_manifest = killed  # type: ignore[method-assign]
+    with pytest.raises(Killed):
+        copy_job(runtime, job_id)
+    assert calls.take() == ["PutObject"]
+    assert [k.rsplit("/", 1)[1] for k in objects(moto, bucket)] == ["video.mp4"]
+    assert runtime.store.require(job_id).state is JobState.GENERATED
+    del storage.write_manifest
+
+    assert copy_job(runtime, job_id) == "stored"
+    assert calls.take() == ["GetObject", "ListMultipartUploads", "PutObject", "PutObject"]
+    assert sorted(k.rsplit("/", 1)[1] for k in objects(moto, bucket)) == ["manifest.json", "video.mp4"]
+    manifest = runtime.storage.read_manifest(job_id, runtime.store.require(job_id).created_at)
+    assert manifest is not None and manifest["videos"] == runtime.store.require(job_id).videos
+
+
+def test_an_ops_retry_keeps_that_a_copy_ran_so_the_next_copy_is_careful(runtime: Runtime, sim: SimHandle,
+                                                                         moto: MotoS3) -> None:
+    """The retry clears the attempt counters; `copy_ran` keeps the copy from taking the fresh path, which would
+    neither read the manifest nor look for uploads an earlier copy left open."""
+    job_id, bucket, calls = copy_ready(runtime, sim, moto)
+    runtime.store.bump_attempt(job_id, "copy")  # a copy ran (and, say, died)
+    runtime.store.step(job_id, JobState.FAILED, source="worker", set_fields={"error": {"reason": "copy_exhausted"}})
+    assert runtime.store.retry(job_id, source="api").applied
+    job = runtime.store.require(job_id)
+    assert job.copy_ran and "copy" not in job.attempts
+    runtime.store.step(job_id, JobState.GENERATED, source="api", only_from=[JobState.QUEUED])
+    assert copy_job(runtime, job_id) == "stored"
+    assert calls.take() == ["GetObject", "ListMultipartUploads", "PutObject", "PutObject"]
+
+
+def test_a_retry_of_a_job_whose_copy_never_ran_keeps_the_fresh_path(runtime: Runtime) -> None:
+    job = new_job(runtime)
+    runtime.store.step(job.id, JobState.FAILED, source="worker", set_fields={"error": {"reason": "x"}})
+    assert runtime.store.retry(job.id, source="api").applied
+    assert not runtime.store.require(job.id).copy_ran

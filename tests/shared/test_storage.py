@@ -254,9 +254,75 @@ def test_object_changed_before_the_size_check_is_deleted_and_retryable(s3: Any, 
             self.s3.put_object(Bucket=self.bucket, Key=key, Body=b"something else")
             super()._verify_size(key, size)
 
+    data = payload(6 * MIB)  # more than one part: a multipart upload, which is HEAD-checked
     with pytest.raises(CopyError) as info:
-        Overwritten(s3, bucket).copy_stream(iter([payload(100)]), key="raced.mp4", expected_bytes=100, metadata={})
+        Overwritten(s3, bucket, part_size=5 * MIB).copy_stream(iter([data]), key="raced.mp4",
+                                                               expected_bytes=len(data), metadata={})
     assert info.value.retryable
+    assert keys(s3, bucket) == []
+
+
+# --- the S3 requests of a copy (issue 11: a short video's first copy is one PutObject and the manifest) ----------
+
+class Calls:
+    """The S3 operations a boto3 client sends, in order (one per HTTP attempt, retries included)."""
+
+    def __init__(self, s3: Any) -> None:
+        self.ops: list[str] = []
+        s3.meta.events.register("request-created.s3", self._seen)
+
+    def _seen(self, operation_name: str, **kwargs: Any) -> None:
+        self.ops.append(operation_name)
+
+    def take(self) -> list[str]:
+        ops, self.ops = self.ops, []
+        return ops
+
+
+def test_a_short_video_goes_up_in_one_put_without_head_or_multipart(storage: Storage, s3: Any,
+                                                                     bucket: str) -> None:
+    calls = Calls(s3)
+    data = payload(5 * MIB)  # exactly one part: still one PutObject
+    sha, size = storage.copy_stream(chunks_of(data), key="one.mp4", expected_bytes=len(data), metadata={"a": "b"},
+                                    fresh=True)
+    assert calls.take() == ["PutObject"]
+    assert (sha, size) == (hashlib.sha256(data).hexdigest(), len(data))
+    obj = s3.get_object(Bucket=bucket, Key="one.mp4")
+    assert obj["Body"].read() == data and obj["ContentType"] == "video/mp4" and obj["Metadata"] == {"a": "b"}
+    assert '-' not in obj["ETag"]  # not a multipart object
+    calls.take()
+    storage.copy_stream(iter([b""]), key="empty.mp4", expected_bytes=0, metadata={}, fresh=True)
+    assert calls.take() == ["PutObject"]
+    assert s3.get_object(Bucket=bucket, Key="empty.mp4")["Body"].read() == b""
+
+
+def test_a_video_one_byte_over_a_part_still_goes_multipart_and_is_head_checked(storage: Storage, s3: Any,
+                                                                                bucket: str) -> None:
+    calls = Calls(s3)
+    data = payload(5 * MIB + 1)
+    assert storage.copy_stream(chunks_of(data), key="two.mp4", expected_bytes=len(data), metadata={},
+                               fresh=True)[1] == len(data)
+    assert calls.take() == ["CreateMultipartUpload", "UploadPart", "UploadPart", "CompleteMultipartUpload",
+                            "HeadObject"]
+    assert s3.get_object(Bucket=bucket, Key="two.mp4")["Body"].read() == data
+    assert incomplete_uploads(s3, bucket) == []
+
+
+def test_a_copy_that_is_not_fresh_first_aborts_uploads_left_open(storage: Storage, s3: Any, bucket: str) -> None:
+    left = s3.create_multipart_upload(Bucket=bucket, Key="again.mp4")["UploadId"]
+    calls = Calls(s3)
+    storage.copy_stream(iter([payload(100)]), key="again.mp4", expected_bytes=100, metadata={})
+    assert calls.take() == ["ListMultipartUploads", "AbortMultipartUpload", "PutObject"]
+    assert incomplete_uploads(s3, bucket) == []
+    assert left  # the upload a dead copy left open is gone
+
+
+def test_a_short_video_of_the_wrong_size_writes_nothing(storage: Storage, s3: Any, bucket: str) -> None:
+    calls = Calls(s3)
+    with pytest.raises(CopyError) as info:
+        storage.copy_stream(iter([payload(100)]), key="short.mp4", expected_bytes=101, metadata={}, fresh=True)
+    assert info.value.retryable
+    assert calls.take() == []
     assert keys(s3, bucket) == []
 
 

@@ -327,3 +327,34 @@ def test_a_callback_that_moves_the_job_still_runs_the_step(client: FlaskClient, 
     answer = _post(client, job.id, _task("task-1", "failed", job.id))
     assert answer.json["applied"] is True and answer.json["state"] == "failed"
     assert runtime.store.require(job.id).state is JobState.FAILED
+
+
+def test_a_callback_racing_the_workers_record_is_applied_by_one_of_them(client: FlaskClient, runtime: Runtime,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 11 (one bench job of 200 never stored without the reconciler): the webhook read the job unbound; the
+    worker then bound the task and looked for early callbacks (none yet); only then did the webhook keep the
+    `succeed`: neither side applied it and the job waited `submitted` for the reconciler. The webhook now keeps the
+    callback first and reads the binding again."""
+    from kling_relay.shared.pipeline import apply_task_status
+
+    job, _ = runtime.store.create(dict(REQUEST))
+    runtime.store.bump_attempt(job.id, CREATE_SENT)
+    keep = heard.remember
+    raced: list[bool] = []
+
+    def worker_records_meanwhile(client_: Any, job_id: str, task: KlingTask, *, ttl_seconds: int) -> bool:
+        if not raced:  # the worker's whole record (submit._record) runs between the webhook's read and its keep
+            raced.append(True)
+            record_task(runtime, job.id, KlingTask("real-task", "submitted", external_task_id=job.id),
+                        source="worker", detail={"created": True})
+            later = heard.heard(runtime.redis, job.id, "real-task")
+            if later is not None and heard.is_beyond(later, KlingTask("real-task", "submitted")):
+                apply_task_status(runtime, job.id, later, source="callback")
+        return keep(client_, job_id, task, ttl_seconds=ttl_seconds)
+
+    monkeypatch.setattr(heard, "remember", worker_records_meanwhile)
+    succeed = {**_task("real-task", "succeed", job.id),
+               "task_result": {"videos": [{"id": "v1", "url": "https://cdn.example.com/v1.mp4", "duration": "5"}]}}
+    answer = _post(client, job.id, succeed)
+    assert raced and answer.status_code == 200, answer.json
+    assert runtime.store.require(job.id).state is JobState.GENERATED
