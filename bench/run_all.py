@@ -10,6 +10,7 @@ the ratios much less. Targets are the ones of the issue that asked for this suit
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 import time
@@ -33,75 +34,101 @@ def _ok(good: bool) -> str:
     return "met" if good else "MISSED"
 
 
+def _reps(args: argparse.Namespace) -> list[str]:
+    return ["--reps", str(args.reps)]
+
+
+def _quick(args: argparse.Namespace, *smaller: str) -> list[str]:
+    """The arguments of a smoke run (`--quick`), or none."""
+    return list(smaller) if args.quick else []
+
+
+def _callbacks(args: argparse.Namespace, rows: list[list[object]], curve: list[list[object]]) -> None:
+    cb = callbacks.main([*_reps(args), "--workers", args.web_workers, *_quick(args, "--jobs", "60")])
+    for r in cb:
+        curve.append(["callbacks req/s", r["web_workers"], f"{r['relay_rps']:.0f}", f"{r['noop_rps']:.0f}",
+                      f"{r['ratio']:.2f}"])
+    for r in cb:  # CPU per callback, Redis's included: what a CPU-bound machine divides its cores by
+        relay_cpu = float(str(r["cpu_relay_ms"])) + float(str(r["cpu_redis_ms"]))
+        noop_cpu = float(str(r["cpu_noop_ms"]))
+        curve.append(["callbacks CPU ms/req", r["web_workers"], f"{relay_cpu:.2f}", f"{noop_cpu:.2f}",
+                      f"{noop_cpu / relay_cpu:.2f}"])
+    h = cb[0]
+    rows.append([f"callback req/s ({h['web_workers']} web workers, 90% dup/stale)", f"{h['relay_rps']:.0f}",
+                 f"{h['noop_rps']:.0f}", f"{h['ratio']:.2f} ({h['lo']:.2f}-{h['hi']:.2f})", ">= 0.8",
+                 _ok(float(str(h["ratio"])) >= 0.8)])
+
+
+def _pipeline(args: argparse.Namespace, rows: list[list[object]], curve: list[list[object]]) -> None:
+    pl = pipeline.main([*_reps(args), "--concurrency", args.concurrency, *_quick(args, "--jobs", "40")])
+    for r in pl:
+        curve.append(["pipeline jobs/s", int(r["concurrency"]), f"{r['relay_jps']:.1f}", f"{r['noop_jps']:.1f}",
+                      f"{r['ratio']:.2f}"])
+    h2 = pl[0]
+    rows.append([f"pipeline jobs/s (concurrency {int(h2['concurrency'])})", f"{h2['relay_jps']:.1f}",
+                 f"{h2['noop_jps']:.1f}", f"{h2['ratio']:.2f} ({h2['lo']:.2f}-{h2['hi']:.2f})", ">= 0.5",
+                 _ok(h2["ratio"] >= 0.5)])
+    rows.append(["pipeline CPU ms per job, all processes (moto + simulator)",
+                 f"{h2['relay_cpu_ms']:.1f} ({h2['s3_sim_cpu_ms']:.1f})", "-", "-", "-", ""])
+
+
+def _copy(args: argparse.Namespace, rows: list[list[object]], curve: list[list[object]]) -> None:
+    cp = copy_memory.main([*_reps(args), *_quick(args, "--size-mib", "128", "--naive-size-mib", "32")])
+    rows.append([f"copy MiB/s, {int(cp['size_mib'])} MiB (peak RSS MiB)",
+                 f"{cp['stream_mibs']:.0f} ({cp['stream_peak_mib']:.0f})",
+                 f"{cp['fileobj_mibs']:.0f} ({cp['fileobj_peak_mib']:.0f})",
+                 f"{cp['ratio']:.2f} ({cp['lo']:.2f}-{cp['hi']:.2f})", ">= 0.9, RSS < 150",
+                 _ok(cp["ratio"] >= 0.9 and cp["stream_peak_mib"] < 150)])
+
+
+def _reconcile(args: argparse.Namespace, rows: list[list[object]], curve: list[list[object]]) -> None:
+    rc = reconcile_pass.main([*_reps(args), *_quick(args, "--stored", "10000")])
+    rows.append([f"reconcile pass ms ({int(rc['stored'])} stored + {int(rc['due'])} due vs {int(rc['due'])})",
+                 f"{rc['relay_s'] * 1000:.0f} ({rc['ms_per_due']:.2f}/job)", f"{rc['base_s'] * 1000:.0f}",
+                 f"{rc['ratio']:.2f}", "<= 1.2, <= 2 ms/job", _ok(rc["ratio"] <= 1.2 and rc["ms_per_due"] <= 2)])
+
+
+def _memory(args: argparse.Namespace, rows: list[list[object]], curve: list[list[object]]) -> None:
+    mem = job_memory.main(["--jobs", "300" if args.quick else "2000"])
+    rows.append(["Redis bytes per stored job", f"{mem['bytes_per_job']:.0f}", "-", "-", "<= 2048",
+                 _ok(mem["bytes_per_job"] <= 2048)])
+
+
+def _hosts(args: argparse.Namespace, rows: list[list[object]], curve: list[list[object]]) -> None:
+    hs = hosts.main([*_reps(args), *_quick(args, "--quick")])
+    for r in hs:
+        curve.append([f"worker hosts jobs/s (x{int(r['concurrency'])} processes)", int(r["worker_hosts"]),
+                      f"{r['jps']:.1f}", f"{hs[0]['jps']:.1f}", f"{r['scaling']:.2f}"])
+    spread = [r for r in hs if r["concurrency"] == hs[0]["concurrency"]]
+    if len(spread) > 1:
+        top = spread[-1]
+        rows.append([f"jobs/s, {int(top['worker_hosts'])} worker hosts vs 1 (namespaces, one machine)",
+                     f"{top['jps']:.1f}", f"{hs[0]['jps']:.1f}", f"{top['scaling']:.2f}", "-", ""])
+
+
+MEASURES = {"callbacks": _callbacks, "pipeline": _pipeline, "copy": _copy, "reconcile": _reconcile,
+            "memory": _memory, "hosts": _hosts}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--only", default="callbacks,pipeline,copy,reconcile,memory,hosts",
+    parser.add_argument("--only", default=",".join(MEASURES),
                         help="hosts needs root (network namespaces); it is skipped otherwise")
     parser.add_argument("--concurrency", default="4,1,2", help="pipeline worker processes (first: the headline)")
     parser.add_argument("--web-workers", default="2,1,4", help="callback web workers (first: the headline)")
     args = parser.parse_args(argv)
-    reps = str(args.reps)
     only = set(args.only.split(","))
-    q = args.quick
     rows: list[list[object]] = [["measure", "relay", "baseline", "ratio (min-max)", "target", ""]]
     curve: list[list[object]] = [["scaling", "processes", "relay", "baseline", "ratio"]]
     started = time.time()
-    if "callbacks" in only:
-        cb = callbacks.main(["--reps", reps, "--workers", args.web_workers, *(["--jobs", "60"] if q else [])])
-        for r in cb:
-            curve.append(["callbacks req/s", r["web_workers"], f"{r['relay_rps']:.0f}", f"{r['noop_rps']:.0f}",
-                          f"{r['ratio']:.2f}"])
-        for r in cb:  # CPU per callback, Redis's included: what a CPU-bound machine divides its cores by
-            relay_cpu = float(str(r["cpu_relay_ms"])) + float(str(r["cpu_redis_ms"]))
-            noop_cpu = float(str(r["cpu_noop_ms"]))
-            curve.append(["callbacks CPU ms/req", r["web_workers"], f"{relay_cpu:.2f}", f"{noop_cpu:.2f}",
-                          f"{noop_cpu / relay_cpu:.2f}"])
-        h = cb[0]
-        rows.append([f"callback req/s ({h['web_workers']} web workers, 90% dup/stale)", f"{h['relay_rps']:.0f}",
-                     f"{h['noop_rps']:.0f}", f"{h['ratio']:.2f} ({h['lo']:.2f}-{h['hi']:.2f})", ">= 0.8",
-                     _ok(float(str(h["ratio"])) >= 0.8)])
-    if "pipeline" in only:
-        pl = pipeline.main(["--reps", reps, "--concurrency", args.concurrency, *(["--jobs", "40"] if q else [])])
-        for r in pl:
-            curve.append(["pipeline jobs/s", int(r["concurrency"]), f"{r['relay_jps']:.1f}", f"{r['noop_jps']:.1f}",
-                          f"{r['ratio']:.2f}"])
-        h2 = pl[0]
-        rows.append([f"pipeline jobs/s (concurrency {int(h2['concurrency'])})", f"{h2['relay_jps']:.1f}",
-                     f"{h2['noop_jps']:.1f}", f"{h2['ratio']:.2f} ({h2['lo']:.2f}-{h2['hi']:.2f})", ">= 0.5",
-                     _ok(h2["ratio"] >= 0.5)])
-        rows.append(["pipeline CPU ms per job, all processes (moto + simulator)",
-                     f"{h2['relay_cpu_ms']:.1f} ({h2['s3_sim_cpu_ms']:.1f})", "-", "-", "-", ""])
-    if "copy" in only:
-        cp = copy_memory.main(["--reps", reps, *(["--size-mib", "128", "--naive-size-mib", "32"] if q else [])])
-        rows.append([f"copy MiB/s, {int(cp['size_mib'])} MiB (peak RSS MiB)",
-                     f"{cp['stream_mibs']:.0f} ({cp['stream_peak_mib']:.0f})",
-                     f"{cp['fileobj_mibs']:.0f} ({cp['fileobj_peak_mib']:.0f})",
-                     f"{cp['ratio']:.2f} ({cp['lo']:.2f}-{cp['hi']:.2f})", ">= 0.9, RSS < 150",
-                     _ok(cp["ratio"] >= 0.9 and cp["stream_peak_mib"] < 150)])
-    if "reconcile" in only:
-        rc = reconcile_pass.main(["--reps", reps, *(["--stored", "10000"] if q else [])])
-        rows.append([f"reconcile pass ms ({int(rc['stored'])} stored + {int(rc['due'])} due vs {int(rc['due'])})",
-                     f"{rc['relay_s'] * 1000:.0f} ({rc['ms_per_due']:.2f}/job)", f"{rc['base_s'] * 1000:.0f}",
-                     f"{rc['ratio']:.2f}", "<= 1.2, <= 2 ms/job", _ok(rc["ratio"] <= 1.2 and rc["ms_per_due"] <= 2)])
-    if "memory" in only:
-        mem = job_memory.main(["--jobs", "300" if q else "2000"])
-        rows.append(["Redis bytes per stored job", f"{mem['bytes_per_job']:.0f}", "-", "-", "<= 2048",
-                     _ok(mem["bytes_per_job"] <= 2048)])
-    if "hosts" in only:
-        hs = hosts.main(["--reps", reps, *(["--quick"] if q else [])])
-        for r in hs:
-            curve.append([f"worker hosts jobs/s (x{int(r['concurrency'])} processes)", int(r["worker_hosts"]),
-                          f"{r['jps']:.1f}", f"{hs[0]['jps']:.1f}", f"{r['scaling']:.2f}"])
-        spread = [r for r in hs if r["concurrency"] == hs[0]["concurrency"]]
-        if len(spread) > 1:
-            top = spread[-1]
-            rows.append([f"jobs/s, {int(top['worker_hosts'])} worker hosts vs 1 (namespaces, one machine)",
-                         f"{top['jps']:.1f}", f"{hs[0]['jps']:.1f}", f"{top['scaling']:.2f}", "-", ""])
+    for name, measure in MEASURES.items():
+        if name in only:
+            measure(args, rows, curve)
     print()
     print(f"# make bench  {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}  {platform.node()}  "
-          f"{platform.machine()}  cpus={__import__('os').cpu_count()}  reps={reps}{'  QUICK' if q else ''}  "
+          f"{platform.machine()}  cpus={os.cpu_count()}  reps={args.reps}{'  QUICK' if args.quick else ''}  "
           f"{time.time() - started:.0f} s")
     print(table(rows))
     if len(curve) > 1:
