@@ -33,18 +33,8 @@ from kling_relay.shared import copy_flow, heard, metrics, usage
 from kling_relay.shared.jobs import Job, JobState
 from kling_relay.shared.kling import KlingError, KlingTask
 from kling_relay.shared.kling_reads import reads_available
-from kling_relay.shared.pipeline.common import (
-    Budget,
-    Failure,
-    Outcome,
-    count_attempt,
-    fail,
-    finished,
-    in_state,
-    on_kling_error,
-    retry_or_fail,
-    under_job_lock,
-)
+from kling_relay.shared.pipeline import common
+from kling_relay.shared.pipeline.common import Budget, Failure, Outcome, fail, retry_or_fail
 from kling_relay.shared.storage import CopyCanceled, CopyError, StorageUnusable, StoredVideo, copy_videos
 from kling_relay.shared.urlguard import UrlRefused, redact_url
 
@@ -56,7 +46,7 @@ log = logging.getLogger(__name__)
 
 def copy_job(rt: Runtime, job_id: str) -> Outcome:
     """Copy a generated job's video(s) into S3, then mark it stored (see the module docstring)."""
-    return under_job_lock(rt, "copy", job_id, JobState.GENERATED, _copy_locked)
+    return common.under_job_lock(rt, "copy", job_id, JobState.GENERATED, _copy_locked)
 
 
 def _copy_locked(rt: Runtime, job: Job) -> Outcome:
@@ -68,13 +58,13 @@ def _copy_locked(rt: Runtime, job: Job) -> Outcome:
     prior_wait = copy_flow.take_wait(rt.redis, job.id)
     # No copy of this job ever ran (read under the lock, before this run is counted): nothing of it can be in S3.
     fresh = job.attempts.get("copy", 0) == 0 and not job.copy_ran
-    attempt = count_attempt(rt, job, "copy")
+    attempt = common.count_attempt(rt, job, "copy")
     budget = Budget("copy", attempt, rt.settings.copy_max_attempts,
                     Failure("copy_exhausted", f"could not copy the video after {attempt} attempts"))
     try:
         task = _result_task(rt, job.kling_task_id, job.id)
     except KlingError as exc:  # the copy never fails on Kling's word: a refusal retries within the budget
-        return on_kling_error(rt, job.id, budget, exc, "re-reading task", refusal_fails=False)
+        return common.on_kling_error(rt, job.id, budget, exc, "re-reading task", refusal_fails=False)
     if task is None:
         rt.store.note(job.id, source="worker", detail={"copy": "no succeed callback with the video URL yet"})
         return retry_or_fail(rt, job.id, budget, "callbacks only: no succeed callback with the video URL yet")
@@ -168,7 +158,7 @@ def _copy_videos(rt: Runtime, job: Job, task: KlingTask, recorded: dict[str, Any
         job.id, job.created_at, task.task_id, [(v.id, v.url, v.duration, v.watermark_url) for v in task.videos],
         rt.storage, rt.allowlist, rt.http,
         extra_manifest={"metadata": job.metadata, "request": recorded, **_billing(rt, job)},
-        max_bytes=rt.settings.max_video_bytes, still_wanted=lambda: in_state(rt, job.id, JobState.GENERATED),
+        max_bytes=rt.settings.max_video_bytes, still_wanted=lambda: common.in_state(rt, job.id, JobState.GENERATED),
         fresh=fresh,
     )
 
@@ -192,7 +182,7 @@ def _mark_stored(rt: Runtime, job: Job, stored: list[StoredVideo], recorded: dic
         return Outcome.SKIPPED
     if result.applied:
         log.info("stored", extra={"job_id": job.id, "keys": [v["key"] for v in videos]})
-        finished(rt, result.job)
+        common.finished(rt, result.job)
     return Outcome.STORED
 
 

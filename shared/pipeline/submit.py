@@ -26,15 +26,8 @@ from kling_relay.shared import flow, heard, usage
 from kling_relay.shared.jobs_model import CREATE_SENT, Job, JobState
 from kling_relay.shared.kling import KlingAmbiguous, KlingError, KlingTask, KlingTaskNotFound
 from kling_relay.shared.kling_reads import reads_available
-from kling_relay.shared.pipeline.common import (
-    Budget,
-    Failure,
-    Outcome,
-    count_attempt,
-    on_kling_error,
-    throttle,
-    under_job_lock,
-)
+from kling_relay.shared.pipeline import common
+from kling_relay.shared.pipeline.common import Budget, Failure, Outcome
 from kling_relay.shared.pipeline.status import apply_task_status, record_task
 from kling_relay.shared.tokens import callback_token
 
@@ -51,7 +44,7 @@ def callback_url(rt: Runtime, job_id: str) -> str:
 
 def submit_job(rt: Runtime, job_id: str) -> Outcome:
     """Create the Kling task for a queued job, at most once (see the module docstring)."""
-    return under_job_lock(rt, "submit", job_id, JobState.QUEUED, _submit_locked)
+    return common.under_job_lock(rt, "submit", job_id, JobState.QUEUED, _submit_locked)
 
 
 def _submit_locked(rt: Runtime, job: Job) -> Outcome:
@@ -64,7 +57,7 @@ def _submit_locked(rt: Runtime, job: Job) -> Outcome:
     cap = rt.settings.kling_max_in_flight
     reservation_ttl = 2 * (rt.settings.kling_connect_timeout_seconds + rt.settings.kling_timeout_seconds) + 10
     if not flow.reserve_in_flight(rt.redis, job.id, cap, reservation_ttl, job.app):
-        throttle(rt, job.id, "submit", f"{cap} tasks in flight at Kling (or this app's fair share of them)",
+        common.throttle(rt, job.id, "submit", f"{cap} tasks in flight at Kling (or this app's fair share of them)",
                  note=False, cause="in_flight_cap")
     try:
         return _submit_to_kling(rt, job, trial=gate == "trial")
@@ -78,7 +71,7 @@ def _submit_to_kling(rt: Runtime, job: Job, *, trial: bool) -> Outcome:
     create_sent = job.attempts.get(CREATE_SENT, 0) > 0 or job.kling_task_id is not None
     if create_sent and not reads_available(rt):
         return _await_callback(rt, job, "an earlier create for this job may have reached Kling")
-    attempt = count_attempt(rt, job, "submit")
+    attempt = common.count_attempt(rt, job, "submit")
     budget = Budget("submit", attempt, rt.settings.submit_max_attempts,
                     Failure("submit_exhausted", f"Kling did not accept the task after {attempt} attempts"))
     if create_sent:
@@ -99,7 +92,7 @@ def _submit_to_kling(rt: Runtime, job: Job, *, trial: bool) -> Outcome:
             return _await_callback(rt, job, f"create outcome unknown: {exc.message}")
         # A refusal fails the job only when no earlier create can have made its task: otherwise the next attempt
         # looks it up first (Kling keeps external_task_id unique, so our own task may be why it refused).
-        return on_kling_error(rt, job.id, budget, exc, "create", refusal_fails=not create_sent)
+        return common.on_kling_error(rt, job.id, budget, exc, "create", refusal_fails=not create_sent)
     _record(rt, job.id, task, {"created": True})
     if trial:
         flow.resume(rt.redis, by=f"trial submit of {job.id}")
@@ -116,7 +109,7 @@ def _look_up(rt: Runtime, job: Job, budget: Budget) -> Outcome | None:
     except KlingTaskNotFound:
         return None
     except KlingError as exc:
-        return on_kling_error(rt, job.id, budget, exc, "lookup", refusal_fails=False)
+        return common.on_kling_error(rt, job.id, budget, exc, "lookup", refusal_fails=False)
     _record(rt, job.id, task, {"found_by": "external_task_id"})
     return Outcome.FOUND
 

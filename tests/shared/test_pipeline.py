@@ -27,7 +27,7 @@ from tests.support.relay_runtime import (
     relay_settings,
     sim_requests,
 )
-from tests.support.s3 import MotoS3, moto_s3, no_credentials_client
+from tests.support.s3 import MotoS3, S3Calls, moto_s3, no_credentials_client
 from tests.support.sim import SimHandle, sim_fixture
 from tests.support.waiting import wait_until
 
@@ -539,21 +539,6 @@ def test_1203_on_the_copys_re_read_retries_within_the_budget(runtime: Runtime, s
 
 
 # --- the copy's S3 requests (issue 11: a fresh copy of a short video is two PutObjects) ------------------------------
-
-class S3Calls:
-    """The S3 operations a boto3 client sends, in order (one per HTTP attempt)."""
-
-    def __init__(self, s3: Any) -> None:
-        self.ops: list[str] = []
-        s3.meta.events.register("request-created.s3", self._seen)
-
-    def _seen(self, operation_name: str, **kwargs: Any) -> None:
-        self.ops.append(operation_name)
-
-    def take(self) -> list[str]:
-        ops, self.ops = self.ops, []
-        return ops
-
 
 class Killed(BaseException):
     """A worker dying where it is raised (nothing of the copy catches a BaseException that is not its own)."""

@@ -32,7 +32,7 @@ from kling_relay.shared.storage import (
 )
 from kling_relay.shared.urlguard import UrlAllowlist, UrlRefused
 from tests.support.procs import Process, free_port, wait_for_port
-from tests.support.s3 import MotoS3, moto_fixture, no_credentials_client
+from tests.support.s3 import MotoS3, S3Calls, moto_fixture, no_credentials_client
 
 MIB = 1 << 20
 CREATED_AT = 1_767_225_599.5  # 2025-12-31T23:59:59.5Z: the date in the key is UTC's
@@ -264,24 +264,9 @@ def test_object_changed_before_the_size_check_is_deleted_and_retryable(s3: Any, 
 
 # --- the S3 requests of a copy (issue 11: a short video's first copy is one PutObject and the manifest) ----------
 
-class Calls:
-    """The S3 operations a boto3 client sends, in order (one per HTTP attempt, retries included)."""
-
-    def __init__(self, s3: Any) -> None:
-        self.ops: list[str] = []
-        s3.meta.events.register("request-created.s3", self._seen)
-
-    def _seen(self, operation_name: str, **kwargs: Any) -> None:
-        self.ops.append(operation_name)
-
-    def take(self) -> list[str]:
-        ops, self.ops = self.ops, []
-        return ops
-
-
 def test_a_short_video_goes_up_in_one_put_without_head_or_multipart(storage: Storage, s3: Any,
                                                                      bucket: str) -> None:
-    calls = Calls(s3)
+    calls = S3Calls(s3)
     data = payload(5 * MIB)  # exactly one part: still one PutObject
     sha, size = storage.copy_stream(chunks_of(data), key="one.mp4", expected_bytes=len(data), metadata={"a": "b"},
                                     fresh=True)
@@ -298,7 +283,7 @@ def test_a_short_video_goes_up_in_one_put_without_head_or_multipart(storage: Sto
 
 def test_a_video_one_byte_over_a_part_still_goes_multipart_and_is_head_checked(storage: Storage, s3: Any,
                                                                                 bucket: str) -> None:
-    calls = Calls(s3)
+    calls = S3Calls(s3)
     data = payload(5 * MIB + 1)
     assert storage.copy_stream(chunks_of(data), key="two.mp4", expected_bytes=len(data), metadata={},
                                fresh=True)[1] == len(data)
@@ -310,7 +295,7 @@ def test_a_video_one_byte_over_a_part_still_goes_multipart_and_is_head_checked(s
 
 def test_a_copy_that_is_not_fresh_first_aborts_uploads_left_open(storage: Storage, s3: Any, bucket: str) -> None:
     left = s3.create_multipart_upload(Bucket=bucket, Key="again.mp4")["UploadId"]
-    calls = Calls(s3)
+    calls = S3Calls(s3)
     storage.copy_stream(iter([payload(100)]), key="again.mp4", expected_bytes=100, metadata={})
     assert calls.take() == ["ListMultipartUploads", "AbortMultipartUpload", "PutObject"]
     assert incomplete_uploads(s3, bucket) == []
@@ -318,7 +303,7 @@ def test_a_copy_that_is_not_fresh_first_aborts_uploads_left_open(storage: Storag
 
 
 def test_a_short_video_of_the_wrong_size_writes_nothing(storage: Storage, s3: Any, bucket: str) -> None:
-    calls = Calls(s3)
+    calls = S3Calls(s3)
     with pytest.raises(CopyError) as info:
         storage.copy_stream(iter([payload(100)]), key="short.mp4", expected_bytes=101, metadata={}, fresh=True)
     assert info.value.retryable

@@ -31,6 +31,22 @@ SECRET_KEY = "testing"
 REGION = "us-east-1"
 
 
+class S3Calls:
+    """The S3 operations a boto3 client sends, in order (one per HTTP attempt, retries included): `take()` returns
+    those sent since the last call."""
+
+    def __init__(self, s3: Any) -> None:
+        self.ops: list[str] = []
+        s3.meta.events.register("request-created.s3", self._seen)
+
+    def _seen(self, operation_name: str, **kwargs: Any) -> None:
+        self.ops.append(operation_name)
+
+    def take(self) -> list[str]:
+        ops, self.ops = self.ops, []
+        return ops
+
+
 class MotoS3:
     """A running moto server; `.endpoint_url`, `.client()`, `.env()`, `.stop()`."""
 
