@@ -52,8 +52,8 @@ import requests
 
 __all__ = [
     "TERMINAL_STATES", "BadRequest", "Conflict", "FieldProblem", "Forbidden", "Job", "NotFound", "RelayClient",
-    "RelayError", "TooManyActiveJobs", "Unauthorized", "Unavailable", "ValidationFailed", "WaitTimedOut", "sign",
-    "verify",
+    "RelayError", "RetryPolicy", "TooManyActiveJobs", "Unauthorized", "Unavailable", "ValidationFailed",
+    "WaitTimedOut", "sign", "verify",
 ]
 
 log = logging.getLogger("kling_relay.http_client")
@@ -286,6 +286,21 @@ def _error_for(response: requests.Response) -> RelayError:
     return RelayError(message, status=status, body=body)
 
 
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How a `RelayClient` retries (see its docstring): `retries` more tries, waits from `backoff` seconds doubling
+    up to `max_backoff`, with jitter; a Retry-After above `max_retry_after` is not waited for."""
+
+    retries: int
+    backoff: float
+    max_backoff: float
+    max_retry_after: float
+
+    def delay(self, attempt: int) -> float:
+        ceiling = min(self.max_backoff, self.backoff * (2 ** attempt))
+        return random.uniform(ceiling / 2, ceiling)  # noqa: S311 - jitter, not security
+
+
 class RelayClient:
     """One relay, one API token, one `requests.Session` (its connection pool is reused across calls).
 
@@ -308,10 +323,7 @@ class RelayClient:
         self.base_url = base_url.rstrip("/")
         self._token = token
         self.timeout = timeout
-        self.retries = retries
-        self.backoff = backoff
-        self.max_backoff = max_backoff
-        self.max_retry_after = max_retry_after
+        self.retry_policy = RetryPolicy(retries, backoff, max_backoff, max_retry_after)
         self._owns_session = session is None
         self._session = session or requests.Session()
         self._user_agent = user_agent
@@ -352,10 +364,6 @@ class RelayClient:
         self.close()
 
     # --- transport ---------------------------------------------------------------------------------------------
-    def _delay(self, attempt: int) -> float:
-        ceiling = min(self.max_backoff, self.backoff * (2 ** attempt))
-        return random.uniform(ceiling / 2, ceiling)  # noqa: S311 - jitter, not security
-
     def _send(self, method: str, path: str, *, params: Mapping[str, Any] | None = None, body: Any = None,
               headers: Mapping[str, str] | None = None, safe: bool, retries: int | None = None) -> requests.Response:
         """One call with the retries allowed: `safe` calls on transient answers and failures, the others only
@@ -367,7 +375,7 @@ class RelayClient:
         if body is not None:
             data = json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
             all_headers["Content-Type"] = "application/json"
-        limit = self.retries if retries is None else retries
+        limit = self.retry_policy.retries if retries is None else retries
         attempt = 0
         while True:
             try:
@@ -376,7 +384,7 @@ class RelayClient:
             except requests.RequestException as exc:
                 retryable = isinstance(exc, (requests.ConnectionError, requests.Timeout))
                 if retryable and attempt < limit and (safe or _not_sent(exc)):
-                    delay = self._delay(attempt)
+                    delay = self.retry_policy.delay(attempt)
                     log.warning("relay call failed, retrying", extra={"method": method, "path": path,
                                                                       "error": type(exc).__name__,
                                                                       "attempt": attempt + 1, "delay": delay})
@@ -390,8 +398,8 @@ class RelayClient:
             response.close()
             if isinstance(error, Unavailable) and not isinstance(error, TooManyActiveJobs) and safe and \
                     attempt < limit:
-                delay = max(self._delay(attempt), error.retry_after or 0.0)
-                if delay <= self.max_retry_after:
+                delay = max(self.retry_policy.delay(attempt), error.retry_after or 0.0)
+                if delay <= self.retry_policy.max_retry_after:
                     log.warning("relay unavailable, retrying", extra={"method": method, "path": path,
                                                                       "status": error.status,
                                                                       "attempt": attempt + 1, "delay": delay})
