@@ -16,8 +16,8 @@ setup: ## Create .venv/ and install the project, its test tools and redis-server
 demo: setup ## Run three jobs end to end (simulator, local Redis and S3); MP4s land in demo-output/ (KEEP=1: stay up)
 	@KEEP=$(KEEP) $(PY) -m deploy.demo
 
-test: setup ## Run the whole test suite (starts its own redis-server, moto S3, simulator, workers)
-	@$(PY) -m pytest $(PYTEST_ARGS)
+test: setup ## Run the whole test suite on two processes (starts its own redis-server, moto S3, simulator, workers)
+	@$(PY) -m pytest -n 2 --dist loadgroup --no-loadscope-reorder $(PYTEST_ARGS)
 
 lint: setup ## ruff and mypy
 	@$(VENV)/bin/ruff check .

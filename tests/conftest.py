@@ -11,6 +11,18 @@ import redis
 from tests.support.procs import RedisServer
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """`make test` runs on two pytest-xdist workers (`-n 2 --dist loadgroup`): every test not in an `xdist_group`
+    of its own goes to its module's group, so that a module's tests run in one worker, one after the other, and a
+    module-scoped fixture (a module's LocalStack) starts once. Tests of several modules that must not run at the same
+    time as each other (a global resource) share one group: `pytestmark = pytest.mark.xdist_group("name")`. Session
+    fixtures start once per worker."""
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::", 1)[0]))
+
+
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     server = RedisServer(tmp_path_factory.mktemp("redis")).start()
