@@ -17,7 +17,7 @@ demo: setup ## Run three jobs end to end (simulator, local Redis and S3); MP4s l
 	@KEEP=$(KEEP) $(PY) -m deploy.demo
 
 test: setup ## Run the whole test suite on two processes (starts its own redis-server, moto S3, simulator, workers)
-	@$(PY) -m pytest -n 2 --dist loadgroup --no-loadscope-reorder $(PYTEST_ARGS)
+	@$(PY) -m pytest -n 2 --dist loadscope --no-loadscope-reorder $(PYTEST_ARGS)
 
 lint: setup ## ruff and mypy
 	@$(VENV)/bin/ruff check .

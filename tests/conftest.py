@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,14 +14,19 @@ from tests.support.procs import RedisServer
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """`make test` runs on two pytest-xdist workers (`-n 2 --dist loadgroup`): every test not in an `xdist_group`
-    of its own goes to its module's group, so that a module's tests run in one worker, one after the other, and a
-    module-scoped fixture (a module's LocalStack) starts once. Tests of several modules that must not run at the same
-    time as each other (a global resource) share one group: `pytestmark = pytest.mark.xdist_group("name")`. Session
-    fixtures start once per worker."""
+    """Every test id unique. `make test` runs on two pytest-xdist workers with `--dist loadscope`: a module's tests
+    run in one worker, one after the other, so that a module-scoped fixture (a module's own LocalStack) starts once
+    (session fixtures start once per worker). The scheduler keys tests by id and would run only one of several
+    tests that share one: schemathesis gives each operation's test (tests/e2e/test_fuzz.py) the function's bare id,
+    while its name has the operation, so such a test gets its name as its id.
+    """
+    shared = {nodeid for nodeid, count in Counter(item.nodeid for item in items).items() if count > 1}
     for item in items:
-        if item.get_closest_marker("xdist_group") is None:
-            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::", 1)[0]))
+        if item.nodeid in shared and item.parent is not None:
+            item._id = item.parent.id.child(item.name)  # how pytest itself derives the id (_pytest/nodes.py)
+    duplicates = [nodeid for nodeid, count in Counter(item.nodeid for item in items).items() if count > 1]
+    if duplicates:
+        raise pytest.UsageError(f"tests that share an id (pytest-xdist would run one of each): {duplicates}")
 
 
 @pytest.fixture(scope="session")
