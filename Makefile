@@ -16,8 +16,8 @@ setup: ## Create .venv/ and install the project, its test tools and redis-server
 demo: setup ## Run three jobs end to end (simulator, local Redis and S3); MP4s land in demo-output/ (KEEP=1: stay up)
 	@KEEP=$(KEEP) $(PY) -m deploy.demo
 
-test: setup ## Run the whole test suite (starts its own redis-server, moto S3, simulator, workers)
-	@$(PY) -m pytest $(PYTEST_ARGS)
+test: setup ## Run the whole test suite on two processes (starts its own redis-server, moto S3, simulator, workers)
+	@$(PY) -m pytest -n 2 --dist loadscope --no-loadscope-reorder $(PYTEST_ARGS)
 
 scale-test: setup ## Only the multi-host test: network namespaces, 500 jobs, a worker host cut off (needs root)
 	@$(PY) -m pytest tests/e2e/test_hosts.py $(PYTEST_ARGS)

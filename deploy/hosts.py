@@ -196,22 +196,16 @@ class HostsStack(LocalStack):
         super().__init__(workdir, env={"PLAIN_HTTP_HOSTS": plain, **(env or {})}, hosts=hosts, **options)
         self.net = net
 
-    def start_web(self, name: str = "web") -> None:
+    def start_web(self, name: str = "web", *, wait: bool = True) -> None:
         """Both web hosts, then the load balancer in front of them (on the `lb` host, at `web_url`)."""
         if name != "web":
-            super().start_web(name)
+            super().start_web(name, wait=wait)
             return
         for web in ("web1", "web2"):
-            super().start_web(web)
+            super().start_web(web, wait=wait)
         backends = [f"--backend={self.host(web).address}:{self.web_port}" for web in ("web1", "web2")]
         listen = f"--listen={self.host('lb').address}:{self.web_port}"
-        self._spawn("lb", [self.python, "-m", "deploy.tcp_lb", listen, *backends], self.web_port)
-
-    def stop(self) -> None:
-        """SIGTERM to every process at once (a dozen warm shutdowns overlap), then LocalStack's stop."""
-        for proc in self.processes.values():
-            proc.kill(signal.SIGTERM)
-        super().stop()
+        self._spawn("lb", [self.python, "-m", "deploy.tcp_lb", listen, *backends], self.web_port, wait=wait)
 
     def cut(self, worker: str) -> None:
         """Cut a worker's host off, as a machine that drops off the network: its link down, then its processes

@@ -147,43 +147,59 @@ class LocalStack:
 
     # --- processes --------------------------------------------------------------------------------------------
     def _spawn(self, name: str, argv: list[str], port: int | None = None, env: Mapping[str, str] | None = None,
-               timeout: float = 60.0, overrides: Mapping[str, str] | None = None) -> Process:
+               timeout: float = 60.0, overrides: Mapping[str, str] | None = None, *, wait: bool = True) -> Process:
+        """Start `name`; with a port and `wait`, return once it listens (else see _wait_listening)."""
         self._specs[name] = _Spec(list(argv), port, dict(env) if env is not None else None, dict(overrides or {}))
         proc_env = dict(env) if env is not None else {**self.env, **(overrides or {})}
         host = self.host(name)
         proc = Process(name, argv, log_dir=self.logs, env=proc_env, cwd=Path(__file__).parent.parent, netns=host.netns)
         self.processes[name] = proc
-        if port is not None:
-            try:
-                wait_for_port(port, host=host.address, proc=proc.proc, timeout=timeout)
-            except (RuntimeError, TimeoutError) as exc:
-                raise RuntimeError(f"{name} did not start: {exc}\n--- {proc.log_path} ---\n{proc.log_tail()}") from exc
+        if wait:
+            self._wait_listening(name, timeout)
         return proc
 
+    def _wait_listening(self, name: str, timeout: float = 60.0) -> None:
+        port, proc = self._specs[name].port, self.processes[name]
+        if port is None:
+            return
+        try:
+            wait_for_port(port, host=self.host(name).address, proc=proc.proc, timeout=timeout)
+        except (RuntimeError, TimeoutError) as exc:
+            raise RuntimeError(f"{name} did not start: {exc}\n--- {proc.log_path} ---\n{proc.log_tail()}") from exc
+
     def start(self, *, workers: int = 1, beat: bool = False) -> LocalStack:
+        """Start every process at once (each spends about a second of CPU importing), then wait until S3, the
+        simulator and the web process(es) listen; none of them needs another to start."""
         try:
             self.redis.start()
-            self.start_s3()
-            self.start_simulator()
-            self.start_web()
+            self.start_s3(wait=False)
+            self.start_simulator(wait=False)
+            self.start_web(wait=False)
             for i in range(workers):
                 self.start_worker(f"worker{i + 1}")
             if beat:
                 self.start_beat()
+            for name in list(self._specs):  # what serves a port (S3, the simulator, the web process(es))
+                self._wait_listening(name)
+            self._create_bucket()
             self.wait_ready()
         except BaseException:
             self.stop()
             raise
         return self
 
-    def start_s3(self) -> None:
+    def start_s3(self, *, wait: bool = True) -> None:
         self._spawn("s3", [self.python, "-m", "moto.server", "-H", self.host("s3").address, "-p", str(self.s3_port)],
-                    self.s3_port, env={**os.environ, **AWS_ENV})
+                    self.s3_port, env={**os.environ, **AWS_ENV}, wait=wait)
+        if wait:
+            self._create_bucket()
+
+    def _create_bucket(self) -> None:
         self.s3().create_bucket(Bucket=BUCKET)
         if self.bucket_versioning:
             self.s3().put_bucket_versioning(Bucket=BUCKET, VersioningConfiguration={"Status": "Enabled"})
 
-    def start_simulator(self) -> None:
+    def start_simulator(self, *, wait: bool = True) -> None:
         keys = (["--api-key", self.sim_api_key] if self.sim_api_key is not None
                 else ["--access-key", DEMO_ACCESS_KEY, "--secret-key", DEMO_SECRET_KEY])
         argv = [self.python, "-m", "kling_relay.simulator", "--host", self.host("simulator").address,
@@ -191,15 +207,15 @@ class LocalStack:
                 *keys, *self.sim_args]
         if self.sim_prefix:
             argv += ["--prefix", self.sim_prefix]
-        self._spawn("simulator", argv, self.sim_port)
+        self._spawn("simulator", argv, self.sim_port, wait=wait)
 
-    def start_web(self, name: str = "web") -> None:
+    def start_web(self, name: str = "web", *, wait: bool = True) -> None:
         """The web process (gunicorn) on web_port of the host of `name` (several, each on its own host, behind a
         load balancer: deploy/hosts.py)."""
         argv = [self.python, "-m", "gunicorn", "--config", "deploy/gunicorn.conf.py", "--bind",
                 f"{self.host(name).address}:{self.web_port}", "--workers", str(self.web_workers),
                 "kling_relay.webhook.wsgi:app"]
-        self._spawn(name, argv, self.web_port)
+        self._spawn(name, argv, self.web_port, wait=wait)
 
     def start_worker(self, name: str = "worker1", queues: str = "submit,copy,notify,reconcile") -> Process:
         argv = [self.python, "-m", "celery", "--quiet", "-A", "kling_relay.worker.celery_app", "worker", "--queues",
@@ -291,7 +307,12 @@ class LocalStack:
         raise RuntimeError("web process never became healthy:\n" + self.logs_tail())
 
     def stop(self) -> None:
-        for proc in reversed(list(self.processes.values())):
+        """SIGTERM to every process at once, then wait for each (a stop takes as long as the slowest process's
+        graceful shutdown, not the sum of them); redis-server last."""
+        procs = list(self.processes.values())
+        for proc in procs:
+            proc.terminate()
+        for proc in reversed(procs):
             proc.stop()
         self.processes.clear()
         self.redis.stop()

@@ -133,7 +133,7 @@ def retry_job(store: JobStore, enqueuer: Enqueuer, job_id: str, *, detail: dict[
               due_in: float = DEFAULT_DUE_SECONDS, app: str | None = None) -> StepResult:
     """Put a failed job back to work (see the module docstring for which failures qualify and how).
 
-    Returns the result of the last step taken (`applied` True, `job` as it is now, `from_state` failed).
+    Returns the result of the last step taken (`applied` True, `job` as the retry left it, `from_state` failed).
     `due_in` (seconds, normally RECONCILE_QUIET_SECONDS) puts the job in the due index, so the reconciler re-sends
     the work if the message queued here is lost. A broker that is down does not undo the retry: the job stays
     due and the reconciler sends it. `app`: the caller's app; another app's job is `JobNotFound` (None: all).
@@ -159,8 +159,9 @@ def retry_job(store: JobStore, enqueuer: Enqueuer, job_id: str, *, detail: dict[
             _send(lambda: enqueuer.copy(job_id), job_id, "copy")
         return StepResult(applied=True, job=result.job, from_state=JobState.FAILED)
     store.note(job_id, source="api", detail={**who, "lookup_first": True})
+    job = store.require(job_id)  # read before the send: a worker may take the submit at once and move the job on
     _send(lambda: enqueuer.submit(job_id), job_id, "submit")
-    return StepResult(applied=True, job=store.require(job_id), from_state=JobState.FAILED)
+    return StepResult(applied=True, job=job, from_state=JobState.FAILED)
 
 
 def cancel_job(store: JobStore, enqueuer: Enqueuer, job_id: str, *, stream: EventsStream,

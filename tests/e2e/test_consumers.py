@@ -68,6 +68,10 @@ def test_stored_and_canceled_jobs_each_get_one_stream_entry_with_its_iso_time(cl
     """Issue 8.8: a canceled job (over HTTP or the Python client) got no stream entry, and entries carried no
     time of the transition."""
     stored_id = submit(clean_sim, job_body(83))
+    # Kling fixes a task's schedule at its create: once this job's task exists, the slow schedule below is not its
+    # (a create that reached the simulator after the knob kept the job in flight for 30 s)
+    wait_until(lambda: clean_sim.api("GET", f"/v1/jobs/{stored_id}").json()["kling_task_id"], timeout=60,
+               what="the first job's task created at Kling", diagnostics=clean_sim.logs_tail)
     clean_sim.sim_control(submitted_seconds=30)  # the next jobs stay in flight until canceled
     try:
         http_id = submit(clean_sim, job_body(84))

@@ -100,6 +100,28 @@ def test_retry_of_a_submit_side_failure_requeues_the_submit_with_a_lookup_first(
     assert job_id in store.due(now=job.updated_at + 200)
 
 
+def test_a_retried_submit_answers_the_job_as_the_retry_left_it_though_a_worker_was_faster(
+        store: JobStore, redis_url: str) -> None:
+    """A worker may take the submit the moment it is sent. The answer (what the API and the CLI print) is the job as
+    the retry left it, `queued` with its note, not what the worker made of it since: tests/e2e/test_ops.py's CLI
+    retry printed `generated` once, when its worker won that race."""
+
+    class FastWorker(Enqueuer):
+        def submit(self, job_id: str, *, countdown: float | None = None, request_id: str | None = None) -> None:
+            super().submit(job_id, countdown=countdown, request_id=request_id)
+            store.step(job_id, JobState.SUBMITTED, source="worker", set_fields={"kling_task_id": "task-fast"})
+
+    app = make_celery(redis_url)
+    try:
+        job_id = failed_job(store, "submit_exhausted")
+        job = retry_job(store, FastWorker(app), job_id, detail={"via": "test"}).job
+    finally:
+        app.close()
+    assert job.state is JobState.QUEUED and job.kling_task_id is None
+    assert store.events(job_id)[-2].detail == {"action": "retry", "mode": "submit", "via": "test", "lookup_first": True}
+    assert store.require(job_id).state is JobState.SUBMITTED  # the worker's step did happen, after the answer
+
+
 @pytest.mark.parametrize(("reason", "task_id", "words"), [
     ("kling_failed", "task-9", "new job"),
     ("timed_out", None, "deadline"),
