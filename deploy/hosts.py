@@ -165,8 +165,11 @@ class Network:
         _ip("link", "set", self.hosts[name].link, "down")
 
     def delete(self) -> None:
-        """Remove every namespace (their veth pairs go with them) and the bridge; safe to call twice."""
+        """Remove every veth pair, namespace and the bridge; safe to call twice. The veth is deleted first, by its
+        end on the bridge: a namespace's deletion frees its links only once the kernel has released the namespace,
+        later, and a next Network of this process would reuse their names."""
         for host in self.hosts.values():
+            _ip("link", "delete", host.link, check=False)
             _ip("netns", "delete", host.netns, check=False)
         self.hosts = {}
         _ip("link", "delete", self.bridge, check=False)

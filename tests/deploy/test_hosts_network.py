@@ -109,6 +109,27 @@ def test_namespaces_are_made_reached_and_removed(tmp_path: Path) -> None:
 
 
 @needs_netns
+def test_a_second_network_of_the_same_process_can_reuse_the_names(tmp_path: Path) -> None:
+    """A namespace outlives its deletion while something still holds it (here a process inside; in a test run, the
+    kernel releasing it late): its links must not, or the next Network of this process collides with them."""
+    first = Network.create(["one"])
+    holder = Process("holder", [sys.executable, "-c", "import time; time.sleep(60)"], log_dir=tmp_path,
+                     netns=first.hosts["one"].netns)
+    try:
+        first.delete()
+        with Network.create(["one"]) as second:
+            assert second.hosts["one"].link == first_link(second)
+    finally:
+        holder.stop()
+
+
+def first_link(net: Network) -> str:
+    out = subprocess.run(["ip", "-o", "link", "show", net.hosts["one"].link], capture_output=True, text=True,
+                         timeout=30, check=True).stdout
+    return out.split(":")[1].strip().split("@")[0]
+
+
+@needs_netns
 def test_stale_namespaces_of_dead_runs_are_removed() -> None:
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
