@@ -45,7 +45,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, Self
 from urllib.parse import quote, urlsplit
 
 import requests
@@ -286,6 +286,24 @@ def _error_for(response: requests.Response) -> RelayError:
     return RelayError(message, status=status, body=body)
 
 
+class SessionClient:
+    """close() and `with` for an HTTP client over a `requests.Session`: the connections of a session the client made
+    are closed; a session passed in stays open (its owner closes it). Also the Kling client's base."""
+
+    _session: requests.Session
+    _owns_session: bool
+
+    def close(self) -> None:
+        if self._owns_session:
+            self._session.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     """How a `RelayClient` retries (see its docstring): `retries` more tries, waits from `backoff` seconds doubling
@@ -301,7 +319,7 @@ class RetryPolicy:
         return random.uniform(ceiling / 2, ceiling)  # noqa: S311 - jitter, not security
 
 
-class RelayClient:
+class RelayClient(SessionClient):
     """One relay, one API token, one `requests.Session` (its connection pool is reused across calls).
 
     `timeout` is (connect, read) seconds for every request. `retries` is how many times a call that may be
@@ -351,17 +369,6 @@ class RelayClient:
 
     def __repr__(self) -> str:
         return f"RelayClient(base_url={self.base_url!r})"
-
-    def close(self) -> None:
-        """Close the HTTP connections (of a session this client made; a session passed in stays open)."""
-        if self._owns_session:
-            self._session.close()
-
-    def __enter__(self) -> RelayClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     # --- transport ---------------------------------------------------------------------------------------------
     def _send(self, method: str, path: str, *, params: Mapping[str, Any] | None = None, body: Any = None,

@@ -42,6 +42,7 @@ import requests
 from urllib3.exceptions import MaxRetryError, NewConnectionError
 
 from kling_relay.shared import metrics
+from kling_relay.shared.http_client import SessionClient
 from kling_relay.shared.inputs import has_lone_surrogate, replaced_text
 from kling_relay.shared.kling_auth import DEFAULT_RENEW_MARGIN_S, JwtTokenSource, StaticApiKey, TokenSource
 from kling_relay.shared.kling_codes import LOOKUP_FALLBACK_CODES, TOKEN_EXPIRED, Handling, handling
@@ -339,7 +340,7 @@ class _Answer:
     request_id: str | None
 
 
-class KlingClient:
+class KlingClient(SessionClient):
     """Talks to ``<base_url>/v1/videos/multi-image2video``; ``base_url`` may carry a reseller's prefix.
 
     Auth is either ``access_key`` + ``secret_key`` (a cached HS256 JWT, renewed ``jwt_renew_margin``
@@ -372,17 +373,6 @@ class KlingClient:
         return f"KlingClient(base_url={self._base_url!r}, auth={self._auth.mode!r})"
 
     __str__ = __repr__
-
-    def close(self) -> None:
-        """Close the connection pool, if this client created it."""
-        if self._owns_session:
-            self._session.close()
-
-    def __enter__(self) -> KlingClient:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
 
     # -- calls
 
