@@ -7,6 +7,7 @@ service the machine happens to run.
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -15,10 +16,44 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+#: Ports this process has handed out (never twice: a port is free until its process binds it, later).
+_HANDED_OUT: set[int] = set()
+_PORTS_BELOW_EPHEMERAL = 12000
+
+
+def _port_range() -> tuple[int, int]:
+    """Where free_port picks: just below the kernel's ephemeral range, where no `bind(("", 0))` (a proxy or server
+    asking for any port) and no outgoing connection's source port can land on a port handed out but not yet
+    bound; one slice per pytest-xdist worker, so two workers never pick the same port either."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range", encoding="ascii") as fh:
+            ephemeral_low = int(fh.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral_low = 32768
+    low = max(1024, ephemeral_low - _PORTS_BELOW_EPHEMERAL)
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    index, slices = (int(worker), 8) if worker.isdigit() else (0, 8)
+    width = (ephemeral_low - low) // slices
+    start = low + (index % slices) * width
+    return start, start + width
+
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    """A TCP port on 127.0.0.1 that nothing listens on right now, and that this process has not handed out before
+    (see _port_range for where it comes from)."""
+    low, high = _port_range()
+    for _ in range(500):
+        port = random.randrange(low, high)  # noqa: S311 - spreading, not security
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:  # the range is full: any port the kernel gives
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
