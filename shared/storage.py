@@ -15,12 +15,12 @@ thread pool, so the download overlaps the upload), i.e. about 7 × part_size on 
 is filled in place and uploaded from that buffer, never copied again); bench/copy_memory.py measures the peak
 RSS (kept under 150 MB with 8 MiB parts, as the memory test in tests/shared/test_storage.py checks). Any failure
 aborts the upload (no incomplete upload left behind) and raises `CopyError`. A process killed mid-copy cannot
-abort, so a copy that is not its job's first run first aborts the uploads left open on its own key
-(`Storage.abort_stale_uploads`; the first run, `fresh`, has none to find); for jobs that are never copied again,
+abort, so every multipart upload first aborts the uploads left open on its own key (`Storage.abort_stale_uploads`;
+a short video, one PutObject, skips that listing on its job's first run, `fresh`); for jobs never copied again,
 give the bucket a lifecycle rule ``AbortIncompleteMultipartUpload`` too (a day is plenty).
 
 S3 requests of one copy of a 1-video job: first run of a short video, PutObject + the manifest's conditional
-PutObject (2); a later run adds the manifest GET and the LIST of stale uploads; a long video takes
+PutObject (2); a later run adds the manifest GET and the LIST of stale uploads; a long video takes the LIST,
 CreateMultipartUpload, one UploadPart per part, CompleteMultipartUpload and a HEAD instead of the PutObject.
 
 `CopyError.retryable` tells the caller whether a retry can help: network errors, 5xx, truncated downloads and
@@ -224,16 +224,19 @@ class Storage:
 
         Before writing, any multipart upload still open on the same key is aborted (`abort_stale_uploads`): a
         worker killed mid-copy, or an abort that S3 refused, leaves one behind, and the retry cleans it up.
-        `fresh=True` skips that listing: the caller knows that no earlier copy ever wrote to this key (the job's
-        first copy run, `copy_videos`).
+        `fresh=True` skips that listing for a video that fits in one part: the caller believes that no earlier copy
+        ever wrote to this key (the job's first copy run, `copy_videos`). A multipart upload always lists first,
+        whatever `fresh` says, so an upload left open is found even when that belief is wrong (a Redis write lost
+        in a failover, an ops retry made by an older release that cleared the attempt counters).
         """
-        if not fresh:
-            self.abort_stale_uploads(key)
         sha = hashlib.sha256()
         parts = self._cut(chunks, sha)
         head = [next(parts)]
         if head[0][1]:  # the stream ended within its first part
+            if not fresh:
+                self.abort_stale_uploads(key)
             return self._put_whole(head.pop()[0], sha, key=key, expected_bytes=expected_bytes, metadata=metadata)
+        self.abort_stale_uploads(key)  # always before a multipart upload: one LIST beside parts of 8 MiB
         try:
             upload_id = self.s3.create_multipart_upload(
                 Bucket=self.bucket, Key=key, ContentType=VIDEO_CONTENT_TYPE, Metadata=metadata)["UploadId"]
