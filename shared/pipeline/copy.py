@@ -14,14 +14,15 @@ S3 error that refuses every request alike (`StorageUnusable`) pauses copying; a 
 refuses makes this job wait (reason `video_host_refused`, naming the host) until the list is widened, the job's
 deadline, or the URL's expiry. These outcomes are `paused`.
 
-The job's first copy run is `fresh`: no copy of it ran before (its `copy` attempt counter is 0 under the lock, and
-no ops retry cleared an earlier one: `copy_ran`), so nothing of it can be in S3 and the copy neither reads the
-manifest nor lists stale multipart uploads (`storage.copy_videos`): a 1 KiB video then costs two S3 requests, its
-PutObject and the manifest's conditional create. Any later run (a retry, a redelivery, the reconciler's re-queue
-after a crash) takes the careful path. `fresh` can be wrong (the counter's write lost in a Redis failover, or
-cleared by an ops retry of a release without `copy_ran`, during a rolling upgrade): the manifest is still created
-conditionally, and a multipart upload (a video over one part) lists and aborts the key's open uploads whatever
-`fresh` says, so what a wrong `fresh` can cost is one rewrite of a short video with the same bytes.
+The job's first copy run is `fresh`: no copy of it ran before (its `copy` attempt counter is 0 under the lock,
+and no ops retry cleared an earlier one: `copy_ran`), so nothing of it can be in S3 and the copy neither reads
+the manifest nor, for a short video, lists stale multipart uploads (`storage.copy_videos`): a 1 KiB video then
+costs two S3 requests, its PutObject and the manifest's conditional create. Any later run (a retry, a
+redelivery, the reconciler's re-queue after a crash) takes the careful path. `fresh` can be wrong (the counter's
+write lost in a Redis failover, or cleared by an ops retry of a release without `copy_ran`, during a rolling
+upgrade): the manifest is still created conditionally, and a multipart upload (a video over one part) lists and
+aborts the key's open uploads whatever `fresh` says, so what a wrong `fresh` can cost is one rewrite of a short
+video with the same bytes.
 """
 
 from __future__ import annotations
