@@ -34,6 +34,10 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]  # ~2.5 min on a loaded
 JOBS = 500
 CUT_AFTER = JOBS // 3
 SIM_ARGS = ["--submitted-seconds", "0", "--processing-seconds", "0", "--video-bytes", "1024"]
+#: Around the cut the simulator makes videos over one S3 part (8 MiB), so copies in flight are multipart uploads
+#: (the ones a cut-off host can leave open); before and after, 1 KiB videos (one PutObject each).
+BIG_FROM = CUT_AFTER - 10
+BIG_VIDEO_BYTES = 9 * 1024 * 1024
 ENV = {
     "KLING_RATE_LIMIT_PER_SECOND": "100000",
     "KLING_MAX_IN_FLIGHT": "100000",
@@ -139,11 +143,15 @@ def test_jobs_survive_a_worker_host_cut_off(hosts_stack: HostsStack) -> None:
 
     ids = submit_all(stack, JOBS)
     assert len(set(ids)) == JOBS
+    wait_until(lambda: client.zcard(stored_index) >= BIG_FROM, timeout=180, what=f"{BIG_FROM} jobs stored",
+               diagnostics=counts, interval=0.2)
+    stack.sim_control(video_bytes=BIG_VIDEO_BYTES)
     wait_until(lambda: client.zcard(stored_index) >= CUT_AFTER, timeout=180, what=f"{CUT_AFTER} jobs stored",
                diagnostics=counts, interval=0.2)
     left = JOBS - client.zcard(stored_index)
     assert left > JOBS // 3, left  # the cut comes with plenty of work still to do
     stack.cut("worker1")
+    stack.sim_control(video_bytes=1024)
     # what worker1 held when it went (received, not finished): acks are late, so those messages stay unacknowledged
     # in the broker for its visibility timeout (two hours); the reconciler re-queues their jobs once locks lapse
     lost = in_flight(stack.logs / "worker1.log")
@@ -163,6 +171,8 @@ def test_jobs_survive_a_worker_host_cut_off(hosts_stack: HostsStack) -> None:
     assert len({j["kling_task_id"] for j in jobs.values()}) == JOBS
 
     s3 = stack.s3()
+    big = [j["id"] for j in jobs.values() if j["videos"][0]["bytes"] > 8 * 1024 * 1024]
+    assert big, "no video went up as a multipart upload around the cut"
     assert stack.multipart_uploads() == []
     versions: dict[str, int] = Counter()
     for page in s3.get_paginator("list_object_versions").paginate(Bucket=BUCKET):
