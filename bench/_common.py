@@ -80,32 +80,6 @@ def load(host: str, port: int, requests: Sequence[bytes], connections: int) -> t
     return time.perf_counter() - t0, latencies, statuses
 
 
-def tree_cpu_seconds(pid: int) -> float:
-    """CPU seconds (user + system) used so far by process `pid` and its descendants, the exited ones it waited for
-    included (a recycled gunicorn worker's time lands in its master's cutime/cstime). Linux /proc only."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0
-    for p in [pid, *_descendants(pid)]:
-        try:
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # exited meanwhile
-        # fields[0] is the state (field 3): utime, stime, cutime, cstime are fields 14-17
-        total += sum(int(f) for f in fields[11:13]) + (sum(int(f) for f in fields[13:15]) if p == pid else 0)
-    return total / tick
-
-
-def _descendants(pid: int) -> list[int]:
-    out: list[int] = []
-    try:
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    except OSError:
-        return out
-    for child in children:
-        out += [int(child), *_descendants(int(child))]
-    return out
-
-
 def post(path: str, body: bytes, host: str = "127.0.0.1") -> bytes:
     return (f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\n\r\n").encode() + body

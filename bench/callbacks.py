@@ -15,7 +15,6 @@ more than the rates.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import hmac
 import json
@@ -32,9 +31,9 @@ for p in (str(ROOT), str(ROOT / "bench")):
         sys.path.insert(0, p)
 
 import redis  # noqa: E402
-from _common import load, median_ratio, pct, post, tree_cpu_seconds  # noqa: E402
+from _common import cpu_by_process, load, median_ratio, parser, pct, post, stack_with  # noqa: E402
 
-from deploy.procs import Process, free_port, wait_for_port  # noqa: E402
+from deploy.procs import free_port  # noqa: E402
 from deploy.stack import DEMO_CALLBACK_SECRET, LocalStack  # noqa: E402
 from kling_relay.shared.jobs import JobState, JobStore  # noqa: E402
 
@@ -75,31 +74,31 @@ def warm(port: int, reqs: list[bytes], connections: int) -> None:
 def measured(port: int, reqs: list[bytes], connections: int, server_pid: int,
              redis_pid: int) -> tuple[float, list[float], dict[int, int], dict[str, float]]:
     """`load`, plus the CPU milliseconds per request of the server (master and workers), Redis and this client."""
-    before = (tree_cpu_seconds(server_pid), tree_cpu_seconds(redis_pid), time.process_time())
+    groups = {"server": server_pid, "redis": redis_pid}  # each started in a session of its own: pgid = pid
+    before = {**cpu_by_process(groups), "client": time.process_time()}
     seconds, latencies, statuses = load("127.0.0.1", port, reqs, connections)
-    after = (tree_cpu_seconds(server_pid), tree_cpu_seconds(redis_pid), time.process_time())
-    cpu = {name: (b - a) * 1000 / len(reqs) for name, a, b in zip(("server", "redis", "client"), before, after,
-                                                                      strict=True)}
+    after = {**cpu_by_process(groups), "client": time.process_time()}
+    cpu = {name: (after[name] - before[name]) * 1000 / len(reqs) for name in after}
     return seconds, latencies, statuses, cpu
+
+
+def _redis_and_web(stack: LocalStack) -> None:
+    stack.redis.start()
+    stack.start_web()
 
 
 def run(reps: int, jobs: int, per_job: int, connections: int, worker_counts: list[int]) -> list[dict[str, object]]:
     rows: list[dict[str, object]] = []
     for workers in worker_counts:
+        nport = free_port()
+        noop_argv = [sys.executable, "-m", "gunicorn", "--config", "deploy/gunicorn.conf.py", "--bind",
+                     f"127.0.0.1:{nport}", "--workers", str(workers), "--pythonpath", "bench", "noop_web:app"]
         with tempfile.TemporaryDirectory() as tmp:
             stack = LocalStack(Path(tmp), web_workers=workers)
-            noop: Process | None = None
-            try:
-                stack.redis.start()
-                stack.start_web()
+            with stack_with(stack, _redis_and_web, "noop-web", noop_argv, port=nport) as noop:
+                assert noop is not None
                 client = redis.Redis.from_url(stack.redis.url, decode_responses=True)
                 store = JobStore(client)
-                nport = free_port()
-                noop = Process("noop-web", [stack.python, "-m", "gunicorn", "--config", "deploy/gunicorn.conf.py",
-                                            "--bind", f"127.0.0.1:{nport}", "--workers", str(workers),
-                                            "--pythonpath", "bench", "noop_web:app"],
-                               log_dir=stack.logs, env=stack.env, cwd=ROOT)
-                wait_for_port(nport, proc=noop.proc)
                 web_pid, redis_pid = stack.processes["web"].pid, stack.redis.process.pid  # type: ignore[union-attr]
                 cpu: dict[str, list[float]] = {"relay": [], "noop": [], "redis": [], "client": []}
                 relay_rates: list[float] = []
@@ -129,21 +128,16 @@ def run(reps: int, jobs: int, per_job: int, connections: int, worker_counts: lis
                              "p50_ms": pct(lat, 0.5) * 1000, "p99_ms": pct(lat, 0.99) * 1000,
                              **{f"cpu_{k}_ms": statistics.median(v) for k, v in cpu.items()}})
                 client.close()
-            finally:
-                if noop is not None:
-                    noop.stop()
-                stack.stop()
     return rows
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, object]]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--jobs", type=int, default=300)
-    parser.add_argument("--per-job", type=int, default=10)
-    parser.add_argument("--connections", type=int, default=32)
-    parser.add_argument("--workers", default="2,1,4", help="web worker counts (the first is the headline)")
-    args = parser.parse_args(argv)
+    args_parser = parser(__doc__)
+    args_parser.add_argument("--jobs", type=int, default=300)
+    args_parser.add_argument("--per-job", type=int, default=10)
+    args_parser.add_argument("--connections", type=int, default=32)
+    args_parser.add_argument("--workers", default="2,1,4", help="web worker counts (the first is the headline)")
+    args = args_parser.parse_args(argv)
     rows = run(args.reps, args.jobs, args.per_job, args.connections, [int(w) for w in args.workers.split(",")])
     for r in rows:
         print(f"callbacks  web_workers={r['web_workers']}  relay {r['relay_rps']:.0f} req/s  "
