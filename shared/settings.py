@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from kling_relay.shared.secret import NamedToken, Secret, without_password
-from kling_relay.shared.settings_spec import CLIENT_SETTINGS, SETTINGS, Setting, plain_http_allowed, url
+from kling_relay.shared.settings_spec import CLIENT_SETTINGS, SETTINGS, Setting, https_problem
 
 __all__ = ["ClientSettings", "Secret", "Settings", "SettingsError", "load_client_settings", "load_settings"]
 
@@ -226,25 +226,20 @@ def _check_token_names(values: dict[str, Any], problems: dict[str, str]) -> None
         problems["OPS_TOKENS"] = "a token is in both API_TOKENS and OPS_TOKENS"
 
 
-def _allow_plain_http(values: dict[str, Any], r: _Reader) -> None:
-    """KLING_BASE_URL and PUBLIC_BASE_URL over plain http to a host named in PLAIN_HTTP_HOSTS: accepted (their own
-    check accepts plain http for loopback only)."""
-    hosts = values.get("plain_http_hosts")
-    if not hosts:
-        return
-    for setting in SETTINGS:
-        if setting.env in ("KLING_BASE_URL", "PUBLIC_BASE_URL") and setting.env in r.problems:
-            raw = r.raw(setting.env)
-            if raw is not None and plain_http_allowed(raw, hosts):
-                del r.problems[setting.env]
-                values[setting.field] = url(raw, setting.env)
+def _check_https(values: Mapping[str, Any], problems: dict[str, str]) -> None:
+    """KLING_BASE_URL and PUBLIC_BASE_URL over https, or plain http to loopback or a host in PLAIN_HTTP_HOSTS."""
+    for env, name in (("KLING_BASE_URL", "kling_base_url"), ("PUBLIC_BASE_URL", "public_base_url")):
+        value = values.get(name)
+        problem = https_problem(value, values.get("plain_http_hosts")) if value else None
+        if problem and env not in problems:
+            problems[env] = problem
 
 
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     """Build Settings from `env` (default: os.environ); raise SettingsError listing every problem."""
     r = _Reader(os.environ if env is None else env)
     values = r.read_all(SETTINGS)
-    _allow_plain_http(values, r)
+    _check_https(values, r.problems)
     _check_kling_auth(values, r.problems)
     _check_token_names(values, r.problems)
     if r.problems:

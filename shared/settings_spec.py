@@ -226,15 +226,13 @@ def url(raw: str, env: str) -> str:
     return raw.rstrip("/")
 
 
-def https_url(raw: str, env: str) -> str:
-    """As `url`, and https: plain http only for a loopback host (a local simulator). For URLs that carry
-    credentials or tokens."""
-    value = url(raw, env)
-    parts = urlsplit(raw)
-    if parts.scheme == "http" and parts.hostname not in _LOOPBACK:
-        raise ValueError("must be https (it carries credentials or tokens); plain http only for localhost, "
-                         "127.0.0.1 or ::1")
-    return value
+def https_problem(value: str, plain_http_hosts: tuple[str, ...] | None) -> str | None:
+    """Why `value` (a URL that carries credentials or tokens: KLING_BASE_URL, PUBLIC_BASE_URL) may not be used, or
+    None: it must be https, plain http only for a loopback host (a local simulator) or one in PLAIN_HTTP_HOSTS."""
+    parts = urlsplit(value)
+    if parts.scheme == "http" and parts.hostname not in _LOOPBACK | set(plain_http_hosts or ()):
+        return "must be https (it carries credentials or tokens); plain http only for localhost, 127.0.0.1 or ::1"
+    return None
 
 
 def plain_http_hosts(raw: str, env: str) -> tuple[str, ...]:
@@ -246,12 +244,6 @@ def plain_http_hosts(raw: str, env: str) -> tuple[str, ...]:
         if not _HOST.match(host):
             raise ValueError(f"{host[:70]!r} is not a host name or IP address (no scheme, port or path)")
     return found
-
-
-def plain_http_allowed(raw: str, hosts: tuple[str, ...]) -> bool:
-    """Whether `raw` is a plain http URL whose host is one of `hosts` (PLAIN_HTTP_HOSTS)."""
-    parts = urlsplit(raw)
-    return parts.scheme == "http" and (parts.hostname or "") in hosts
 
 
 def allowlist(raw: str, env: str) -> str:
@@ -309,7 +301,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("REDIS_URL", "redis://127.0.0.1:6379/0", redis_url,
             "broker and job store: one Redis, or Sentinel (`redis+sentinel://`, see Redis that fails over)",
             client=True),
-    Setting("KLING_BASE_URL", None, https_url, "Kling's API base (a reseller's with its prefix)", required=True),
+    Setting("KLING_BASE_URL", None, url, "Kling's API base (a reseller's with its prefix)", required=True),
     Setting("KLING_ACCESS_KEY", None, text, "legacy official auth: access key (with KLING_SECRET_KEY)",
             secret=True),
     Setting("KLING_SECRET_KEY", None, secret, "legacy official auth: secret key signing the JWT", secret=True),
@@ -317,7 +309,7 @@ SETTINGS: tuple[Setting, ...] = (
             "legacy) or a reseller's; instead of the pair", secret=True),
     Setting("KLING_MODELS", ("kling-v1-6",), names, "model_name values accepted, comma-separated; the first is "
             "the default", client=True),
-    Setting("PUBLIC_BASE_URL", None, https_url, "where Kling reaches the web process (callbacks)", required=True),
+    Setting("PUBLIC_BASE_URL", None, url, "where Kling reaches the web process (callbacks)", required=True),
     Setting("PLAIN_HTTP_HOSTS", None, plain_http_hosts, "hosts (names or IP addresses, comma-separated) that "
             "KLING_BASE_URL and PUBLIC_BASE_URL may name with plain http besides loopback: a private test network "
             "(the multi-host test), never a public host"),
