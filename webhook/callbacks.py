@@ -7,7 +7,8 @@ minutes, `webhook-signature: v1,<base64 HMAC-SHA256 of "<id>.<timestamp>.<body>"
 `kling_relay.shared.http_client.verify`): a missing, wrong or stale one is `401` and changes nothing. The body is
 checked for shape and its task_id must be the job's; the URL in it is used only where Kling's tasks cannot be read
 back (callbacks-only mode; otherwise the copy re-reads the task from Kling). Duplicates and stale updates get a 2xx
-and change nothing.
+and change nothing; a repeat this process can prove changes nothing (the job's bound task and a state it already
+passed, seen here moments ago) is answered from memory, without a Redis round trip (`shared/recent.py`).
 
 A callback's token never binds a job to a task. Only the worker does, with a task that Kling itself answered: the
 create's answer, or a lookup by `external_task_id` (the worker's, or the reconciler's poll). So a callback that arrives
@@ -37,7 +38,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from flask import Blueprint, jsonify, request
+from flask import Blueprint, current_app, jsonify, request
 
 from kling_relay.shared import heard, metrics, usage
 from kling_relay.shared.http_client import verify
@@ -46,6 +47,7 @@ from kling_relay.shared.jobs_model import step_applies
 from kling_relay.shared.kling import KlingTask
 from kling_relay.shared.logs import add, bound
 from kling_relay.shared.pipeline import CREATE_SENT, KLING_STATUS_TO_STATE, apply_task_status, record_task
+from kling_relay.shared.recent import RecentStates
 from kling_relay.shared.runtime import Runtime
 from kling_relay.shared.tokens import callback_token_ok
 from kling_relay.webhook.common import error, parse_json, read_body, runtime, valid_job_id
@@ -79,9 +81,18 @@ def _callback(rt: Runtime, job_id: str) -> Any:
     task = _parse(job_id, raw)
     if not isinstance(task, KlingTask):
         return task
+    to = KLING_STATUS_TO_STATE[task.status]
+    recent = _recent()
+    settled = recent.settled(job_id, task, to)
+    if settled is not None:
+        # A repeat this process can prove changes nothing (shared/recent.py): answered without Redis, counted.
+        add(kling_task_id=settled.task_id)
+        metrics.callback("duplicate" if settled.state is to else "stale")
+        return jsonify(ok=True, applied=False, state=settled.state.value)
     # One round trip: the job's state and task, and the callback kept (`heard`) if its task is the job's bound one
     # (the checks below then pass; kept before any step: the copy the step queues may need the URL, callbacks only).
     seen = heard.read_and_remember(rt.redis, job_id, task, ttl_seconds=_heard_ttl())
+    recent.note(job_id, seen.kling_task_id, seen.state)
     if seen.state is None:
         return _refused("unknown_job", 404, "unknown job")
     if seen.kling_task_id is None:
@@ -89,7 +100,6 @@ def _callback(rt: Runtime, job_id: str) -> Any:
     if seen.kling_task_id != task.task_id:
         return _refused("task_mismatch", 409, "task_id does not match this job's Kling task")
     add(kling_task_id=seen.kling_task_id)
-    to = KLING_STATUS_TO_STATE[task.status]
     if not step_applies(seen.state, to):
         # Duplicate or stale (the job is already there or past it): the step would change nothing, so it is not
         # run. What Kling billed is still recorded, as `apply_task_status` does first for every status.
@@ -97,8 +107,15 @@ def _callback(rt: Runtime, job_id: str) -> Any:
         metrics.callback("duplicate" if seen.state is to else "stale")
         return jsonify(ok=True, applied=False, state=seen.state.value)
     result = apply_task_status(rt, job_id, task, source="callback")
+    recent.note(job_id, result.job.kling_task_id, result.job.state)
     metrics.callback(_outcome(result, to))
     return jsonify(ok=True, applied=result.applied, state=result.job.state.value)
+
+
+def _recent() -> RecentStates:
+    """This process's memory of jobs' states (one per app: shared/recent.py)."""
+    recent: RecentStates = current_app.extensions.setdefault("kling_relay.recent", RecentStates())
+    return recent
 
 
 def _unbound(job_id: str, task: KlingTask, *, signed: bool) -> Any:

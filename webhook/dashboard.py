@@ -19,6 +19,7 @@ from typing import Any
 from flask import (
     Blueprint,
     Flask,
+    Request,
     Response,
     abort,
     flash,
@@ -29,7 +30,7 @@ from flask import (
     session,
     url_for,
 )
-from flask.sessions import SecureCookieSessionInterface
+from flask.sessions import SecureCookieSession, SecureCookieSessionInterface
 from werkzeug.exceptions import HTTPException
 
 from kling_relay.shared import copy_flow, dashboard_auth, overview, usage
@@ -43,7 +44,8 @@ from kling_relay.webhook.common import runtime, valid_job_id
 
 log = logging.getLogger(__name__)
 
-bp = Blueprint("dashboard", __name__, url_prefix="/dashboard", template_folder="templates",
+DASHBOARD_PATH = "/dashboard"
+bp = Blueprint("dashboard", __name__, url_prefix=DASHBOARD_PATH, template_folder="templates",
                static_folder="static", static_url_path="/static")
 
 PUBLIC_ENDPOINTS = frozenset({"dashboard.signin", "dashboard.signin_post", "dashboard.static"})
@@ -52,17 +54,30 @@ CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self';
 
 
 class _SessionInterface(SecureCookieSessionInterface):
-    """Flask's signed cookie session, Secure whenever the request came over https (or the app is configured so)."""
+    """Flask's signed cookie session, Secure whenever the request came over https (or the app is configured so).
+
+    Only the dashboard has a session: its cookie's path is /dashboard, so no browser sends it anywhere else, and
+    every other request (Kling's callbacks above all) gets Flask's null session without building the signer.
+    """
+
+    def open_session(self, app: Flask, request: Request) -> SecureCookieSession | None:
+        if not _under_dashboard(request.path):
+            return self.make_null_session(app)
+        return super().open_session(app, request)
 
     def get_cookie_secure(self, app: Flask) -> bool:
         return bool(request.is_secure or app.config["SESSION_COOKIE_SECURE"])
+
+
+def _under_dashboard(path: str) -> bool:
+    return path == DASHBOARD_PATH or path.startswith(DASHBOARD_PATH + "/")
 
 
 def install(app: Flask, settings: Settings) -> None:
     """Register the dashboard on `app` with its session cookie settings."""
     app.secret_key = dashboard_auth.session_key(settings)
     app.config.update(SESSION_COOKIE_NAME="kr_dashboard", SESSION_COOKIE_HTTPONLY=True,
-                      SESSION_COOKIE_SAMESITE="Strict", SESSION_COOKIE_PATH="/dashboard",
+                      SESSION_COOKIE_SAMESITE="Strict", SESSION_COOKIE_PATH=DASHBOARD_PATH,
                       SESSION_COOKIE_SECURE=settings.public_base_url.startswith("https://"),
                       PERMANENT_SESSION_LIFETIME=dashboard_auth.SESSION_SECONDS)
     app.session_interface = _SessionInterface()

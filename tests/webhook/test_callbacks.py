@@ -358,3 +358,60 @@ def test_a_callback_racing_the_workers_record_is_applied_by_one_of_them(client: 
     answer = _post(client, job.id, succeed)
     assert raced and answer.status_code == 200, answer.json
     assert runtime.store.require(job.id).state is JobState.GENERATED
+
+
+def _redis_calls(runtime: Runtime) -> int:
+    """Commands Redis has run so far, INFO itself excluded."""
+    stats = runtime.redis.info("commandstats")
+    return sum(int(v["calls"]) for k, v in stats.items() if k != "cmdstat_info")
+
+
+def test_a_repeat_this_process_saw_is_answered_without_redis(client: FlaskClient, runtime: Runtime) -> None:
+    """Issue 11: a repeated `processing` or a stale `submitted`, for the task this process just saw the job bound
+    to, changes nothing; it is answered from the process's memory (shared/recent.py), without a Redis command, and
+    still counted."""
+    job, _ = runtime.store.create(dict(REQUEST))
+    record_task(runtime, job.id, KlingTask("task-1", "submitted", external_task_id=job.id), source="worker",
+                detail={})
+    assert _post(client, job.id, _task("task-1", "processing", job.id)).json["applied"] is True
+    before_job, before_events = runtime.store.require(job.id), runtime.store.events(job.id)
+    before_counts = _callback_counts(client)
+    calls = _redis_calls(runtime)
+    for status in ("processing", "submitted", "processing"):
+        answer = _post(client, job.id, _task("task-1", status, job.id))
+        assert answer.status_code == 200 and answer.json == {"ok": True, "applied": False, "state": "processing"}
+    assert _redis_calls(runtime) == calls
+    after_counts = _callback_counts(client)
+    assert after_counts["duplicate"] - before_counts["duplicate"] == 2
+    assert after_counts["stale"] - before_counts["stale"] == 1
+    assert runtime.store.require(job.id) == before_job and runtime.store.events(job.id) == before_events
+
+
+def test_a_repeat_that_may_matter_still_reads_the_job(client: FlaskClient, runtime: Runtime) -> None:
+    """The memory answers only what it can prove: another task is refused, a forward status is applied, a repeated
+    `succeed` (its URLs are kept for callbacks-only mode) or one carrying a bill reads Redis, and a remembered
+    `failed` (the operators may retry the job) is never used."""
+    job, _ = runtime.store.create(dict(REQUEST))
+    record_task(runtime, job.id, KlingTask("task-1", "submitted", external_task_id=job.id), source="worker",
+                detail={})
+    assert _post(client, job.id, _task("task-1", "processing", job.id)).json["applied"] is True
+    assert _post(client, job.id, _task("task-2", "processing", job.id)).status_code == 409
+    video = {"task_result": {"videos": [{"id": "v1", "url": "https://cdn.example.com/v1.mp4", "duration": "5"}]}}
+    assert _post(client, job.id, {**_task("task-1", "succeed", job.id), **video}).json["applied"] is True
+    fresher = {"task_result": {"videos": [{"id": "v1", "url": "https://cdn.example.com/v1-new.mp4",
+                                           "duration": "5"}]}}
+    calls = _redis_calls(runtime)
+    answer = _post(client, job.id, {**_task("task-1", "succeed", job.id), **fresher})
+    assert answer.status_code == 200 and answer.json["applied"] is False and _redis_calls(runtime) > calls
+    calls = _redis_calls(runtime)
+    billed = {**_task("task-1", "processing", job.id), "final_unit_deduction": "3"}
+    assert _post(client, job.id, billed).json["applied"] is False and _redis_calls(runtime) > calls
+    assert runtime.store.require(job.id).units == 3.0
+
+    other, _ = runtime.store.create(dict(REQUEST))
+    record_task(runtime, other.id, KlingTask("task-9", "submitted", external_task_id=other.id), source="worker",
+                detail={})
+    assert _post(client, other.id, _task("task-9", "failed", other.id)).json["state"] == "failed"
+    calls = _redis_calls(runtime)
+    assert _post(client, other.id, _task("task-9", "processing", other.id)).json["state"] == "failed"
+    assert _redis_calls(runtime) > calls
