@@ -8,7 +8,8 @@ state (failed → queued).
 
 Keys (the layout is written once, in `shared/keys.py`): the job's hash (field encoding in `shared/jobs_model.py`),
 its request (the normalized Kling request as JSON, images included, read only by `request()`; the step into
-`stored` deletes it) and its timeline (compact JSON events, oldest first, capped at `max_events`); the `all` and
+`stored` deletes it, with what the callbacks said) and its timeline (lines in the job hash, or for a job written
+before 2026-12-08 or a long timeline its own list; oldest first, capped at `max_events`); the `all` and
 per-state indexes (sorted sets, score = created_at: listing newest first); per app, its listing index and
 per-state indexes of its non-terminal jobs (`keys.app_jobs`, `keys.app_jobs_in_state`: an app's list, active
 count and in-flight share); the due index (score = when the reconciler should look next; terminal jobs are never
@@ -45,8 +46,11 @@ from kling_relay.shared.jobs_model import (
     ATTEMPT_PREFIX,
     RANK,
     SETTABLE_FIELDS,
+    SOURCE_CODES,
     SOURCES,
+    STATE_CODES,
     TERMINAL,
+    TIMELINE_FIELD,
     AppBusy,
     Event,
     IdempotencyConflict,
@@ -56,9 +60,12 @@ from kling_relay.shared.jobs_model import (
     StepResult,
     Transition,
     dumps,
+    joined,
+    millis,
     new_job_id,
     normalize_notify_events,
     pieces,
+    timeline_of,
 )
 
 __all__ = [
@@ -158,14 +165,16 @@ class JobStore:
         if source not in SOURCES:
             raise ValueError(f"source must be one of {sorted(SOURCES)}, not {source!r}")
 
-    def _event_head(self, now: float) -> str:
-        """The start of an event as `Event.to_json` writes it, up to its `from` state: `[<at>,`."""
-        return "[" + json.dumps(now) + ","
+    @staticmethod
+    def _event_head(now: float) -> str:
+        """The start of a timeline line (`Event.to_line`): the event's time in milliseconds (the scripts make it
+        relative where the line is kept so)."""
+        return str(millis(now))
 
     @staticmethod
     def _event_tail(source: str, detail: dict[str, Any] | None) -> str:
-        """The part after the `to` state: `,"<source>"]`, or `,"<source>",{detail}]` with a detail."""
-        return "," + dumps(source) + ("," + dumps(dict(detail)) if detail else "") + "]"
+        """The end of a timeline line, after its states: the source's code and the detail, when there is one."""
+        return SOURCE_CODES[source] + (dumps(dict(detail)) if detail else "")
 
     # -- create and read --------------------------------------------------------------------------------
 
@@ -214,8 +223,8 @@ class JobStore:
             "deadline_at": repr(now + deadline_seconds) if deadline_seconds is not None else "",
             "app": app or "",
         }
-        event = Event(now, None, JobState.QUEUED.value, source,
-                      {"request_id": request_id} if request_id else {}).to_json()
+        fields[TIMELINE_FIELD] = Event(now, None, JobState.QUEUED.value, source,
+                                       {"request_id": request_id} if request_id else {}).to_line()
         names = [self._job_key(job_id), self._events_key(job_id), self._index_key(None),
                 self._index_key(JobState.QUEUED), self._due_key, keys.app_jobs(app) if app else "", keys.APPS]
         if idempotency_key is not None:
@@ -224,7 +233,7 @@ class JobStore:
             names.append(self._idempotency_key(idempotency_key, app))
         args: list[str | int] = [
             job_id, body_hash, self._ttl, repr(now), repr(now + due_in) if due_in is not None else "",
-            event, keys.JOB_KEY_PREFIX, self._max_events, app or keys.NO_APP_GROUP,
+            "", keys.JOB_KEY_PREFIX, self._max_events, app or keys.NO_APP_GROUP,
             max_active if app and max_active else 0,
         ]
         args += self._create_fields(fields)
@@ -314,8 +323,12 @@ class JobStore:
             raise ValueError("limit must be at least 1")
         if not is_job_id(job_id):
             return []
-        raw = cast(list[str], self._r.lrange(self._events_key(job_id), -limit, -1))
-        return [Event.from_json(r) for r in raw]
+        pipe = self._r.pipeline(transaction=True)  # one snapshot: a script may move the timeline between the two
+        pipe.hgetall(self._job_key(job_id))
+        pipe.lrange(self._events_key(job_id), -limit, -1)
+        h, raw = pipe.execute()
+        events = [Event.from_json(r) for r in cast(list[str], raw)] + timeline_of(joined(cast(dict[str, str], h)))
+        return events[-limit:]
 
     # -- state changes ----------------------------------------------------------------------------------
 
@@ -374,7 +387,7 @@ class JobStore:
         fields = self._encode_fields(set_fields)
         allowed = "*" if only_from is None else ",".join(JobState(s).value for s in only_from)
         now = self._clock()
-        tail = "," + dumps(to.value) + self._event_tail(source, detail)
+        tail = STATE_CODES[to.value] + self._event_tail(source, detail)
         args: list[str | int] = [to.value, repr(now), self._event_head(now), tail, allowed,
                                  *self._due_args(due_in, now), self._ttl, self._max_events, *fields]
         return self._result(job_id, self._step(keys=self._step_keys(job_id), args=args))
@@ -388,7 +401,7 @@ class JobStore:
         """
         self._check_source(source)
         now = self._clock()
-        tail = ',"queued",' + dumps(source) + ',{"previous_error":'
+        tail = STATE_CODES[JobState.QUEUED.value] + self._event_tail(source, None) + '{"previous_error":'
         args: list[str | int] = [repr(now), self._event_head(now), tail, *self._due_args(due_in, now),
                                  self._max_events]
         return self._result(job_id, self._retry(keys=self._step_keys(job_id), args=args))
