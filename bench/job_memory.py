@@ -11,7 +11,7 @@ stored with one video, its entry in the consumers' stream and its outbox entry c
 does), and prints the growth of `used_memory` (INFO memory) divided by N, then what each of one job's keys holds
 (MEMORY USAGE, OBJECT ENCODING); then the same for jobs whose request carries one 1 MB base64 image (dropped with
 the request when the job is stored); then where the bytes go: each kind of key deleted in turn and the drop of
-`used_memory` per job (`KINDS`). Redis runs with its default
+`used_memory` per job (`KINDS`). The growth is measured after `WARM_UP` jobs. Redis runs with its default
 config (`hash-max-listpack-value` 64: see `shared/jobs_model.py` on why that matters).
 """
 
@@ -21,6 +21,7 @@ import argparse
 import base64
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,6 +38,9 @@ from kling_relay.shared.kling import KlingTask, KlingVideo  # noqa: E402
 from kling_relay.shared.notify import publish  # noqa: E402
 
 STREAM = "kling-relay:events"
+#: Jobs run before the measured ones: Redis allocates about 0.5 MB once, on the first job (whatever the job count
+#: after; not in any key: it stays after a FLUSHALL), which is no job's own (it made 2,000 jobs look 270 B larger).
+WARM_UP = 100
 #: A Kling video URL as its callbacks carry it (a signed CDN link, a couple of hundred characters).
 VIDEO_URL = ("https://v15-kling.klingai.com/bs2/upload-ylab-stunt-sgp/se/stream_lake_m2v_img2video_v16/"
              "8c8a2b1d-7c0f-4e7b-9f0e-1b2c3d4e5f60_raw_video_1.mp4?x-kcdn-pid=112372&Expires=1767225600&Signature=ab12")
@@ -48,10 +52,31 @@ def request(image: str) -> dict[str, object]:
             "image_list": [{"image": image}, {"image": "https://img.example.com/b.jpg"}]}
 
 
-def run_jobs(client: redis.Redis, store: JobStore, n: int, image: str, tag: str) -> None:
+class JobClock:
+    """The store's clock: a job's steps as far apart as in production (its timeline keeps the times)."""
+
+    def __init__(self) -> None:
+        self.start = time.time()
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return self.start + self.offset
+
+    def at(self, seconds: float) -> None:
+        """The next steps happen `seconds` after the job's creation."""
+        self.offset = seconds
+
+
+#: When each step happens, in seconds after the job's creation: the submit, Kling's callbacks, the copy.
+AT = {"submit": 1.5, "processing": 12.0, "succeed": 185.0, "copy": 185.3, "stored": 191.7}
+
+
+def run_jobs(client: redis.Redis, store: JobStore, clock: JobClock, n: int, image: str, tag: str) -> None:
     for i in range(n):
+        clock.start, clock.offset = time.time(), 0.0
         job, _ = store.create(request(image), notify_url="https://app.example.com/hooks/kling",
                               metadata={"order": i, "customer": "c-12345"}, idempotency_key=f"{tag}-{i}")
+        clock.at(AT["submit"])
         store.bump_attempt(job.id, "submit")
         store.bump_attempt(job.id, CREATE_SENT)
         task_id = f"8{i:017d}"
@@ -62,14 +87,17 @@ def run_jobs(client: redis.Redis, store: JobStore, n: int, image: str, tag: str)
             task = KlingTask(task_id, status, external_task_id=job.id, created_at_ms=1_764_324_000_000,
                              updated_at_ms=1_764_324_090_000, final_unit_deduction=1.0 if status == "succeed" else None,
                              videos=(KlingVideo("v-1", VIDEO_URL, "5.1"),) if status == "succeed" else ())
+            clock.at(AT[status])
             heard.read_and_remember(client, job.id, task, ttl_seconds=2_592_000 + 86_400)
             usage.record_deduction(client, job.id, task)
             to = JobState.PROCESSING if status == "processing" else JobState.GENERATED
             store.step(job.id, to, source="callback", detail={"kling_status": status})
+        clock.at(AT["copy"])
         store.bump_attempt(job.id, "copy")
         store.note(job.id, source="worker", detail={"copy": "started"})
         video = {"bucket": "kling-relay", "key": f"videos/2026/12/02/{job.id}/video.mp4", "sha256": "ab" * 32,
                  "bytes": 9_876_543, "duration": "5.1", "content_type": "video/mp4"}
+        clock.at(AT["stored"])
         stored = store.step(job.id, JobState.STORED, source="worker", detail={"videos": 1},
                             set_fields={"videos": [video]}).job
         publish(client, STREAM, stored.public_dict(), maxlen=100_000)
@@ -148,24 +176,28 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             for setting in args.redis_config:
                 name, _, value = setting.partition("=")
                 client.config_set(name, value)
-            store = JobStore(client, job_ttl_seconds=2_592_000)
+            clock = JobClock()
+            store = JobStore(client, clock=clock, job_ttl_seconds=2_592_000)
+            run_jobs(client, store, clock, WARM_UP, "https://img.example.com/a.jpg", "warm")
             before = used(client)
-            run_jobs(client, store, n, "https://img.example.com/a.jpg", "url")
+            run_jobs(client, store, clock, n, "https://img.example.com/a.jpg", "url")
             per_job = (used(client) - before) / n
             row["bytes_per_job"] = per_job
-            row["bytes_per_job_without_stream"] = per_job - memory_usage(client, STREAM) / n
             print(f"memory  {n} jobs with image URLs: {per_job:.0f} B ({per_job / 1024:.2f} KiB) per stored job",
                   flush=True)
-            per_key(client, str(client.zrange(keys.jobs_in_state("stored"), 0, 0)[0]), n)
+            per_key(client, str(client.zrange(keys.jobs_in_state("stored"), 0, 0)[0]), n + WARM_UP)
+            print(f"where it goes, per stored job (each kind of key deleted in turn, used_memory's drop / "
+                  f"{n + WARM_UP}):")
+            kinds = breakdown(client, n + WARM_UP)
+            rest = per_job - sum(kinds.values())
+            print(f"  {'the rest (Redis key/expiry tables, shared)':44} {rest:6.0f} B")
+            row["bytes_per_job_without_stream"] = per_job - kinds["stream entry"]
+            print(f"memory  without the stream entry: {row['bytes_per_job_without_stream']:.0f} B per stored job")
             m = max(1, n // 20)
             before = used(client)
-            run_jobs(client, store, m, base64.b64encode(b"\xff" * 750_000).decode(), "b64")
+            run_jobs(client, store, clock, m, base64.b64encode(b"\xff" * 750_000).decode(), "b64")
             per_job = (used(client) - before) / m
             print(f"memory  {m} jobs with one 1 MB base64 image: {per_job / 1024:.1f} KiB per stored job")
-            print(f"where it goes, per stored job ({n + m} jobs; each kind deleted in turn, used_memory's drop):")
-            kinds = breakdown(client, n + m)
-            rest = row["bytes_per_job"] - sum(kinds.values())
-            print(f"  {'the rest (Redis key/expiry tables, shared)':44} {rest:6.0f} B")
             client.close()
         finally:
             server.stop()

@@ -83,6 +83,18 @@ MAX_CURSOR_CHARS = 256
 MAX_CURSOR_SCORE = 2.0**53
 
 
+#: A job id is `job_` and these many characters (`new_job_id`); an idempotency record keeps only them.
+JOB_ULID_CHARS = 26
+#: Bytes of the body's sha256 an idempotency record keeps (96 bits, as 16 base64 characters: with the job id's 26,
+#: 42 characters, which Redis keeps in one allocation with the key's object, an "embstr").
+BODY_TAG_BYTES = 12
+
+
+def _body_tag(digest: bytes) -> str:
+    """What an idempotency record keeps of the sha256 of a create's canonical body (see BODY_TAG_BYTES)."""
+    return base64.urlsafe_b64encode(digest[:BODY_TAG_BYTES]).decode()
+
+
 class InvalidCursor(ValueError):
     """A cursor `list()` did not make: not base64, not `[score, job_id]`, a score that is not a finite number
     in range, an id that is not a job id, or too long."""
@@ -213,7 +225,7 @@ class JobStore:
         now = self._clock()
         job_id = new_job_id(now)
         body = [request, notify_url, meta] if events is None else [request, notify_url, meta, list(events)]
-        body_hash = hashlib.sha256(dumps(body).encode()).hexdigest()
+        body_hash = hashlib.sha256(dumps(body).encode()).digest()
         # Fields left at their defaults are not written (`Job.from_hash` reads them back as such).
         fields = {
             "id": job_id, "state": JobState.QUEUED.value, "request": dumps(request),
@@ -232,8 +244,8 @@ class JobStore:
                 raise ValueError("idempotency_key must be a non-empty string")
             names.append(self._idempotency_key(idempotency_key, app))
         args: list[str | int] = [
-            job_id, body_hash, self._ttl, repr(now), repr(now + due_in) if due_in is not None else "",
-            "", keys.JOB_KEY_PREFIX, self._max_events, app or keys.NO_APP_GROUP,
+            job_id, _body_tag(body_hash), self._ttl, repr(now), repr(now + due_in) if due_in is not None else "",
+            body_hash.hex(), keys.JOB_KEY_PREFIX, self._max_events, app or keys.NO_APP_GROUP,
             max_active if app and max_active else 0,
         ]
         args += self._create_fields(fields)
@@ -298,7 +310,12 @@ class JobStore:
         if not isinstance(idempotency_key, str) or not idempotency_key:
             return None
         name = self._idempotency_key(idempotency_key, app)
-        job_id = cast(str | None, self._r.hget(name, "job_id"))
+        # one script would need the key's type first: a GET, and for a record of the older form (a hash) an HGET
+        try:
+            record = cast(str | None, self._r.get(name))
+            job_id = f"job_{record[:JOB_ULID_CHARS]}" if record else None
+        except redis.ResponseError:  # WRONGTYPE: a record written before 2026-12-08
+            job_id = cast(str | None, self._r.hget(name, "job_id"))
         return self.get(job_id) if job_id else None
 
     def request(self, job_id: str) -> dict[str, Any]:

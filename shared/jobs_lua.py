@@ -1,8 +1,9 @@
 """The Lua scripts behind `JobStore`: each runs atomically inside Redis, so a check and its write cannot interleave.
 
 Key order shared by the state-changing scripts (`STEP`, `RETRY`):
-`KEYS[1]` job hash, `KEYS[2]` its timeline list (only for a job that has one), `KEYS[3]` the due index, `KEYS[4..10]` the state indexes in
-`JobState` order (queued, submitted, processing, generated, stored, failed, canceled), `KEYS[11]` the outbox.
+`KEYS[1]` job hash, `KEYS[2]` its timeline list (used only by a job that has one), `KEYS[3]` the due index,
+`KEYS[4..10]` the state indexes in `JobState` order (queued, submitted, processing, generated, stored, failed,
+canceled), `KEYS[11]` the outbox.
 
 The outbox is how announcing a step (the consumers' stream, a job's notification) survives a crash: the step
 that enters a terminal state, or a state the job's `notify_url` asked for, adds `<id>|<state>|<now>` to it in
@@ -184,15 +185,27 @@ end
 """
 
 # KEYS: job, events, all-index, queued-index, due, the app's listing index ('' = no app), the apps set[, idem]
-# ARGV: 1 id, 2 body hash, 3 idem ttl (0 = none), 4 created_at, 5 due_at ('' = none), 6 unused,
+# ARGV: 1 id, 2 body tag, 3 idem ttl (0 = none), 4 created_at, 5 due_at ('' = none), 6 body hash (hex, as the
+#       records before 2026-12-08 hold it),
 #       7 job key prefix, 8 max events, 9 app group, 10 the app's active cap (0 = none), 11.. field/value pairs
 # Replies {'created'|'existing'|'conflict', id} or {'busy', active count} (the app's cap is reached).
 CREATE = _APPS + """
 if #KEYS >= 8 then
-  local cur = redis.call('HMGET', KEYS[8], 'job_id', 'body')
-  if cur[1] and redis.call('EXISTS', ARGV[7] .. cur[1]) == 1 then
-    if cur[2] == ARGV[2] then return {'existing', cur[1]} end
-    return {'conflict', cur[1]}
+  -- the record: `<job id without job_><body tag>` (a string), or before 2026-12-08 a hash (job_id, body)
+  local cur, same = nil, false
+  local kind = redis.call('TYPE', KEYS[8])['ok']
+  if kind == 'string' then
+    local record = redis.call('GET', KEYS[8])
+    cur = 'job_' .. string.sub(record, 1, 26)
+    same = string.sub(record, 27) == ARGV[2]
+  elseif kind == 'hash' then
+    local old = redis.call('HMGET', KEYS[8], 'job_id', 'body')
+    cur = old[1]
+    same = old[2] == ARGV[6]
+  end
+  if cur and redis.call('EXISTS', ARGV[7] .. cur) == 1 then
+    if same then return {'existing', cur} end
+    return {'conflict', cur}
   end
 end
 local base = APP_PREFIX .. ARGV[9] .. ':state:'
@@ -203,7 +216,7 @@ if tonumber(ARGV[10]) > 0 then
 end
 if #KEYS >= 8 then
   redis.call('DEL', KEYS[8])
-  redis.call('HSET', KEYS[8], 'job_id', ARGV[1], 'body', ARGV[2])
+  redis.call('SET', KEYS[8], string.sub(ARGV[1], 5) .. ARGV[2])
   if tonumber(ARGV[3]) > 0 then redis.call('EXPIRE', KEYS[8], ARGV[3]) end
 end
 for i = 11, #ARGV, 2 do

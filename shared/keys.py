@@ -15,7 +15,8 @@ All keys start with `kr:`; one Redis (database) serves one relay.
   from `APP_PREFIX` and the job's `app` field.
 - `kr:jobs:due` sorted set (score = when the reconciler should look next)
 - `kr:jobs:by_task` hash: Kling task id → job id (written with the task id; a lookup, never a scan)
-- `kr:idem:<sha256(idempotency key)>` hash: `job_id` and `body` (sha256 of the canonical body)
+- `kr:idem:<sha256(idempotency key)>` string: the job id without `job_`, then the first 12 bytes of the sha256 of
+  the canonical body in base64url (`JobStore.create`; before 2026-12-08 a hash: `job_id` and `body`, still read)
 - `kr:outbox` sorted set of `<id>|<state>|<at>` (score = at): steps still to be announced (`shared/notify.py`)
 - `kr:flow:rate` (GCRA theoretical arrival time), `kr:flow:in_flight` (sorted set of submit reservations),
   `kr:flow:in_flight:app:<group>` (the same reservations, per app group), `kr:flow:pause` (hash),

@@ -4,6 +4,7 @@ same. Against a real redis-server with its default config (`hash-max-listpack-va
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Any
 
@@ -11,8 +12,8 @@ import pytest
 import redis
 
 from kling_relay.shared import keys
-from kling_relay.shared.jobs import Event, JobState, JobStore
-from kling_relay.shared.jobs_model import NOTIFY_STATES, PIECE_BYTES, iso_utc, joined, pieces
+from kling_relay.shared.jobs import Event, IdempotencyConflict, JobState, JobStore
+from kling_relay.shared.jobs_model import NOTIFY_STATES, PIECE_BYTES, dumps, iso_utc, joined, pieces
 from tests.support.clock import FakeClock
 
 S = JobState
@@ -245,3 +246,34 @@ def test_a_json_value_an_older_process_wrote_over_its_pieces_reads_whole(store: 
     assert store.events(job.id)[-1].detail == {"previous_error": {"reason": "submit_exhausted", "message": "older"}}
     redis_client.hset(keys.job(job.id), mapping={"error": "null", "error~1": "stale"})  # an older retry's write
     assert store.require(job.id).error is None
+
+
+def test_an_idempotency_record_is_one_short_string(store: JobStore, redis_client: redis.Redis) -> None:
+    """Issue 11: `<job id without job_><12 bytes of the body's sha256, base64url>`, 42 characters: Redis keeps it
+    with its object in one allocation (embstr), ~80 bytes less than the hash of `job_id` and `body` it replaces."""
+    job, _ = store.create(dict(REQUEST), idempotency_key="k")
+    (name,) = redis_client.keys("kr:idem:*")
+    record = redis_client.get(name) or ""
+    assert len(record) == 42 and record.startswith(job.id.removeprefix("job_"))
+    assert encoding(redis_client, name) == "embstr"
+    assert store.create(dict(REQUEST), idempotency_key="k") == (job, False)
+    with pytest.raises(IdempotencyConflict):
+        store.create({**REQUEST, "prompt": "other"}, idempotency_key="k")
+
+
+def test_an_idempotency_record_of_the_older_form_still_answers(store: JobStore, redis_client: redis.Redis) -> None:
+    """A record written before 2026-12-08 (a hash: `job_id`, `body` = sha256 hex of the canonical body) still finds
+    its job, replays it and refuses another body; once its job is gone, a create replaces it with the new form."""
+    job, _ = store.create(dict(REQUEST), metadata={"m": 1}, idempotency_key="k")
+    (name,) = redis_client.keys("kr:idem:*")
+    body = hashlib.sha256(dumps([REQUEST, None, {"m": 1}]).encode()).hexdigest()
+    redis_client.delete(name)
+    redis_client.hset(name, mapping={"job_id": job.id, "body": body})
+    assert store.find_by_idempotency_key("k") == job
+    assert store.create(dict(REQUEST), metadata={"m": 1}, idempotency_key="k") == (job, False)
+    with pytest.raises(IdempotencyConflict):
+        store.create(dict(REQUEST), idempotency_key="k")
+    redis_client.delete(keys.job(job.id))  # as if it expired
+    again, created = store.create(dict(REQUEST), idempotency_key="k")
+    assert created and again.id != job.id and redis_client.type(name) == "string"
+    assert store.find_by_idempotency_key("k") == again
