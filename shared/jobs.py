@@ -228,7 +228,7 @@ class JobStore:
         body_hash = hashlib.sha256(dumps(body).encode()).digest()
         # Fields left at their defaults are not written (`Job.from_hash` reads them back as such).
         fields = {
-            "id": job_id, "state": JobState.QUEUED.value, "request": dumps(request),
+            "state": JobState.QUEUED.value, "request": dumps(request),
             "notify_url": notify_url or "", "metadata": dumps(meta) if meta else "",
             "notify_events": "" if events is None else dumps(list(events)),
             "created_at": repr(now), "updated_at": repr(now),
@@ -276,7 +276,7 @@ class JobStore:
         if not is_job_id(job_id):
             return None
         h = cast(dict[str, str], self._r.hgetall(self._job_key(job_id)))
-        return Job.from_hash(h) if h else None
+        return Job.from_hash(h, job_id) if h else None
 
     def get_many(self, job_ids: list[str]) -> list[Job | None]:
         """Each job (None where there is none, or the id is not a job id), read in one round trip (a pipeline)."""
@@ -285,7 +285,7 @@ class JobStore:
         for job_id in valid:
             pipe.hgetall(self._job_key(job_id))
         found = dict(zip(valid, cast(list[dict[str, str]], pipe.execute()) if valid else [], strict=True))
-        return [Job.from_hash(h) if (h := found.get(j)) else None for j in job_ids]
+        return [Job.from_hash(h, j) if (h := found.get(j)) else None for j in job_ids]
 
     def find_by_task(self, task_id: str) -> Job | None:
         """The job bound to Kling task `task_id` (one HGET of the index, one read of the job), or None.
@@ -381,7 +381,7 @@ class JobStore:
         reply = _reply(raw)
         if reply[0] == "missing":
             raise JobNotFound(job_id)
-        result = StepResult(applied=reply[0] == "applied", job=Job.from_hash(_pairs(reply[2])),
+        result = StepResult(applied=reply[0] == "applied", job=Job.from_hash(_pairs(reply[2]), job_id),
                             from_state=JobState(reply[1]))
         if result.applied:  # every applied step (and ops retry) passes here: counted once, whoever made it
             metrics.transition(result.from_state.value, result.job.state.value)
@@ -574,7 +574,7 @@ class JobStore:
             if not h:
                 gone.append(job_id)
                 continue
-            job = Job.from_hash(h)
+            job = Job.from_hash(h, job_id)
             if (state is None or job.state == state) and (app is None or job.app == app):
                 jobs.append(job)
         if gone:

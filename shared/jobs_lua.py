@@ -115,14 +115,16 @@ end
 -- the job's expiry copied), which keeps the latest max_events.
 local function push_event(job_key, list_key, ms, rest, max_events)
   if redis.call('EXISTS', list_key) == 0 then
-    local parts = {}
-    while true do
-      local p = redis.call('HGET', job_key, tl_piece(#parts))
-      if not p then break end
-      parts[#parts + 1] = p
-    end
+    local h = redis.call('HGETALL', job_key)
+    local fields, parts, args = {}, {}, {}
+    for i = 1, #h, 2 do fields[h[i]] = h[i + 1] end
+    while fields[tl_piece(#parts)] do parts[#parts + 1] = fields[tl_piece(#parts)] end
     if #parts == 0 then
-      for i, p in ipairs(split64(ms .. rest)) do redis.call('HSET', job_key, tl_piece(i - 1), p) end
+      for i, p in ipairs(split64(ms .. rest)) do
+        args[#args + 1] = tl_piece(i - 1)
+        args[#args + 1] = p
+      end
+      redis.call('HSET', job_key, unpack(args))
       return
     end
     local text = table.concat(parts)
@@ -130,23 +132,26 @@ local function push_event(job_key, list_key, ms, rest, max_events)
     local line = string.format('%d', tonumber(ms) - base) .. rest
     local _, newlines = string.gsub(text, '\\n', '')
     if newlines + 1 < tonumber(max_events) and #text + 1 + #line <= TL_MAX_BYTES
-        and redis.call('HLEN', job_key) + 2 + math.floor(#line / 32) <= TL_MAX_FIELDS then
+        and #h / 2 + 2 + math.floor(#line / 32) <= TL_MAX_FIELDS then
       for i, p in ipairs(split64(parts[#parts] .. '\\n' .. line)) do
-        redis.call('HSET', job_key, tl_piece(#parts + i - 2), p)
+        args[#args + 1] = tl_piece(#parts + i - 2)
+        args[#args + 1] = p
       end
+      redis.call('HSET', job_key, unpack(args))
       return
     end
-    local first = true
+    local lines, names = {}, {}
     for l in string.gmatch(text, '[^\\n]+') do
-      if first then
-        redis.call('RPUSH', list_key, l)
-        first = false
+      if #lines == 0 then
+        lines[1] = l
       else
         local n, r = string.match(l, '^(%-?%d+)(,.*)$')
-        redis.call('RPUSH', list_key, string.format('%d', base + tonumber(n)) .. r)
+        lines[#lines + 1] = string.format('%d', base + tonumber(n)) .. r
       end
     end
-    for k = 0, #parts - 1 do redis.call('HDEL', job_key, tl_piece(k)) end
+    redis.call('RPUSH', list_key, unpack(lines))
+    for k = 0, #parts - 1 do names[#names + 1] = tl_piece(k) end
+    redis.call('HDEL', job_key, unpack(names))
     local ttl = redis.call('PTTL', job_key)
     if ttl > 0 then redis.call('PEXPIRE', list_key, ttl) end
   end
@@ -155,7 +160,12 @@ local function push_event(job_key, list_key, ms, rest, max_events)
 end
 """
 
-_PRELUDE = _APPS + _PIECES + _TIMELINE + """
+# The job's id: its key without the prefix (the hash of a job written before 2026-12-08 also has an `id` field).
+_JOB_ID = f"""
+local function job_id(job_key) return string.sub(job_key, {len(keys.JOB_KEY_PREFIX) + 1}) end
+"""
+
+_PRELUDE = _APPS + _PIECES + _TIMELINE + _JOB_ID + """
 local RANK = {queued=0, submitted=1, processing=2, generated=3, stored=4}
 local TERMINAL = {stored=true, failed=true, canceled=true}
 local IDX = {queued=4, submitted=5, processing=6, generated=7, stored=8, failed=9, canceled=10}
@@ -249,7 +259,8 @@ end
 
 # ARGV: 1 to, 2 now, 3 event head, 4 event tail, 5 allowed sources ('*' = any, else comma-separated),
 #       6 due mode (keep|none|set), 7 due_at, 8 ttl seconds (0 = none), 9 max events, 10.. field/value pairs (a
-#       field's pieces right after it). The step into `stored` deletes the job's request.
+#       field's pieces right after it). The step into `stored` deletes the job's request, what its callbacks said
+#       and its attempt counters (read only by the submit and the copy; a stored job has no retry).
 STEP = _PRELUDE + _WANTS + """
 local cur = redis.call('HGET', KEYS[1], 'state')
 if not cur then return {'missing'} end
@@ -265,13 +276,20 @@ if ok and to ~= 'failed' and to ~= 'canceled' then
   ok = RANK[to] > RANK[cur]
 end
 if not ok then return {'noop', cur, redis.call('HGETALL', KEYS[1])} end
-local id = redis.call('HGET', KEYS[1], 'id')
+local id = job_id(KEYS[1])
 redis.call('HSET', KEYS[1], 'state', to, 'updated_at', ARGV[2])
 for i = 10, #ARGV, 2 do
   if not string.find(ARGV[i], '~', 1, true) then clear_pieces(KEYS[1], ARGV[i]) end
   redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
 end
-if to == 'stored' then redis.call('DEL', KEYS[1] .. ':request', KEYS[1] .. ':heard') end
+if to == 'stored' then
+  redis.call('DEL', KEYS[1] .. ':request', KEYS[1] .. ':heard')
+  local counters = {}
+  for _, k in ipairs(redis.call('HKEYS', KEYS[1])) do
+    if string.sub(k, 1, 8) == 'attempt:' then counters[#counters + 1] = k end
+  end
+  if #counters > 0 then redis.call('HDEL', KEYS[1], unpack(counters)) end
+end
 push_event(KEYS[1], KEYS[2], ARGV[3], ',' .. CODE[cur] .. ARGV[4], ARGV[9])
 move_index(cur, to, id, redis.call('HGET', KEYS[1], 'created_at'))
 update_due(to, ARGV[6], ARGV[7], id)
@@ -293,7 +311,7 @@ RETRY = _PRELUDE + """
 local cur = redis.call('HGET', KEYS[1], 'state')
 if not cur then return {'missing'} end
 if cur ~= 'failed' then return {'noop', cur, redis.call('HGETALL', KEYS[1])} end
-local id = redis.call('HGET', KEYS[1], 'id')
+local id = job_id(KEYS[1])
 local err = full(KEYS[1], 'error')
 if not err or err == '' then err = 'null' end
 clear_pieces(KEYS[1], 'error')
@@ -321,7 +339,7 @@ return {'noted', cur}
 
 # KEYS: job, events, (optional) the task id → job id index. ARGV: 1 task id, 2 now, 3 event head, 4 event tail
 # (after the `to` state), 5 max events
-SET_KLING_TASK_ID = _TIMELINE + """
+SET_KLING_TASK_ID = _TIMELINE + _JOB_ID + """
 local cur = redis.call('HGET', KEYS[1], 'state')
 if not cur then return {'missing'} end
 local existing = redis.call('HGET', KEYS[1], 'kling_task_id')
@@ -330,7 +348,7 @@ if existing and existing ~= '' then
   return {'conflict', existing}
 end
 redis.call('HSET', KEYS[1], 'kling_task_id', ARGV[1], 'updated_at', ARGV[2])
-if KEYS[3] then redis.call('HSET', KEYS[3], ARGV[1], redis.call('HGET', KEYS[1], 'id')) end
+if KEYS[3] then redis.call('HSET', KEYS[3], ARGV[1], job_id(KEYS[1])) end
 push_event(KEYS[1], KEYS[2], ARGV[3], ',' .. CODE[cur] .. CODE[cur] .. ARGV[4], ARGV[5])
 return {'set', ''}
 """
@@ -342,7 +360,7 @@ return redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
 """
 
 # KEYS: job, due. ARGV: 1 due_at. Returns -1 (no job), 0 (terminal: not due-tracked), 1 (set).
-SET_DUE = """
+SET_DUE = _JOB_ID + """
 local TERMINAL = {stored=true, failed=true, canceled=true}
 local cur = redis.call('HGET', KEYS[1], 'state')
 if not cur then return -1 end
@@ -350,6 +368,6 @@ if TERMINAL[cur] then return 0 end
 local due_at = ARGV[1]
 local deadline = redis.call('HGET', KEYS[1], 'deadline_at')
 if deadline and deadline ~= '' and tonumber(deadline) < tonumber(due_at) then due_at = deadline end
-redis.call('ZADD', KEYS[2], due_at, redis.call('HGET', KEYS[1], 'id'))
+redis.call('ZADD', KEYS[2], due_at, job_id(KEYS[1]))
 return 1
 """

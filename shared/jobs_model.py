@@ -1,11 +1,12 @@
 """The job record as values: its states, its timeline events, and the `Job` read back from Redis.
 
 Nothing here talks to Redis; `shared/jobs.py` stores and steps these values. A job is kept as one Redis hash
-of strings: plain strings for ids and timestamps (`""` or no field meaning "none"), JSON for the structured fields
-(`metadata`, `error`, `videos`, and `notify_events`, where `""` means the default: the terminal states; the request
-lives in its own key), one `attempt:<kind>` integer field per retry counter, and what Kling billed once it says so
-(`units`, `balance_deduction`: numbers as text, each written once by `shared/usage.py`, never by a state step), and
-`copy_ran` ("1": a copy ran before an ops retry cleared the attempt counters; written by that retry).
+of strings (its id is its key's, `from_hash`): plain strings for ids and timestamps (`""` or no field meaning
+"none"), JSON for the structured fields (`metadata`, `error`, `videos`, and `notify_events`, where `""` means the
+default: the terminal states; the request lives in its own key), one `attempt:<kind>` integer field per retry
+counter (cleared by the step into `stored`), and what Kling billed once it says so (`units`, `balance_deduction`:
+numbers as text, each written once by `shared/usage.py`, never by a state step), and `copy_ran` ("1": a copy ran
+before an ops retry cleared the attempt counters; written by that retry).
 
 Memory (Redis keeps a hash compact, as a listpack, only while every value is at most `hash-max-listpack-value`
 bytes, 64 by default, and it has at most 128 fields; one longer value turns the whole hash into a hashtable, about
@@ -352,13 +353,17 @@ class Job:
         return out
 
     @classmethod
-    def from_hash(cls, h: dict[str, str]) -> Job:
-        """Decode the Redis hash written by `JobStore` (a client with `decode_responses=True`): fields in pieces are
-        joined, missing fields read as their defaults."""
+    def from_hash(cls, h: dict[str, str], job_id: str | None = None) -> Job:
+        """Decode the Redis hash of job `job_id` written by `JobStore` (a client with `decode_responses=True`): fields
+        in pieces are joined, missing fields read as their defaults. The id is the key's (the hash of a job written
+        before 2026-12-08 has it in its `id` field too)."""
         h = joined(h)
         attempts = {k[len(ATTEMPT_PREFIX):]: int(v) for k, v in h.items() if k.startswith(ATTEMPT_PREFIX)}
+        found = job_id or h.get("id")
+        if not found:
+            raise KeyError("id")
         return cls(
-            id=h["id"],
+            id=found,
             state=JobState(h["state"]),
             notify_url=_opt(h.get("notify_url")),
             metadata=_json_or(h.get("metadata"), {}),

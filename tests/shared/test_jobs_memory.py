@@ -46,6 +46,7 @@ def stored_job(store: JobStore, **create: Any) -> str:
     store.set_kling_task_id(job.id, "8" * 18, source="worker")
     for to in (S.SUBMITTED, S.PROCESSING, S.GENERATED):
         store.step(job.id, to, source="callback", detail={"kling_status": to.value})
+    store.bump_attempt(job.id, "copy")
     store.note(job.id, source="worker", detail={"copy": "started"})
     store.step(job.id, S.STORED, source="worker", set_fields={"videos": [VIDEO, {**VIDEO, "key": "v/2.mp4"}]})
     return job.id
@@ -116,7 +117,7 @@ def test_pieces_never_cut_a_character_and_join_back(value: str) -> None:
 def test_defaults_are_not_written_and_the_timeline_is_compact(store: JobStore, redis_client: redis.Redis,
                                                                clock: FakeClock) -> None:
     job, _ = store.create(dict(REQUEST))
-    assert set(redis_client.hkeys(keys.job(job.id))) == {"id", "state", "created_at", "updated_at", "tl"}
+    assert set(redis_client.hkeys(keys.job(job.id))) == {"state", "created_at", "updated_at", "tl"}  # id: the key's
     clock.advance(2.5)
     store.note(job.id, source="worker", detail={"x": 1})
     ms = int(job.created_at * 1000)
@@ -135,6 +136,7 @@ def test_a_stored_job_is_one_key_without_its_request_timeline_list_or_callbacks(
     redis_client.hset(keys.job_heard(job.id), "succeed:8", '{"task_id": "8"}')
     job_id = stored_job(store)
     assert redis_client.keys(f"{keys.job(job_id)}*") == [keys.job(job_id)]
+    assert store.require(job_id).attempts == {}  # the copy's counter (bumped above): dead once stored
     assert encoding(redis_client, keys.job(job_id)) == "listpack"
     events = store.events(job_id)
     assert [(e.from_state, e.to_state) for e in events] == [
