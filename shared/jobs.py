@@ -13,9 +13,9 @@ before 2026-12-08 or a long timeline its own list; oldest first, capped at `max_
 per-state indexes (sorted sets, score = created_at: listing newest first); per app, its listing index and
 per-state indexes of its non-terminal jobs (`keys.app_jobs`, `keys.app_jobs_in_state`: an app's list, active
 count and in-flight share); the due index (score = when the reconciler should look next; terminal jobs are never
-in it); idempotency keys (`job_id` and the sha256 of the canonical body); the outbox (a sorted set of
-`<id>|<state>|<at>`, score = at: steps still to be announced to the consumers' stream and notifications, added
-by the step itself, removed once announced: `Transition`, `unannounced`, `announced`).
+in it); idempotency records (the job id and 96 bits of the sha256 of the canonical body, one string); the
+outbox (a sorted set of `<id>|<state>|<at>`, score = at: steps still to be announced to the consumers' stream and
+notifications, added by the step itself, removed once announced: `Transition`, `unannounced`, `announced`).
 
 The client must be created with `decode_responses=True` (e.g. `redis.Redis.from_url(url,
 decode_responses=True)`); the constructor refuses any other. The scripts touch keys they compute from the job key,
