@@ -22,6 +22,7 @@ import base64
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -73,12 +74,14 @@ AT = {"submit": 1.5, "processing": 12.0, "succeed": 185.0, "copy": 185.3, "store
 
 def run_jobs(client: redis.Redis, store: JobStore, clock: JobClock, n: int, image: str, tag: str,
              app: str | None = None) -> None:
-    """`app`: the jobs are an app's, as with API tokens (the API also gives them a deadline, JOB_DEADLINE_SECONDS)."""
+    """`app`: the jobs are made as the API makes them with API tokens: an app's, with a deadline
+    (JOB_DEADLINE_SECONDS) and the request id of the POST in their first event."""
     for i in range(n):
         clock.start, clock.offset = time.time(), 0.0
         job, _ = store.create(request(image), notify_url="https://app.example.com/hooks/kling",
                               metadata={"order": i, "customer": "c-12345"}, idempotency_key=f"{tag}-{i}",
-                              app=app, deadline_seconds=6 * 3600.0 if app else None)
+                              app=app, deadline_seconds=6 * 3600.0 if app else None,
+                              request_id=uuid.uuid4().hex if app else None)
         clock.at(AT["submit"])
         store.bump_attempt(job.id, "submit")
         store.bump_attempt(job.id, CREATE_SENT)
@@ -168,7 +171,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=2000)
     parser.add_argument("--app", default=None,
-                        help="create the jobs as this app's, with a deadline, as the API does with API_TOKENS")
+                        help="create the jobs as this app's, with a deadline and a request id, as the API does with API_TOKENS")
     parser.add_argument("--redis-config", action="append", default=[], metavar="NAME=VALUE",
                         help="a Redis setting to change first (CONFIG SET), to compare with the defaults")
     args = parser.parse_args(argv)
