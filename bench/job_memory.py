@@ -171,7 +171,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=2000)
     parser.add_argument("--app", default=None,
-                        help="create the jobs as this app's, with a deadline and a request id, as the API does with API_TOKENS")
+                        help="create the jobs as this app's, with a deadline and a request id, as the API does "
+                             "with API_TOKENS")
     parser.add_argument("--redis-config", action="append", default=[], metavar="NAME=VALUE",
                         help="a Redis setting to change first (CONFIG SET), to compare with the defaults")
     args = parser.parse_args(argv)
