@@ -8,13 +8,14 @@ state (failed → queued).
 
 Keys (the layout is written once, in `shared/keys.py`): the job's hash (field encoding in `shared/jobs_model.py`),
 its request (the normalized Kling request as JSON, images included, read only by `request()`; the step into
-`stored` deletes it) and its timeline (compact JSON events, oldest first, capped at `max_events`); the `all` and
+`stored` deletes it, with what the callbacks said) and its timeline (lines in the job hash, or for a job written
+before 2026-12-08 or a long timeline its own list; oldest first, capped at `max_events`); the `all` and
 per-state indexes (sorted sets, score = created_at: listing newest first); per app, its listing index and
 per-state indexes of its non-terminal jobs (`keys.app_jobs`, `keys.app_jobs_in_state`: an app's list, active
 count and in-flight share); the due index (score = when the reconciler should look next; terminal jobs are never
-in it); idempotency keys (`job_id` and the sha256 of the canonical body); the outbox (a sorted set of
-`<id>|<state>|<at>`, score = at: steps still to be announced to the consumers' stream and notifications, added
-by the step itself, removed once announced: `Transition`, `unannounced`, `announced`).
+in it); idempotency records (the job id and 96 bits of the sha256 of the canonical body, one string); the
+outbox (a sorted set of `<id>|<state>|<at>`, score = at: steps still to be announced to the consumers' stream and
+notifications, added by the step itself, removed once announced: `Transition`, `unannounced`, `announced`).
 
 The client must be created with `decode_responses=True` (e.g. `redis.Redis.from_url(url,
 decode_responses=True)`); the constructor refuses any other. The scripts touch keys they compute from the job key,
@@ -45,8 +46,11 @@ from kling_relay.shared.jobs_model import (
     ATTEMPT_PREFIX,
     RANK,
     SETTABLE_FIELDS,
+    SOURCE_CODES,
     SOURCES,
+    STATE_CODES,
     TERMINAL,
+    TIMELINE_FIELD,
     AppBusy,
     Event,
     IdempotencyConflict,
@@ -56,9 +60,12 @@ from kling_relay.shared.jobs_model import (
     StepResult,
     Transition,
     dumps,
+    joined,
+    millis,
     new_job_id,
     normalize_notify_events,
     pieces,
+    timeline_of,
 )
 
 __all__ = [
@@ -74,6 +81,18 @@ MAX_LIST_LIMIT = limits.LIST_LIMIT_MAX
 MAX_CURSOR_CHARS = 256
 #: Scores are created_at times (seconds); a cursor's must be a finite number in this range.
 MAX_CURSOR_SCORE = 2.0**53
+
+
+#: A job id is `job_` and these many characters (`new_job_id`); an idempotency record keeps only them.
+JOB_ULID_CHARS = 26
+#: Bytes of the body's sha256 an idempotency record keeps (96 bits, as 16 base64 characters: with the job id's 26,
+#: 42 characters, which Redis keeps in one allocation with the key's object, an "embstr").
+BODY_TAG_BYTES = 12
+
+
+def _body_tag(digest: bytes) -> str:
+    """What an idempotency record keeps of the sha256 of a create's canonical body (see BODY_TAG_BYTES)."""
+    return base64.urlsafe_b64encode(digest[:BODY_TAG_BYTES]).decode()
 
 
 class InvalidCursor(ValueError):
@@ -158,14 +177,16 @@ class JobStore:
         if source not in SOURCES:
             raise ValueError(f"source must be one of {sorted(SOURCES)}, not {source!r}")
 
-    def _event_head(self, now: float) -> str:
-        """The start of an event as `Event.to_json` writes it, up to its `from` state: `[<at>,`."""
-        return "[" + json.dumps(now) + ","
+    @staticmethod
+    def _event_head(now: float) -> str:
+        """The start of a timeline line (`Event.to_line`): the event's time in milliseconds (the scripts make it
+        relative where the line is kept so)."""
+        return str(millis(now))
 
     @staticmethod
     def _event_tail(source: str, detail: dict[str, Any] | None) -> str:
-        """The part after the `to` state: `,"<source>"]`, or `,"<source>",{detail}]` with a detail."""
-        return "," + dumps(source) + ("," + dumps(dict(detail)) if detail else "") + "]"
+        """The end of a timeline line, after its states: the source's code and the detail, when there is one."""
+        return SOURCE_CODES[source] + (dumps(dict(detail)) if detail else "")
 
     # -- create and read --------------------------------------------------------------------------------
 
@@ -204,18 +225,18 @@ class JobStore:
         now = self._clock()
         job_id = new_job_id(now)
         body = [request, notify_url, meta] if events is None else [request, notify_url, meta, list(events)]
-        body_hash = hashlib.sha256(dumps(body).encode()).hexdigest()
+        body_hash = hashlib.sha256(dumps(body).encode()).digest()
         # Fields left at their defaults are not written (`Job.from_hash` reads them back as such).
         fields = {
-            "id": job_id, "state": JobState.QUEUED.value, "request": dumps(request),
+            "state": JobState.QUEUED.value, "request": dumps(request),
             "notify_url": notify_url or "", "metadata": dumps(meta) if meta else "",
             "notify_events": "" if events is None else dumps(list(events)),
             "created_at": repr(now), "updated_at": repr(now),
             "deadline_at": repr(now + deadline_seconds) if deadline_seconds is not None else "",
             "app": app or "",
         }
-        event = Event(now, None, JobState.QUEUED.value, source,
-                      {"request_id": request_id} if request_id else {}).to_json()
+        fields[TIMELINE_FIELD] = Event(now, None, JobState.QUEUED.value, source,
+                                       {"request_id": request_id} if request_id else {}).to_line()
         names = [self._job_key(job_id), self._events_key(job_id), self._index_key(None),
                 self._index_key(JobState.QUEUED), self._due_key, keys.app_jobs(app) if app else "", keys.APPS]
         if idempotency_key is not None:
@@ -223,8 +244,8 @@ class JobStore:
                 raise ValueError("idempotency_key must be a non-empty string")
             names.append(self._idempotency_key(idempotency_key, app))
         args: list[str | int] = [
-            job_id, body_hash, self._ttl, repr(now), repr(now + due_in) if due_in is not None else "",
-            event, keys.JOB_KEY_PREFIX, self._max_events, app or keys.NO_APP_GROUP,
+            job_id, _body_tag(body_hash), self._ttl, repr(now), repr(now + due_in) if due_in is not None else "",
+            body_hash.hex(), keys.JOB_KEY_PREFIX, self._max_events, app or keys.NO_APP_GROUP,
             max_active if app and max_active else 0,
         ]
         args += self._create_fields(fields)
@@ -255,7 +276,7 @@ class JobStore:
         if not is_job_id(job_id):
             return None
         h = cast(dict[str, str], self._r.hgetall(self._job_key(job_id)))
-        return Job.from_hash(h) if h else None
+        return Job.from_hash(h, job_id) if h else None
 
     def get_many(self, job_ids: list[str]) -> list[Job | None]:
         """Each job (None where there is none, or the id is not a job id), read in one round trip (a pipeline)."""
@@ -264,7 +285,7 @@ class JobStore:
         for job_id in valid:
             pipe.hgetall(self._job_key(job_id))
         found = dict(zip(valid, cast(list[dict[str, str]], pipe.execute()) if valid else [], strict=True))
-        return [Job.from_hash(h) if (h := found.get(j)) else None for j in job_ids]
+        return [Job.from_hash(h, j) if (h := found.get(j)) else None for j in job_ids]
 
     def find_by_task(self, task_id: str) -> Job | None:
         """The job bound to Kling task `task_id` (one HGET of the index, one read of the job), or None.
@@ -289,7 +310,12 @@ class JobStore:
         if not isinstance(idempotency_key, str) or not idempotency_key:
             return None
         name = self._idempotency_key(idempotency_key, app)
-        job_id = cast(str | None, self._r.hget(name, "job_id"))
+        # one script would need the key's type first: a GET, and for a record of the older form (a hash) an HGET
+        try:
+            record = cast(str | None, self._r.get(name))
+            job_id = f"job_{record[:JOB_ULID_CHARS]}" if record else None
+        except redis.ResponseError:  # WRONGTYPE: a record written before 2026-12-08
+            job_id = cast(str | None, self._r.hget(name, "job_id"))
         return self.get(job_id) if job_id else None
 
     def request(self, job_id: str) -> dict[str, Any]:
@@ -314,8 +340,12 @@ class JobStore:
             raise ValueError("limit must be at least 1")
         if not is_job_id(job_id):
             return []
-        raw = cast(list[str], self._r.lrange(self._events_key(job_id), -limit, -1))
-        return [Event.from_json(r) for r in raw]
+        pipe = self._r.pipeline(transaction=True)  # one snapshot: a script may move the timeline between the two
+        pipe.hgetall(self._job_key(job_id))
+        pipe.lrange(self._events_key(job_id), -limit, -1)
+        h, raw = pipe.execute()
+        events = [Event.from_json(r) for r in cast(list[str], raw)] + timeline_of(joined(cast(dict[str, str], h)))
+        return events[-limit:]
 
     # -- state changes ----------------------------------------------------------------------------------
 
@@ -351,7 +381,7 @@ class JobStore:
         reply = _reply(raw)
         if reply[0] == "missing":
             raise JobNotFound(job_id)
-        result = StepResult(applied=reply[0] == "applied", job=Job.from_hash(_pairs(reply[2])),
+        result = StepResult(applied=reply[0] == "applied", job=Job.from_hash(_pairs(reply[2]), job_id),
                             from_state=JobState(reply[1]))
         if result.applied:  # every applied step (and ops retry) passes here: counted once, whoever made it
             metrics.transition(result.from_state.value, result.job.state.value)
@@ -374,7 +404,7 @@ class JobStore:
         fields = self._encode_fields(set_fields)
         allowed = "*" if only_from is None else ",".join(JobState(s).value for s in only_from)
         now = self._clock()
-        tail = "," + dumps(to.value) + self._event_tail(source, detail)
+        tail = STATE_CODES[to.value] + self._event_tail(source, detail)
         args: list[str | int] = [to.value, repr(now), self._event_head(now), tail, allowed,
                                  *self._due_args(due_in, now), self._ttl, self._max_events, *fields]
         return self._result(job_id, self._step(keys=self._step_keys(job_id), args=args))
@@ -388,7 +418,7 @@ class JobStore:
         """
         self._check_source(source)
         now = self._clock()
-        tail = ',"queued",' + dumps(source) + ',{"previous_error":'
+        tail = STATE_CODES[JobState.QUEUED.value] + self._event_tail(source, None) + '{"previous_error":'
         args: list[str | int] = [repr(now), self._event_head(now), tail, *self._due_args(due_in, now),
                                  self._max_events]
         return self._result(job_id, self._retry(keys=self._step_keys(job_id), args=args))
@@ -544,7 +574,7 @@ class JobStore:
             if not h:
                 gone.append(job_id)
                 continue
-            job = Job.from_hash(h)
+            job = Job.from_hash(h, job_id)
             if (state is None or job.state == state) and (app is None or job.app == app):
                 jobs.append(job)
         if gone:

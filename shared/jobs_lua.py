@@ -1,22 +1,25 @@
 """The Lua scripts behind `JobStore`: each runs atomically inside Redis, so a check and its write cannot interleave.
 
 Key order shared by the state-changing scripts (`STEP`, `RETRY`):
-`KEYS[1]` job hash, `KEYS[2]` its events list, `KEYS[3]` the due index, `KEYS[4..10]` the state indexes in
-`JobState` order (queued, submitted, processing, generated, stored, failed, canceled), `KEYS[11]` the outbox.
+`KEYS[1]` job hash, `KEYS[2]` its timeline list (used only by a job that has one), `KEYS[3]` the due index,
+`KEYS[4..10]` the state indexes in `JobState` order (queued, submitted, processing, generated, stored, failed,
+canceled), `KEYS[11]` the outbox.
 
 The outbox is how announcing a step (the consumers' stream, a job's notification) survives a crash: the step
 that enters a terminal state, or a state the job's `notify_url` asked for, adds `<id>|<state>|<now>` to it in
 the same script; whoever applied the step announces it and removes the entry, and the reconciler announces what
 is left after a grace period (so an announcement may be made twice, never lost).
 
-Events are JSON arrays built by Python (`Event.to_json`), except the `from` state which only the script knows:
-Python sends a head (`[<at>,`) and a tail (`,"<to>","<source>"]`) and the script puts the quoted current state
-between them. State names are plain lowercase words, so no escaping is needed. Numbers never pass through Lua
-arithmetic (its `tostring` would round timestamps); scores and times arrive as strings and are stored as given.
+Timeline lines (`Event.to_line`) are built by Python, except the `from` state which only the script knows:
+Python sends the event's time in milliseconds and the rest after the `from` code (`<to><source>[detail]`), and
+the script puts `,<code of the current state>` between them (`push_event`: in the job hash's `tl` field, the time
+made relative to the first line's; in the job's list when it has one). Scores and times arrive as strings and are
+stored as given; the only arithmetic is on whole milliseconds (exact in Lua's doubles).
 
 The request body (images included, up to tens of MB) is kept apart from the hash, in `<job key>:request`, so that
 the HGETALL every step answers with stays small; the submit and the copy read it (`JobStore.request`), and the
-step into `stored` deletes it (the manifest records it, without image payloads).
+step into `stored` deletes it (the manifest records it, without image payloads), and what the callbacks said
+(`<job key>:heard`, `shared/heard.py`: read only by the submit and the copy).
 
 A hash value longer than 64 bytes is kept in pieces (`jobs_model.pieces`: `<name>`, `<name>~1`, ...) so the hash
 stays a listpack under Redis's default limits: `full` reads a field whole, and a write clears the field's earlier
@@ -33,6 +36,12 @@ the state before the step and the job's hash (HGETALL) after it.
 from __future__ import annotations
 
 from kling_relay.shared import keys
+from kling_relay.shared.jobs_model import STATE_CODES, TIMELINE_FIELD
+
+#: Most bytes of timeline kept in the job hash (16 pieces); a longer timeline moves to its own list.
+TIMELINE_MAX_BYTES = 1024
+#: Most fields the job hash may reach with its timeline in it (Redis keeps a hash a listpack up to 128).
+TIMELINE_MAX_FIELDS = 100
 
 # Per-app state indexes (non-terminal states only), named from the job's `app` field inside the scripts.
 _APPS = f"""
@@ -67,15 +76,99 @@ local function clear_pieces(key, name)
 end
 """
 
-_PRELUDE = _APPS + _PIECES + """
+# The timeline (`jobs_model.timeline_of`): lines in the job hash's `tl` field, in pieces, while the job has no
+# timeline list; a job that has one (written by an older release, or moved there) appends to it.
+_TIMELINE = f"""
+local CODE = {{{", ".join(f"{s}='{c}'" for s, c in STATE_CODES.items())}}}
+local TL = '{TIMELINE_FIELD}'
+local TL_MAX_BYTES = {TIMELINE_MAX_BYTES}
+local TL_MAX_FIELDS = {TIMELINE_MAX_FIELDS}
+""" + """
+-- `s` in pieces of at most 64 bytes, never cut inside a UTF-8 character (as `jobs_model.pieces` cuts)
+local function split64(s)
+  local out, i, n = {}, 1, #s
+  while i <= n do
+    local j = i + 63
+    if j >= n then
+      j = n
+    else
+      while j > i do
+        local b = string.byte(s, j + 1)
+        if b < 128 or b >= 192 then break end
+        j = j - 1
+      end
+    end
+    out[#out + 1] = string.sub(s, i, j)
+    i = j + 1
+  end
+  return out
+end
+
+local function tl_piece(k)
+  if k == 0 then return TL end
+  return TL .. '~' .. k
+end
+
+-- Append one event: `ms` its time in milliseconds (text), `rest` the line after it (`,<from><to><source>[detail]`).
+-- In the hash the first line's time is absolute and the others relative to it. When the hash timeline would pass
+-- max_events lines, TL_MAX_BYTES or a hash of TL_MAX_FIELDS fields, it moves to the list (times made absolute;
+-- the job's expiry copied), which keeps the latest max_events.
+local function push_event(job_key, list_key, ms, rest, max_events)
+  if redis.call('EXISTS', list_key) == 0 then
+    local h = redis.call('HGETALL', job_key)
+    local fields, parts, args = {}, {}, {}
+    for i = 1, #h, 2 do fields[h[i]] = h[i + 1] end
+    while fields[tl_piece(#parts)] do parts[#parts + 1] = fields[tl_piece(#parts)] end
+    if #parts == 0 then
+      for i, p in ipairs(split64(ms .. rest)) do
+        args[#args + 1] = tl_piece(i - 1)
+        args[#args + 1] = p
+      end
+      redis.call('HSET', job_key, unpack(args))
+      return
+    end
+    local text = table.concat(parts)
+    local base = tonumber(string.match(text, '^%-?%d+'))
+    local line = string.format('%d', tonumber(ms) - base) .. rest
+    local _, newlines = string.gsub(text, '\\n', '')
+    if newlines + 1 < tonumber(max_events) and #text + 1 + #line <= TL_MAX_BYTES
+        and #h / 2 + 2 + math.floor(#line / 32) <= TL_MAX_FIELDS then
+      for i, p in ipairs(split64(parts[#parts] .. '\\n' .. line)) do
+        args[#args + 1] = tl_piece(#parts + i - 2)
+        args[#args + 1] = p
+      end
+      redis.call('HSET', job_key, unpack(args))
+      return
+    end
+    local lines, names = {}, {}
+    for l in string.gmatch(text, '[^\\n]+') do
+      if #lines == 0 then
+        lines[1] = l
+      else
+        local n, r = string.match(l, '^(%-?%d+)(,.*)$')
+        lines[#lines + 1] = string.format('%d', base + tonumber(n)) .. r
+      end
+    end
+    redis.call('RPUSH', list_key, unpack(lines))
+    for k = 0, #parts - 1 do names[#names + 1] = tl_piece(k) end
+    redis.call('HDEL', job_key, unpack(names))
+    local ttl = redis.call('PTTL', job_key)
+    if ttl > 0 then redis.call('PEXPIRE', list_key, ttl) end
+  end
+  redis.call('RPUSH', list_key, ms .. rest)
+  redis.call('LTRIM', list_key, -tonumber(max_events), -1)
+end
+"""
+
+# The job's id: its key without the prefix (the hash of a job written before 2026-12-08 also has an `id` field).
+_JOB_ID = f"""
+local function job_id(job_key) return string.sub(job_key, {len(keys.JOB_KEY_PREFIX) + 1}) end
+"""
+
+_PRELUDE = _APPS + _PIECES + _TIMELINE + _JOB_ID + """
 local RANK = {queued=0, submitted=1, processing=2, generated=3, stored=4}
 local TERMINAL = {stored=true, failed=true, canceled=true}
 local IDX = {queued=4, submitted=5, processing=6, generated=7, stored=8, failed=9, canceled=10}
-
-local function push_event(key, head, cur, tail, max_events)
-  redis.call('RPUSH', key, head .. '"' .. cur .. '"' .. tail)
-  redis.call('LTRIM', key, -tonumber(max_events), -1)
-end
 
 local function move_index(cur, to, id, score)
   redis.call('ZREM', KEYS[IDX[cur]], id)
@@ -102,15 +195,27 @@ end
 """
 
 # KEYS: job, events, all-index, queued-index, due, the app's listing index ('' = no app), the apps set[, idem]
-# ARGV: 1 id, 2 body hash, 3 idem ttl (0 = none), 4 created_at, 5 due_at ('' = none), 6 event json,
+# ARGV: 1 id, 2 body tag, 3 idem ttl (0 = none), 4 created_at, 5 due_at ('' = none), 6 body hash (hex, as the
+#       records before 2026-12-08 hold it),
 #       7 job key prefix, 8 max events, 9 app group, 10 the app's active cap (0 = none), 11.. field/value pairs
 # Replies {'created'|'existing'|'conflict', id} or {'busy', active count} (the app's cap is reached).
 CREATE = _APPS + """
 if #KEYS >= 8 then
-  local cur = redis.call('HMGET', KEYS[8], 'job_id', 'body')
-  if cur[1] and redis.call('EXISTS', ARGV[7] .. cur[1]) == 1 then
-    if cur[2] == ARGV[2] then return {'existing', cur[1]} end
-    return {'conflict', cur[1]}
+  -- the record: `<job id without job_><body tag>` (a string), or before 2026-12-08 a hash (job_id, body)
+  local cur, same = nil, false
+  local kind = redis.call('TYPE', KEYS[8])['ok']
+  if kind == 'string' then
+    local record = redis.call('GET', KEYS[8])
+    cur = 'job_' .. string.sub(record, 1, 26)
+    same = string.sub(record, 27) == ARGV[2]
+  elseif kind == 'hash' then
+    local old = redis.call('HMGET', KEYS[8], 'job_id', 'body')
+    cur = old[1]
+    same = old[2] == ARGV[6]
+  end
+  if cur and redis.call('EXISTS', ARGV[7] .. cur) == 1 then
+    if same then return {'existing', cur} end
+    return {'conflict', cur}
   end
 end
 local base = APP_PREFIX .. ARGV[9] .. ':state:'
@@ -121,7 +226,7 @@ if tonumber(ARGV[10]) > 0 then
 end
 if #KEYS >= 8 then
   redis.call('DEL', KEYS[8])
-  redis.call('HSET', KEYS[8], 'job_id', ARGV[1], 'body', ARGV[2])
+  redis.call('SET', KEYS[8], string.sub(ARGV[1], 5) .. ARGV[2])
   if tonumber(ARGV[3]) > 0 then redis.call('EXPIRE', KEYS[8], ARGV[3]) end
 end
 for i = 11, #ARGV, 2 do
@@ -131,8 +236,6 @@ for i = 11, #ARGV, 2 do
     redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
   end
 end
-redis.call('RPUSH', KEYS[2], ARGV[6])
-redis.call('LTRIM', KEYS[2], -tonumber(ARGV[8]), -1)
 redis.call('ZADD', KEYS[3], ARGV[4], ARGV[1])
 redis.call('ZADD', KEYS[4], ARGV[4], ARGV[1])
 if KEYS[6] ~= '' then redis.call('ZADD', KEYS[6], ARGV[4], ARGV[1]) end
@@ -156,7 +259,8 @@ end
 
 # ARGV: 1 to, 2 now, 3 event head, 4 event tail, 5 allowed sources ('*' = any, else comma-separated),
 #       6 due mode (keep|none|set), 7 due_at, 8 ttl seconds (0 = none), 9 max events, 10.. field/value pairs (a
-#       field's pieces right after it). The step into `stored` deletes the job's request.
+#       field's pieces right after it). The step into `stored` deletes the job's request, what its callbacks said
+#       and its attempt counters (read only by the submit and the copy; a stored job has no retry).
 STEP = _PRELUDE + _WANTS + """
 local cur = redis.call('HGET', KEYS[1], 'state')
 if not cur then return {'missing'} end
@@ -172,14 +276,21 @@ if ok and to ~= 'failed' and to ~= 'canceled' then
   ok = RANK[to] > RANK[cur]
 end
 if not ok then return {'noop', cur, redis.call('HGETALL', KEYS[1])} end
-local id = redis.call('HGET', KEYS[1], 'id')
+local id = job_id(KEYS[1])
 redis.call('HSET', KEYS[1], 'state', to, 'updated_at', ARGV[2])
 for i = 10, #ARGV, 2 do
   if not string.find(ARGV[i], '~', 1, true) then clear_pieces(KEYS[1], ARGV[i]) end
   redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
 end
-if to == 'stored' then redis.call('DEL', KEYS[1] .. ':request') end
-push_event(KEYS[2], ARGV[3], cur, ARGV[4], ARGV[9])
+if to == 'stored' then
+  redis.call('DEL', KEYS[1] .. ':request', KEYS[1] .. ':heard')
+  local counters = {}
+  for _, k in ipairs(redis.call('HKEYS', KEYS[1])) do
+    if string.sub(k, 1, 8) == 'attempt:' then counters[#counters + 1] = k end
+  end
+  if #counters > 0 then redis.call('HDEL', KEYS[1], unpack(counters)) end
+end
+push_event(KEYS[1], KEYS[2], ARGV[3], ',' .. CODE[cur] .. ARGV[4], ARGV[9])
 move_index(cur, to, id, redis.call('HGET', KEYS[1], 'created_at'))
 update_due(to, ARGV[6], ARGV[7], id)
 if TERMINAL[to] or wants_notification(KEYS[1], to) then
@@ -200,7 +311,7 @@ RETRY = _PRELUDE + """
 local cur = redis.call('HGET', KEYS[1], 'state')
 if not cur then return {'missing'} end
 if cur ~= 'failed' then return {'noop', cur, redis.call('HGETALL', KEYS[1])} end
-local id = redis.call('HGET', KEYS[1], 'id')
+local id = job_id(KEYS[1])
 local err = full(KEYS[1], 'error')
 if not err or err == '' then err = 'null' end
 clear_pieces(KEYS[1], 'error')
@@ -209,7 +320,7 @@ if redis.call('HEXISTS', KEYS[1], 'attempt:copy') == 1 then redis.call('HSET', K
 for _, k in ipairs(redis.call('HKEYS', KEYS[1])) do
   if string.sub(k, 1, 8) == 'attempt:' then redis.call('HDEL', KEYS[1], k) end
 end
-push_event(KEYS[2], ARGV[2], cur, ARGV[3] .. err .. '}]', ARGV[6])
+push_event(KEYS[1], KEYS[2], ARGV[2], ',' .. CODE[cur] .. ARGV[3] .. err .. '}', ARGV[6])
 move_index(cur, 'queued', id, redis.call('HGET', KEYS[1], 'created_at'))
 update_due('queued', ARGV[4], ARGV[5], id)
 redis.call('PERSIST', KEYS[1])
@@ -219,17 +330,16 @@ return {'applied', cur, redis.call('HGETALL', KEYS[1])}
 """
 
 # KEYS: job, events. ARGV: 1 event head, 2 event tail (after the `to` state), 3 max events
-NOTE = """
+NOTE = _TIMELINE + """
 local cur = redis.call('HGET', KEYS[1], 'state')
 if not cur then return {'missing'} end
-redis.call('RPUSH', KEYS[2], ARGV[1] .. '"' .. cur .. '","' .. cur .. '"' .. ARGV[2])
-redis.call('LTRIM', KEYS[2], -tonumber(ARGV[3]), -1)
+push_event(KEYS[1], KEYS[2], ARGV[1], ',' .. CODE[cur] .. CODE[cur] .. ARGV[2], ARGV[3])
 return {'noted', cur}
 """
 
 # KEYS: job, events, (optional) the task id → job id index. ARGV: 1 task id, 2 now, 3 event head, 4 event tail
 # (after the `to` state), 5 max events
-SET_KLING_TASK_ID = """
+SET_KLING_TASK_ID = _TIMELINE + _JOB_ID + """
 local cur = redis.call('HGET', KEYS[1], 'state')
 if not cur then return {'missing'} end
 local existing = redis.call('HGET', KEYS[1], 'kling_task_id')
@@ -238,9 +348,8 @@ if existing and existing ~= '' then
   return {'conflict', existing}
 end
 redis.call('HSET', KEYS[1], 'kling_task_id', ARGV[1], 'updated_at', ARGV[2])
-if KEYS[3] then redis.call('HSET', KEYS[3], ARGV[1], redis.call('HGET', KEYS[1], 'id')) end
-redis.call('RPUSH', KEYS[2], ARGV[3] .. '"' .. cur .. '","' .. cur .. '"' .. ARGV[4])
-redis.call('LTRIM', KEYS[2], -tonumber(ARGV[5]), -1)
+if KEYS[3] then redis.call('HSET', KEYS[3], ARGV[1], job_id(KEYS[1])) end
+push_event(KEYS[1], KEYS[2], ARGV[3], ',' .. CODE[cur] .. CODE[cur] .. ARGV[4], ARGV[5])
 return {'set', ''}
 """
 
@@ -251,7 +360,7 @@ return redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
 """
 
 # KEYS: job, due. ARGV: 1 due_at. Returns -1 (no job), 0 (terminal: not due-tracked), 1 (set).
-SET_DUE = """
+SET_DUE = _JOB_ID + """
 local TERMINAL = {stored=true, failed=true, canceled=true}
 local cur = redis.call('HGET', KEYS[1], 'state')
 if not cur then return -1 end
@@ -259,6 +368,6 @@ if TERMINAL[cur] then return 0 end
 local due_at = ARGV[1]
 local deadline = redis.call('HGET', KEYS[1], 'deadline_at')
 if deadline and deadline ~= '' and tonumber(deadline) < tonumber(due_at) then due_at = deadline end
-redis.call('ZADD', KEYS[2], due_at, redis.call('HGET', KEYS[1], 'id'))
+redis.call('ZADD', KEYS[2], due_at, job_id(KEYS[1]))
 return 1
 """

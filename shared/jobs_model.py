@@ -1,11 +1,12 @@
 """The job record as values: its states, its timeline events, and the `Job` read back from Redis.
 
 Nothing here talks to Redis; `shared/jobs.py` stores and steps these values. A job is kept as one Redis hash
-of strings: plain strings for ids and timestamps (`""` or no field meaning "none"), JSON for the structured fields
-(`metadata`, `error`, `videos`, and `notify_events`, where `""` means the default: the terminal states; the request
-lives in its own key), one `attempt:<kind>` integer field per retry counter, and what Kling billed once it says so
-(`units`, `balance_deduction`: numbers as text, each written once by `shared/usage.py`, never by a state step), and
-`copy_ran` ("1": a copy ran before an ops retry cleared the attempt counters; written by that retry).
+of strings (its id is its key's, `from_hash`): plain strings for ids and timestamps (`""` or no field meaning
+"none"), JSON for the structured fields (`metadata`, `error`, `videos`, and `notify_events`, where `""` means the
+default: the terminal states; the request lives in its own key), one `attempt:<kind>` integer field per retry
+counter (cleared by the step into `stored`), and what Kling billed once it says so (`units`, `balance_deduction`:
+numbers as text, each written once by `shared/usage.py`, never by a state step), and `copy_ran` ("1": a copy ran
+before an ops retry cleared the attempt counters; written by that retry).
 
 Memory (Redis keeps a hash compact, as a listpack, only while every value is at most `hash-max-listpack-value`
 bytes, 64 by default, and it has at most 128 fields; one longer value turns the whole hash into a hashtable, about
@@ -13,7 +14,11 @@ twice the size: `bench/job_memory.py`): a field left at its default is not writt
 field as its default, so hashes written before, with every field, read the same), and a value longer than
 `PIECE_BYTES` is kept in pieces of at most that many bytes: the first under the field's own name, the rest under
 `<name>~1`, `<name>~2`, ... (`pieces`, joined back by `from_hash`; the job scripts read and clear them the same way).
-Timeline events are compact JSON arrays (`Event.to_json`; the older JSON objects still read).
+The timeline is in the hash too, in its `tl` field (in pieces like any long value): one line per event
+(`Event.to_line`: the time in milliseconds, relative to the first line's, then one character per state and source,
+then the detail), which saves a key per job (~220 bytes of Redis bookkeeping) and ~half the bytes of the JSON
+arrays. A job written before 2026-12-08 (or whose timeline grew past `jobs_lua.TIMELINE_MAX_BYTES`) has it in its
+own list instead (`keys.job_events`: lines with absolute times, and the older JSON arrays and objects, still read).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from __future__ import annotations
 import json
 import secrets
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
@@ -85,6 +90,14 @@ def iso_utc(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+_EPOCH = datetime.fromtimestamp(0, UTC)
+
+
+def millis(ts: float) -> int:
+    """A Unix timestamp in whole milliseconds, as `iso_utc` shows it (so `iso_utc(millis(t) / 1000) == iso_utc(t)`)."""
+    return (datetime.fromtimestamp(ts, UTC) - _EPOCH) // timedelta(milliseconds=1)
+
+
 def normalize_notify_events(events: object) -> tuple[str, ...] | None:
     """`notify_events` in the one stored form: the states in state order, None for the default (terminal) set.
 
@@ -129,6 +142,15 @@ PIECE_BYTES = 64
 PIECE_MARK = "~"
 #: The fields whose values are JSON documents.
 JSON_FIELDS: frozenset[str] = frozenset({"metadata", "error", "videos", "notify_events"})
+
+#: The job hash's field holding its timeline (in pieces, see `timeline_of`), while the job has no timeline list.
+TIMELINE_FIELD = "tl"
+#: One character per state in a timeline line (`Event.to_line`), and "-" for no state (the creation's `from`).
+STATE_CODES: dict[str, str] = {s.value: str(n) for n, s in enumerate(JobState)}
+#: One character per source in a timeline line.
+SOURCE_CODES: dict[str, str] = {"api": "a", "worker": "w", "callback": "c", "reconciler": "r"}
+_STATES_BY_CODE = {c: s for s, c in STATE_CODES.items()}
+_SOURCES_BY_CODE = {c: s for s, c in SOURCE_CODES.items()}
 
 
 def pieces(name: str, value: str) -> list[str]:
@@ -194,13 +216,32 @@ class Event:
                 "source": self.source, "detail": dict(self.detail)}
 
     def to_json(self) -> str:
-        """How the job's timeline stores it: `[at, from, to, source]`, plus `detail` when it is not empty."""
+        """An event as the timeline list stored it before 2026-12-08: `[at, from, to, source]`, plus `detail` when it
+        is not empty (still read: `from_json`)."""
         return dumps([self.at, self.from_state, self.to_state, self.source, *([self.detail] if self.detail else [])])
+
+    def to_line(self, base_ms: int = 0) -> str:
+        """How the timeline stores it now: `<ms>,<from><to><source>[<detail JSON>]`, `<ms>` the event's time in
+        milliseconds minus `base_ms`, then one character per state and source (`STATE_CODES`, `SOURCE_CODES`; `-`
+        for no `from`), then the detail when it is not empty. The job scripts write the same (`jobs_lua`)."""
+        return (f"{millis(self.at) - base_ms},{STATE_CODES[self.from_state] if self.from_state else '-'}"
+                f"{STATE_CODES[self.to_state]}{SOURCE_CODES[self.source]}{dumps(self.detail) if self.detail else ''}")
+
+    @classmethod
+    def from_line(cls, line: str, base_ms: int = 0) -> Event:
+        """An event as `to_line` wrote it (its time `base_ms` + the line's milliseconds)."""
+        ms, rest = line.split(",", 1)
+        return cls(at=(base_ms + int(ms)) / 1000, from_state=_STATES_BY_CODE.get(rest[0]),
+                   to_state=_STATES_BY_CODE[rest[1]], source=_SOURCES_BY_CODE[rest[2]],
+                   detail=json.loads(rest[3:]) if len(rest) > 3 else {})
 
     @classmethod
     def from_json(cls, raw: str) -> Event:
-        """An event as `to_json` stores it, or as a JSON object `{"at", "from", "to", "source", "detail"}` (the
-        layout before 2026-12: the timelines of jobs stored then read the same)."""
+        """An entry of a timeline list: a line as `to_line` writes it (absolute milliseconds), or as the list held it
+        before: a JSON array (`to_json`) or a JSON object `{"at", "from", "to", "source", "detail"}` (the layout
+        before 2026-12: the timelines of jobs stored then read the same)."""
+        if raw[:1] not in ("[", "{"):
+            return cls.from_line(raw)
         data = json.loads(raw)
         if isinstance(data, list):
             at, from_state, to_state, source, *rest = data
@@ -208,6 +249,19 @@ class Event:
                        detail=rest[0] if rest else {})
         return cls(at=float(data["at"]), from_state=data.get("from"), to_state=data["to"],
                    source=data["source"], detail=data.get("detail") or {})
+
+
+def timeline_of(h: dict[str, str]) -> list[Event]:
+    """The timeline a job hash (as read, pieces joined: `joined`) holds in `TIMELINE_FIELD`, oldest first: lines
+    (`Event.to_line`) separated by newlines, the first with its absolute time in milliseconds, the others relative
+    to it. Empty when the field is missing (a job whose timeline is in its list: `keys.job_events`)."""
+    raw = h.get(TIMELINE_FIELD)
+    if not raw:
+        return []
+    lines = raw.split("\n")
+    first = Event.from_line(lines[0])
+    base = int(lines[0].split(",", 1)[0])
+    return [first, *(Event.from_line(line, base) for line in lines[1:])]
 
 
 def _opt(raw: str | None) -> str | None:
@@ -299,13 +353,17 @@ class Job:
         return out
 
     @classmethod
-    def from_hash(cls, h: dict[str, str]) -> Job:
-        """Decode the Redis hash written by `JobStore` (a client with `decode_responses=True`): fields in pieces are
-        joined, missing fields read as their defaults."""
+    def from_hash(cls, h: dict[str, str], job_id: str | None = None) -> Job:
+        """Decode the Redis hash of job `job_id` written by `JobStore` (a client with `decode_responses=True`): fields
+        in pieces are joined, missing fields read as their defaults. The id is the key's (the hash of a job written
+        before 2026-12-08 has it in its `id` field too)."""
         h = joined(h)
         attempts = {k[len(ATTEMPT_PREFIX):]: int(v) for k, v in h.items() if k.startswith(ATTEMPT_PREFIX)}
+        found = job_id or h.get("id")
+        if not found:
+            raise KeyError("id")
         return cls(
-            id=h["id"],
+            id=found,
             state=JobState(h["state"]),
             notify_url=_opt(h.get("notify_url")),
             metadata=_json_or(h.get("metadata"), {}),

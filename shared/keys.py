@@ -1,10 +1,11 @@
 """The Redis key layout, written once. Every module that keeps keys in Redis builds them here.
 
 All keys start with `kr:`; one Redis (database) serves one relay.
-- `kr:job:<id>` hash: the job (`jobs_model` has the field encoding: defaults not written, values over 64 bytes
-  in pieces `<field>~<n>`, so the hash stays a listpack under Redis's default config); `kr:job:<id>:request`
-  string: its Kling request as JSON (deleted by the step into `stored`: the manifest records it);
-  `kr:job:<id>:events` list: its timeline (compact JSON arrays, `Event.to_json`)
+- `kr:job:<id>` hash: the job and its timeline (`jobs_model` has the field encoding: defaults not written, values
+  over 64 bytes in pieces `<field>~<n>`, so the hash stays a listpack under Redis's default config; the timeline
+  in `tl`); `kr:job:<id>:request` string: its Kling request as JSON (deleted by the step into `stored`: the
+  manifest records it); `kr:job:<id>:events` list: the timeline of a job written before 2026-12-08, or one grown
+  past `jobs_lua.TIMELINE_MAX_BYTES` (`Event.from_json`)
 - `kr:jobs:all`, `kr:jobs:state:<state>` sorted sets (score = created_at): listing newest first, counts
 - `kr:jobs:app:<app>` sorted set (score = created_at): one app's jobs, for its listing (entries of expired jobs
   dropped lazily); `kr:jobs:app:<group>:state:<state>` sorted sets for the non-terminal states (queued,
@@ -14,7 +15,8 @@ All keys start with `kr:`; one Redis (database) serves one relay.
   from `APP_PREFIX` and the job's `app` field.
 - `kr:jobs:due` sorted set (score = when the reconciler should look next)
 - `kr:jobs:by_task` hash: Kling task id → job id (written with the task id; a lookup, never a scan)
-- `kr:idem:<sha256(idempotency key)>` hash: `job_id` and `body` (sha256 of the canonical body)
+- `kr:idem:<sha256(idempotency key)>` string: the job id without `job_`, then the first 12 bytes of the sha256 of
+  the canonical body in base64url (`JobStore.create`; before 2026-12-08 a hash: `job_id` and `body`, still read)
 - `kr:outbox` sorted set of `<id>|<state>|<at>` (score = at): steps still to be announced (`shared/notify.py`)
 - `kr:flow:rate` (GCRA theoretical arrival time), `kr:flow:in_flight` (sorted set of submit reservations),
   `kr:flow:in_flight:app:<group>` (the same reservations, per app group), `kr:flow:pause` (hash),
@@ -27,7 +29,8 @@ All keys start with `kr:`; one Redis (database) serves one relay.
 - `kr:flow:copy_pause` (hash: copying paused, storage unusable), `kr:flow:copy_probe` (a recent storage probe's
   mark), `kr:flow:copy_waits` (hash: job id → JSON, jobs whose copy waits for the operator)
 - `kr:lock:<step>:<job_id>` (submit, copy) and `kr:lock:reconcile`: locks with a token and an expiry
-- `kr:job:<id>:heard` hash: the tasks Kling's callbacks named for the job (`shared/heard.py`);
+- `kr:job:<id>:heard` hash: the tasks Kling's callbacks named for the job (`shared/heard.py`; deleted by the step
+  into `stored`);
   `kr:heard:awaiting` hash: job id → why the job waits for a callback; `kr:kling:reads` the `KLING_QUERY=auto`
   verdict (`shared/kling_reads.py`)
 - `kr:reconcile:last` string: JSON summary of the reconciler's last pass (`shared/reconcile.py`)

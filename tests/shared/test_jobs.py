@@ -636,11 +636,10 @@ def test_ttl_applies_once_a_job_is_finished_and_retry_lifts_it(redis_client: red
     assert 0 < redis_client.ttl(next(iter(redis_client.keys("kr:idem:*")))) <= 3600
     store.step(job.id, S.FAILED, source="worker")
     assert 0 < redis_client.ttl(f"kr:job:{job.id}") <= 3600
-    assert 0 < redis_client.ttl(f"kr:job:{job.id}:events") <= 3600
+    assert redis_client.ttl(f"kr:job:{job.id}:events") == -2  # the timeline is in the job hash (test_jobs_memory)
     assert 0 < redis_client.ttl(f"kr:job:{job.id}:request") <= 3600
     store.retry(job.id, source="api")
     assert redis_client.ttl(f"kr:job:{job.id}") == -1
-    assert redis_client.ttl(f"kr:job:{job.id}:events") == -1
     assert redis_client.ttl(f"kr:job:{job.id}:request") == -1
 
 
