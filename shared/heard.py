@@ -65,12 +65,13 @@ def remember(client: redis.Redis, job_id: str, task: KlingTask, *, ttl_seconds: 
 
 
 # KEYS: 1 the job's hash, 2 its heard hash. ARGV: 1 task id, 2 field, 3 task JSON, 4 ttl seconds, 5 MAX_HEARD.
-# Returns {kept (0/1), state ('' = no job), kling_task_id}; keeps the task only if it is the job's bound one.
+# Returns {kept (0/1), state ('' = no job), kling_task_id}; keeps the task only if it is the job's bound one and
+# the job is not stored (the step into `stored` deletes what was kept: nothing reads it after that).
 _READ_AND_REMEMBER = """
 local job = redis.call('HMGET', KEYS[1], 'state', 'kling_task_id')
 if not job[1] then return {0, '', ''} end
 local tid = job[2] or ''
-if tid ~= ARGV[1] then return {0, job[1], tid} end
+if tid ~= ARGV[1] or job[1] == 'stored' then return {0, job[1], tid} end
 if redis.call('HEXISTS', KEYS[2], ARGV[2]) == 0 and redis.call('HLEN', KEYS[2]) >= tonumber(ARGV[5]) then
   return {0, job[1], tid}
 end

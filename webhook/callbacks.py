@@ -152,7 +152,8 @@ def _as_bound(job: Job, task: KlingTask) -> Any:
     """A callback for a job found bound on a second read: answered as for a job bound from the start."""
     if job.kling_task_id != task.task_id:
         return _refused("task_mismatch", 409, "task_id does not match this job's Kling task")
-    _remember(job, task)
+    if job.state is not JobState.STORED:  # what a stored job's callbacks said is never read again
+        _remember(job, task)
     result = apply_task_status(runtime(), job.id, task, source="callback")
     metrics.callback(_outcome(result, KLING_STATUS_TO_STATE[task.status]))
     return jsonify(ok=True, applied=result.applied, state=result.job.state.value)

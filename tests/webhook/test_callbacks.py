@@ -415,3 +415,25 @@ def test_a_repeat_that_may_matter_still_reads_the_job(client: FlaskClient, runti
     calls = _redis_calls(runtime)
     assert _post(client, other.id, _task("task-9", "processing", other.id)).json["state"] == "failed"
     assert _redis_calls(runtime) > calls
+
+
+def test_a_callback_after_the_job_is_stored_keeps_nothing(runtime: Runtime) -> None:
+    """The step into `stored` deletes what the callbacks said (nothing reads it after that); a late callback used
+    to write it again, kept for the job's whole TTL."""
+    from kling_relay.shared import keys
+
+    job, _ = runtime.store.create(dict(REQUEST))
+    record_task(runtime, job.id, KlingTask("task-1", "submitted", external_task_id=job.id), source="worker",
+                detail={})
+    client = create_app(runtime=runtime).test_client()
+    assert _post(client, job.id, _task("task-1", "processing", job.id)).json["applied"] is True
+    assert runtime.redis.exists(keys.job_heard(job.id))
+    runtime.store.step(job.id, JobState.STORED, source="worker")
+    assert not runtime.redis.exists(keys.job_heard(job.id))
+    late = {**_task("task-1", "succeed", job.id),
+            "task_result": {"videos": [{"id": "v1", "url": "https://cdn.example.com/v1.mp4", "duration": "5"}]}}
+    for fresh in (create_app(runtime=runtime).test_client(), client):  # a process that never saw it, and one that did
+        answer = fresh.post(f"/callbacks/kling/{job.id}?token={callback_token(Secret(CALLBACK_SECRET), job.id)}",
+                            json=late)
+        assert answer.status_code == 200 and answer.json["state"] == "stored"
+    assert not runtime.redis.exists(keys.job_heard(job.id))
