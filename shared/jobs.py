@@ -30,7 +30,7 @@ its creation), so only those are candidates, oldest first; each candidate's job 
 script that removes it, so a live one (a job kept by a retry, one written without a TTL) is never removed. The
 task-id index has no scores: it is swept with HSCAN, a bounded step per pass from the cursor kept in `kr:sweep`.
 Each index gets at most `SWEEP_BATCH` candidates (and the task-id index an HSCAN step of `SWEEP_SCAN_COUNT`) per
-pass, resuming where the previous pass stopped: at the default 30 s interval that keeps up with about 30 jobs
+pass, resuming where the previous pass stopped: at the default 30 s interval that keeps up with about 16 jobs
 expiring a second. Until a pass reaches an expired job's entries, `counts()` includes it; `list()` and
 `find_by_task` also drop the entries of expired jobs they come across, as before. The non-terminal state indexes
 and the due index hold no job that expires (the step into a terminal state moves it out; the reconciler drops
@@ -86,9 +86,9 @@ __all__ = [
 
 _STATES: tuple[JobState, ...] = tuple(JobState)
 #: Most candidates (entries older than the TTL) one sweep examines in each sorted-set index (`sweep`).
-SWEEP_BATCH = 1000
+SWEEP_BATCH = 500
 #: The COUNT of the sweep's HSCAN step over the task-id index, per sweep (Redis may return a few more).
-SWEEP_SCAN_COUNT = 1000
+SWEEP_SCAN_COUNT = 500
 #: The sorted-set indexes the sweep looks after, besides the apps' listing indexes.
 SWEPT_INDEXES = (keys.JOBS_ALL, *(keys.jobs_in_state(s) for s in ("stored", "failed", "canceled")))
 _KIND = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
