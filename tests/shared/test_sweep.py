@@ -158,6 +158,21 @@ def test_live_old_entries_do_not_hold_the_sweep_back(redis_client: redis.Redis) 
         {"examined": 0 + 0 + 30, "removed": 0}, {"examined": 30 + 30 + 30, "removed": 0}]
 
 
+def test_the_task_index_is_scanned_on_from_where_the_last_sweep_stopped(redis_client: redis.Redis) -> None:
+    """The task-id index (no scores) is walked with HSCAN, its cursor kept in `kr:sweep` between sweeps: entries of
+    expired jobs anywhere in a large index are removed within one cycle of small steps, live ones never."""
+    live = gone_entries(redis_client, 2000, live=True)
+    gone = gone_entries(redis_client, 20)
+    redis_client.delete(keys.JOBS_ALL, keys.jobs_in_state("stored"))
+    store = JobStore(redis_client, clock=FakeClock(T0 + 10 * TTL), job_ttl_seconds=TTL)
+    steps = 0
+    while redis_client.hlen(keys.JOBS_BY_TASK) > len(live):
+        store.sweep(scan_count=100)
+        steps += 1
+        assert steps <= 40, "one cycle: about 2048 buckets, 100 a step"
+    assert set(redis_client.hvals(keys.JOBS_BY_TASK)) == set(live) and len(gone) == 20
+
+
 def test_many_entries_with_one_created_at(redis_client: redis.Redis) -> None:
     """Entries with the same score (created in the same instant): the sweep's place is a score and how many entries
     at it were kept, so it neither loops on them nor skips any."""
