@@ -178,9 +178,13 @@ class _Pass:
         return self.report
 
     def _sweep(self) -> None:
-        """Drop a bounded number of index entries whose job expired (see the module docstring)."""
+        """Drop a bounded number of index entries whose job expired (see the module docstring). Housekeeping: a
+        sweep that fails is logged and left to the next pass, the pass's work is done."""
         apps = [token.name for token in self.rt.settings.api_tokens]
-        self.report.swept = self.rt.store.sweep(now=self.now, apps=apps)["removed"]
+        try:
+            self.report.swept = self.rt.store.sweep(now=self.now, apps=apps)["removed"]
+        except redis.RedisError:
+            log.warning("the sweep of expired jobs' index entries failed; the next pass tries again", exc_info=True)
 
     def _announce_left_over(self) -> None:
         """Announce the steps whose own process did not (see the module docstring); an expired job is dropped."""

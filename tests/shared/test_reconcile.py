@@ -456,3 +456,16 @@ def test_a_pass_sweeps_the_entries_of_expired_jobs(runtime: Runtime, sim: SimHan
     assert runtime.store.get(live) is not None and runtime.redis.zscore(keys.JOBS_ALL, live) is not None
     assert runtime.store.find_by_task(runtime.store.require(live).kling_task_id or "") is not None
     assert last_pass(runtime.redis)["swept"] == 2  # type: ignore[index]
+
+
+def test_a_sweep_that_fails_leaves_the_pass_done(runtime: Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sweep is housekeeping: a Redis error in it is logged, the pass's own work stands and is recorded."""
+    job = new_job(runtime, due_in=0)
+
+    def broken(**_: Any) -> dict[str, int]:
+        raise redis.ConnectionError("gone for a moment")
+
+    monkeypatch.setattr(runtime.store, "sweep", broken)
+    report = reconcile(runtime)
+    assert report.resubmitted == [job.id] and report.swept == 0
+    assert last_pass(runtime.redis) is not None
