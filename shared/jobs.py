@@ -22,8 +22,19 @@ decode_responses=True)`); the constructor refuses any other. The scripts touch k
 so this needs a standalone (or Sentinel-managed) Redis, not Redis Cluster.
 
 With `job_ttl_seconds`, a job's hash and timeline expire that long after it enters a terminal state (a retry
-removes the expiry) and an idempotency key expires that long after the create; index entries of expired jobs are
-dropped lazily by `list()`, so `counts()` may include them until then.
+removes the expiry) and an idempotency key expires that long after the create. Their index entries go with the
+sweep (`sweep()`, run by every reconciler pass), so Redis memory stays bounded by the jobs still alive: in the
+`all` index, the terminal state indexes (stored, failed, canceled) and each app's listing index, only entries
+created more than `job_ttl_seconds` ago can belong to an expired job (a job expires at the earliest that long after
+its creation), so only those are candidates, oldest first; each candidate's job is checked with EXISTS in the
+script that removes it, so a live one (a job kept by a retry, one written without a TTL) is never removed. The
+task-id index has no scores: it is swept with HSCAN, a bounded step per pass from the cursor kept in `kr:sweep`.
+Each index gets at most `SWEEP_BATCH` candidates (and the task-id index an HSCAN step of `SWEEP_SCAN_COUNT`) per
+pass, resuming where the previous pass stopped: at the default 30 s interval that keeps up with about 16 jobs
+expiring a second. Until a pass reaches an expired job's entries, `counts()` includes it; `list()` and
+`find_by_task` also drop the entries of expired jobs they come across, as before. The non-terminal state indexes
+and the due index hold no job that expires (the step into a terminal state moves it out; the reconciler drops
+a due entry whose job is gone).
 """
 
 from __future__ import annotations
@@ -74,6 +85,12 @@ __all__ = [
 ]
 
 _STATES: tuple[JobState, ...] = tuple(JobState)
+#: Most candidates (entries older than the TTL) one sweep examines in each sorted-set index (`sweep`).
+SWEEP_BATCH = 500
+#: The COUNT of the sweep's HSCAN step over the task-id index, per sweep (Redis may return a few more).
+SWEEP_SCAN_COUNT = 500
+#: The sorted-set indexes the sweep looks after, besides the apps' listing indexes.
+SWEPT_INDEXES = (keys.JOBS_ALL, *(keys.jobs_in_state(s) for s in ("stored", "failed", "canceled")))
 _KIND = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 _FORBIDDEN_REQUEST_KEYS = ("callback_url", "external_task_id")
 MAX_LIST_LIMIT = limits.LIST_LIMIT_MAX
@@ -133,6 +150,8 @@ class JobStore:
         self._set_task = redis.register_script(jobs_lua.SET_KLING_TASK_ID)
         self._bump = redis.register_script(jobs_lua.BUMP_ATTEMPT)
         self._set_due = redis.register_script(jobs_lua.SET_DUE)
+        self._sweep_index = redis.register_script(jobs_lua.SWEEP_INDEX)
+        self._sweep_tasks = redis.register_script(jobs_lua.SWEEP_TASKS)
 
     @property
     def redis(self) -> redis.Redis:
@@ -290,7 +309,7 @@ class JobStore:
     def find_by_task(self, task_id: str) -> Job | None:
         """The job bound to Kling task `task_id` (one HGET of the index, one read of the job), or None.
 
-        Entries of expired jobs stay in the index until a lookup finds them gone (about 100 bytes each)."""
+        An entry whose job expired is dropped by the sweep (`sweep`), or by a lookup that finds the job gone."""
         if not isinstance(task_id, str) or not task_id or len(task_id) > limits.IDEMPOTENCY_KEY_MAX_CHARS:
             return None
         job_id = cast(str | None, self._r.hget(keys.JOBS_BY_TASK, task_id))
@@ -582,6 +601,37 @@ class JobStore:
         next_cursor = self._encode_cursor(page[-1][1], page[-1][0]) if len(entries) > limit else None
         return jobs, next_cursor
 
+    # -- the sweep of index entries whose job is gone -------------------------------------------------------------
+
+    def sweep(self, *, now: float | None = None, apps: Collection[str] = (), batch: int = SWEEP_BATCH,
+              scan_count: int = SWEEP_SCAN_COUNT) -> dict[str, int]:
+        """Remove index entries whose job no longer exists (it expired); returns `{"examined": n, "removed": n}`.
+
+        Bounded work per call: at most `batch` candidates in each sorted-set index (`all`, the terminal state
+        indexes and the listing index of each app in `kr:sweep:apps` or in `apps`, the configured ones) and one
+        HSCAN step of `scan_count` over the task-id index, each resumed where the previous call stopped (see the
+        module docstring and `jobs_lua.SWEEP_INDEX`). Candidates are entries created before `now - job_ttl_seconds`
+        (without a TTL: before `now`); each is removed only if its job's hash does not exist. Two round trips:
+        the apps set, then one script call per index (each atomic and short, so Redis serves others between them).
+        """
+        if batch < 1 or scan_count < 1:
+            raise ValueError("batch and scan_count must be at least 1")
+        at = self._clock() if now is None else now
+        cutoff = repr(at - self._ttl)
+        known = cast(set[str], self._r.smembers(keys.SWEEP_APPS))
+        pipe = self._r.pipeline(transaction=False)
+        for index in SWEPT_INDEXES:
+            self._sweep_index(keys=[index, keys.SWEEP, keys.SWEEP_APPS],
+                              args=[cutoff, batch, keys.JOB_KEY_PREFIX, index, ""], client=pipe)
+        for app in sorted(known | set(apps)):
+            index = keys.app_jobs(app)
+            self._sweep_index(keys=[index, keys.SWEEP, keys.SWEEP_APPS],
+                              args=[cutoff, batch, keys.JOB_KEY_PREFIX, index, app], client=pipe)
+        self._sweep_tasks(keys=[keys.JOBS_BY_TASK, keys.SWEEP], args=[scan_count, keys.JOB_KEY_PREFIX, "by_task"],
+                          client=pipe)
+        replies = cast(list[list[int]], pipe.execute())
+        return {"examined": sum(int(r[0]) for r in replies), "removed": sum(int(r[1]) for r in replies)}
+
     def active_count(self, app: str | None) -> int:
         """Jobs of `app` (None: without an app) queued or in progress (one ZCARD per non-terminal state)."""
         pipe = self._r.pipeline(transaction=False)
@@ -590,7 +640,8 @@ class JobStore:
         return sum(int(n) for n in pipe.execute())
 
     def counts(self) -> dict[str, int]:
-        """Number of jobs in each state (one ZCARD per state index)."""
+        """Number of jobs in each state (one ZCARD per state index): a job that expired counts until the sweep
+        (`sweep`, each reconciler pass) or a `list()` page has dropped its entry."""
         pipe = self._r.pipeline(transaction=False)
         for s in _STATES:
             pipe.zcard(self._index_key(s))

@@ -194,12 +194,15 @@ local function update_due(to, mode, due_at, id)
 end
 """
 
-# KEYS: job, events, all-index, queued-index, due, the app's listing index ('' = no app), the apps set[, idem]
+# KEYS: job, events, all-index, queued-index, due, the app's listing index ('' = no app; with one, the app is also
+#       added to `keys.SWEEP_APPS`, which the script names itself), the apps set[, idem]
 # ARGV: 1 id, 2 body tag, 3 idem ttl (0 = none), 4 created_at, 5 due_at ('' = none), 6 body hash (hex, as the
 #       records before 2026-12-08 hold it),
 #       7 job key prefix, 8 max events, 9 app group, 10 the app's active cap (0 = none), 11.. field/value pairs
 # Replies {'created'|'existing'|'conflict', id} or {'busy', active count} (the app's cap is reached).
-CREATE = _APPS + """
+CREATE = _APPS + f"""
+local SWEEP_APPS = '{keys.SWEEP_APPS}'
+""" + """
 if #KEYS >= 8 then
   -- the record: `<job id without job_><body tag>` (a string), or before 2026-12-08 a hash (job_id, body)
   local cur, same = nil, false
@@ -238,7 +241,10 @@ for i = 11, #ARGV, 2 do
 end
 redis.call('ZADD', KEYS[3], ARGV[4], ARGV[1])
 redis.call('ZADD', KEYS[4], ARGV[4], ARGV[1])
-if KEYS[6] ~= '' then redis.call('ZADD', KEYS[6], ARGV[4], ARGV[1]) end
+if KEYS[6] ~= '' then
+  redis.call('ZADD', KEYS[6], ARGV[4], ARGV[1])
+  redis.call('SADD', SWEEP_APPS, ARGV[9])
+end
 redis.call('ZADD', base .. 'queued', ARGV[4], ARGV[1])
 redis.call('SADD', KEYS[7], ARGV[9])
 if ARGV[5] ~= '' then redis.call('ZADD', KEYS[5], ARGV[5], ARGV[1]) end
@@ -370,4 +376,69 @@ local deadline = redis.call('HGET', KEYS[1], 'deadline_at')
 if deadline and deadline ~= '' and tonumber(deadline) < tonumber(due_at) then due_at = deadline end
 redis.call('ZADD', KEYS[2], due_at, job_id(KEYS[1]))
 return 1
+"""
+
+# The sweep of index entries whose job is gone (`JobStore.sweep`): bounded work per call, resumed where the last
+# call stopped (its place in `keys.SWEEP`), each candidate's job checked with EXISTS in the same script, so an entry
+# is removed only when its job does not exist at that moment (a job is never written again once gone).
+
+# One sorted-set index (score = created_at). KEYS: 1 the index, 2 the sweep's state hash, 3 the apps set (app
+# listing indexes: dropped from it once the index is gone; else unused). ARGV: 1 cutoff (only entries with a score
+# below it are candidates), 2 most entries to examine, 3 job key prefix, 4 the state field, 5 the app ('' = none).
+# The state field holds `<score> <n>`: the last score examined and how many entries at that score were kept (the
+# next call skips those; equal created_at times are rare, but possible). Fewer than ARGV[2] candidates left: the
+# sweep reached the cutoff and the field is dropped, so the next call starts from the oldest entry again (entries
+# added behind the place since, e.g. a job moved into a terminal state index with its old created_at, are seen
+# then). Replies {examined, removed}.
+SWEEP_INDEX = """
+local from, skip = '-inf', 0
+local place = redis.call('HGET', KEYS[2], ARGV[4])
+if place then
+  local s, n = string.match(place, '^(%S+) (%d+)$')
+  if s and tonumber(s) then from, skip = s, tonumber(n) end
+end
+local limit = tonumber(ARGV[2])
+local batch = redis.call('ZRANGEBYSCORE', KEYS[1], from, '(' .. ARGV[1], 'WITHSCORES', 'LIMIT', skip, limit)
+local gone, last, kept = {}, from, skip
+for i = 1, #batch, 2 do
+  if batch[i + 1] ~= last then last, kept = batch[i + 1], 0 end
+  if redis.call('EXISTS', ARGV[3] .. batch[i]) == 0 then
+    gone[#gone + 1] = batch[i]
+  else
+    kept = kept + 1
+  end
+end
+for i = 1, #gone, 500 do
+  redis.call('ZREM', KEYS[1], unpack(gone, i, math.min(i + 499, #gone)))
+end
+if #batch / 2 < limit then
+  redis.call('HDEL', KEYS[2], ARGV[4])
+else
+  redis.call('HSET', KEYS[2], ARGV[4], last .. ' ' .. kept)
+end
+if ARGV[5] ~= '' and redis.call('EXISTS', KEYS[1]) == 0 then redis.call('SREM', KEYS[3], ARGV[5]) end
+return {#batch / 2, #gone}
+"""
+
+# The task-id index (a hash, no scores): one HSCAN step from the cursor kept in the state hash, removing the fields
+# whose job is gone. KEYS: 1 the task-id index, 2 the sweep's state hash. ARGV: 1 COUNT (a hint: Redis may return
+# a few more, or the whole hash while it is small), 2 job key prefix, 3 the state field. A full cycle of the
+# cursor visits every field present throughout it (HSCAN's guarantee), so an entry of an expired job is removed
+# within one cycle. Replies {examined, removed}.
+SWEEP_TASKS = """
+local cursor = redis.call('HGET', KEYS[2], ARGV[3]) or '0'
+local step = redis.call('HSCAN', KEYS[1], cursor, 'COUNT', ARGV[1])
+local fields, gone = step[2], {}
+for i = 1, #fields, 2 do
+  if redis.call('EXISTS', ARGV[2] .. fields[i + 1]) == 0 then gone[#gone + 1] = fields[i] end
+end
+for i = 1, #gone, 500 do
+  redis.call('HDEL', KEYS[1], unpack(gone, i, math.min(i + 499, #gone)))
+end
+if step[1] == '0' then
+  redis.call('HDEL', KEYS[2], ARGV[3])
+else
+  redis.call('HSET', KEYS[2], ARGV[3], step[1])
+end
+return {#fields / 2, #gone}
 """

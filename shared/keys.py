@@ -8,13 +8,19 @@ All keys start with `kr:`; one Redis (database) serves one relay.
   past `jobs_lua.TIMELINE_MAX_BYTES` (`Event.from_json`)
 - `kr:jobs:all`, `kr:jobs:state:<state>` sorted sets (score = created_at): listing newest first, counts
 - `kr:jobs:app:<app>` sorted set (score = created_at): one app's jobs, for its listing (entries of expired jobs
-  dropped lazily); `kr:jobs:app:<group>:state:<state>` sorted sets for the non-terminal states (queued,
-  submitted, processing, generated) of the app's jobs (`<group>` is the app, or `_` for jobs without one):
+  dropped by the sweep, `kr:sweep`); `kr:jobs:app:<group>:state:<state>` sorted sets for the non-terminal states
+  (queued, submitted, processing, generated) of the app's jobs (`<group>` is the app, or `_` for jobs without one):
   its active count (APP_MAX_ACTIVE_JOBS) and its share of the in-flight cap; `kr:apps` set: the groups seen
   (pruned by the in-flight reservation once a group has no active job). The job scripts build these names
   from `APP_PREFIX` and the job's `app` field.
 - `kr:jobs:due` sorted set (score = when the reconciler should look next)
 - `kr:jobs:by_task` hash: Kling task id → job id (written with the task id; a lookup, never a scan)
+- `kr:sweep` hash: where the sweep of index entries of expired jobs resumes (`JobStore.sweep`, run by each
+  reconciler pass): per sorted-set index, a field `<index key>` = `<score> <n>` (the last score it examined and how
+  many entries at that score it kept); `by_task` = the `HSCAN` cursor of `kr:jobs:by_task`. A field is dropped
+  when its sweep reaches the end, so the next pass starts again from the oldest entry.
+- `kr:sweep:apps` set: the apps whose listing index (`kr:jobs:app:<app>`) the sweep looks after (added by the
+  create script, removed by the sweep once the index is empty and gone)
 - `kr:idem:<sha256(idempotency key)>` string: the job id without `job_`, then the first 12 bytes of the sha256 of
   the canonical body in base64url (`JobStore.create`; before 2026-12-08 a hash: `job_id` and `body`, still read)
 - `kr:outbox` sorted set of `<id>|<state>|<at>` (score = at): steps still to be announced (`shared/notify.py`)
@@ -50,6 +56,8 @@ JOBS_ALL = f"{PREFIX}jobs:all"
 JOBS_DUE = f"{PREFIX}jobs:due"
 JOBS_BY_TASK = f"{PREFIX}jobs:by_task"
 RECONCILE_LAST = f"{PREFIX}reconcile:last"
+SWEEP = f"{PREFIX}sweep"
+SWEEP_APPS = f"{PREFIX}sweep:apps"  # the create script names it itself
 OUTBOX = f"{PREFIX}outbox"
 JOB_KEY_PREFIX = f"{PREFIX}job:"  # the Lua create script builds `<this><id>` itself
 APP_PREFIX = f"{PREFIX}jobs:app:"  # the Lua job scripts build `<this><group>:state:<state>` themselves

@@ -32,6 +32,10 @@ Then it announces the steps left in the store's outbox for over `ANNOUNCE_GRACE_
 the step died, or Redis or the broker failed, before it appended the consumers' stream entry or queued the
 notification; see `shared/notify.py`), up to the batch size, oldest first.
 
+Last, it sweeps the index entries of jobs that expired (`JobStore.sweep`: the `all`, terminal state, app listing and
+task-id indexes; at most `jobs.SWEEP_BATCH` candidates an index, resumed next pass where this one stopped), so Redis
+memory stays bounded by the jobs still alive; `swept` in the report counts the entries removed.
+
 Kling calls go through the shared rate limit: when it says wait, the pass stops polling and leaves the rest due
 for the next pass. While submission is paused, the pass first probes Kling (one `list_tasks(page_size=1)`, at
 most every `KLING_PAUSE_PROBE_SECONDS` across all processes); a pause for the daily unit budget is never probed:
@@ -90,6 +94,7 @@ class ReconcileReport:
     copy_probe: str | None = None  # while copying is paused: resumed, still_failing, error
     stopped_polling: str | None = None  # rate_limited, paused: the rest of this pass's polls were skipped
     announced: list[str] = field(default_factory=list)  # jobs whose step was announced from the outbox
+    swept: int = 0  # index entries of expired jobs removed (`JobStore.sweep`)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -169,7 +174,17 @@ class _Pass:
         for job_id, job in zip(ids, self.rt.store.get_many(ids), strict=True):
             self._one(job_id, job)
         self._announce_left_over()
+        self._sweep()
         return self.report
+
+    def _sweep(self) -> None:
+        """Drop a bounded number of index entries whose job expired (see the module docstring). Housekeeping: a
+        sweep that fails is logged and left to the next pass, the pass's work is done."""
+        apps = [token.name for token in self.rt.settings.api_tokens]
+        try:
+            self.report.swept = self.rt.store.sweep(now=self.now, apps=apps)["removed"]
+        except redis.RedisError:
+            log.warning("the sweep of expired jobs' index entries failed; the next pass tries again", exc_info=True)
 
     def _announce_left_over(self) -> None:
         """Announce the steps whose own process did not (see the module docstring); an expired job is dropped."""

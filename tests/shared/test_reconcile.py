@@ -10,7 +10,7 @@ import pytest
 import redis
 
 from kling_relay.shared import copy_flow, flow, keys, stats
-from kling_relay.shared.jobs import JobState
+from kling_relay.shared.jobs import SWEPT_INDEXES, JobState
 from kling_relay.shared.keys import RECONCILE_LOCK as LOCK_KEY
 from kling_relay.shared.locks import RedisLock, job_lock
 from kling_relay.shared.logs import bound_fields
@@ -390,8 +390,13 @@ def test_a_pass_reads_only_the_due_jobs_not_the_10000_finished(runtime: Runtime,
     assert sorted(report.resubmitted) == sorted(due[4:7]) and sorted(report.recopied) == sorted(due[7:])
     assert big_kling == small_kling == 4, "one Kling request per polled job"
     assert big_stats == small_stats, "the same Redis commands, whatever the number of stored jobs"
-    assert big_stats["zrangebyscore"] == 2  # the due index and the outbox of steps still to announce
-    assert not {"keys", "scan", "zrange", "zrevrange", "zscan", "hscan", "sscan", "smembers"} & set(big_stats)
+    # the due index and the outbox of steps still to announce; then the sweep of expired jobs' index entries: one
+    # bounded read per index (`all`, the terminal states, each app's listing), one HSCAN step over the task-id index
+    # and one read of the set of apps (`JobStore.sweep`)
+    swept = len(SWEPT_INDEXES) + len(runtime.settings.api_tokens)
+    assert big_stats["zrangebyscore"] == 2 + swept
+    assert big_stats["hscan"] == 1 and big_stats["smembers"] == 1
+    assert not {"keys", "scan", "zrange", "zrevrange", "zscan", "sscan"} & set(big_stats)
     assert sum(big_stats.values()) < 40 * len(due)
 
 
@@ -426,3 +431,41 @@ def test_a_pass_reads_its_due_jobs_in_one_round_trip(runtime: Runtime, monkeypat
     assert sorted(report.resubmitted) == sorted(ids) and report.missing == ["job_gone_0000000000000000"]
     assert singles == []
     assert runtime.redis.zscore(keys.JOBS_DUE, "job_gone_0000000000000000") is None
+
+
+def test_a_pass_sweeps_the_entries_of_expired_jobs(runtime: Runtime, sim: SimHandle) -> None:
+    """Issue 11 (bounded memory): each pass removes the index entries of jobs that expired (`JobStore.sweep`), so
+    they no longer count; a live job of the same age keeps its entries."""
+    ttl = runtime.settings.job_ttl_seconds
+    expired = submitted_job(runtime, sim)
+    live = submitted_job(runtime, sim)
+    task = runtime.store.require(expired).kling_task_id
+    for job_id in (expired, live):
+        runtime.store.step(job_id, JobState.FAILED, source="worker", set_fields={"error": {"reason": "x"}})
+    runtime.redis.delete(keys.job(expired))  # what Redis does JOB_TTL_SECONDS after the job ended
+    runtime.redis.delete(keys.OUTBOX)
+    # the task-id index (no scores) loses the entry at once; the sorted sets only look at entries created more
+    # than JOB_TTL_SECONDS ago (a job cannot have expired sooner)
+    assert reconcile(runtime).swept == 1 and runtime.redis.hget(keys.JOBS_BY_TASK, task) is None
+    assert runtime.store.counts()["failed"] == 2
+
+    report = reconcile(runtime, now=time.time() + ttl + 60)
+
+    assert report.swept == 2  # `all` and `failed`
+    assert runtime.store.counts()["failed"] == 1 and runtime.redis.zcard(keys.JOBS_ALL) == 1
+    assert runtime.store.get(live) is not None and runtime.redis.zscore(keys.JOBS_ALL, live) is not None
+    assert runtime.store.find_by_task(runtime.store.require(live).kling_task_id or "") is not None
+    assert last_pass(runtime.redis)["swept"] == 2  # type: ignore[index]
+
+
+def test_a_sweep_that_fails_leaves_the_pass_done(runtime: Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sweep is housekeeping: a Redis error in it is logged, the pass's own work stands and is recorded."""
+    job = new_job(runtime, due_in=0)
+
+    def broken(**_: Any) -> dict[str, int]:
+        raise redis.ConnectionError("gone for a moment")
+
+    monkeypatch.setattr(runtime.store, "sweep", broken)
+    report = reconcile(runtime)
+    assert report.resubmitted == [job.id] and report.swept == 0
+    assert last_pass(runtime.redis) is not None
