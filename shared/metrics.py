@@ -107,7 +107,7 @@ _ALL: tuple[Collector, ...] = (
 )
 
 _RECONCILE_ACTIONS = ("due", "resubmitted", "recopied", "polled", "advanced", "timed_out", "waiting", "missing",
-                      "errors", "announced")
+                      "errors", "announced", "swept")
 
 _PROBE_RESULTS = {  # ReconcileReport.probe and .copy_probe
     "submission": ("resumed", "trial", "still_failing", "error", "rate_limited", "budget_lifted", "budget_holds"),

@@ -51,7 +51,7 @@ def test_rate_limit_waits_and_refusals_are_counted(redis_client: redis.Redis) ->
 def test_a_reconcile_pass_is_counted_by_action() -> None:
     before = scrape()
     metrics.reconcile_pass({"ran": True, "due": 4, "resubmitted": 1, "polled": 2, "probe": "still_failing",
-                            "copy_probe": None}, seconds=0.2, ended_at=1234.0)
+                            "copy_probe": None, "swept": 7}, seconds=0.2, ended_at=1234.0)
     metrics.reconcile_pass({"ran": False}, seconds=0.0, ended_at=1235.0)
     after = scrape()
 
@@ -62,6 +62,7 @@ def test_a_reconcile_pass_is_counted_by_action() -> None:
     assert delta("kling_relay_reconcile_passes_total", result="locked") == 1
     assert delta("kling_relay_reconcile_jobs_total", action="due") == 4
     assert delta("kling_relay_reconcile_jobs_total", action="polled") == 2
+    assert delta("kling_relay_reconcile_jobs_total", action="swept") == 7
     assert delta("kling_relay_reconcile_probes_total", kind="submission", result="still_failing") == 1
     assert delta("kling_relay_reconcile_pass_duration_seconds_count") == 1
     assert promtool.value(after, "kling_relay_reconcile_last_pass_timestamp_seconds") == 1234.0  # ran passes only
