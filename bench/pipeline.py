@@ -1,6 +1,6 @@
 """Pipeline jobs/s (API to stored, zero-delay simulator, 1 KiB videos) against a no-op 3-task Celery chain.
 
-    python bench/pipeline.py [--reps 3] [--jobs 200] [--concurrency 4,1,2] [--no-beat]
+    python bench/pipeline.py [--reps 3] [--jobs 200] [--concurrency 4,1,2] [--no-beat] [--profile DIR]
 
 Starts the whole stack (deploy/stack.py: redis-server, moto S3, the simulator with `--submitted-seconds 0
 --processing-seconds 0 --video-bytes 1024`, gunicorn, one Celery worker with the given prefork concurrency; the
@@ -14,6 +14,10 @@ Where the CPU goes: the CPU seconds (user + system, from /proc/<pid>/stat) each 
 during the relay's runs and during the baseline's (moto, the simulator, gunicorn, the Celery worker with its
 prefork children, beat, redis-server, the no-op worker), printed per job. On a small machine moto and the
 simulator, which a deployment does not run, take a share of the CPU the relay would otherwise have.
+
+`--profile DIR` runs the relay's worker under cProfile (bench/profile_worker.py: CPU time per function, every
+process of the worker, prefork children included; profiles in DIR) and prints its costliest functions at the end.
+The profiler's overhead slows the relay down: the throughput figures of such a run are not comparable.
 
 `--no-beat` runs without the reconciler: a job the pipeline itself drops is then never stored, and the timeout
 names the states of the jobs left and the last events of a few (which step dropped them).
@@ -41,6 +45,7 @@ import redis  # noqa: E402
 import requests  # noqa: E402
 from _common import cpu_by_process, cpu_delta, median_ratio, parser, stack_groups, stack_with  # noqa: E402
 
+from deploy.procs import free_port  # noqa: E402
 from deploy.stack import DEMO_API_TOKEN, LocalStack  # noqa: E402
 from kling_relay.shared import keys  # noqa: E402
 
@@ -118,7 +123,20 @@ def _cpu_line(label: str, used: dict[str, float], n: int, seconds: float) -> str
             f"ms per job by process: {parts}")
 
 
-def run(reps: int, jobs: int, concurrencies: list[int], *, beat: bool = True) -> list[dict[str, float]]:
+def start_profiled_worker(stack: LocalStack, profile_dir: Path, name: str = "worker1") -> None:
+    """The stack's worker as `start_worker` starts it, but from bench/profile_worker.py (cProfile in every process)."""
+    argv = [stack.python, "-m", "celery", "--quiet", "-A", "profile_worker", "worker", "--queues",
+            "submit,copy,notify,reconcile", "--concurrency", str(stack.worker_concurrency), "--prefetch-multiplier",
+            "1", "--hostname", f"{name}@%h", "--without-gossip", "--without-mingle", "--loglevel", "INFO"]
+    stack.workers.append(name)
+    port = stack.worker_metrics_ports.setdefault(name, free_port())
+    stack._spawn(name, argv, overrides={"WORKER_METRICS_PORT": str(port), "PROFILE_DIR": str(profile_dir),
+                                        "PYTHONPATH": str(ROOT / "bench")})
+    stack.wait_ready()
+
+
+def run(reps: int, jobs: int, concurrencies: list[int], *, beat: bool = True,
+        profile: Path | None = None) -> list[dict[str, float]]:
     rows = []
     image = png()
     for conc in concurrencies:
@@ -128,7 +146,10 @@ def run(reps: int, jobs: int, concurrencies: list[int], *, beat: bool = True) ->
                     "--prefetch-multiplier", "1", "--without-gossip", "--without-mingle", "--loglevel", "WARNING"]
 
             def start(s: LocalStack) -> None:
-                s.start(workers=1, beat=beat)  # as deployed: the reconciler finishes stragglers
+                s.start(workers=0 if profile else 1, beat=beat)  # as deployed: the reconciler finishes stragglers
+                if profile:
+                    profile.mkdir(parents=True, exist_ok=True)
+                    start_profiled_worker(s, profile)
                 os.environ["REDIS_URL"] = s.redis.url
                 sys.modules.pop("noop_chain", None)
 
@@ -170,13 +191,18 @@ def main(argv: list[str] | None = None) -> list[dict[str, float]]:
     p.add_argument("--jobs", type=int, default=200)
     p.add_argument("--concurrency", default="4,1,2", help="worker processes (the first is the headline)")
     p.add_argument("--no-beat", action="store_true", help="no reconciler: a job the pipeline drops stays unstored")
+    p.add_argument("--profile", type=Path, default=None, help="run the worker under cProfile, profiles in this dir")
     args = p.parse_args(argv)
-    rows = run(args.reps, args.jobs, [int(c) for c in args.concurrency.split(",")], beat=not args.no_beat)
+    rows = run(args.reps, args.jobs, [int(c) for c in args.concurrency.split(",")], beat=not args.no_beat,
+               profile=args.profile)
     for r in rows:
         print(f"pipeline  worker_processes={r['concurrency']}  relay {r['relay_jps']:.1f} jobs/s  "
               f"no-op chain {r['noop_jps']:.1f} jobs/s  ratio {r['ratio']:.2f} ({r['lo']:.2f}-{r['hi']:.2f})  "
               f"relay CPU {r['relay_cpu_ms']:.1f} ms/job, of which moto + simulator {r['s3_sim_cpu_ms']:.1f}",
               flush=True)
+    if args.profile:
+        import profile_worker
+        print(profile_worker.report(args.profile, 40), flush=True)
     return rows
 
 
