@@ -34,6 +34,7 @@ import tempfile
 import time
 import zlib
 from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,14 +44,15 @@ for p in (str(ROOT), str(ROOT / "bench")):
 
 import redis  # noqa: E402
 import requests  # noqa: E402
-from _common import cpu_by_process, cpu_delta, median_ratio, parser, stack_groups, stack_with  # noqa: E402
+from _common import cpu_by_process, cpu_delta, median_ratio, parser, stack_groups  # noqa: E402
 
-from deploy.procs import free_port  # noqa: E402
+from deploy.procs import Process, free_port, wait_for_port  # noqa: E402
 from deploy.stack import DEMO_API_TOKEN, LocalStack  # noqa: E402
 from kling_relay.shared import keys  # noqa: E402
 
 SIM_ARGS = ["--submitted-seconds", "0", "--processing-seconds", "0", "--video-bytes", "1024"]
 ENV = {"KLING_RATE_LIMIT_PER_SECOND": "100000", "KLING_MAX_IN_FLIGHT": "100000"}
+BODY = {"prompt": "bench", "aspect_ratio": "16:9", "duration": 5}  # the job's request, beside its image_list
 
 
 def png(width: int = 320, height: int = 320) -> str:
@@ -92,7 +94,7 @@ def relay_run(stack: LocalStack, client: redis.Redis, n: int, image: str, timeou
     start_count = client.zcard(stored_key)
     session = requests.Session()
     session.headers["Authorization"] = f"Bearer {DEMO_API_TOKEN}"
-    body = {"image_list": [{"image": image}], "prompt": "bench", "aspect_ratio": "16:9", "duration": 5}
+    body = {**BODY, "image_list": [{"image": image}]}
     ids: list[str] = []
     t0 = time.perf_counter()
     for _ in range(n):
@@ -135,54 +137,104 @@ def start_profiled_worker(stack: LocalStack, profile_dir: Path, name: str = "wor
     stack.wait_ready()
 
 
+def floor_run(client: redis.Redis, n: int, image: str) -> float:
+    import floor_chain
+    from celery import chain
+
+    client.delete("bench:floor:done", "bench:floor:read_again")
+    start = int(client.incr("bench:floor:jobs", n)) - n  # job names unique across reps (the manifest is conditional)
+    t0 = time.perf_counter()
+    for i in range(start, start + n):
+        job = f"floor{i}"
+        chain(floor_chain.submit.si(job, {**BODY, "image_list": [{"image": image}]}), floor_chain.copy.s(job),
+              floor_chain.done.s()).apply_async()
+    wait_count(lambda: int(client.get("bench:floor:done") or 0), n, 300, lambda: "floor chains done")
+    seconds = time.perf_counter() - t0
+    again = int(client.get("bench:floor:read_again") or 0)
+    if again:
+        print(f"floor: {again} of {n} copies found the task not yet succeeded and read it again", flush=True)
+    return n / seconds
+
+
+def _baselines(stack: LocalStack, conc: int, exits: ExitStack) -> dict[str, Process]:
+    """The no-op chain's worker, the floor chain's worker and the floor's no-op callback endpoint (gunicorn)."""
+    flags = ["worker", "--concurrency", str(conc), "--prefetch-multiplier", "1", "--without-gossip", "--without-mingle",
+             "--loglevel", "WARNING"]
+    web_port = free_port()
+    specs = {
+        "noop_worker": ([stack.python, "-m", "celery", "--quiet", "-A", "noop_chain", *flags], None, {}),
+        "floor_web": ([stack.python, "-m", "gunicorn", "--config", "deploy/gunicorn.conf.py", "--bind",
+                       f"127.0.0.1:{web_port}", "--workers", str(stack.web_workers), "--pythonpath", "bench",
+                       "noop_web:app"], web_port, {}),
+        "floor_worker": ([stack.python, "-m", "celery", "--quiet", "-A", "floor_chain", *flags], None,
+                         {"FLOOR_CALLBACK_BASE": f"http://127.0.0.1:{web_port}"}),
+    }
+    out: dict[str, Process] = {}
+    for name, (argv, port, env) in specs.items():
+        proc = Process(name, argv, log_dir=stack.logs, env={**stack.env, **env},
+                       cwd=ROOT if name == "floor_web" else ROOT / "bench")
+        exits.callback(proc.stop)
+        if port is not None:
+            wait_for_port(port, proc=proc.proc)
+        out[name] = proc
+    return out
+
+
 def run(reps: int, jobs: int, concurrencies: list[int], *, beat: bool = True,
         profile: Path | None = None) -> list[dict[str, float]]:
     rows = []
     image = png()
     for conc in concurrencies:
-        with tempfile.TemporaryDirectory() as tmp:
+        with tempfile.TemporaryDirectory() as tmp, ExitStack() as exits:
             stack = LocalStack(Path(tmp), sim_args=SIM_ARGS, env=ENV, worker_concurrency=conc)
-            argv = [stack.python, "-m", "celery", "--quiet", "-A", "noop_chain", "worker", "--concurrency", str(conc),
-                    "--prefetch-multiplier", "1", "--without-gossip", "--without-mingle", "--loglevel", "WARNING"]
-
-            def start(s: LocalStack) -> None:
-                s.start(workers=0 if profile else 1, beat=beat)  # as deployed: the reconciler finishes stragglers
-                if profile:
-                    profile.mkdir(parents=True, exist_ok=True)
-                    start_profiled_worker(s, profile)
-                os.environ["REDIS_URL"] = s.redis.url
-                sys.modules.pop("noop_chain", None)
-
-            with stack_with(stack, start, "noop-worker", argv, cwd=ROOT / "bench") as noop:
-                client = redis.Redis.from_url(stack.redis.url)
-                groups = stack_groups(stack, noop_worker=noop)
-                relay_run(stack, client, 10, image)  # warm
-                noop_run(client, 10)
-                relay, base = [], []
-                relay_cpu: dict[str, float] = {}
-                base_cpu: dict[str, float] = {}
-                for _ in range(reps):
+            exits.callback(stack.stop)
+            stack.start(workers=0 if profile else 1, beat=beat)  # as deployed: the reconciler finishes stragglers
+            if profile:
+                profile.mkdir(parents=True, exist_ok=True)
+                start_profiled_worker(stack, profile)
+            os.environ["REDIS_URL"] = stack.redis.url
+            for name in ("noop_chain", "floor_chain"):
+                sys.modules.pop(name, None)
+            procs = _baselines(stack, conc, exits)
+            client = redis.Redis.from_url(stack.redis.url)
+            exits.callback(client.close)
+            groups = stack_groups(stack, **procs)
+            relay_run(stack, client, 10, image)  # warm
+            noop_run(client, 10)
+            floor_run(client, 10, image)
+            relay, base, floor = [], [], []
+            cpu: dict[str, dict[str, float]] = {"relay": {}, "no-op": {}, "floor": {}}
+            runs: dict[str, list[float]] = {"relay": relay, "no-op": base, "floor": floor}
+            for _ in range(reps):
+                for side in ("relay", "no-op", "floor"):
                     before = cpu_by_process(groups)
-                    relay.append(relay_run(stack, client, jobs, image, timeout=300 if beat else 90))
-                    middle = cpu_by_process(groups)
-                    base.append(noop_run(client, jobs))
-                    after = cpu_by_process(groups)
-                    for name, used in cpu_delta(before, middle).items():
-                        relay_cpu[name] = relay_cpu.get(name, 0.0) + used
-                    for name, used in cpu_delta(middle, after).items():
-                        base_cpu[name] = base_cpu.get(name, 0.0) + used
-                ratio, lo, hi = median_ratio(relay, base)
-                n_all = jobs * reps
-                print(_cpu_line(f"relay  worker_processes={conc}", relay_cpu, n_all, n_all / statistics.mean(relay)),
-                      flush=True)
-                print(_cpu_line(f"no-op  worker_processes={conc}", base_cpu, n_all, n_all / statistics.mean(base)),
-                      flush=True)
-                rows.append({"concurrency": conc, "relay_jps": statistics.median(relay),
-                             "noop_jps": statistics.median(base), "ratio": ratio, "lo": lo, "hi": hi,
-                             "relay_cpu_ms": sum(relay_cpu.values()) * 1000 / n_all,
-                             "s3_sim_cpu_ms": (relay_cpu.get("s3", 0.0) + relay_cpu.get("simulator", 0.0))
-                             * 1000 / n_all})
-                client.close()
+                    if side == "relay":
+                        relay.append(relay_run(stack, client, jobs, image, timeout=300 if beat else 90))
+                    elif side == "no-op":
+                        base.append(noop_run(client, jobs))
+                    else:
+                        floor.append(floor_run(client, jobs, image))
+                    for name, used in cpu_delta(before, cpu_by_process(groups)).items():
+                        cpu[side][name] = cpu[side].get(name, 0.0) + used
+            ratio, lo, hi = median_ratio(relay, base)
+            floor_ratio, floor_lo, floor_hi = median_ratio(floor, base)
+            over_floor, over_floor_lo, over_floor_hi = median_ratio(relay, floor)
+            n_all = jobs * reps
+            for side, per_rep in runs.items():
+                print(_cpu_line(f"{side:5}  worker_processes={conc}", cpu[side], n_all,
+                                n_all / statistics.mean(per_rep)), flush=True)
+            rows.append({"concurrency": conc, "relay_jps": statistics.median(relay),
+                         "noop_jps": statistics.median(base), "ratio": ratio, "lo": lo, "hi": hi,
+                         "floor_jps": statistics.median(floor), "floor_ratio": floor_ratio, "floor_lo": floor_lo,
+                         "floor_hi": floor_hi, "relay_over_floor": over_floor, "relay_over_floor_lo": over_floor_lo,
+                         "relay_over_floor_hi": over_floor_hi,
+                         "relay_cpu_ms": sum(cpu["relay"].values()) * 1000 / n_all,
+                         "floor_cpu_ms": sum(cpu["floor"].values()) * 1000 / n_all,
+                         "noop_cpu_ms": sum(cpu["no-op"].values()) * 1000 / n_all,
+                         "s3_sim_cpu_ms": (cpu["relay"].get("s3", 0.0) + cpu["relay"].get("simulator", 0.0))
+                         * 1000 / n_all,
+                         "floor_s3_sim_cpu_ms": (cpu["floor"].get("s3", 0.0) + cpu["floor"].get("simulator", 0.0))
+                         * 1000 / n_all})
     return rows
 
 
@@ -200,6 +252,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, float]]:
               f"no-op chain {r['noop_jps']:.1f} jobs/s  ratio {r['ratio']:.2f} ({r['lo']:.2f}-{r['hi']:.2f})  "
               f"relay CPU {r['relay_cpu_ms']:.1f} ms/job, of which moto + simulator {r['s3_sim_cpu_ms']:.1f}",
               flush=True)
+        print(f"floor     worker_processes={r['concurrency']}  floor chain {r['floor_jps']:.1f} jobs/s  "
+              f"floor/no-op {r['floor_ratio']:.2f} ({r['floor_lo']:.2f}-{r['floor_hi']:.2f})  "
+              f"relay/floor {r['relay_over_floor']:.2f} ({r['relay_over_floor_lo']:.2f}-{r['relay_over_floor_hi']:.2f})"
+              f"  CPU ms/job: relay {r['relay_cpu_ms']:.1f}  floor {r['floor_cpu_ms']:.1f} (moto + simulator "
+              f"{r['floor_s3_sim_cpu_ms']:.1f})  no-op {r['noop_cpu_ms']:.1f}", flush=True)
     if args.profile:
         import profile_worker
         print(profile_worker.report(args.profile, 40), flush=True)
