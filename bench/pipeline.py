@@ -1,18 +1,27 @@
-"""Pipeline jobs/s (API to stored, zero-delay simulator, 1 KiB videos) against a no-op 3-task Celery chain.
+"""Pipeline jobs/s (API to stored, zero-delay simulator, 1 KiB videos) against a no-op chain and a floor chain.
 
     python bench/pipeline.py [--reps 3] [--jobs 200] [--concurrency 4,1,2] [--no-beat] [--profile DIR]
 
 Starts the whole stack (deploy/stack.py: redis-server, moto S3, the simulator with `--submitted-seconds 0
 --processing-seconds 0 --video-bytes 1024`, gunicorn, one Celery worker with the given prefork concurrency; the
 rate limit and in-flight cap set out of the way), posts `--jobs` jobs to the API and waits until every one is
-`stored` (the count of the stored index). The baseline is bench/noop_chain.py: one Celery worker with the same
-flags and concurrency on the same Redis, sent `--jobs` chains of three no-op tasks (submit, copy, done). Each
-rep measures relay then baseline; the figure is the median of the per-rep ratios. Repeated per concurrency
-(worker processes: the scaling curve).
+`stored` (the count of the stored index). Two baselines, each on the same Redis with one Celery worker of the same
+flags and concurrency:
+
+- the no-op chain (bench/noop_chain.py): `--jobs` chains of three no-op tasks (submit, copy, done): what Celery
+  alone costs;
+- the floor (bench/floor_chain.py): `--jobs` chains of three tasks doing the design's external work per job and
+  nothing else: the create POSTed to the simulator (whose callbacks go to a no-op endpoint under gunicorn,
+  bench/noop_web.py), the task read back, the video downloaded and PUT to moto with its manifest (conditional).
+
+Each rep measures relay, no-op, floor back to back; each figure is the median of the per-rep ratios: relay/no-op
+(the target's ratio), floor/no-op (how far the external work alone allows: when it is below the target, so is the
+relay, whatever its own code does) and relay/floor (the relay's own overhead). Repeated per concurrency (worker
+processes: the scaling curve).
 
 Where the CPU goes: the CPU seconds (user + system, from /proc/<pid>/stat) each process group of the stack used
-during the relay's runs and during the baseline's (moto, the simulator, gunicorn, the Celery worker with its
-prefork children, beat, redis-server, the no-op worker), printed per job. On a small machine moto and the
+during each side's runs (moto, the simulator, gunicorn, the Celery worker with its prefork children, beat,
+redis-server, the no-op worker, the floor's worker and web), printed per job. On a small machine moto and the
 simulator, which a deployment does not run, take a share of the CPU the relay would otherwise have.
 
 `--profile DIR` runs the relay's worker under cProfile (bench/profile_worker.py: CPU time per function, every
