@@ -39,7 +39,7 @@ import redis
 import requests
 from requests.adapters import HTTPAdapter
 
-from kling_relay.shared import keys, metrics
+from kling_relay.shared import http_session, keys, metrics
 from kling_relay.shared.kling import KlingRetryLater
 from kling_relay.shared.kling_codes import pause_reason
 
@@ -225,7 +225,7 @@ class RateLimitedAdapter(HTTPAdapter):
 
 def rate_limited_session(client: redis.Redis, per_second: float, *, max_wait: float = 1.0) -> requests.Session:
     """An HTTP session whose every request first takes a slot of the shared rate limit (see module docstring)."""
-    session = requests.Session()
+    session = http_session.Session()
     session.headers["user-agent"] = "kling-relay"
     adapter = RateLimitedAdapter(RateLimiter(client, per_second), max_wait)
     session.mount("http://", adapter)

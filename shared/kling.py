@@ -41,7 +41,7 @@ from urllib.parse import parse_qs, quote, urlsplit
 import requests
 from urllib3.exceptions import MaxRetryError, NewConnectionError
 
-from kling_relay.shared import metrics
+from kling_relay.shared import http_session, metrics
 from kling_relay.shared.http_client import SessionClient
 from kling_relay.shared.inputs import has_lone_surrogate, replaced_text
 from kling_relay.shared.kling_auth import DEFAULT_RENEW_MARGIN_S, JwtTokenSource, StaticApiKey, TokenSource
@@ -367,7 +367,7 @@ class KlingClient(SessionClient):
         self._timeout = _check_timeout(timeout)
         self._lookup_max_pages = _check_max_pages(lookup_max_pages)
         self._owns_session = session is None
-        self._session = session if session is not None else requests.Session()
+        self._session = session if session is not None else http_session.Session()
 
     def __repr__(self) -> str:
         return f"KlingClient(base_url={self._base_url!r}, auth={self._auth.mode!r})"

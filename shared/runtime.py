@@ -13,7 +13,7 @@ import requests
 from botocore.config import Config
 from celery import Celery
 
-from kling_relay.shared import flow
+from kling_relay.shared import flow, http_session
 from kling_relay.shared.jobs import JobStore
 from kling_relay.shared.kling import KlingClient
 from kling_relay.shared.queue import Enqueuer, make_celery
@@ -64,7 +64,7 @@ class Runtime:
     @classmethod
     def from_settings(cls, settings: Settings, celery_app: Celery | None = None) -> Runtime:
         client = redis_client(settings.redis_url)
-        http = requests.Session()
+        http = http_session.Session()
         http.headers["user-agent"] = "kling-relay"
         return cls(
             settings=settings,

@@ -86,3 +86,32 @@ def test_failover_qos_acks_after_a_single_redis_restarts(tmp_path: Path) -> None
         assert redis.Redis.from_url(server.url).zcard("unacked_index") == 0
     finally:
         server.stop()
+
+
+def test_publishing_reuses_one_client_per_pool(tmp_path: Path) -> None:
+    """kombu builds a redis.Redis per publish (every task sent, every task event); the relay's channel reuses one
+    per connection pool, and a new one once kombu replaced the pool (after a disconnect). Publishes still land."""
+    server = RedisServer(tmp_path / "one").start()
+    try:
+        url, _ = celery_broker(server.url)
+        conn = Connection(url, transport=FailoverTransport)
+        channel = conn.channel()
+        queue = Queue("q", channel=channel)
+        queue.declare()
+        with channel.conn_or_acquire() as first, channel.conn_or_acquire() as second:
+            assert first is second
+        producer = conn.Producer(channel)
+        for n in range(3):
+            producer.publish({"n": n}, routing_key="q")
+        channel._disconnect_pools()  # what kombu does when the connection is lost
+        with channel.conn_or_acquire() as third:
+            assert third is not first
+            assert third.connection_pool is channel.pool
+        producer.publish({"n": 3}, routing_key="q")
+        assert [queue.get(no_ack=True).payload["n"] for _ in range(4)] == [0, 1, 2, 3]
+        # the stock channel: a new client each time (why the override exists)
+        stock = Connection(url, transport=kombu_redis.Transport).channel()
+        with stock.conn_or_acquire() as a, stock.conn_or_acquire() as b:
+            assert a is not b
+    finally:
+        server.stop()

@@ -527,3 +527,13 @@ def test_https_pinned_rejects_a_certificate_for_another_name(tls_server: tuple[S
     allow = UrlAllowlist.parse(f"https://other.sim.test:{srv.port}", resolver=lambda host, port: ["127.0.0.1"])
     with pytest.raises(requests.exceptions.SSLError):
         fetch(f"https://other.sim.test:{srv.port}/ok", allow, session)
+
+
+def test_refused_characters_are_those_of_the_per_character_rule() -> None:
+    """_split's one-regex check refuses exactly what the rule `c.isspace() or ord(c) < 32 or c == "\\\\"` refuses
+    in an ASCII URL (every ASCII character tried in a URL the allow-list would otherwise take)."""
+    from kling_relay.shared.urlguard import _BAD_CHAR
+
+    for code in range(128):
+        c = chr(code)
+        assert bool(_BAD_CHAR.search(f"https://cdn.example/a{c}b")) is (c.isspace() or code < 32 or c == "\\"), code
