@@ -19,6 +19,15 @@ abort, so every multipart upload first aborts the uploads left open on its own k
 a short video, one PutObject, skips that listing on its job's first run, `fresh`); for jobs never copied again,
 give the bucket a lifecycle rule ``AbortIncompleteMultipartUpload`` too (a day is plenty).
 
+Integrity: every upload of a video carries its CRC32 (`PART_CHECKSUM`, botocore computes it; S3 refuses a body that
+does not match), whatever the client's `request_checksum_calculation` says. A multipart upload declares CRC32 at
+CreateMultipartUpload and names each part's CRC32 (with its ETag, S3's MD5 of the part) again in
+CompleteMultipartUpload, which S3 checks against the parts it holds; the object keeps a composite CRC32
+(``GetObject(ChecksumMode="ENABLED")``). This is what boto3's own `upload_fileobj` sends. Without the declaration,
+S3 (and moto) build a full-object CRC64NVME of their own at completion; moto does it by concatenating the whole
+object once more, which cost it 1-2 CPU seconds per GiB (bench/copy_memory.py). The SHA-256 the manifest records
+is the copy's own, computed on the way.
+
 S3 requests of one copy of a 1-video job: first run of a short video, PutObject + the manifest's conditional
 PutObject (2); a later run adds the manifest GET and the LIST of stale uploads; a long video takes the LIST,
 CreateMultipartUpload, one UploadPart per part, CompleteMultipartUpload and a HEAD instead of the PutObject.
@@ -47,7 +56,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Final, cast
 
 import requests
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, PartialCredentialsError
@@ -66,6 +75,8 @@ MANIFEST_NAME = "manifest.json"
 #: The manifest's shape, as docs/manifest.schema.json describes it; raised only for a change consumers must know.
 MANIFEST_SCHEMA_VERSION = 1
 MAX_PARTS = 10_000
+#: The checksum every video upload carries (see `Storage.copy_stream`): CRC32, as boto3's own upload_fileobj uses.
+PART_CHECKSUM: Final = "CRC32"
 # S3 errors that refuse every request alike until an operator fixes a setting (bucket, credentials, region,
 # policy): StorageUnusable, copying pauses. "Forbidden" is how a HEAD request (no body) reports AccessDenied.
 _UNUSABLE_S3_CODES = frozenset({
@@ -239,7 +250,8 @@ class Storage:
         self.abort_stale_uploads(key)  # always before a multipart upload: one LIST beside parts of 8 MiB
         try:
             upload_id = self.s3.create_multipart_upload(
-                Bucket=self.bucket, Key=key, ContentType=VIDEO_CONTENT_TYPE, Metadata=metadata)["UploadId"]
+                Bucket=self.bucket, Key=key, ContentType=VIDEO_CONTENT_TYPE, Metadata=metadata,
+                ChecksumAlgorithm=PART_CHECKSUM)["UploadId"]
         except (ClientError, BotoCoreError) as exc:
             raise _s3_error(exc, "create multipart upload") from exc
         try:
@@ -265,7 +277,7 @@ class Storage:
         try:
             # botocore sends any bytes-like body (the stubs name only bytes): the buffer as it is, uncopied
             self.s3.put_object(Bucket=self.bucket, Key=key, Body=cast(bytes, body), ContentType=VIDEO_CONTENT_TYPE,
-                               Metadata=metadata)
+                               Metadata=metadata, ChecksumAlgorithm=PART_CHECKSUM)
         except (ClientError, BotoCoreError) as exc:
             raise _s3_error(exc, "put object") from exc
         return sha.hexdigest(), size
@@ -312,9 +324,12 @@ class Storage:
 
         def upload(number: int, body: bytearray) -> CompletedPartTypeDef:
             # botocore sends any bytes-like body (the stubs name only bytes): the part's own buffer, uncopied
-            etag = self.s3.upload_part(Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=number,
-                                       Body=cast(bytes, body))["ETag"]
-            return {"ETag": etag, "PartNumber": number}
+            answer = self.s3.upload_part(Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=number,
+                                         Body=cast(bytes, body), ChecksumAlgorithm=PART_CHECKSUM)
+            part: CompletedPartTypeDef = {"ETag": answer["ETag"], "PartNumber": number}
+            if "ChecksumCRC32" in answer:  # S3 echoes the CRC32 it verified; the complete names it again
+                part["ChecksumCRC32"] = answer["ChecksumCRC32"]
+            return part
 
         # Leaving the with-block waits for the parts in flight, so an abort never races an upload_part.
         with ThreadPoolExecutor(max_workers=self.max_in_flight, thread_name_prefix="s3-part") as pool:
