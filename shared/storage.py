@@ -12,7 +12,8 @@ the bytes sent (no HEAD), and no multipart upload exists that a crash could leav
 as one multipart upload, and the object appears only on CompleteMultipartUpload, never half-written. Memory
 stays bounded whatever the size: one part being assembled plus `max_in_flight` parts uploading (default 6, on a
 thread pool, so the download overlaps the upload), i.e. about 7 × part_size on top of the interpreter (each part
-is filled in place and uploaded from that buffer, never copied again); bench/copy_memory.py measures the peak
+is filled in place and uploaded from that buffer, never copied again, and the buffers are reused part after
+part); bench/copy_memory.py measures the peak
 RSS (kept under 150 MB with 8 MiB parts, as the memory test in tests/shared/test_storage.py checks). Any failure
 aborts the upload (no incomplete upload left behind) and raises `CopyError`. A process killed mid-copy cannot
 abort, so every multipart upload first aborts the uploads left open on its own key (`Storage.abort_stale_uploads`;
@@ -241,7 +242,8 @@ class Storage:
         in a failover, an ops retry made by an older release that cleared the attempt counters).
         """
         sha = hashlib.sha256()
-        parts = self._cut(chunks, sha)
+        spare: list[bytearray] = []  # full-size part buffers whose upload is done, refilled by _cut
+        parts = self._cut(chunks, sha, spare)
         head = [next(parts)]
         if head[0][1]:  # the stream ended within its first part
             if not fresh:
@@ -255,7 +257,7 @@ class Storage:
         except (ClientError, BotoCoreError) as exc:
             raise _s3_error(exc, "create multipart upload") from exc
         try:
-            size, completed = self._upload_parts(_prepend(head, parts), key, upload_id)
+            size, completed = self._upload_parts(_prepend(head, parts), key, upload_id, spare)
             if expected_bytes is not None and size != expected_bytes:
                 raise CopyError(f"source sent {size} bytes, expected {expected_bytes}", retryable=True)
             self.s3.complete_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id,
@@ -282,16 +284,19 @@ class Storage:
             raise _s3_error(exc, "put object") from exc
         return sha.hexdigest(), size
 
-    def _cut(self, chunks: Iterable[bytes], sha: hashlib._Hash) -> Iterator[tuple[bytearray, bool]]:
+    def _cut(self, chunks: Iterable[bytes], sha: hashlib._Hash,
+             spare: list[bytearray]) -> Iterator[tuple[bytearray, bool]]:
         """The stream as parts of exactly `part_size` bytes (the last one shorter, or empty for an empty stream),
         each with whether it is the last one; `sha` is fed each chunk on the way (in the reading thread: a hashing
         thread of its own was measured slower at a moderate load, faster only on a machine loaded 6-8 times over).
 
         Each part is filled in place (one copy per byte, into a buffer of exactly part_size) and handed out as it
         is: no part is copied again. A full part is handed out once the next chunk shows the stream goes on (or
-        ends), so at most one chunk is held beside it.
+        ends), so at most one chunk is held beside it. A buffer is taken from `spare` (parts whose upload has
+        returned, put back by `_upload_parts`) when there is one, else allocated: no zero-filled 8 MiB per part, and
+        never more than max_in_flight + 1 buffers.
         """
-        buf = bytearray(self.part_size)
+        buf = spare.pop() if spare else bytearray(self.part_size)
         view = memoryview(buf)
         held = 0
         for chunk in chunks:
@@ -303,7 +308,7 @@ class Storage:
                     if held == self.part_size:  # full, and more follows
                         view.release()
                         yield buf, False
-                        buf = bytearray(self.part_size)
+                        buf = spare.pop() if spare else bytearray(self.part_size)
                         view = memoryview(buf)
                         held = 0
                     take = min(len(rest), self.part_size - held)
@@ -314,13 +319,21 @@ class Storage:
         del buf[held:]
         yield buf, True
 
-    def _upload_parts(self, parts: Iterable[tuple[bytearray, bool]], key: str,
-                      upload_id: str) -> tuple[int, list[CompletedPartTypeDef]]:
-        """Upload the parts, at most `max_in_flight` at a time (bounded memory); (bytes sent, completed parts)."""
+    def _upload_parts(self, parts: Iterable[tuple[bytearray, bool]], key: str, upload_id: str,
+                      spare: list[bytearray]) -> tuple[int, list[CompletedPartTypeDef]]:
+        """Upload the parts, at most `max_in_flight` at a time (bounded memory); (bytes sent, completed parts).
+        A full-size part's buffer goes back to `spare` once its upload_part has returned (botocore, retries
+        included, is done with it then), for `_cut` to fill again; a failed part's buffer is never reused."""
         size = 0
         completed: list[CompletedPartTypeDef] = []
-        in_flight: deque[Future[CompletedPartTypeDef]] = deque()
+        in_flight: deque[tuple[Future[CompletedPartTypeDef], bytearray]] = deque()
         submitted = 0
+
+        def finish_oldest() -> None:
+            future, body = in_flight.popleft()
+            completed.append(future.result())
+            if len(body) == self.part_size:
+                spare.append(body)
 
         def upload(number: int, body: bytearray) -> CompletedPartTypeDef:
             # botocore sends any bytes-like body (the stubs name only bytes): the part's own buffer, uncopied
@@ -335,15 +348,15 @@ class Storage:
         with ThreadPoolExecutor(max_workers=self.max_in_flight, thread_name_prefix="s3-part") as pool:
             for body, _last in parts:
                 while len(in_flight) >= self.max_in_flight:
-                    completed.append(in_flight.popleft().result())
+                    finish_oldest()
                 if submitted >= MAX_PARTS:
                     raise CopyError(f"more than {MAX_PARTS} parts of {self.part_size} bytes", retryable=False)
                 submitted += 1
                 size += len(body)
-                in_flight.append(pool.submit(upload, submitted, body))
+                in_flight.append((pool.submit(upload, submitted, body), body))
                 del body
             while in_flight:
-                completed.append(in_flight.popleft().result())
+                finish_oldest()
         return size, completed
 
     def probe(self) -> str:
