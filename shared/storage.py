@@ -21,13 +21,14 @@ a short video, one PutObject, skips that listing on its job's first run, `fresh`
 give the bucket a lifecycle rule ``AbortIncompleteMultipartUpload`` too (a day is plenty).
 
 Integrity: every upload of a video carries its CRC32 (`PART_CHECKSUM`, botocore computes it; S3 refuses a body that
-does not match), whatever the client's `request_checksum_calculation` says. A multipart upload declares CRC32 at
-CreateMultipartUpload and names each part's CRC32 (with its ETag, S3's MD5 of the part) again in
-CompleteMultipartUpload, which S3 checks against the parts it holds; the object keeps a composite CRC32
-(``GetObject(ChecksumMode="ENABLED")``). This is what boto3's own `upload_fileobj` sends. Without the declaration,
-S3 (and moto) build a full-object CRC64NVME of their own at completion; moto does it by concatenating the whole
-object once more, which cost it 1-2 CPU seconds per GiB (bench/copy_memory.py). The SHA-256 the manifest records
-is the copy's own, computed on the way.
+does not match). A multipart upload declares CRC32 at CreateMultipartUpload and names each part's CRC32 (with its
+ETag, S3's MD5 of the part) again in CompleteMultipartUpload, which S3 checks against the parts it holds; the
+object keeps a composite CRC32 (``GetObject(ChecksumMode="ENABLED")``). This is what boto3's own `upload_fileobj`
+sends. Without the declaration, S3 (and moto) build a full-object CRC64NVME of their own at completion; moto does
+it by concatenating the whole object once more, which cost it 1-2 CPU seconds per GiB (bench/copy_memory.py).
+A client configured with ``request_checksum_calculation="when_required"`` (``AWS_REQUEST_CHECKSUM_CALCULATION``,
+the setting for S3-compatible stores that refuse checksum headers) sends no checksum, as botocore itself would.
+The SHA-256 the manifest records is the copy's own, computed on the way.
 
 S3 requests of one copy of a 1-video job: first run of a short video, PutObject + the manifest's conditional
 PutObject (2); a later run adds the manifest GET and the LIST of stale uploads; a long video takes the LIST,
@@ -253,7 +254,7 @@ class Storage:
         try:
             upload_id = self.s3.create_multipart_upload(
                 Bucket=self.bucket, Key=key, ContentType=VIDEO_CONTENT_TYPE, Metadata=metadata,
-                ChecksumAlgorithm=PART_CHECKSUM)["UploadId"]
+                **self._checksum())["UploadId"]
         except (ClientError, BotoCoreError) as exc:
             raise _s3_error(exc, "create multipart upload") from exc
         try:
@@ -279,10 +280,17 @@ class Storage:
         try:
             # botocore sends any bytes-like body (the stubs name only bytes): the buffer as it is, uncopied
             self.s3.put_object(Bucket=self.bucket, Key=key, Body=cast(bytes, body), ContentType=VIDEO_CONTENT_TYPE,
-                               Metadata=metadata, ChecksumAlgorithm=PART_CHECKSUM)
+                               Metadata=metadata, **self._checksum())
         except (ClientError, BotoCoreError) as exc:
             raise _s3_error(exc, "put object") from exc
         return sha.hexdigest(), size
+
+    def _checksum(self) -> dict[str, Any]:
+        """``ChecksumAlgorithm=CRC32`` for an upload of a video (see the module docstring), or nothing when the client
+        is configured to send checksums only where S3 requires them."""
+        config = getattr(getattr(self.s3, "meta", None), "config", None)
+        setting = getattr(config, "request_checksum_calculation", None)
+        return {} if setting == "when_required" else {"ChecksumAlgorithm": PART_CHECKSUM}
 
     def _cut(self, chunks: Iterable[bytes], sha: hashlib._Hash,
              spare: list[bytearray]) -> Iterator[tuple[bytearray, bool]]:
@@ -325,6 +333,7 @@ class Storage:
         A full-size part's buffer goes back to `spare` once its upload_part has returned (botocore, retries
         included, is done with it then), for `_cut` to fill again; a failed part's buffer is never reused."""
         size = 0
+        checksum = self._checksum()
         completed: list[CompletedPartTypeDef] = []
         in_flight: deque[tuple[Future[CompletedPartTypeDef], bytearray]] = deque()
         submitted = 0
@@ -338,7 +347,7 @@ class Storage:
         def upload(number: int, body: bytearray) -> CompletedPartTypeDef:
             # botocore sends any bytes-like body (the stubs name only bytes): the part's own buffer, uncopied
             answer = self.s3.upload_part(Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=number,
-                                         Body=cast(bytes, body), ChecksumAlgorithm=PART_CHECKSUM)
+                                         Body=cast(bytes, body), **checksum)
             part: CompletedPartTypeDef = {"ETag": answer["ETag"], "PartNumber": number}
             if "ChecksumCRC32" in answer:  # S3 echoes the CRC32 it verified; the complete names it again
                 part["ChecksumCRC32"] = answer["ChecksumCRC32"]

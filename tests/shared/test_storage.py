@@ -295,14 +295,8 @@ def test_a_video_one_byte_over_a_part_still_goes_multipart_and_is_head_checked(s
     assert incomplete_uploads(s3, bucket) == []
 
 
-def test_every_upload_carries_a_crc32_and_the_complete_names_each_again(moto: MotoS3, bucket: str) -> None:
-    """Issue 11 (moto spent 1-2 CPU s per GiB more on the relay's uploads than on boto3's upload_fileobj): a multipart
-    upload created without a checksum algorithm gets a full-object CRC64NVME at completion, which moto builds by
-    concatenating the whole object once more. The copy now declares CRC32 at CreateMultipartUpload, as
-    upload_fileobj does; each part carries its CRC32 (S3 verifies it on receipt) and CompleteMultipartUpload names
-    each part's CRC32 again (S3 checks them against the parts it holds), whatever the client's
-    `request_checksum_calculation` says; a short video's PutObject carries its CRC32 too."""
-    s3 = moto.client(request_checksum_calculation="when_required")  # botocore alone would send no checksum
+def _sent_requests(s3: Any) -> list[tuple[str, str, dict[str, str], bytes]]:
+    """(operation, url, headers lower-cased, bytes body) of every request the client sends from now on."""
     sent: list[tuple[str, str, dict[str, str], bytes]] = []
 
     def seen(request: Any, event_name: str, **_: Any) -> None:
@@ -311,12 +305,25 @@ def test_every_upload_carries_a_crc32_and_the_complete_names_each_again(moto: Mo
         sent.append((event_name.rsplit(".", 1)[-1], request.url, headers, bytes(body)))
 
     s3.meta.events.register("before-send.s3", seen)
+    return sent
+
+
+def _crc32_b64(data: bytes) -> str:
+    return base64.b64encode(zlib.crc32(data).to_bytes(4, "big")).decode()
+
+
+def test_every_upload_carries_a_crc32_and_the_complete_names_each_again(moto: MotoS3, bucket: str) -> None:
+    """Issue 11 (moto spent 1-2 CPU s per GiB more on the relay's uploads than on boto3's upload_fileobj): a multipart
+    upload created without a checksum algorithm gets a full-object CRC64NVME at completion, which moto builds by
+    concatenating the whole object once more. The copy now declares CRC32 at CreateMultipartUpload, as
+    upload_fileobj does; each part carries its CRC32 (S3 verifies it on receipt) and CompleteMultipartUpload names
+    each part's CRC32 again (S3 checks them against the parts it holds); a short video's PutObject carries its
+    CRC32 too."""
+    s3 = moto.client()
+    sent = _sent_requests(s3)
     storage = Storage(s3, bucket, part_size=5 * MIB)
     data = payload(11 * MIB + 7, seed=5)
     assert storage.copy_stream(chunks_of(data), key="crc.mp4", expected_bytes=len(data), metadata={})[1] == len(data)
-
-    def crc(b: bytes) -> str:
-        return base64.b64encode(zlib.crc32(b).to_bytes(4, "big")).decode()
 
     ops = {op: (url, headers, body) for op, url, headers, body in sent if op != "UploadPart"}
     assert ops["CreateMultipartUpload"][1]["x-amz-checksum-algorithm"] == "CRC32"
@@ -325,18 +332,32 @@ def test_every_upload_carries_a_crc32_and_the_complete_names_each_again(moto: Mo
     assert sorted(parts) == [1, 2, 3]
     for number, headers in parts.items():
         start = (number - 1) * 5 * MIB
-        assert headers["x-amz-checksum-crc32"] == crc(data[start:start + 5 * MIB])
+        assert headers["x-amz-checksum-crc32"] == _crc32_b64(data[start:start + 5 * MIB])
     complete = ops["CompleteMultipartUpload"][2].decode()
     assert complete.count("<ChecksumCRC32>") == 3
     obj = s3.get_object(Bucket=bucket, Key="crc.mp4", ChecksumMode="ENABLED")
     assert obj["Body"].read() == data
     part_crcs = b"".join(zlib.crc32(data[i:i + 5 * MIB]).to_bytes(4, "big") for i in range(0, len(data), 5 * MIB))
-    assert (obj.get("ChecksumType"), obj.get("ChecksumCRC32")) == ("COMPOSITE", crc(part_crcs) + "-3")
+    assert (obj.get("ChecksumType"), obj.get("ChecksumCRC32")) == ("COMPOSITE", _crc32_b64(part_crcs) + "-3")
 
     sent.clear()
     small = payload(1000, seed=6)
     storage.copy_stream(iter([small]), key="crc-small.mp4", expected_bytes=len(small), metadata={}, fresh=True)
-    assert [(op, headers["x-amz-checksum-crc32"]) for op, _, headers, _ in sent] == [("PutObject", crc(small))]
+    assert [(op, headers["x-amz-checksum-crc32"]) for op, _, headers, _ in sent] == [("PutObject", _crc32_b64(small))]
+
+
+def test_a_client_set_to_send_checksums_only_when_required_sends_none(moto: MotoS3, bucket: str) -> None:
+    """`request_checksum_calculation="when_required"` (AWS_REQUEST_CHECKSUM_CALCULATION) is how an operator makes
+    boto3 work with an S3-compatible store that refuses checksum headers: the copy follows it, as botocore does."""
+    s3 = moto.client(request_checksum_calculation="when_required")
+    sent = _sent_requests(s3)
+    storage = Storage(s3, bucket, part_size=5 * MIB)
+    data = payload(6 * MIB, seed=8)
+    storage.copy_stream(chunks_of(data), key="plain.mp4", expected_bytes=len(data), metadata={})
+    storage.copy_stream(iter([data[:1000]]), key="plain-small.mp4", expected_bytes=1000, metadata={}, fresh=True)
+    assert {op for op, *_ in sent} >= {"CreateMultipartUpload", "UploadPart", "PutObject"}
+    assert [h for _, _, headers, _ in sent for h in headers if "checksum" in h] == []
+    assert s3.get_object(Bucket=bucket, Key="plain.mp4")["Body"].read() == data
 
 
 def test_a_multipart_copy_believed_fresh_still_aborts_an_upload_left_open(storage: Storage, s3: Any,
