@@ -324,7 +324,10 @@ class Storage:
                     held += take
                     rest = rest[take:]
         view.release()
-        del buf[held:]
+        try:
+            del buf[held:]
+        except BufferError:  # a reused buffer something still holds a view of (none known): copy the last part
+            buf = buf[:held]
         yield buf, True
 
     def _upload_parts(self, parts: Iterable[tuple[bytearray, bool]], key: str, upload_id: str,

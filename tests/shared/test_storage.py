@@ -757,6 +757,18 @@ def test_part_buffers_are_reused_once_uploaded_and_the_bytes_stay_the_sources(mo
         assert (header.decode() if isinstance(header, bytes) else header) == base64.b64encode(crc).decode()
 
 
+def test_a_reused_buffer_still_viewed_elsewhere_still_ends_the_stream_right() -> None:
+    """The last part is cut to its length in place; should a reused buffer still be viewed by something (an HTTP
+    library keeping a memoryview), the cut cannot resize it and copies the last part instead of failing."""
+    storage = Storage(object(), "b", part_size=8)  # type: ignore[arg-type]  # _cut never calls S3
+    reused = bytearray(b"x" * 8)
+    held_view = memoryview(reused)
+    spare = [reused, bytearray(8)]  # taken from the end: the viewed one holds the last part
+    parts = list(storage._cut(iter([b"0123456789", b"ab"]), hashlib.sha256(), spare))
+    assert [(bytes(part), last) for part, last in parts] == [(b"01234567", False), (b"89ab", True)]
+    held_view.release()
+
+
 def test_copy_keeps_up_to_six_parts_in_flight_by_default(s3: Any, bucket: str) -> None:
     """Issue 11: at most 2 parts were in flight where boto3 uses up to 10 threads; 6 now, and a part is no longer
     copied out of a bytearray (memory stays under 150 MB with 8 MiB parts: the memory test above)."""
