@@ -12,7 +12,8 @@ resident memory (VmHWM) measures that copy alone:
 * ``naive``    — read the whole body into memory, then `put_object` (run at --naive-size-mib, smaller).
 
 The memory test in tests/shared/test_storage.py runs the same probe; neither imports the other. Each copy's line
-also gives the CPU seconds it cost: the probe's own (its process), moto's and the source server's, and the load.
+also gives the CPU seconds it cost: the probe's own (its process), moto's and the source server's, and the load;
+the summary gives each side's median CPU seconds per GiB for each process (in the returned row too).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import resource
 import statistics
 import sys
 from pathlib import Path
+from typing import cast
 
 ROOT = Path(__file__).resolve().parent.parent
 for p in (str(ROOT), str(ROOT / "bench")):
@@ -61,7 +63,7 @@ def bench(size_mib: int, naive_size_mib: int, reps: int = 1) -> dict[str, float]
             result = run_probe(mode, url, stack.s3_endpoint, BUCKET, f"{mode}-{i}.mp4", env=env)
             after = cpu_by_process(groups)
             cpu = {"copy": _children_cpu() - children, **{k: after[k] - before[k] for k in groups}}
-            results[mode].append(result)
+            results[mode].append({**result, "cpu": cpu})
             peak = int(str(result["peak_rss_bytes"])) / MIB
             base = int(str(result["rss_after_imports_bytes"])) / MIB
             rate = mib / float(str(result["seconds"]))
@@ -80,9 +82,16 @@ def bench(size_mib: int, naive_size_mib: int, reps: int = 1) -> dict[str, float]
                "ratio": statistics.median(speed), "lo": min(speed), "hi": max(speed),
                "stream_peak_mib": max(int(str(r["peak_rss_bytes"])) for r in results["stream"]) / MIB,
                "fileobj_peak_mib": max(int(str(r["peak_rss_bytes"])) for r in results["upload_fileobj"]) / MIB}
+        for mode in ("stream", "upload_fileobj"):  # CPU seconds per GiB copied, medians over the reps
+            for name in ("copy", *groups):
+                row[f"{mode}_cpu_s_per_gib_{name}"] = statistics.median(
+                    cast(dict[str, float], r["cpu"])[name] for r in results[mode]) * 1024 / size_mib
         print(f"copy  stream / upload_fileobj throughput x{row['ratio']:.2f} ({row['lo']:.2f}-{row['hi']:.2f}), "
               f"peak RSS {row['stream_peak_mib']:.0f} MiB vs {row['fileobj_peak_mib']:.0f} MiB; sha256 matches",
               flush=True)
+        print("copy  CPU s per GiB (medians): " + ";  ".join(
+            f"{mode} " + "  ".join(f"{name} {row[f'{mode}_cpu_s_per_gib_{name}']:.2f}" for name in ("copy", *groups))
+            for mode in ("stream", "upload_fileobj")), flush=True)
         return row
     finally:
         if source is not None:

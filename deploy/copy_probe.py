@@ -7,7 +7,8 @@ probe that runs one copy and reports its peak resident memory. Used by the memor
 
 Modes of a probe:
 
-* ``stream``   — this project's copy: `download_chunks` + `Storage.copy_stream` (8 MiB parts, one at a time);
+* ``stream``   — this project's copy: `download_chunks` + `Storage.copy_stream` (8 MiB parts, 6 in flight, each
+  with its CRC32, declared at CreateMultipartUpload as upload_fileobj does);
 * ``upload_fileobj`` — the baseline: boto3's managed transfer reading the response's raw stream (default
   TransferConfig: 8 MiB parts, up to 10 threads);
 * ``naive``    — read the whole body into memory, then `put_object`.

@@ -12,12 +12,23 @@ the bytes sent (no HEAD), and no multipart upload exists that a crash could leav
 as one multipart upload, and the object appears only on CompleteMultipartUpload, never half-written. Memory
 stays bounded whatever the size: one part being assembled plus `max_in_flight` parts uploading (default 6, on a
 thread pool, so the download overlaps the upload), i.e. about 7 × part_size on top of the interpreter (each part
-is filled in place and uploaded from that buffer, never copied again); bench/copy_memory.py measures the peak
+is filled in place and uploaded from that buffer, never copied again, and the buffers are reused part after
+part); bench/copy_memory.py measures the peak
 RSS (kept under 150 MB with 8 MiB parts, as the memory test in tests/shared/test_storage.py checks). Any failure
 aborts the upload (no incomplete upload left behind) and raises `CopyError`. A process killed mid-copy cannot
 abort, so every multipart upload first aborts the uploads left open on its own key (`Storage.abort_stale_uploads`;
 a short video, one PutObject, skips that listing on its job's first run, `fresh`); for jobs never copied again,
 give the bucket a lifecycle rule ``AbortIncompleteMultipartUpload`` too (a day is plenty).
+
+Integrity: every upload of a video carries its CRC32 (`PART_CHECKSUM`, botocore computes it; S3 refuses a body that
+does not match). A multipart upload declares CRC32 at CreateMultipartUpload and names each part's CRC32 (with its
+ETag, S3's MD5 of the part) again in CompleteMultipartUpload, which S3 checks against the parts it holds; the
+object keeps a composite CRC32 (``GetObject(ChecksumMode="ENABLED")``). This is what boto3's own `upload_fileobj`
+sends. Without the declaration, S3 (and moto) build a full-object CRC64NVME of their own at completion; moto does
+it by concatenating the whole object once more, which cost it 1-2 CPU seconds per GiB (bench/copy_memory.py).
+A client configured with ``request_checksum_calculation="when_required"`` (``AWS_REQUEST_CHECKSUM_CALCULATION``,
+the setting for S3-compatible stores that refuse checksum headers) sends no checksum, as botocore itself would.
+The SHA-256 the manifest records is the copy's own, computed on the way.
 
 S3 requests of one copy of a 1-video job: first run of a short video, PutObject + the manifest's conditional
 PutObject (2); a later run adds the manifest GET and the LIST of stale uploads; a long video takes the LIST,
@@ -47,7 +58,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Final, cast
 
 import requests
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, PartialCredentialsError
@@ -66,6 +77,8 @@ MANIFEST_NAME = "manifest.json"
 #: The manifest's shape, as docs/manifest.schema.json describes it; raised only for a change consumers must know.
 MANIFEST_SCHEMA_VERSION = 1
 MAX_PARTS = 10_000
+#: The checksum every video upload carries (see `Storage.copy_stream`): CRC32, as boto3's own upload_fileobj uses.
+PART_CHECKSUM: Final = "CRC32"
 # S3 errors that refuse every request alike until an operator fixes a setting (bucket, credentials, region,
 # policy): StorageUnusable, copying pauses. "Forbidden" is how a HEAD request (no body) reports AccessDenied.
 _UNUSABLE_S3_CODES = frozenset({
@@ -230,7 +243,8 @@ class Storage:
         in a failover, an ops retry made by an older release that cleared the attempt counters).
         """
         sha = hashlib.sha256()
-        parts = self._cut(chunks, sha)
+        spare: list[bytearray] = []  # full-size part buffers whose upload is done, refilled by _cut
+        parts = self._cut(chunks, sha, spare)
         head = [next(parts)]
         if head[0][1]:  # the stream ended within its first part
             if not fresh:
@@ -239,11 +253,12 @@ class Storage:
         self.abort_stale_uploads(key)  # always before a multipart upload: one LIST beside parts of 8 MiB
         try:
             upload_id = self.s3.create_multipart_upload(
-                Bucket=self.bucket, Key=key, ContentType=VIDEO_CONTENT_TYPE, Metadata=metadata)["UploadId"]
+                Bucket=self.bucket, Key=key, ContentType=VIDEO_CONTENT_TYPE, Metadata=metadata,
+                **self._checksum())["UploadId"]
         except (ClientError, BotoCoreError) as exc:
             raise _s3_error(exc, "create multipart upload") from exc
         try:
-            size, completed = self._upload_parts(_prepend(head, parts), key, upload_id)
+            size, completed = self._upload_parts(_prepend(head, parts), key, upload_id, spare)
             if expected_bytes is not None and size != expected_bytes:
                 raise CopyError(f"source sent {size} bytes, expected {expected_bytes}", retryable=True)
             self.s3.complete_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id,
@@ -265,21 +280,31 @@ class Storage:
         try:
             # botocore sends any bytes-like body (the stubs name only bytes): the buffer as it is, uncopied
             self.s3.put_object(Bucket=self.bucket, Key=key, Body=cast(bytes, body), ContentType=VIDEO_CONTENT_TYPE,
-                               Metadata=metadata)
+                               Metadata=metadata, **self._checksum())
         except (ClientError, BotoCoreError) as exc:
             raise _s3_error(exc, "put object") from exc
         return sha.hexdigest(), size
 
-    def _cut(self, chunks: Iterable[bytes], sha: hashlib._Hash) -> Iterator[tuple[bytearray, bool]]:
+    def _checksum(self) -> dict[str, Any]:
+        """``ChecksumAlgorithm=CRC32`` for an upload of a video (see the module docstring), or nothing when the client
+        is configured to send checksums only where S3 requires them."""
+        config = getattr(getattr(self.s3, "meta", None), "config", None)
+        setting = getattr(config, "request_checksum_calculation", None)
+        return {} if setting == "when_required" else {"ChecksumAlgorithm": PART_CHECKSUM}
+
+    def _cut(self, chunks: Iterable[bytes], sha: hashlib._Hash,
+             spare: list[bytearray]) -> Iterator[tuple[bytearray, bool]]:
         """The stream as parts of exactly `part_size` bytes (the last one shorter, or empty for an empty stream),
         each with whether it is the last one; `sha` is fed each chunk on the way (in the reading thread: a hashing
         thread of its own was measured slower at a moderate load, faster only on a machine loaded 6-8 times over).
 
         Each part is filled in place (one copy per byte, into a buffer of exactly part_size) and handed out as it
         is: no part is copied again. A full part is handed out once the next chunk shows the stream goes on (or
-        ends), so at most one chunk is held beside it.
+        ends), so at most one chunk is held beside it. A buffer is taken from `spare` (parts whose upload has
+        returned, put back by `_upload_parts`) when there is one, else allocated: no zero-filled 8 MiB per part, and
+        never more than max_in_flight + 1 buffers.
         """
-        buf = bytearray(self.part_size)
+        buf = spare.pop() if spare else bytearray(self.part_size)
         view = memoryview(buf)
         held = 0
         for chunk in chunks:
@@ -291,7 +316,7 @@ class Storage:
                     if held == self.part_size:  # full, and more follows
                         view.release()
                         yield buf, False
-                        buf = bytearray(self.part_size)
+                        buf = spare.pop() if spare else bytearray(self.part_size)
                         view = memoryview(buf)
                         held = 0
                     take = min(len(rest), self.part_size - held)
@@ -299,36 +324,51 @@ class Storage:
                     held += take
                     rest = rest[take:]
         view.release()
-        del buf[held:]
+        try:
+            del buf[held:]
+        except BufferError:  # a reused buffer something still holds a view of (none known): copy the last part
+            buf = buf[:held]
         yield buf, True
 
-    def _upload_parts(self, parts: Iterable[tuple[bytearray, bool]], key: str,
-                      upload_id: str) -> tuple[int, list[CompletedPartTypeDef]]:
-        """Upload the parts, at most `max_in_flight` at a time (bounded memory); (bytes sent, completed parts)."""
+    def _upload_parts(self, parts: Iterable[tuple[bytearray, bool]], key: str, upload_id: str,
+                      spare: list[bytearray]) -> tuple[int, list[CompletedPartTypeDef]]:
+        """Upload the parts, at most `max_in_flight` at a time (bounded memory); (bytes sent, completed parts).
+        A full-size part's buffer goes back to `spare` once its upload_part has returned (botocore, retries
+        included, is done with it then), for `_cut` to fill again; a failed part's buffer is never reused."""
         size = 0
+        checksum = self._checksum()
         completed: list[CompletedPartTypeDef] = []
-        in_flight: deque[Future[CompletedPartTypeDef]] = deque()
+        in_flight: deque[tuple[Future[CompletedPartTypeDef], bytearray]] = deque()
         submitted = 0
+
+        def finish_oldest() -> None:
+            future, body = in_flight.popleft()
+            completed.append(future.result())
+            if len(body) == self.part_size:
+                spare.append(body)
 
         def upload(number: int, body: bytearray) -> CompletedPartTypeDef:
             # botocore sends any bytes-like body (the stubs name only bytes): the part's own buffer, uncopied
-            etag = self.s3.upload_part(Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=number,
-                                       Body=cast(bytes, body))["ETag"]
-            return {"ETag": etag, "PartNumber": number}
+            answer = self.s3.upload_part(Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=number,
+                                         Body=cast(bytes, body), **checksum)
+            part: CompletedPartTypeDef = {"ETag": answer["ETag"], "PartNumber": number}
+            if "ChecksumCRC32" in answer:  # S3 echoes the CRC32 it verified; the complete names it again
+                part["ChecksumCRC32"] = answer["ChecksumCRC32"]
+            return part
 
         # Leaving the with-block waits for the parts in flight, so an abort never races an upload_part.
         with ThreadPoolExecutor(max_workers=self.max_in_flight, thread_name_prefix="s3-part") as pool:
             for body, _last in parts:
                 while len(in_flight) >= self.max_in_flight:
-                    completed.append(in_flight.popleft().result())
+                    finish_oldest()
                 if submitted >= MAX_PARTS:
                     raise CopyError(f"more than {MAX_PARTS} parts of {self.part_size} bytes", retryable=False)
                 submitted += 1
                 size += len(body)
-                in_flight.append(pool.submit(upload, submitted, body))
+                in_flight.append((pool.submit(upload, submitted, body), body))
                 del body
             while in_flight:
-                completed.append(in_flight.popleft().result())
+                finish_oldest()
         return size, completed
 
     def probe(self) -> str:

@@ -6,12 +6,14 @@ moto enforces S3's 5 MiB minimum part size (all parts but the last), as AWS does
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import http.server
 import json
 import threading
 import time
 import uuid
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -291,6 +293,71 @@ def test_a_video_one_byte_over_a_part_still_goes_multipart_and_is_head_checked(s
                             "CompleteMultipartUpload", "HeadObject"]
     assert s3.get_object(Bucket=bucket, Key="two.mp4")["Body"].read() == data
     assert incomplete_uploads(s3, bucket) == []
+
+
+def _sent_requests(s3: Any) -> list[tuple[str, str, dict[str, str], bytes]]:
+    """(operation, url, headers lower-cased, bytes body) of every request the client sends from now on."""
+    sent: list[tuple[str, str, dict[str, str], bytes]] = []
+
+    def seen(request: Any, event_name: str, **_: Any) -> None:
+        body = request.body if isinstance(request.body, (bytes, bytearray)) else b""
+        headers = {k.lower(): (v.decode() if isinstance(v, bytes) else v) for k, v in request.headers.items()}
+        sent.append((event_name.rsplit(".", 1)[-1], request.url, headers, bytes(body)))
+
+    s3.meta.events.register("before-send.s3", seen)
+    return sent
+
+
+def _crc32_b64(data: bytes) -> str:
+    return base64.b64encode(zlib.crc32(data).to_bytes(4, "big")).decode()
+
+
+def test_every_upload_carries_a_crc32_and_the_complete_names_each_again(moto: MotoS3, bucket: str) -> None:
+    """Issue 11 (moto spent 1-2 CPU s per GiB more on the relay's uploads than on boto3's upload_fileobj): a multipart
+    upload created without a checksum algorithm gets a full-object CRC64NVME at completion, which moto builds by
+    concatenating the whole object once more. The copy now declares CRC32 at CreateMultipartUpload, as
+    upload_fileobj does; each part carries its CRC32 (S3 verifies it on receipt) and CompleteMultipartUpload names
+    each part's CRC32 again (S3 checks them against the parts it holds); a short video's PutObject carries its
+    CRC32 too."""
+    s3 = moto.client()
+    sent = _sent_requests(s3)
+    storage = Storage(s3, bucket, part_size=5 * MIB)
+    data = payload(11 * MIB + 7, seed=5)
+    assert storage.copy_stream(chunks_of(data), key="crc.mp4", expected_bytes=len(data), metadata={})[1] == len(data)
+
+    ops = {op: (url, headers, body) for op, url, headers, body in sent if op != "UploadPart"}
+    assert ops["CreateMultipartUpload"][1]["x-amz-checksum-algorithm"] == "CRC32"
+    parts = {int(url.split("partNumber=")[1].split("&")[0]): headers for op, url, headers, _ in sent
+             if op == "UploadPart"}
+    assert sorted(parts) == [1, 2, 3]
+    for number, headers in parts.items():
+        start = (number - 1) * 5 * MIB
+        assert headers["x-amz-checksum-crc32"] == _crc32_b64(data[start:start + 5 * MIB])
+    complete = ops["CompleteMultipartUpload"][2].decode()
+    assert complete.count("<ChecksumCRC32>") == 3
+    obj = s3.get_object(Bucket=bucket, Key="crc.mp4", ChecksumMode="ENABLED")
+    assert obj["Body"].read() == data
+    part_crcs = b"".join(zlib.crc32(data[i:i + 5 * MIB]).to_bytes(4, "big") for i in range(0, len(data), 5 * MIB))
+    assert (obj.get("ChecksumType"), obj.get("ChecksumCRC32")) == ("COMPOSITE", _crc32_b64(part_crcs) + "-3")
+
+    sent.clear()
+    small = payload(1000, seed=6)
+    storage.copy_stream(iter([small]), key="crc-small.mp4", expected_bytes=len(small), metadata={}, fresh=True)
+    assert [(op, headers["x-amz-checksum-crc32"]) for op, _, headers, _ in sent] == [("PutObject", _crc32_b64(small))]
+
+
+def test_a_client_set_to_send_checksums_only_when_required_sends_none(moto: MotoS3, bucket: str) -> None:
+    """`request_checksum_calculation="when_required"` (AWS_REQUEST_CHECKSUM_CALCULATION) is how an operator makes
+    boto3 work with an S3-compatible store that refuses checksum headers: the copy follows it, as botocore does."""
+    s3 = moto.client(request_checksum_calculation="when_required")
+    sent = _sent_requests(s3)
+    storage = Storage(s3, bucket, part_size=5 * MIB)
+    data = payload(6 * MIB, seed=8)
+    storage.copy_stream(chunks_of(data), key="plain.mp4", expected_bytes=len(data), metadata={})
+    storage.copy_stream(iter([data[:1000]]), key="plain-small.mp4", expected_bytes=1000, metadata={}, fresh=True)
+    assert {op for op, *_ in sent} >= {"CreateMultipartUpload", "UploadPart", "PutObject"}
+    assert [h for _, _, headers, _ in sent for h in headers if "checksum" in h] == []
+    assert s3.get_object(Bucket=bucket, Key="plain.mp4")["Body"].read() == data
 
 
 def test_a_multipart_copy_believed_fresh_still_aborts_an_upload_left_open(storage: Storage, s3: Any,
@@ -660,6 +727,46 @@ def test_parts_are_cut_exactly_whatever_the_chunk_sizes(s3: Any, bucket: str) ->
     md5s = [hashlib.md5(data[i:i + part]).digest() for i in range(0, len(data), part)]  # noqa: S324
     etag = s3.head_object(Bucket=bucket, Key="odd-chunks.mp4")["ETag"]
     assert etag == f'"{hashlib.md5(b"".join(md5s)).hexdigest()}-{len(md5s)}"'  # noqa: S324
+
+
+def test_part_buffers_are_reused_once_uploaded_and_the_bytes_stay_the_sources(moto: MotoS3, bucket: str) -> None:
+    """Issue 11 (the copy's own CPU per GiB): a fresh zero-filled buffer per part cost the reading thread about 0.15 s
+    per GiB; a full part's buffer is now refilled once its upload_part has returned. A 10-part copy with 2 parts in
+    flight sends its parts from at most 3 buffers, and every part still carries (and S3 still stores) the source's
+    bytes: no buffer is refilled while its part is on the wire."""
+    s3 = moto.client()
+    bodies: list[Any] = []
+    sent: dict[int, str] = {}
+
+    def seen(request: Any, **_: Any) -> None:
+        if "partNumber=" in request.url:
+            bodies.append(request.body)  # kept alive here, so a new buffer can never take a freed one's id
+            sent[int(request.url.split("partNumber=")[1].split("&")[0])] = request.headers["x-amz-checksum-crc32"]
+
+    s3.meta.events.register("before-send.s3.UploadPart", seen)
+    part = 5 * MIB
+    data = payload(9 * part + 4321, seed=12)
+    storage = Storage(s3, bucket, part_size=part, max_in_flight=2)
+    assert storage.copy_stream(chunks_of(data, 3 * MIB + 17), key="reused.mp4", expected_bytes=len(data),
+                               metadata={})[1] == len(data)
+    assert len(bodies) == 10
+    assert len({id(body) for body in bodies}) <= 3
+    assert s3.get_object(Bucket=bucket, Key="reused.mp4")["Body"].read() == data
+    for number, header in sent.items():
+        crc = zlib.crc32(data[(number - 1) * part:number * part]).to_bytes(4, "big")
+        assert (header.decode() if isinstance(header, bytes) else header) == base64.b64encode(crc).decode()
+
+
+def test_a_reused_buffer_still_viewed_elsewhere_still_ends_the_stream_right() -> None:
+    """The last part is cut to its length in place; should a reused buffer still be viewed by something (an HTTP
+    library keeping a memoryview), the cut cannot resize it and copies the last part instead of failing."""
+    storage = Storage(object(), "b", part_size=8)  # type: ignore[arg-type]  # _cut never calls S3
+    reused = bytearray(b"x" * 8)
+    held_view = memoryview(reused)
+    spare = [reused, bytearray(8)]  # taken from the end: the viewed one holds the last part
+    parts = list(storage._cut(iter([b"0123456789", b"ab"]), hashlib.sha256(), spare))
+    assert [(bytes(part), last) for part, last in parts] == [(b"01234567", False), (b"89ab", True)]
+    held_view.release()
 
 
 def test_copy_keeps_up_to_six_parts_in_flight_by_default(s3: Any, bucket: str) -> None:
