@@ -7,8 +7,9 @@ minutes, `webhook-signature: v1,<base64 HMAC-SHA256 of "<id>.<timestamp>.<body>"
 `kling_relay.shared.http_client.verify`): a missing, wrong or stale one is `401` and changes nothing. The body is
 checked for shape and its task_id must be the job's; the URL in it is used only where Kling's tasks cannot be read
 back (callbacks-only mode; otherwise the copy re-reads the task from Kling). Duplicates and stale updates get a 2xx
-and change nothing; a repeat this process can prove changes nothing (the job's bound task and a state it already
-passed, seen here moments ago) is answered from memory, without a Redis round trip (`shared/recent.py`).
+and change nothing; they are answered before Flask (`RepeatsFirst`), and a repeat this process can prove changes
+nothing (the job's bound task and a state it already passed, seen here moments ago) from memory, without a Redis
+round trip (`shared/recent.py`).
 
 A callback's token never binds a job to a task. Only the worker does, with a task that Kling itself answered: the
 create's answer, or a lookup by `external_task_id` (the worker's, or the reconciler's poll). So a callback that arrives
@@ -35,22 +36,30 @@ Kling's own word: it may bind the task of a queued job whose create was sent but
 
 from __future__ import annotations
 
+import io
+import json
 import logging
+from collections.abc import Callable, Iterable
 from typing import Any
+from urllib.parse import parse_qsl
 
-from flask import Blueprint, current_app, jsonify, request
+import redis
+from flask import Blueprint, Flask, current_app, jsonify, request
 
 from kling_relay.shared import heard, metrics, usage
+from kling_relay.shared.heard import Glimpse
 from kling_relay.shared.http_client import verify
 from kling_relay.shared.jobs import Job, JobNotFound, JobState, StepResult
 from kling_relay.shared.jobs_model import step_applies
 from kling_relay.shared.kling import KlingTask
 from kling_relay.shared.logs import add, bound
 from kling_relay.shared.pipeline import CREATE_SENT, KLING_STATUS_TO_STATE, apply_task_status, record_task
-from kling_relay.shared.recent import RecentStates
+from kling_relay.shared.recent import RecentStates, Seen
 from kling_relay.shared.runtime import Runtime
 from kling_relay.shared.tokens import callback_token_ok
 from kling_relay.webhook.common import error, parse_json, read_body, runtime, valid_job_id
+from kling_relay.webhook.request_ids import HEADER as REQUEST_ID_HEADER
+from kling_relay.webhook.request_ids import JOB_ID_ENVIRON, new, sane
 
 log = logging.getLogger(__name__)
 bp = Blueprint("callbacks", __name__)
@@ -82,17 +91,16 @@ def _callback(rt: Runtime, job_id: str) -> Any:
     if not isinstance(task, KlingTask):
         return task
     to = KLING_STATUS_TO_STATE[task.status]
-    recent = _recent()
-    settled = recent.settled(job_id, task, to)
-    if settled is not None:
-        # A repeat this process can prove changes nothing (shared/recent.py): answered without Redis, counted.
+    recent = recent_states(current_app)
+    settled = _settled(recent, job_id, task)
+    if settled is not None:  # usually answered before Flask (RepeatsFirst); here for a body without a length
         add(kling_task_id=settled.task_id)
-        metrics.callback("duplicate" if settled.state is to else "stale")
         return jsonify(ok=True, applied=False, state=settled.state.value)
     # One round trip: the job's state and task, and the callback kept (`heard`) if its task is the job's bound one
     # (the checks below then pass; kept before any step: the copy the step queues may need the URL, callbacks only).
-    seen = heard.read_and_remember(rt.redis, job_id, task, ttl_seconds=_heard_ttl())
-    recent.note(job_id, seen.kling_task_id, seen.state)
+    # (RepeatsFirst may have made that round trip already, for this very body: then its answer is used.)
+    early = request.environ.pop(_SEEN_ENVIRON, None)
+    seen = early[1] if early is not None and early[0] == raw else _read(rt, recent, job_id, task)
     if seen.state is None:
         return _refused("unknown_job", 404, "unknown job")
     if seen.kling_task_id is None:
@@ -100,11 +108,7 @@ def _callback(rt: Runtime, job_id: str) -> Any:
     if seen.kling_task_id != task.task_id:
         return _refused("task_mismatch", 409, "task_id does not match this job's Kling task")
     add(kling_task_id=seen.kling_task_id)
-    if not step_applies(seen.state, to):
-        # Duplicate or stale (the job is already there or past it): the step would change nothing, so it is not
-        # run. What Kling billed is still recorded, as `apply_task_status` does first for every status.
-        usage.record_deduction(rt.redis, job_id, task, now=rt.clock())
-        metrics.callback("duplicate" if seen.state is to else "stale")
+    if _unchanged(rt, job_id, task, seen):
         return jsonify(ok=True, applied=False, state=seen.state.value)
     result = apply_task_status(rt, job_id, task, source="callback")
     recent.note(job_id, result.job.kling_task_id, result.job.state)
@@ -112,10 +116,121 @@ def _callback(rt: Runtime, job_id: str) -> Any:
     return jsonify(ok=True, applied=result.applied, state=result.job.state.value)
 
 
-def _recent() -> RecentStates:
+def _read(rt: Runtime, recent: RecentStates, job_id: str, task: KlingTask) -> Glimpse:
+    """One round trip: the job's state and task, and the callback kept (`heard`) if its task is the job's bound
+    one; what it says is remembered (`recent`)."""
+    seen = heard.read_and_remember(rt.redis, job_id, task, ttl_seconds=_heard_ttl(rt))
+    recent.note(job_id, seen.kling_task_id, seen.state)
+    return seen
+
+
+def _unchanged(rt: Runtime, job_id: str, task: KlingTask, seen: Glimpse) -> bool:
+    """Whether the callback is a duplicate or stale for the job as read (bound to this task, already in the state it
+    reports or past it): the step would change nothing, so it is not run. What Kling billed is still recorded, as
+    `apply_task_status` does first for every status, and the outcome counted."""
+    to = KLING_STATUS_TO_STATE[task.status]
+    if seen.state is None or seen.kling_task_id != task.task_id or step_applies(seen.state, to):
+        return False
+    usage.record_deduction(rt.redis, job_id, task, now=rt.clock())
+    metrics.callback("duplicate" if seen.state is to else "stale")
+    return True
+
+
+def recent_states(app: Flask) -> RecentStates:
     """This process's memory of jobs' states (one per app: shared/recent.py)."""
-    recent: RecentStates = current_app.extensions.setdefault("kling_relay.recent", RecentStates())
+    recent: RecentStates = app.extensions.setdefault("kling_relay.recent", RecentStates())
     return recent
+
+
+def _settled(recent: RecentStates, job_id: str, task: KlingTask) -> Seen | None:
+    """What was remembered of the job when this process can prove the callback is a repeat that changes nothing
+    (`shared/recent.py`), counted as the view counts it; else None (the callback takes the full path)."""
+    to = KLING_STATUS_TO_STATE[task.status]
+    seen = recent.settled(job_id, task, to)
+    if seen is None:
+        return None
+    metrics.callback("duplicate" if seen.state is to else "stale")
+    return seen
+
+
+CALLBACK_PREFIX = "/callbacks/kling/"
+#: Where RepeatsFirst leaves its read of the job for the view: (the body it was read for, the Glimpse).
+_SEEN_ENVIRON = "kling_relay.callback_seen"
+_JSON_HEADERS = [("Content-Type", "application/json")]
+
+
+class RepeatsFirst:
+    """WSGI middleware in front of the app: a duplicate or stale callback is answered here, before Flask builds a
+    request (bench/callbacks.py: Flask's handling is most of what such a callback costs). It runs the view's own
+    checks, in the view's order and with the same functions: the job id, its token, the body's declared length
+    within MAX_CALLBACK_BYTES, the webhook signature when KLING_WEBHOOK_SECRET is set, the task's shape and
+    `external_task_id`. Then a repeat this process can prove changes nothing (`shared/recent.py`) is answered
+    without Redis; any other is read once (`_read`) and answered if the view's rule (`_unchanged`) finds it a
+    duplicate or stale. Anything else, every refusal and every step included, goes on to Flask as it came (a body
+    read here is handed on whole, with the read of the job, which the view then does not repeat), so its answer
+    and its count are the view's. The answer is the view's own bytes (`{"applied":false,"ok":true,"state":...}`),
+    with `X-Request-ID` and the job id left for the access log, as the app's request hooks do.
+    """
+
+    def __init__(self, app: Flask) -> None:
+        self.app = app
+        self.wsgi_app = app.wsgi_app
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        state = self._repeat(environ) if environ.get("PATH_INFO", "").startswith(CALLBACK_PREFIX) else None
+        if state is None:
+            return self.wsgi_app(environ, start_response)
+        body = json.dumps({"ok": True, "applied": False, "state": state.value}, separators=(",", ":"),
+                          sort_keys=True).encode() + b"\n"
+        environ[JOB_ID_ENVIRON] = environ["PATH_INFO"][len(CALLBACK_PREFIX):]
+        request_id = sane(environ.get("HTTP_X_REQUEST_ID")) or new()
+        start_response("200 OK", [*_JSON_HEADERS, ("Content-Length", str(len(body))),
+                                  (REQUEST_ID_HEADER, request_id)])
+        return [body]
+
+    def _repeat(self, environ: dict[str, Any]) -> JobState | None:
+        """The remembered state when the callback is a provable repeat, else None (Flask answers it)."""
+        job_id = environ["PATH_INFO"][len(CALLBACK_PREFIX):]
+        if environ.get("REQUEST_METHOD") != "POST" or not valid_job_id(job_id):
+            return None
+        rt: Runtime = self.app.extensions["kling_relay"]
+        token = next((v for k, v in parse_qsl(environ.get("QUERY_STRING", ""), keep_blank_values=True)
+                      if k == "token"), None)
+        if not callback_token_ok(rt.settings.callback_secret, job_id, token):
+            return None
+        length = environ.get("CONTENT_LENGTH") or ""
+        if not (length.isascii() and length.isdigit()) or int(length) > rt.settings.max_callback_bytes:
+            return None
+        raw = environ["wsgi.input"].read(int(length))
+        environ["wsgi.input"] = io.BytesIO(raw)  # handed on whole, should Flask answer after all
+        if len(raw) != int(length):
+            return None
+        secret = rt.settings.kling_webhook_secret
+        if secret is not None and not verify(secret, _headers(environ), raw, tolerance=SIGNATURE_TOLERANCE_SECONDS):
+            return None
+        try:
+            task = KlingTask.from_json(parse_json(raw))
+        except (ValueError, TypeError):
+            return None
+        if task.external_task_id is not None and task.external_task_id != job_id:
+            return None
+        recent = recent_states(self.app)
+        remembered = _settled(recent, job_id, task)
+        if remembered is not None:
+            return remembered.state
+        try:  # not remembered: one read tells a duplicate or stale one (the view's own rule, `_unchanged`)
+            seen = _read(rt, recent, job_id, task)
+            if seen.state is not None and _unchanged(rt, job_id, task, seen):
+                return seen.state
+        except redis.RedisError:
+            return None  # the view reads again and answers (503 while Redis is down)
+        environ[_SEEN_ENVIRON] = (raw, seen)  # the view need not read it again
+        return None
+
+
+def _headers(environ: dict[str, Any]) -> dict[str, str]:
+    """The request's headers from a WSGI environ (names lower-cased, as `verify` matches them)."""
+    return {k[5:].replace("_", "-").lower(): str(v) for k, v in environ.items() if k.startswith("HTTP_")}
 
 
 def _unbound(job_id: str, task: KlingTask, *, signed: bool) -> Any:
@@ -174,8 +289,8 @@ def _parse(job_id: str, raw: bytes) -> Any:
     return task
 
 
-def _heard_ttl() -> int:
-    settings = runtime().settings
+def _heard_ttl(rt: Runtime | None = None) -> int:
+    settings = (rt or runtime()).settings
     return int(settings.job_ttl_seconds + settings.job_deadline_seconds)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -66,15 +67,20 @@ def test_failover_qos_acks_on_the_new_primary(cluster: SentinelCluster) -> None:
     assert new_primary.zcard("unacked_index") == 0  # removed from the index on the promoted replica
 
 
+def _queue_q(server: RedisServer) -> tuple[Connection, Any, Queue]:
+    """A connection to `server` over the relay's transport, its channel, and the queue `q` declared on it."""
+    conn = Connection(celery_broker(server.url)[0], transport=FailoverTransport)
+    channel = conn.channel()
+    queue = Queue("q", channel=channel)
+    queue.declare()
+    return conn, channel, queue
+
+
 def test_failover_qos_acks_after_a_single_redis_restarts(tmp_path: Path) -> None:
     """One Redis (redis://), stopped while a message is taken: the ack waits for it to come back (same port)."""
     server = RedisServer(tmp_path / "one", appendonly=True).start()
     try:
-        url, _ = celery_broker(server.url)
-        conn = Connection(url, transport=FailoverTransport)
-        channel = conn.channel()
-        queue = Queue("q", channel=channel)
-        queue.declare()
+        conn, channel, queue = _queue_q(server)
         conn.Producer(channel).publish({"n": 1}, routing_key="q")
         channel.basic_qos(prefetch_size=0, prefetch_count=1, apply_global=False)
         message = queue.get(no_ack=False)
@@ -93,11 +99,7 @@ def test_publishing_reuses_one_client_per_pool(tmp_path: Path) -> None:
     per connection pool, and a new one once kombu replaced the pool (after a disconnect). Publishes still land."""
     server = RedisServer(tmp_path / "one").start()
     try:
-        url, _ = celery_broker(server.url)
-        conn = Connection(url, transport=FailoverTransport)
-        channel = conn.channel()
-        queue = Queue("q", channel=channel)
-        queue.declare()
+        conn, channel, queue = _queue_q(server)
         with channel.conn_or_acquire() as first, channel.conn_or_acquire() as second:
             assert first is second
         producer = conn.Producer(channel)
@@ -110,7 +112,7 @@ def test_publishing_reuses_one_client_per_pool(tmp_path: Path) -> None:
         producer.publish({"n": 3}, routing_key="q")
         assert [queue.get(no_ack=True).payload["n"] for _ in range(4)] == [0, 1, 2, 3]
         # the stock channel: a new client each time (why the override exists)
-        stock = Connection(url, transport=kombu_redis.Transport).channel()
+        stock = Connection(celery_broker(server.url)[0], transport=kombu_redis.Transport).channel()
         with stock.conn_or_acquire() as a, stock.conn_or_acquire() as b:
             assert a is not b
     finally:

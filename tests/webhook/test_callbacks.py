@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from flask import jsonify, request
 from flask.testing import FlaskClient
 
 from kling_relay.shared import heard
@@ -437,3 +438,78 @@ def test_a_callback_after_the_job_is_stored_keeps_nothing(runtime: Runtime) -> N
                             json=late)
         assert answer.status_code == 200 and answer.json["state"] == "stored"
     assert not runtime.redis.exists(keys.job_heard(job.id))
+
+
+def test_a_repeat_is_answered_before_flask_with_the_views_own_answer(runtime: Runtime) -> None:
+    """Issue 11: a provable repeat is answered by `RepeatsFirst`, before Flask builds a request (none of the app's
+    request hooks runs), with the bytes the view answers, the caller's X-Request-ID, and counted; a bad token, a
+    body that is not a task and a forward status still reach the view."""
+    app = create_app(runtime=runtime)
+    reached: list[str] = []
+    app.before_request(lambda: reached.append(request.path) and None)  # type: ignore[func-returns-value]
+    client = app.test_client()
+    job, _ = runtime.store.create(dict(REQUEST))
+    record_task(runtime, job.id, KlingTask("task-1", "submitted", external_task_id=job.id), source="worker",
+                detail={})
+    assert _post(client, job.id, _task("task-1", "processing", job.id)).json["applied"] is True
+    assert len(reached) == 1
+    before = _callback_counts(client)
+    reached.clear()
+    answer = _post(client, job.id, _task("task-1", "processing", job.id), headers={"X-Request-ID": "kling-42"})
+    assert reached == [] and answer.status_code == 200
+    with app.app_context():
+        assert answer.get_data() == jsonify(ok=True, applied=False, state="processing").get_data()
+    assert answer.headers["Content-Type"] == "application/json" and answer.headers["X-Request-ID"] == "kling-42"
+    assert _callback_counts(client)["duplicate"] - before["duplicate"] == 1
+    reached.clear()
+    assert client.post(f"/callbacks/kling/{job.id}?token=wrong", json=_task("task-1", "processing", job.id)
+                       ).status_code == 403
+    assert _post(client, job.id, {"task_id": "task-1"}).status_code == 400
+    assert _post(client, job.id, _task("task-1", "processing", "job_someone_else")).status_code == 409
+    assert _post(client, job.id, _task("task-1", "failed", job.id)).json["applied"] is True
+    assert len(reached) == 4  # the view answered each of them
+
+
+def test_a_signed_repeat_still_needs_its_signature(signed_client: FlaskClient, signed_runtime: Runtime) -> None:
+    """With KLING_WEBHOOK_SECRET set, a remembered repeat is answered before Flask only when well signed."""
+    job_id = _submitted_job(signed_runtime)
+    body = json.dumps(_task("t-1", "processing", job_id)).encode()
+    assert _post_raw(signed_client, job_id, body, _signed(body)).json["applied"] is True
+    calls = _redis_calls(signed_runtime)
+    answer = _post_raw(signed_client, job_id, body, _signed(body, msg_id="msg_again"))
+    assert answer.status_code == 200 and answer.json["applied"] is False and _redis_calls(signed_runtime) == calls
+    forged = _signed(body)
+    forged["webhook-signature"] = "v1,bm90LXRoaXMtb25l"
+    assert _post_raw(signed_client, job_id, body, forged).status_code == 401
+
+
+def test_a_first_seen_duplicate_is_answered_before_flask_and_a_step_reads_the_job_once(
+        runtime: Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A process that never saw the job reads it once before Flask: a duplicate is answered there; a callback that
+    steps the job goes on to the view with that read, which the view does not repeat."""
+    job, _ = runtime.store.create(dict(REQUEST))
+    record_task(runtime, job.id, KlingTask("task-1", "processing", external_task_id=job.id), source="worker",
+                detail={})
+    assert runtime.store.require(job.id).state is JobState.PROCESSING
+    app = create_app(runtime=runtime)
+    reached: list[str] = []
+    app.before_request(lambda: reached.append(request.path) and None)  # type: ignore[func-returns-value]
+    client = app.test_client()
+    reads: list[str] = []
+    real_read = heard.read_and_remember
+
+    def counted(client_: Any, job_id: str, task: KlingTask, *, ttl_seconds: int) -> Any:
+        reads.append(task.status)
+        return real_read(client_, job_id, task, ttl_seconds=ttl_seconds)
+
+    monkeypatch.setattr(heard, "read_and_remember", counted)
+    before = _callback_counts(client)
+    answer = _post(client, job.id, _task("task-1", "submitted", job.id))
+    assert answer.status_code == 200 and answer.json == {"ok": True, "applied": False, "state": "processing"}
+    assert reached == ["/metrics"] and reads == ["submitted"]  # /metrics: the counts read above
+    assert _callback_counts(client)["stale"] - before["stale"] == 1
+    reached.clear()
+    video = {"task_result": {"videos": [{"id": "v1", "url": "https://cdn.example.com/v1.mp4", "duration": "5"}]}}
+    answer = _post(client, job.id, {**_task("task-1", "succeed", job.id), **video})
+    assert answer.json["applied"] is True and answer.json["state"] == "generated"
+    assert len(reached) == 1 and reads == ["submitted", "succeed"]
