@@ -22,6 +22,7 @@ where the full path would say 404: either way nothing changes.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -54,26 +55,29 @@ class RecentStates:
         self.ttl_seconds = ttl_seconds
         self._clock = clock
         self._seen: OrderedDict[str, Seen] = OrderedDict()
+        self._lock = threading.Lock()  # a threaded server's requests share it (gevent's workers: a greenlet lock)
 
     def __len__(self) -> int:
         return len(self._seen)
 
     def note(self, job_id: str, task_id: str | None, state: JobState | None) -> None:
         """Remember what was just read or written (a job without a bound task, or gone, is forgotten)."""
-        if task_id is None or state is None or state is JobState.FAILED:
-            self._seen.pop(job_id, None)
-            return
-        self._seen[job_id] = Seen(task_id, state, self._clock())
-        self._seen.move_to_end(job_id)
-        while len(self._seen) > self.max_entries:
-            self._seen.popitem(last=False)
+        with self._lock:
+            if task_id is None or state is None or state is JobState.FAILED:
+                self._seen.pop(job_id, None)
+                return
+            self._seen[job_id] = Seen(task_id, state, self._clock())
+            self._seen.move_to_end(job_id)
+            while len(self._seen) > self.max_entries:
+                self._seen.popitem(last=False)
 
     def get(self, job_id: str) -> Seen | None:
-        seen = self._seen.get(job_id)
-        if seen is not None and self._clock() - seen.at > self.ttl_seconds:
-            del self._seen[job_id]
-            return None
-        return seen
+        with self._lock:
+            seen = self._seen.get(job_id)
+            if seen is not None and self._clock() - seen.at > self.ttl_seconds:
+                del self._seen[job_id]
+                return None
+            return seen
 
     def settled(self, job_id: str, task: KlingTask, to: JobState) -> Seen | None:
         """What was seen of the job when it proves this callback (asking for the step to `to`) changes nothing."""
