@@ -247,6 +247,10 @@ class JobStore:
         body_hash = hashlib.sha256(dumps(body).encode()).digest()
         # Fields left at their defaults are not written (`Job.from_hash` reads them back as such).
         fields = {
+            # `id`: read back from the key, never from here; written for the step scripts of releases before
+            # 2026-12-08, which take it from the hash (an old web pod stepping a new job during a rolling upgrade
+            # would otherwise half-apply the step: no index move, no outbox entry, no expiry). ~35 bytes a job.
+            "id": job_id,
             "state": JobState.QUEUED.value, "request": dumps(request),
             "notify_url": notify_url or "", "metadata": dumps(meta) if meta else "",
             "notify_events": "" if events is None else dumps(list(events)),

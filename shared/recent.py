@@ -9,7 +9,9 @@ callback changes nothing:
 - the callback's task is the job's bound task (a task id Kling itself answered, never one a callback named);
 - the step it asks for would not apply to the remembered state (`step_applies`); states only move forward, so it
   applies to no later state either. The one way back, the operators' retry of a `failed` job, is why a remembered
-  `failed` is never used;
+  `failed` is never used. (A job another process failed and an operator retried within `ttl_seconds` may still be
+  remembered here in its state before the failure: a repeat of that older status is then answered "no change",
+  where the full path would apply it to the retried job, whose submit looks its task up with Kling anyway);
 - nothing else in it needs keeping: it reports `submitted` or `processing` (no video URLs, which callbacks-only
   mode keeps from `succeed`; those two were kept when first heard), or the job is already `stored`/`canceled`;
   and it carries no billing figures (`usage.record_deduction` runs on the full path).

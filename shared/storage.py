@@ -20,9 +20,11 @@ abort, so every multipart upload first aborts the uploads left open on its own k
 a short video, one PutObject, skips that listing on its job's first run, `fresh`); for jobs never copied again,
 give the bucket a lifecycle rule ``AbortIncompleteMultipartUpload`` too (a day is plenty).
 
-Integrity: every upload of a video carries its CRC32 (`PART_CHECKSUM`, botocore computes it; S3 refuses a body that
-does not match). A multipart upload declares CRC32 at CreateMultipartUpload and names each part's CRC32 (with its
-ETag, S3's MD5 of the part) again in CompleteMultipartUpload, which S3 checks against the parts it holds; the
+Integrity: every upload of a video carries its CRC32 (`PART_CHECKSUM`, computed here, `_crc32`; S3 refuses a body
+that does not match). Computed here rather than by botocore: over https botocore would send it as a trailer of an
+aws-chunked body, which it builds from a copy of the part (two buffers per part in flight instead of one).
+A multipart upload declares CRC32 at CreateMultipartUpload and names each part's CRC32 (with its ETag, S3's MD5
+of the part) again in CompleteMultipartUpload, which S3 checks against the parts it holds; the
 object keeps a composite CRC32 (``GetObject(ChecksumMode="ENABLED")``). This is what boto3's own `upload_fileobj`
 sends. Without the declaration, S3 (and moto) build a full-object CRC64NVME of their own at completion; moto does
 it by concatenating the whole object once more, which cost it 1-2 CPU seconds per GiB (bench/copy_memory.py).
@@ -48,11 +50,13 @@ The S3 client (boto3, credentials from its usual chain) is created by the caller
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import logging
 import time
 import uuid
+import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -281,17 +285,20 @@ class Storage:
         try:
             # botocore sends any bytes-like body (the stubs name only bytes): the buffer as it is, uncopied
             self.s3.put_object(Bucket=self.bucket, Key=key, Body=cast(bytes, body), ContentType=VIDEO_CONTENT_TYPE,
-                               Metadata=metadata, **self._checksum())
+                               Metadata=metadata, **self._checksum(body))
         except (ClientError, BotoCoreError) as exc:
             raise _s3_error(exc, "put object") from exc
         return sha.hexdigest(), size
 
-    def _checksum(self) -> dict[str, Any]:
-        """``ChecksumAlgorithm=CRC32`` for an upload of a video (see the module docstring), or nothing when the client
-        is configured to send checksums only where S3 requires them."""
+    def _checksum(self, body: bytearray | None = None) -> dict[str, Any]:
+        """``ChecksumAlgorithm=CRC32`` for an upload of a video (see the module docstring), with `body`'s CRC32 when
+        it is given; nothing when the client is configured to send checksums only where S3 requires them."""
         config = getattr(getattr(self.s3, "meta", None), "config", None)
-        setting = getattr(config, "request_checksum_calculation", None)
-        return {} if setting == "when_required" else {"ChecksumAlgorithm": PART_CHECKSUM}
+        if getattr(config, "request_checksum_calculation", None) == "when_required":
+            return {}
+        if body is None:
+            return {"ChecksumAlgorithm": PART_CHECKSUM}
+        return {"ChecksumAlgorithm": PART_CHECKSUM, "ChecksumCRC32": _crc32(body)}
 
     def _cut(self, chunks: Iterable[bytes], sha: hashlib._Hash, spare: list[bytearray],
              first_size: int | None = None) -> Iterator[tuple[bytearray, bool]]:
@@ -348,7 +355,6 @@ class Storage:
         A full-size part's buffer goes back to `spare` once its upload_part has returned (botocore, retries
         included, is done with it then), for `_cut` to fill again; a failed part's buffer is never reused."""
         size = 0
-        checksum = self._checksum()
         completed: list[CompletedPartTypeDef] = []
         in_flight: deque[tuple[Future[CompletedPartTypeDef], bytearray]] = deque()
         submitted = 0
@@ -361,11 +367,12 @@ class Storage:
 
         def upload(number: int, body: bytearray) -> CompletedPartTypeDef:
             # botocore sends any bytes-like body (the stubs name only bytes): the part's own buffer, uncopied
+            checksum = self._checksum(body)
             answer = self.s3.upload_part(Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=number,
                                          Body=cast(bytes, body), **checksum)
             part: CompletedPartTypeDef = {"ETag": answer["ETag"], "PartNumber": number}
-            if "ChecksumCRC32" in answer:  # S3 echoes the CRC32 it verified; the complete names it again
-                part["ChecksumCRC32"] = answer["ChecksumCRC32"]
+            if "ChecksumCRC32" in checksum:  # the complete names each part's CRC32 again (S3 checks it too)
+                part["ChecksumCRC32"] = answer.get("ChecksumCRC32", checksum["ChecksumCRC32"])
             return part
 
         # Leaving the with-block waits for the parts in flight, so an abort never races an upload_part.
@@ -537,6 +544,11 @@ def _body(response: requests.Response, content_length: int | None, chunk_size: i
         close_response(response)
     if content_length is not None and received != content_length:
         raise CopyError(f"download of {where} truncated: {received} of {content_length} bytes", retryable=True)
+
+
+def _crc32(body: bytearray) -> str:
+    """The body's CRC32 as S3 names it: base64 of the 4 big-endian bytes (zlib releases the GIL over a part)."""
+    return base64.b64encode(zlib.crc32(body).to_bytes(4, "big")).decode("ascii")
 
 
 def download_chunks(url: str, allowlist: UrlAllowlist, *, session: requests.Session,

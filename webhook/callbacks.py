@@ -100,6 +100,8 @@ def _callback(rt: Runtime, job_id: str) -> Any:
     # (the checks below then pass; kept before any step: the copy the step queues may need the URL, callbacks only).
     # (RepeatsFirst may have made that round trip already, for this very body: then its answer is used.)
     early = request.environ.pop(_SEEN_ENVIRON, None)
+    if early is not None and early[0] == raw and isinstance(early[1], redis.RedisError):
+        raise early[1]
     seen = early[1] if early is not None and early[0] == raw else _read(rt, recent, job_id, task)
     if seen.state is None:
         return _refused("unknown_job", 404, "unknown job")
@@ -138,7 +140,9 @@ def _unchanged(rt: Runtime, job_id: str, task: KlingTask, seen: Glimpse) -> bool
 
 def recent_states(app: Flask) -> RecentStates:
     """This process's memory of jobs' states (one per app: shared/recent.py)."""
-    recent: RecentStates = app.extensions.setdefault("kling_relay.recent", RecentStates())
+    recent: RecentStates | None = app.extensions.get(_RECENT)
+    if recent is None:
+        recent = app.extensions[_RECENT] = RecentStates()
     return recent
 
 
@@ -154,8 +158,10 @@ def _settled(recent: RecentStates, job_id: str, task: KlingTask) -> Seen | None:
 
 
 CALLBACK_PREFIX = "/callbacks/kling/"
-#: Where RepeatsFirst leaves its read of the job for the view: (the body it was read for, the Glimpse).
+#: Where RepeatsFirst leaves its read of the job for the view: (the body it was read for, the Glimpse), or the
+#: Redis error that read met (the view answers it at once instead of waiting out a second timeout).
 _SEEN_ENVIRON = "kling_relay.callback_seen"
+_RECENT = "kling_relay.recent"
 _JSON_HEADERS = [("Content-Type", "application/json")]
 
 
@@ -177,7 +183,12 @@ class RepeatsFirst:
         self.wsgi_app = app.wsgi_app
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-        state = self._repeat(environ) if environ.get("PATH_INFO", "").startswith(CALLBACK_PREFIX) else None
+        state = None
+        if environ.get("PATH_INFO", "").startswith(CALLBACK_PREFIX):
+            try:
+                state = self._repeat(environ)
+            except Exception:  # a bug here must not cost the callback: the view answers it, with its error handling
+                log.exception("callback fast path failed; the view answers", extra={"path": environ["PATH_INFO"]})
         if state is None:
             return self.wsgi_app(environ, start_response)
         body = json.dumps({"ok": True, "applied": False, "state": state.value}, separators=(",", ":"),
@@ -222,8 +233,9 @@ class RepeatsFirst:
             seen = _read(rt, recent, job_id, task)
             if seen.state is not None and _unchanged(rt, job_id, task, seen):
                 return seen.state
-        except redis.RedisError:
-            return None  # the view reads again and answers (503 while Redis is down)
+        except redis.RedisError as exc:
+            environ[_SEEN_ENVIRON] = (raw, exc)  # the view answers it as a Redis error (503), without a second wait
+            return None
         environ[_SEEN_ENVIRON] = (raw, seen)  # the view need not read it again
         return None
 

@@ -748,3 +748,12 @@ def test_an_id_that_is_not_a_job_id_is_no_job_and_reads_no_other_key(store: JobS
     with pytest.raises(JobNotFound):
         store.set_kling_task_id(other, "task", source="worker")
     assert store.require(job.id).state is S.QUEUED and len(store.events(job.id)) == 1
+
+
+def test_a_new_job_still_names_itself_for_the_previous_releases_scripts(store: JobStore,
+                                                                          redis_client: redis.Redis) -> None:
+    """Rolling upgrade: the step scripts of the release before 2026-12-08 take a job's id from its hash's `id` field;
+    without it an old web pod's step on a new job changed the state but moved no index, queued no announcement and
+    set no expiry (Redis keeps a script's writes made before its error). New jobs keep writing it."""
+    job, _ = store.create({"model_name": "kling-v1-6", "prompt": "p"}, source="api")
+    assert redis_client.hget(f"kr:job:{job.id}", "id") == job.id

@@ -346,6 +346,29 @@ def test_every_upload_carries_a_crc32_and_the_complete_names_each_again(moto: Mo
     assert [(op, headers["x-amz-checksum-crc32"]) for op, _, headers, _ in sent] == [("PutObject", _crc32_b64(small))]
 
 
+def test_the_copy_computes_each_crc32_itself(moto: MotoS3, bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each upload hands botocore its CRC32 (`ChecksumCRC32`), so botocore computes none: over https it would send
+    its own as the trailer of an aws-chunked body built from a copy of the part (two buffers per part in flight)."""
+    s3 = moto.client()
+    given: list[tuple[str, str | None]] = []
+    for op in ("upload_part", "put_object"):
+        real = getattr(s3, op)
+
+        def spy(*args: Any, _real: Any = real, _op: str = op, **kwargs: Any) -> Any:
+            given.append((_op, kwargs.get("ChecksumCRC32")))
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(s3, op, spy)
+    storage = Storage(s3, bucket, part_size=5 * MIB)
+    data = payload(6 * MIB, seed=9)
+    storage.copy_stream(chunks_of(data), key="own-crc.mp4", expected_bytes=len(data), metadata={})
+    storage.copy_stream(iter([data[:1000]]), key="own-crc-small.mp4", expected_bytes=1000, metadata={}, fresh=True)
+    assert sorted(given) == sorted([("upload_part", _crc32_b64(data[:5 * MIB])),
+                                    ("upload_part", _crc32_b64(data[5 * MIB:])),
+                                    ("put_object", _crc32_b64(data[:1000]))])
+    assert s3.get_object(Bucket=bucket, Key="own-crc.mp4")["Body"].read() == data
+
+
 def test_a_client_set_to_send_checksums_only_when_required_sends_none(moto: MotoS3, bucket: str) -> None:
     """`request_checksum_calculation="when_required"` (AWS_REQUEST_CHECKSUM_CALCULATION) is how an operator makes
     boto3 work with an S3-compatible store that refuses checksum headers: the copy follows it, as botocore does."""

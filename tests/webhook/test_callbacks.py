@@ -513,3 +513,38 @@ def test_a_first_seen_duplicate_is_answered_before_flask_and_a_step_reads_the_jo
     answer = _post(client, job.id, {**_task("task-1", "succeed", job.id), **video})
     assert answer.json["applied"] is True and answer.json["state"] == "generated"
     assert len(reached) == 1 and reads == ["submitted", "succeed"]
+
+
+def test_store_down_the_job_is_read_once_then_503(client: FlaskClient, runtime: Runtime,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The read before Flask meets the outage; the view answers it (503) without waiting out a second timeout."""
+    from tests.support.procs import free_port
+
+    reads: list[str] = []
+    real_read = heard.read_and_remember
+
+    def counted(client_: Any, job_id: str, task: KlingTask, *, ttl_seconds: int) -> Any:
+        reads.append(job_id)
+        return real_read(client_, job_id, task, ttl_seconds=ttl_seconds)
+
+    monkeypatch.setattr(heard, "read_and_remember", counted)
+    runtime.store._r.connection_pool.connection_kwargs["port"] = free_port()  # nothing listens there
+    runtime.store._r.connection_pool.disconnect()
+    answer = _post(client, "job_whatever", _task("t", "processing", "job_whatever"))
+    assert answer.status_code == 503 and answer.headers["Retry-After"] == "5" and reads == ["job_whatever"]
+
+
+def test_a_failure_in_the_fast_path_leaves_the_callback_to_the_view(client: FlaskClient, runtime: Runtime,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from kling_relay.webhook import callbacks
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("a bug in the fast path")
+
+    monkeypatch.setattr(callbacks, "parse_qsl", broken)
+    job, _ = runtime.store.create(dict(REQUEST))
+    record_task(runtime, job.id, KlingTask("task-1", "submitted", external_task_id=job.id), source="worker",
+                detail={})
+    answer = _post(client, job.id, _task("task-1", "processing", job.id))
+    assert answer.status_code == 200 and answer.json["applied"] is True
+    assert runtime.store.require(job.id).state is JobState.PROCESSING
