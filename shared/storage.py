@@ -372,7 +372,7 @@ class Storage:
                                          Body=cast(bytes, body), **checksum)
             part: CompletedPartTypeDef = {"ETag": answer["ETag"], "PartNumber": number}
             if "ChecksumCRC32" in checksum:  # the complete names each part's CRC32 again (S3 checks it too)
-                part["ChecksumCRC32"] = answer.get("ChecksumCRC32", checksum["ChecksumCRC32"])
+                part["ChecksumCRC32"] = checksum["ChecksumCRC32"]
             return part
 
         # Leaving the with-block waits for the parts in flight, so an abort never races an upload_part.

@@ -100,9 +100,9 @@ def _callback(rt: Runtime, job_id: str) -> Any:
     # (the checks below then pass; kept before any step: the copy the step queues may need the URL, callbacks only).
     # (RepeatsFirst may have made that round trip already, for this very body: then its answer is used.)
     early = request.environ.pop(_SEEN_ENVIRON, None)
-    if early is not None and early[0] == raw and isinstance(early[1], redis.RedisError):
-        raise early[1]
     seen = early[1] if early is not None and early[0] == raw else _read(rt, recent, job_id, task)
+    if isinstance(seen, redis.RedisError):
+        raise seen
     if seen.state is None:
         return _refused("unknown_job", 404, "unknown job")
     if seen.kling_task_id is None:
@@ -134,8 +134,13 @@ def _unchanged(rt: Runtime, job_id: str, task: KlingTask, seen: Glimpse) -> bool
     if seen.state is None or seen.kling_task_id != task.task_id or step_applies(seen.state, to):
         return False
     usage.record_deduction(rt.redis, job_id, task, now=rt.clock())
-    metrics.callback("duplicate" if seen.state is to else "stale")
+    metrics.callback(_unchanged_label(seen.state, to))
     return True
+
+
+def _unchanged_label(state: JobState, to: JobState) -> str:
+    """duplicate (the job is already in the state the callback reports) or stale (it is past it)."""
+    return "duplicate" if state is to else "stale"
 
 
 def recent_states(app: Flask) -> RecentStates:
@@ -153,7 +158,7 @@ def _settled(recent: RecentStates, job_id: str, task: KlingTask) -> Seen | None:
     seen = recent.settled(job_id, task, to)
     if seen is None:
         return None
-    metrics.callback("duplicate" if seen.state is to else "stale")
+    metrics.callback(_unchanged_label(seen.state, to))
     return seen
 
 
@@ -212,9 +217,10 @@ class RepeatsFirst:
         length = environ.get("CONTENT_LENGTH") or ""
         if not (length.isascii() and length.isdigit()) or int(length) > rt.settings.max_callback_bytes:
             return None
-        raw = environ["wsgi.input"].read(int(length))
+        size = int(length)
+        raw = environ["wsgi.input"].read(size)
         environ["wsgi.input"] = io.BytesIO(raw)  # handed on whole, should Flask answer after all
-        if len(raw) != int(length):
+        if len(raw) != size:
             return None
         secret = rt.settings.kling_webhook_secret
         if secret is not None and not verify(secret, _headers(environ), raw, tolerance=SIGNATURE_TOLERANCE_SECONDS):
@@ -301,13 +307,14 @@ def _parse(job_id: str, raw: bytes) -> Any:
     return task
 
 
-def _heard_ttl(rt: Runtime | None = None) -> int:
-    settings = (rt or runtime()).settings
+def _heard_ttl(rt: Runtime) -> int:
+    settings = rt.settings
     return int(settings.job_ttl_seconds + settings.job_deadline_seconds)
 
 
 def _remember(job: Job, task: KlingTask) -> None:
-    heard.remember(runtime().redis, job.id, task, ttl_seconds=_heard_ttl())
+    rt = runtime()
+    heard.remember(rt.redis, job.id, task, ttl_seconds=_heard_ttl(rt))
 
 
 def _before_task_recorded(job: Job, task: KlingTask) -> Any:
@@ -333,6 +340,4 @@ def _refused(reason: str, status: int, message: str) -> Any:
 
 def _outcome(result: StepResult, to: JobState) -> str:
     """applied; duplicate (the job is already in the state the callback reports); stale (the job is past it)."""
-    if result.applied:
-        return "applied"
-    return "duplicate" if result.job.state is to else "stale"
+    return "applied" if result.applied else _unchanged_label(result.job.state, to)
