@@ -1,16 +1,19 @@
 """Callback requests/s under gunicorn (the project's config) against a no-op Flask endpoint on the same settings.
 
-    python bench/callbacks.py [--reps 3] [--jobs 300] [--per-job 10] [--connections 32] [--workers 1,2,4]
+    python bench/callbacks.py [--reps 3] [--jobs 1000] [--per-job 10] [--connections 32] [--workers 1,2,4]
 
 Starts redis-server and the relay's web process (deploy/stack.py, gunicorn with deploy/gunicorn.conf.py), makes
 `--jobs` jobs bound to a Kling task and `submitted`, then sends `--per-job` callbacks per job: the first says
 `processing` (applied), the rest repeat it or report `submitted` (duplicate or stale: 90% by default). The
 baseline is bench/noop_web.py under the same gunicorn config and worker count, fed the same requests. Each rep
-measures relay then baseline back to back; the figure is the median of the per-rep ratios. Repeated for each
-web worker count (the scaling curve). Prints one line per worker count: relay req/s, baseline req/s, ratio,
-relay p50/p99, and the CPU milliseconds per request of each side (gunicorn's master and workers, recycled ones
-included), of Redis during the relay's run and of this load generator: on a loaded machine the CPU split says
-more than the rates.
+measures both back to back, each side first in turn; the figure is the median of the per-rep ratios. A rep is
+10,000 requests by default (a few seconds a side: a stall of a few hundred milliseconds, which either side
+shows now and then, moves a rep's ratio by a few percent, not by 0.2 as in a 1.5 s rep), and gunicorn's
+replacement of a worker every ~10,000 requests (`max_requests`) falls in the reps about as often as in service.
+Repeated for each web worker count (the scaling curve). Prints one line per worker count: relay req/s, baseline
+req/s, ratio, relay p50/p99, and the CPU milliseconds per request of each side (gunicorn's master and workers,
+recycled ones included), of Redis during the relay's run and of this load generator: on a loaded machine the CPU
+split says more than the rates.
 """
 
 from __future__ import annotations
@@ -107,16 +110,21 @@ def run(reps: int, jobs: int, per_job: int, connections: int, worker_counts: lis
                 for rep in range(reps):
                     reqs = make_requests(store, jobs, per_job, seed=rep * 1000 + workers)
                     warm_reqs = make_requests(store, 20, 10, seed=rep * 1000 + workers + 500)
-                    warm(stack.web_port, warm_reqs, connections)
-                    seconds, latencies, statuses, rcpu = measured(stack.web_port, reqs, connections, web_pid,
-                                                                  redis_pid)
-                    bad = {s: c for s, c in statuses.items() if s >= 300}
-                    if bad:
-                        raise RuntimeError(f"relay answered {bad}: see {stack.logs}")
+                    # the two sides back to back, in turn first (a drift of the machine's speed within a rep
+                    # then favours neither side over the run)
+                    for side in (("relay", "noop") if rep % 2 == 0 else ("noop", "relay")):
+                        if side == "relay":
+                            warm(stack.web_port, warm_reqs, connections)
+                            seconds, latencies, statuses, rcpu = measured(stack.web_port, reqs, connections,
+                                                                          web_pid, redis_pid)
+                            bad = {s: c for s, c in statuses.items() if s >= 300}
+                            if bad:
+                                raise RuntimeError(f"relay answered {bad}: see {stack.logs}")
+                        else:
+                            warm(nport, warm_reqs, connections)
+                            bseconds, _, _, bcpu = measured(nport, reqs, connections, noop.pid, redis_pid)
                     relay_rates.append(len(reqs) / seconds)
                     lat += latencies
-                    warm(nport, warm_reqs, connections)
-                    bseconds, _, _, bcpu = measured(nport, reqs, connections, noop.pid, redis_pid)
                     cpu["relay"].append(rcpu["server"])
                     cpu["redis"].append(rcpu["redis"])
                     cpu["client"].append(rcpu["client"])
@@ -133,7 +141,7 @@ def run(reps: int, jobs: int, per_job: int, connections: int, worker_counts: lis
 
 def main(argv: list[str] | None = None) -> list[dict[str, object]]:
     args_parser = parser(__doc__)
-    args_parser.add_argument("--jobs", type=int, default=300)
+    args_parser.add_argument("--jobs", type=int, default=1000)
     args_parser.add_argument("--per-job", type=int, default=10)
     args_parser.add_argument("--connections", type=int, default=32)
     args_parser.add_argument("--workers", default="2,1,4", help="web worker counts (the first is the headline)")

@@ -7,14 +7,15 @@ as expired. Neither object ever shows its secret in ``repr``/``str``.
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from jwt import PyJWS
-from jwt.algorithms import HMACAlgorithm
+if TYPE_CHECKING:
+    from jwt import PyJWS
 
 #: Lifetime Kling's docs prescribe for a token (``exp`` = now + 1800 s).
 TOKEN_LIFETIME_S = 1800
@@ -24,16 +25,23 @@ NOT_BEFORE_SKEW_S = 5
 DEFAULT_RENEW_MARGIN_S = 300.0
 
 
-class _IssuedKeyHS256(HMACAlgorithm):
-    """HS256 without PyJWT's short-key warning: Kling issues the secret key, its length is not ours."""
+@functools.cache
+def _jws() -> PyJWS:
+    """PyJWT's signer with HS256 only, made on the first signature: PyJWT imports `cryptography` (about 0.1 s of
+    CPU), which a process that never signs (the web process, every time gunicorn replaces a worker) goes without."""
+    from jwt import PyJWS
+    from jwt.algorithms import HMACAlgorithm
 
-    def check_key_length(self, key: Any) -> str | None:
-        return None
+    class IssuedKeyHS256(HMACAlgorithm):
+        """HS256 without PyJWT's short-key warning: Kling issues the secret key, its length is not ours."""
 
+        def check_key_length(self, key: Any) -> str | None:
+            return None
 
-_JWS = PyJWS(algorithms=["HS256"])
-_JWS.unregister_algorithm("HS256")
-_JWS.register_algorithm("HS256", _IssuedKeyHS256(HMACAlgorithm.SHA256))
+    jws = PyJWS(algorithms=["HS256"])
+    jws.unregister_algorithm("HS256")
+    jws.register_algorithm("HS256", IssuedKeyHS256(HMACAlgorithm.SHA256))
+    return jws
 
 
 class TokenSource(Protocol):
@@ -116,7 +124,7 @@ class JwtTokenSource:
         self._expires_at = now + self._lifetime
         claims = {"iss": self._access_key, "exp": self._expires_at, "nbf": now - NOT_BEFORE_SKEW_S}
         payload = json.dumps(claims, separators=(",", ":")).encode()
-        return _JWS.encode(payload, self._secret_key, algorithm="HS256", headers={"typ": "JWT"})
+        return _jws().encode(payload, self._secret_key, algorithm="HS256", headers={"typ": "JWT"})
 
     def __repr__(self) -> str:
         return "JwtTokenSource(<redacted>)"

@@ -165,8 +165,14 @@ def copied(nbytes: int, seconds: float) -> None:
     COPY_DURATION.observe(max(0.0, seconds))
 
 
+_CALLBACK_OUTCOMES: dict[str, Counter] = {}
+
+
 def callback(outcome: str) -> None:
-    CALLBACKS.labels(outcome).inc()
+    counter = _CALLBACK_OUTCOMES.get(outcome)
+    if counter is None:  # each outcome's child made once: labels() costs more than the count (every callback)
+        counter = _CALLBACK_OUTCOMES[outcome] = CALLBACKS.labels(outcome)
+    counter.inc()
 
 
 def callback_refused(reason: str) -> None:

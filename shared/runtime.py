@@ -7,10 +7,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import boto3
 import redis
 import requests
-from botocore.config import Config
 from celery import Celery
 
 from kling_relay.shared import flow, http_session
@@ -24,7 +22,11 @@ from kling_relay.shared.urlguard import UrlAllowlist
 
 
 def make_s3_client(settings: Settings) -> Any:
-    """boto3 S3 client; credentials from boto3's usual chain, timeouts and bounded retries on every call."""
+    """boto3 S3 client; credentials from boto3's usual chain, timeouts and bounded retries on every call. (boto3 is
+    imported here: a process that never reaches S3, such as the web process, does without it.)"""
+    import boto3
+    from botocore.config import Config
+
     config = Config(connect_timeout=5, read_timeout=60, retries={"max_attempts": 5, "mode": "standard"})
     return boto3.client("s3", endpoint_url=settings.s3_endpoint_url, config=config)
 
@@ -71,7 +73,7 @@ class Runtime:
             redis=client,
             store=JobStore(client, job_ttl_seconds=settings.job_ttl_seconds),
             kling=make_kling_client(settings),
-            storage=Storage(make_s3_client(settings), settings.s3_bucket, settings.s3_prefix),
+            storage=Storage(lambda: make_s3_client(settings), settings.s3_bucket, settings.s3_prefix),
             allowlist=UrlAllowlist.parse(settings.video_url_allowlist),
             notify_allowlist=UrlAllowlist.parse(settings.notify_url_allowlist, name="NOTIFY_URL_ALLOWLIST"),
             http=http,

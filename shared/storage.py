@@ -54,6 +54,7 @@ import base64
 import hashlib
 import json
 import logging
+import threading
 import time
 import uuid
 import zlib
@@ -162,15 +163,31 @@ def _s3_error(exc: Exception, action: str) -> CopyError:
 class Storage:
     """The destination bucket: key layout, streaming multipart copy, and the manifest (see module docstring)."""
 
-    def __init__(self, s3_client: S3Client, bucket: str, prefix: str = "", *,
+    def __init__(self, s3_client: S3Client | Callable[[], S3Client], bucket: str, prefix: str = "", *,
                  part_size: int = 8 * 1024 * 1024, max_in_flight: int = 6) -> None:
+        """`s3_client`: a boto3 S3 client, or a function that makes one when S3 is first used (a boto3 client takes
+        about 0.3 s of CPU to make, which a process that never reaches S3, such as the web process, goes without)."""
         if part_size <= 0 or max_in_flight <= 0:
             raise ValueError("part_size and max_in_flight must be positive")
-        self.s3 = s3_client
+        self._s3: S3Client | None = None if callable(s3_client) else s3_client
+        self._make_s3 = s3_client if callable(s3_client) else None
+        self._s3_lock = threading.Lock()
         self.bucket = bucket
         self.prefix = prefix
         self.part_size = part_size
         self.max_in_flight = max_in_flight
+
+    @property
+    def s3(self) -> S3Client:
+        """The boto3 client (made on first use when a function was given: once, whatever the threads)."""
+        client = self._s3
+        if client is None:
+            with self._s3_lock:
+                if self._s3 is None:
+                    assert self._make_s3 is not None
+                    self._s3 = self._make_s3()
+                client = self._s3
+        return client
 
     def __repr__(self) -> str:
         return f"Storage(bucket={self.bucket!r}, prefix={self.prefix!r}, part_size={self.part_size})"

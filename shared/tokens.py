@@ -13,7 +13,7 @@ from kling_relay.shared.settings import Secret
 
 def callback_token(secret: Secret, job_id: str) -> str:
     """HMAC-SHA256 of the job id: the token in a job's callback URL, unguessable without CALLBACK_SECRET."""
-    return hmac.new(secret.reveal().encode(), job_id.encode(), hashlib.sha256).hexdigest()
+    return hmac.digest(secret.reveal().encode(), job_id.encode(), hashlib.sha256).hex()
 
 
 def callback_token_ok(secret: Secret, job_id: str, token: str | None) -> bool:

@@ -36,11 +36,12 @@ Kling's own word: it may bind the task of a queued job whose create was sent but
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import logging
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import parse_qsl
 
 import redis
@@ -90,7 +91,6 @@ def _callback(rt: Runtime, job_id: str) -> Any:
     task = _parse(job_id, raw)
     if not isinstance(task, KlingTask):
         return task
-    to = KLING_STATUS_TO_STATE[task.status]
     recent = recent_states(current_app)
     settled = _settled(recent, job_id, task)
     if settled is not None:  # usually answered before Flask (RepeatsFirst); here for a body without a length
@@ -112,10 +112,17 @@ def _callback(rt: Runtime, job_id: str) -> Any:
     add(kling_task_id=seen.kling_task_id)
     if _unchanged(rt, job_id, task, seen):
         return jsonify(ok=True, applied=False, state=seen.state.value)
+    result = _apply(rt, recent, job_id, task)
+    return jsonify(ok=True, applied=result.applied, state=result.job.state.value)
+
+
+def _apply(rt: Runtime, recent: RecentStates, job_id: str, task: KlingTask) -> StepResult:
+    """The step of a callback for the job's own task, read as bound to it and not a repeat: applied, remembered
+    and counted (the view and RepeatsFirst alike)."""
     result = apply_task_status(rt, job_id, task, source="callback")
     recent.note(job_id, result.job.kling_task_id, result.job.state)
-    metrics.callback(_outcome(result, to))
-    return jsonify(ok=True, applied=result.applied, state=result.job.state.value)
+    metrics.callback(_outcome(result, KLING_STATUS_TO_STATE[task.status]))
+    return result
 
 
 def _read(rt: Runtime, recent: RecentStates, job_id: str, task: KlingTask) -> Glimpse:
@@ -170,17 +177,36 @@ _RECENT = "kling_relay.recent"
 _JSON_HEADERS = [("Content-Type", "application/json")]
 
 
+class _Answer(NamedTuple):
+    """What RepeatsFirst answers: the view's `{"applied", "ok", "state"}`, and the request id it logged under."""
+
+    applied: bool
+    state: JobState
+    request_id: str | None = None
+
+
+@functools.cache
+def _answer_body(applied: bool, state: JobState) -> bytes:
+    """The view's own bytes for this answer (jsonify: sorted keys, compact, a newline)."""
+    return json.dumps({"ok": True, "applied": applied, "state": state.value}, separators=(",", ":"),
+                      sort_keys=True).encode() + b"\n"
+
+
 class RepeatsFirst:
-    """WSGI middleware in front of the app: a duplicate or stale callback is answered here, before Flask builds a
-    request (bench/callbacks.py: Flask's handling is most of what such a callback costs). It runs the view's own
-    checks, in the view's order and with the same functions: the job id, its token, the body's declared length
-    within MAX_CALLBACK_BYTES, the webhook signature when KLING_WEBHOOK_SECRET is set, the task's shape and
-    `external_task_id`. Then a repeat this process can prove changes nothing (`shared/recent.py`) is answered
-    without Redis; any other is read once (`_read`) and answered if the view's rule (`_unchanged`) finds it a
-    duplicate or stale. Anything else, every refusal and every step included, goes on to Flask as it came (a body
-    read here is handed on whole, with the read of the job, which the view then does not repeat), so its answer
-    and its count are the view's. The answer is the view's own bytes (`{"applied":false,"ok":true,"state":...}`),
-    with `X-Request-ID` and the job id left for the access log, as the app's request hooks do.
+    """WSGI middleware in front of the app: a callback for a job bound to its task is answered here, before Flask
+    builds a request (bench/callbacks.py: Flask's handling is most of what a repeat costs, and about a quarter of
+    what a step costs). It runs the view's own checks, in the view's order and with the same functions: the job id,
+    its token, the body's declared length within MAX_CALLBACK_BYTES, the webhook signature when
+    KLING_WEBHOOK_SECRET is set, the task's shape and `external_task_id`. Then a repeat this process can prove
+    changes nothing (`shared/recent.py`) is answered without Redis; any other is read once (`_read`) and, for the
+    job's bound task, answered as the view answers it: a duplicate or stale one (the view's rule, `_unchanged`)
+    changes nothing, and a step is applied (`_apply`, under the request id and the job's ids in the log, as the
+    view's request hooks bind them). Anything else, every refusal, an unknown job and a job not bound yet
+    included, goes on to Flask as it came (a body read here is handed on whole, with the read of the job, which
+    the view then does not repeat), so its answer and its count are the view's; so does a Redis error (the view
+    answers 503 without a second wait) and any failure of this path (the view does it all again: a step applied
+    twice is a no-op). The answer is the view's own bytes, with `X-Request-ID` and the job id left for the access
+    log, as the app's request hooks do.
     """
 
     def __init__(self, app: Flask) -> None:
@@ -188,62 +214,85 @@ class RepeatsFirst:
         self.wsgi_app = app.wsgi_app
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-        state = None
+        answer = None
         if environ.get("PATH_INFO", "").startswith(CALLBACK_PREFIX):
             try:
-                state = self._repeat(environ)
+                answer = self._answer(environ)
             except Exception:  # a bug here must not cost the callback: the view answers it, with its error handling
                 log.exception("callback fast path failed; the view answers", extra={"path": environ["PATH_INFO"]})
-        if state is None:
+        if answer is None:
             return self.wsgi_app(environ, start_response)
-        body = json.dumps({"ok": True, "applied": False, "state": state.value}, separators=(",", ":"),
-                          sort_keys=True).encode() + b"\n"
+        body = _answer_body(answer.applied, answer.state)
         environ[JOB_ID_ENVIRON] = environ["PATH_INFO"][len(CALLBACK_PREFIX):]
-        request_id = sane(environ.get("HTTP_X_REQUEST_ID")) or new()
+        request_id = answer.request_id or sane(environ.get("HTTP_X_REQUEST_ID")) or new()
         start_response("200 OK", [*_JSON_HEADERS, ("Content-Length", str(len(body))),
                                   (REQUEST_ID_HEADER, request_id)])
         return [body]
 
-    def _repeat(self, environ: dict[str, Any]) -> JobState | None:
-        """The remembered state when the callback is a provable repeat, else None (Flask answers it)."""
+    def _answer(self, environ: dict[str, Any]) -> _Answer | None:
+        """The answer to a callback for a job bound to its task, else None (Flask answers it)."""
         job_id = environ["PATH_INFO"][len(CALLBACK_PREFIX):]
-        if environ.get("REQUEST_METHOD") != "POST" or not valid_job_id(job_id):
-            return None
         rt: Runtime = self.app.extensions["kling_relay"]
-        token = next((v for k, v in parse_qsl(environ.get("QUERY_STRING", ""), keep_blank_values=True)
-                      if k == "token"), None)
-        if not callback_token_ok(rt.settings.callback_secret, job_id, token):
+        checked = _checked(rt, environ, job_id)
+        if checked is None:
             return None
-        length = environ.get("CONTENT_LENGTH") or ""
-        if not (length.isascii() and length.isdigit()) or int(length) > rt.settings.max_callback_bytes:
-            return None
-        size = int(length)
-        raw = environ["wsgi.input"].read(size)
-        environ["wsgi.input"] = io.BytesIO(raw)  # handed on whole, should Flask answer after all
-        if len(raw) != size:
-            return None
-        secret = rt.settings.kling_webhook_secret
-        if secret is not None and not verify(secret, _headers(environ), raw, tolerance=SIGNATURE_TOLERANCE_SECONDS):
-            return None
-        try:
-            task = KlingTask.from_json(parse_json(raw))
-        except (ValueError, TypeError):
-            return None
-        if task.external_task_id is not None and task.external_task_id != job_id:
-            return None
+        raw, task = checked
         recent = recent_states(self.app)
         remembered = _settled(recent, job_id, task)
         if remembered is not None:
-            return remembered.state
+            return _Answer(False, remembered.state)
         try:  # not remembered: one read tells a duplicate or stale one (the view's own rule, `_unchanged`)
             seen = _read(rt, recent, job_id, task)
             if seen.state is not None and _unchanged(rt, job_id, task, seen):
-                return seen.state
+                return _Answer(False, seen.state)
         except redis.RedisError as exc:
             environ[_SEEN_ENVIRON] = (raw, exc)  # the view answers it as a Redis error (503), without a second wait
             return None
         environ[_SEEN_ENVIRON] = (raw, seen)  # the view need not read it again
+        if seen.state is None or seen.kling_task_id != task.task_id:
+            return None  # an unknown job, one not bound yet, another task: the view's
+        request_id = sane(environ.get("HTTP_X_REQUEST_ID")) or new()
+        with bound(request_id=request_id, job_id=job_id, kling_task_id=task.task_id):
+            try:
+                result = _apply(rt, recent, job_id, task)
+            except redis.RedisError as exc:
+                environ[_SEEN_ENVIRON] = (raw, exc)
+                return None
+        return _Answer(result.applied, result.job.state, request_id)
+
+
+def _checked(rt: Runtime, environ: dict[str, Any], job_id: str) -> tuple[bytes, KlingTask] | None:
+    """The body and its task when the callback passes the view's checks, in the view's order (else None: the view
+    answers it, with the body left to read)."""
+    if environ.get("REQUEST_METHOD") != "POST" or not valid_job_id(job_id):
         return None
+    if not callback_token_ok(rt.settings.callback_secret, job_id, _token(environ.get("QUERY_STRING", ""))):
+        return None
+    length = environ.get("CONTENT_LENGTH") or ""
+    if not (length.isascii() and length.isdigit()) or int(length) > rt.settings.max_callback_bytes:
+        return None
+    size = int(length)
+    raw = environ["wsgi.input"].read(size)
+    environ["wsgi.input"] = io.BytesIO(raw)  # handed on whole, should Flask answer after all
+    if len(raw) != size:
+        return None
+    secret = rt.settings.kling_webhook_secret
+    if secret is not None and not verify(secret, _headers(environ), raw, tolerance=SIGNATURE_TOLERANCE_SECONDS):
+        return None
+    try:
+        task = KlingTask.from_json(parse_json(raw))
+    except (ValueError, TypeError):
+        return None
+    if task.external_task_id is not None and task.external_task_id != job_id:
+        return None
+    return raw, task
+
+
+def _token(query: str) -> str | None:
+    """The `token` of a query string, as Flask's `request.args.get("token")` reads it (the first one)."""
+    if query.startswith("token=") and not any(c in query for c in "&%+"):  # the URL we gave Kling: read as it is
+        return query[6:]
+    return next((v for k, v in parse_qsl(query, keep_blank_values=True) if k == "token"), None)
 
 
 def _headers(environ: dict[str, Any]) -> dict[str, str]:

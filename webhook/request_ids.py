@@ -9,7 +9,7 @@ and `job_id` when the request is about one job (a `<job_id>` in its route, or th
 
 from __future__ import annotations
 
-import uuid
+import os
 from typing import Any
 
 from flask import Flask, Response, g, request
@@ -33,7 +33,8 @@ def note_job(job_id: str) -> None:
 
 
 def new() -> str:
-    return uuid.uuid4().hex
+    """A fresh id: 32 random hex digits."""
+    return os.urandom(16).hex()
 
 
 def install(app: Flask) -> None:

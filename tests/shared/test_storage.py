@@ -820,3 +820,32 @@ def test_copy_keeps_up_to_six_parts_in_flight_by_default(s3: Any, bucket: str) -
     """Issue 11: at most 2 parts were in flight where boto3 uses up to 10 threads; 6 now, and a part is no longer
     copied out of a bytearray (memory stays under 150 MB with 8 MiB parts: the memory test above)."""
     assert Storage(s3, bucket).max_in_flight == 6
+
+
+def test_a_storage_given_a_function_makes_its_client_once_on_first_use(moto: MotoS3, bucket: str) -> None:
+    """The web process builds a Storage it rarely uses: the boto3 client (~0.3 s of CPU) is made when S3 is first
+    used, once, however many threads reach for it at the same time; the copy then works as with a client given."""
+    made: list[Any] = []
+    gate = threading.Barrier(8)
+
+    def make() -> Any:
+        time.sleep(0.05)  # long enough for every thread to be waiting on the first one
+        made.append(moto.client())
+        return made[-1]
+
+    storage = Storage(make, bucket, "relay/", part_size=5 * MIB)
+    assert made == []
+    clients: list[Any] = []
+
+    def reach() -> None:
+        gate.wait()
+        clients.append(storage.s3)
+
+    threads = [threading.Thread(target=reach) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(made) == 1 and all(c is made[0] for c in clients) and len(clients) == 8
+    sha256, size = storage.copy_stream([b"x" * 1000], key="j/video.mp4", expected_bytes=1000, metadata={})
+    assert size == 1000 and sha256 == hashlib.sha256(b"x" * 1000).hexdigest()

@@ -441,9 +441,10 @@ def test_a_callback_after_the_job_is_stored_keeps_nothing(runtime: Runtime) -> N
 
 
 def test_a_repeat_is_answered_before_flask_with_the_views_own_answer(runtime: Runtime) -> None:
-    """Issue 11: a provable repeat is answered by `RepeatsFirst`, before Flask builds a request (none of the app's
-    request hooks runs), with the bytes the view answers, the caller's X-Request-ID, and counted; a bad token, a
-    body that is not a task and a forward status still reach the view."""
+    """Issue 11: a callback for a job bound to its task, a provable repeat or a step, is answered by `RepeatsFirst`,
+    before Flask builds a request (none of the app's request hooks runs), with the bytes the view answers, the
+    caller's X-Request-ID, and counted; a bad token, a body that is not a task and another job's task still reach
+    the view."""
     app = create_app(runtime=runtime)
     reached: list[str] = []
     app.before_request(lambda: reached.append(request.path) and None)  # type: ignore[func-returns-value]
@@ -451,13 +452,14 @@ def test_a_repeat_is_answered_before_flask_with_the_views_own_answer(runtime: Ru
     job, _ = runtime.store.create(dict(REQUEST))
     record_task(runtime, job.id, KlingTask("task-1", "submitted", external_task_id=job.id), source="worker",
                 detail={})
-    assert _post(client, job.id, _task("task-1", "processing", job.id)).json["applied"] is True
-    assert len(reached) == 1
+    stepped = _post(client, job.id, _task("task-1", "processing", job.id), headers={"X-Request-ID": "kling-41"})
+    assert reached == [] and stepped.json["applied"] is True and stepped.headers["X-Request-ID"] == "kling-41"
     before = _callback_counts(client)
     reached.clear()
     answer = _post(client, job.id, _task("task-1", "processing", job.id), headers={"X-Request-ID": "kling-42"})
     assert reached == [] and answer.status_code == 200
     with app.app_context():
+        assert stepped.get_data() == jsonify(ok=True, applied=True, state="processing").get_data()
         assert answer.get_data() == jsonify(ok=True, applied=False, state="processing").get_data()
     assert answer.headers["Content-Type"] == "application/json" and answer.headers["X-Request-ID"] == "kling-42"
     assert _callback_counts(client)["duplicate"] - before["duplicate"] == 1
@@ -466,8 +468,62 @@ def test_a_repeat_is_answered_before_flask_with_the_views_own_answer(runtime: Ru
                        ).status_code == 403
     assert _post(client, job.id, {"task_id": "task-1"}).status_code == 400
     assert _post(client, job.id, _task("task-1", "processing", "job_someone_else")).status_code == 409
+    assert len(reached) == 3  # the view answered each of them
     assert _post(client, job.id, _task("task-1", "failed", job.id)).json["applied"] is True
-    assert len(reached) == 4  # the view answered each of them
+    assert len(reached) == 3 and runtime.store.require(job.id).state is JobState.FAILED
+
+
+def _twin_script(job_id: str) -> list[dict[str, Any]]:
+    """Callbacks for one job bound to task-1: steps, duplicates, stale ones, bills, another task, a late failure."""
+    video = {"task_result": {"videos": [{"id": "v1", "url": "https://cdn.example.com/v1.mp4", "duration": "5"}]}}
+    succeed = {**_task("task-1", "succeed", job_id), **video, "final_unit_deduction": "1"}
+    return [_task("task-1", "submitted", job_id), _task("task-1", "processing", job_id),
+            _task("task-1", "processing", job_id), _task("task-1", "submitted", None),
+            _task("task-2", "processing", job_id), succeed, succeed, _task("task-1", "processing", job_id),
+            {**_task("task-1", "failed", job_id), "task_status_msg": "late"}, {"task_id": "task-1"}]
+
+
+def _timeline(runtime: Runtime, job_id: str) -> list[tuple[Any, ...]]:
+    return [(e.from_state, e.to_state, e.source, json.dumps(e.detail, sort_keys=True))
+            for e in runtime.store.events(job_id)]
+
+
+def _all_counts(client: FlaskClient) -> dict[str, float]:
+    text = client.get("/metrics", headers=auth()).get_data(as_text=True)
+    return {o: promtool.value(text, "kling_relay_callbacks_total", outcome=o)
+            for o in ("applied", "duplicate", "stale", "early", "refused")}
+
+
+def test_the_fast_path_answers_and_records_as_the_view_does(runtime: Runtime) -> None:
+    """Issue 11: what RepeatsFirst answers, steps included, is what the view answers. The same callbacks sent to two
+    twin jobs, one through the app and one through the view alone (the app without RepeatsFirst, as a body without
+    a length reaches it), give the same answers, the same jobs (state, task, error, bill), the same timelines, the
+    same callbacks kept (`heard`), the same counts and the same copies queued."""
+    fast_app = create_app(runtime=runtime)
+    view_app = create_app(runtime=runtime)
+    view_app.wsgi_app = view_app.wsgi_app.wsgi_app  # type: ignore[attr-defined,method-assign]  # Flask's own
+    seen: dict[str, Any] = {}
+    for name, app in (("fast", fast_app), ("view", view_app)):
+        client = app.test_client()
+        job, _ = runtime.store.create(dict(REQUEST))
+        record_task(runtime, job.id, KlingTask("task-1", "submitted", external_task_id=job.id), source="worker",
+                    detail={})
+        before = _all_counts(client)
+        answers = []
+        for i, body in enumerate(_twin_script(job.id)):
+            answer = _post(client, job.id, body, headers={"X-Request-ID": f"twin-{i}"})
+            answers.append((answer.status_code, answer.get_data(), answer.headers.get("X-Request-ID")))
+        after = _all_counts(client)
+        public = runtime.store.require(job.id).public_dict()
+        copies = sum(job.id in m for m in runtime.redis.lrange(COPY_QUEUE, 0, -1))
+        seen[name] = {"answers": answers, "counts": {k: after[k] - before[k] for k in after}, "copies": copies,
+                      "job": {k: public[k] for k in ("state", "kling_task_id", "error", "units")},
+                      "timeline": _timeline(runtime, job.id),
+                      "heard": sorted((k, v.replace(job.id, "<job>"))
+                                      for k, v in runtime.redis.hgetall(heard.keys.job_heard(job.id)).items())}
+    assert seen["fast"] == seen["view"]
+    assert seen["fast"]["counts"] == {"applied": 3, "duplicate": 3, "stale": 2, "early": 0, "refused": 2}
+    assert seen["fast"]["copies"] == 1 and seen["fast"]["job"]["state"] == "failed"
 
 
 def test_a_signed_repeat_still_needs_its_signature(signed_client: FlaskClient, signed_runtime: Runtime) -> None:
@@ -512,7 +568,7 @@ def test_a_first_seen_duplicate_is_answered_before_flask_and_a_step_reads_the_jo
     video = {"task_result": {"videos": [{"id": "v1", "url": "https://cdn.example.com/v1.mp4", "duration": "5"}]}}
     answer = _post(client, job.id, {**_task("task-1", "succeed", job.id), **video})
     assert answer.json["applied"] is True and answer.json["state"] == "generated"
-    assert len(reached) == 1 and reads == ["submitted", "succeed"]
+    assert reached == [] and reads == ["submitted", "succeed"]  # the step too, before Flask, on one read
 
 
 def test_store_down_the_job_is_read_once_then_503(client: FlaskClient, runtime: Runtime,
@@ -541,10 +597,74 @@ def test_a_failure_in_the_fast_path_leaves_the_callback_to_the_view(client: Flas
     def broken(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("a bug in the fast path")
 
-    monkeypatch.setattr(callbacks, "parse_qsl", broken)
+    monkeypatch.setattr(callbacks, "_token", broken)
     job, _ = runtime.store.create(dict(REQUEST))
     record_task(runtime, job.id, KlingTask("task-1", "submitted", external_task_id=job.id), source="worker",
                 detail={})
     answer = _post(client, job.id, _task("task-1", "processing", job.id))
     assert answer.status_code == 200 and answer.json["applied"] is True
     assert runtime.store.require(job.id).state is JobState.PROCESSING
+
+
+def test_a_step_that_fails_before_flask_is_done_again_by_the_view(client: FlaskClient, runtime: Runtime,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A step the fast path could not finish (a bug of its own) is the view's to do, on the fast path's read: a step
+    applied twice is a no-op, so the job steps once and the callback is answered and counted as applied."""
+    from kling_relay.webhook import callbacks
+
+    real = callbacks.apply_task_status
+    calls: list[str] = []
+
+    def fails_first(*args: Any, **kwargs: Any) -> Any:
+        calls.append("step")
+        if len(calls) == 1:
+            raise RuntimeError("a bug in the fast path's step")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(callbacks, "apply_task_status", fails_first)
+    job_id = _submitted_job(runtime)
+    before = _all_counts(client)
+    answer = _post(client, job_id, _task("t-1", "processing", job_id))
+    assert answer.status_code == 200 and answer.json == {"ok": True, "applied": True, "state": "processing"}
+    assert calls == ["step", "step"] and _all_counts(client)["applied"] - before["applied"] == 1
+    assert [e.to_state for e in runtime.store.events(job_id)][-1] == "processing"
+
+
+def test_a_step_before_flask_that_meets_a_redis_error_is_a_503_without_a_second_wait(
+        client: FlaskClient, runtime: Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
+    import redis
+
+    from kling_relay.webhook import callbacks
+
+    calls: list[str] = []
+
+    def down(*args: Any, **kwargs: Any) -> Any:
+        calls.append("step")
+        raise redis.exceptions.ConnectionError("Redis went away")
+
+    monkeypatch.setattr(callbacks, "apply_task_status", down)
+    job_id = _submitted_job(runtime)
+    answer = _post(client, job_id, _task("t-1", "processing", job_id))
+    assert answer.status_code == 503 and answer.headers["Retry-After"] == "5" and calls == ["step"]
+    assert runtime.store.require(job_id).state is JobState.SUBMITTED
+
+
+def test_a_step_before_flask_logs_under_the_request_and_the_job(client: FlaskClient, runtime: Runtime,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a step logs names the request, the job and its task, as under the view's request hooks."""
+    from kling_relay.shared.logs import bound_fields
+    from kling_relay.webhook import callbacks
+
+    real = callbacks.apply_task_status
+    fields: list[dict[str, Any]] = []
+
+    def seen(*args: Any, **kwargs: Any) -> Any:
+        fields.append(bound_fields())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(callbacks, "apply_task_status", seen)
+    job_id = _submitted_job(runtime)
+    answer = _post(client, job_id, _task("t-1", "processing", job_id), headers={"X-Request-ID": "req-7"})
+    assert answer.json["applied"] is True and answer.headers["X-Request-ID"] == "req-7"
+    assert fields == [{"request_id": "req-7", "job_id": job_id, "kling_task_id": "t-1"}]
+    assert bound_fields() == {}

@@ -113,3 +113,29 @@ def test_liveness_does_not_touch_redis(redis_down_app: Flask) -> None:
     answer = client.get("/livez")
     assert answer.status_code == 200
     assert answer.json == {"status": "alive"}
+
+
+def test_a_web_worker_starts_without_boto3_or_pyjwt() -> None:
+    """Issue 11: gunicorn replaces a web worker every ~10,000 requests, and the new worker imports and builds the app
+    again. That was about 1.2 s of CPU, of which boto3 (its import and an S3 client, ~0.4 s) and PyJWT with
+    `cryptography` (~0.1 s), though the web process never signs a Kling token and reaches S3 only for a presigned
+    link on the dashboard. Both now load on first use, and still work then."""
+    import subprocess
+    import sys
+
+    from tests.webhook.conftest import app_env
+
+    code = ("import sys, json\n"
+            "from kling_relay.webhook.app import create_app\n"
+            "app = create_app()\n"
+            "rt = app.extensions['kling_relay']\n"
+            "loaded = lambda: sorted({n.split('.')[0] for n in sys.modules} & {'boto3', 'jwt'})\n"
+            "print(json.dumps(loaded()))\n"
+            "rt.storage.s3.meta.service_model.service_name\n"
+            "print(json.dumps(loaded()))\n"
+            "from kling_relay.shared.kling_auth import JwtTokenSource\n"
+            "print(json.dumps(JwtTokenSource('ak', 'sk').token().count('.')))\n")
+    env = {**app_env(f"redis://127.0.0.1:{free_port()}/0"), "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60,
+                         check=True).stdout.splitlines()
+    assert [json.loads(line) for line in out] == [[], ["boto3"], 2]
