@@ -89,10 +89,11 @@ class Enqueuer:
     @contextmanager
     def batch(self) -> Iterator[Enqueuer]:
         """An enqueuer whose messages (and their task-sent events) wait and go out together when the block ends:
-        on one producer, in one round trip to a Redis broker (kombu's `Producer.batch`; a transport or a kombu that
-        cannot batch publishes each at once, on that producer). Leaving the block with an exception discards what
-        waits: nothing of it is sent. The send at the end is not retried: an error there raises from the `with`
-        (kombu's BatchPublishError, "delivery is uncertain": some messages may have gone, as after a timeout)."""
+        on one producer, in one round trip to a Redis broker (kombu's `Producer.batch`, which also sends every 500
+        messages; a transport or a kombu that cannot batch publishes each at once, on that producer). Leaving the
+        block with an exception discards what waits: nothing of it is sent. The send at the end is not retried: an
+        error there raises from the `with` (kombu's BatchPublishError, "delivery is uncertain": some messages may
+        have gone, as after a timeout)."""
         with self.app.producer_or_acquire() as producer:
             batching = getattr(producer, "batch", None)
             with batching() if batching is not None else nullcontext():

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 from celery import Celery
+from kombu import Producer
 
 from kling_relay.shared.queue import COPY_QUEUE, SUBMIT_QUEUE, Enqueuer, make_celery
 from tests.support.relay_runtime import queued_job_ids
@@ -57,3 +58,16 @@ def test_a_batch_sends_its_messages_and_their_events_together_when_the_block_end
     enqueuer.submit("job_e")  # the plain enqueuer sends at once, as ever
     assert queued_job_ids(redis_client, SUBMIT_QUEUE) == ["job_a", "job_c", "job_e"]
     pubsub.close()
+
+
+def test_without_kombus_batch_a_batch_sends_each_message_at_once(app: Celery, redis_client: redis.Redis,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kombu before `Producer.batch` (the project allows Celery 5.4 up): the same calls work, on one producer,
+    each message sent when it is made."""
+    monkeypatch.delattr(Producer, "batch")
+    with Enqueuer(app).batch() as batch:
+        batch.submit("job_a")
+        assert queued_job_ids(redis_client, SUBMIT_QUEUE) == ["job_a"]
+        batch.copy("job_b")
+    assert queued_job_ids(redis_client, SUBMIT_QUEUE) == ["job_a"] and queued_job_ids(redis_client, COPY_QUEUE) == [
+        "job_b"]

@@ -450,9 +450,8 @@ def test_a_pass_makes_as_many_round_trips_for_12_due_jobs_as_for_2(runtime: Runt
         real(self, command, check_health)
 
     monkeypatch.setattr(AbstractConnection, "send_packed_command", counted)
-    reconcile(runtime)  # what happens once per process (script loads, queue declarations)
     per_pass = []
-    for n in (1, 6):
+    for n in (1, 1, 6):  # the first pass also does what happens once per process (script loads, declarations)
         queued = [new_job(runtime).id for _ in range(n)]
         copies = [generated(runtime) for _ in range(n)]
         make_due(runtime, *queued, *copies)
@@ -463,7 +462,7 @@ def test_a_pass_makes_as_many_round_trips_for_12_due_jobs_as_for_2(runtime: Runt
         assert set(queued) <= set(queued_job_ids(runtime.redis, "submit"))
         assert set(copies) <= set(queued_job_ids(runtime.redis, "copy"))
         assert all("requeued" in runtime.store.events(j)[-1].detail for j in queued + copies)
-    assert per_pass[1] - per_pass[0] <= 2, f"round trips of a pass with 2 and with 12 due jobs: {per_pass}"
+    assert per_pass[2] - per_pass[1] <= 2, f"round trips of passes with 2, 2 and 12 due jobs: {per_pass}"
 
 
 def test_a_publish_that_fails_leaves_each_job_of_the_batch_due(runtime: Runtime,
