@@ -81,7 +81,7 @@ from kling_relay.shared.jobs_model import (
 
 __all__ = [
     "RANK", "SOURCES", "TERMINAL", "AppBusy", "Event", "IdempotencyConflict", "InvalidCursor", "Job", "JobNotFound",
-    "JobState", "JobStore", "StepResult", "Transition",
+    "JobState", "JobStore", "JobWrites", "StepResult", "Transition",
 ]
 
 _STATES: tuple[JobState, ...] = tuple(JobState)
@@ -473,13 +473,16 @@ class JobStore:
 
         Does not touch `updated_at`. Raises `JobNotFound` for an unknown job.
         """
+        if _reply(self._note_call(job_id, source, detail))[0] == "missing":
+            raise JobNotFound(job_id)
+
+    def _note_call(self, job_id: str, source: str, detail: dict[str, Any], client: Any = None) -> Any:
+        """The NOTE script's call for `note` (on `client`, a pipeline, when given: its reply comes from there)."""
         self._check_source(source)
         now = self._clock()
         names = [self._job_key(job_id), self._events_key(job_id)]
-        reply = _reply(self._note(keys=names, args=[self._event_head(now), self._event_tail(source, detail),
-                                                   self._max_events]))
-        if reply[0] == "missing":
-            raise JobNotFound(job_id)
+        return self._note(keys=names, args=[self._event_head(now), self._event_tail(source, detail), self._max_events],
+                          client=client)
 
     def bump_attempt(self, job_id: str, kind: str) -> int:
         """Add one to the job's `kind` counter (e.g. "submit", "copy") and return the new count."""
@@ -519,9 +522,17 @@ class JobStore:
 
     def set_due(self, job_id: str, in_seconds: float) -> None:
         """Ask the reconciler to look at the job `in_seconds` from now; ignored for a terminal job."""
-        due_at = self._clock() + in_seconds
-        if int(self._set_due(keys=[self._job_key(job_id), self._due_key], args=[repr(due_at)])) < 0:
+        if int(self._set_due_call(job_id, in_seconds)) < 0:
             raise JobNotFound(job_id)
+
+    def _set_due_call(self, job_id: str, in_seconds: float, client: Any = None) -> Any:
+        """The SET_DUE script's call for `set_due` (on `client`, a pipeline, when given)."""
+        due_at = self._clock() + in_seconds
+        return self._set_due(keys=[self._job_key(job_id), self._due_key], args=[repr(due_at)], client=client)
+
+    def writes(self) -> JobWrites:
+        """A batch of `set_due` and `note` writes, sent together in one round trip (see `JobWrites`)."""
+        return JobWrites(self)
 
     def due(self, *, now: float | None = None, limit: int = 100) -> list[str]:
         """Ids of jobs due at `now` (default: the clock), earliest first; one read of the due index only."""
@@ -650,3 +661,41 @@ class JobStore:
         for s in _STATES:
             pipe.zcard(self._index_key(s))
         return {s.value: int(n) for s, n in zip(_STATES, pipe.execute(), strict=True)}
+
+
+class JobWrites:
+    """`set_due` and `note` for many jobs, gathered and then written in one round trip (a pipeline) by `execute`.
+
+    Each write runs the same script as the store's own method, in the order they were asked for; none is atomic with
+    another, as when made one by one. Nothing is written before `execute`: a process that stops first leaves each
+    job as it was (still due when it was due). Made by `JobStore.writes()`; used once.
+    """
+
+    def __init__(self, store: JobStore) -> None:
+        self._store = store
+        self._pipe = store.redis.pipeline(transaction=False)
+        self._ids: list[str] = []
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def set_due(self, job_id: str, in_seconds: float) -> None:
+        """As `JobStore.set_due` now (`in_seconds` from now), written at `execute`."""
+        self._store._set_due_call(job_id, in_seconds, self._pipe)
+        self._ids.append(job_id)
+
+    def note(self, job_id: str, *, source: str, detail: dict[str, Any]) -> None:
+        """As `JobStore.note` now (the event's time is now), written at `execute`."""
+        self._store._note_call(job_id, source, detail, self._pipe)
+        self._ids.append(job_id)
+
+    def execute(self) -> list[str]:
+        """Write everything gathered; returns the ids of jobs found gone, once each (nothing was written for them:
+        where `set_due` and `note` raise `JobNotFound`). A Redis error raises (some writes may have been made)."""
+        if not self._ids:
+            return []
+        ids, self._ids = self._ids, []
+        replies = self._pipe.execute()
+        gone = [job_id for job_id, reply in zip(ids, replies, strict=True)
+                if reply == -1 or (isinstance(reply, list) and reply[0] == "missing")]
+        return list(dict.fromkeys(gone))

@@ -6,6 +6,8 @@ enqueuers (the HTTP API, the Python client, the webhook) send tasks by name with
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 from celery import Celery
@@ -80,17 +82,32 @@ def make_celery(redis_url: str, **overrides: Any) -> Celery:
 class Enqueuer:
     """Sends pipeline tasks by name; what the API, the webhook and the Python client use to hand work on."""
 
-    def __init__(self, app: Celery) -> None:
+    def __init__(self, app: Celery, *, producer: Any = None) -> None:
         self.app = app
+        self._producer = producer  # a kombu Producer held by `batch()`; None: one from the app's pool per message
+
+    @contextmanager
+    def batch(self) -> Iterator[Enqueuer]:
+        """An enqueuer whose messages (and their task-sent events) wait and go out together when the block ends:
+        on one producer, in one round trip to a Redis broker (kombu's `Producer.batch`, which also sends every 500
+        messages; a transport or a kombu that cannot batch publishes each at once, on that producer). Leaving the
+        block with an exception discards what waits: nothing of it is sent. The send at the end is not retried: an
+        error there raises from the `with` (kombu's BatchPublishError, "delivery is uncertain": some messages may
+        have gone, as after a timeout)."""
+        with self.app.producer_or_acquire() as producer:
+            batching = getattr(producer, "batch", None)
+            with batching() if batching is not None else nullcontext():
+                yield Enqueuer(self.app, producer=producer)
 
     def submit(self, job_id: str, *, countdown: float | None = None, request_id: str | None = None) -> None:
         """Queue the job's submit; `request_id` (the `X-Request-ID` of the POST that created the job) rides in a
         message header, and the worker binds it to every log line of the submit."""
         headers = {REQUEST_ID_HEADER: request_id} if request_id else None
-        self.app.send_task(SUBMIT_TASK, args=[job_id], queue=SUBMIT_QUEUE, countdown=countdown, headers=headers)
+        self.app.send_task(SUBMIT_TASK, args=[job_id], queue=SUBMIT_QUEUE, countdown=countdown, headers=headers,
+                           producer=self._producer)
 
     def copy(self, job_id: str, *, countdown: float | None = None) -> None:
-        self.app.send_task(COPY_TASK, args=[job_id], queue=COPY_QUEUE, countdown=countdown)
+        self.app.send_task(COPY_TASK, args=[job_id], queue=COPY_QUEUE, countdown=countdown, producer=self._producer)
 
     def notify(self, job_id: str, state: str) -> None:
-        self.app.send_task(NOTIFY_TASK, args=[job_id, state], queue=NOTIFY_QUEUE)
+        self.app.send_task(NOTIFY_TASK, args=[job_id, state], queue=NOTIFY_QUEUE, producer=self._producer)

@@ -22,6 +22,11 @@ For each due job:
   waited for in the message;
 - then its due time moves forward by `RECONCILE_QUIET_SECONDS`, so a pass never hammers one job.
 
+The queued and generated jobs are looked after together, once the others are done, in a few round trips for them
+all (`_Pass._resend`): their checks read at once, their messages published in one batch, then their due pushes and
+notes written at once. A job's due time moves only after its message went out, so a pass that stops or fails before
+leaves it due, and the next pass sends it (again: the submit and the copy take duplicates).
+
 When tasks cannot be read back (callbacks-only mode, `shared/kling_reads.py`), the pass polls no job (a quiet job
 waits for its callbacks until its deadline), leaves a queued job awaiting its callback where it is (its create is
 never sent again), and its pause probe, which needs the list, opens a trial instead (one job's create is let
@@ -56,7 +61,7 @@ from typing import TYPE_CHECKING, Any, cast
 import redis
 
 from kling_relay.shared import copy_flow, flow, heard, keys, metrics, usage
-from kling_relay.shared.jobs import Job, JobState
+from kling_relay.shared.jobs import Job, JobState, JobWrites
 from kling_relay.shared.jobs_model import json_object
 from kling_relay.shared.kling import KlingError, KlingFixAccount, KlingTask, KlingTaskNotFound
 from kling_relay.shared.kling_reads import reads_available
@@ -67,6 +72,7 @@ from kling_relay.shared.pipeline import Failure, apply_task_status, fail
 from kling_relay.shared.storage import CopyError, StorageUnusable
 
 if TYPE_CHECKING:  # the wiring module is handed in, never imported at run time
+    from kling_relay.shared.queue import Enqueuer
     from kling_relay.shared.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -170,9 +176,11 @@ class _Pass:
         # The due jobs are read in one round trip, not one each (the pass is still linear in the due jobs only).
         # Each is acted on from this read as it was from its own read before: every action re-checks (the
         # submit and copy under their job lock and state, the steps in their scripts), so a job that moved since
-        # is left as it is.
+        # is left as it is. Queued and generated jobs are set aside and re-sent together (`_resend`).
+        resend: list[Job] = []
         for job_id, job in zip(ids, self.rt.store.get_many(ids), strict=True):
-            self._one(job_id, job)
+            self._one(job_id, job, resend)
+        self._resend(resend)
         self._announce_left_over()
         self._sweep()
         return self.report
@@ -257,23 +265,18 @@ class _Pass:
 
     # -- one job -----------------------------------------------------------------------------------------------
 
-    def _one(self, job_id: str, job: Job | None) -> None:
+    def _one(self, job_id: str, job: Job | None, resend: list[Job]) -> None:
         if job is None or job.terminal:  # deleted by hand, or expired: nothing to look after
             self.rt.redis.zrem(keys.JOBS_DUE, job_id)
             self.report.missing.append(job_id)
             return
         with bound(job_id=job.id, kling_task_id=job.kling_task_id):  # on every log line about this job
-            self._look_after(job)
-
-    def _look_after(self, job: Job) -> None:
-        if job.deadline_at is not None and job.deadline_at <= self.now and self._time_out(job):
-            return
-        if job.state is JobState.QUEUED:
-            self._queued(job)
-        elif job.state in (JobState.SUBMITTED, JobState.PROCESSING):
-            self._in_flight(job)
-        elif job.state is JobState.GENERATED:
-            self._generated(job)
+            if job.deadline_at is not None and job.deadline_at <= self.now and self._time_out(job):
+                return
+            if job.state in (JobState.QUEUED, JobState.GENERATED):
+                resend.append(job)
+            elif job.state in (JobState.SUBMITTED, JobState.PROCESSING):
+                self._in_flight(job)
 
     def _busy(self, job: Job) -> bool:
         """Whether the job's submit (queued) or copy (generated) is running right now."""
@@ -318,49 +321,97 @@ class _Pass:
             return None
         return f"{record['reason']} {record['host']}: {record['message']}"
 
-    def _queued(self, job: Job) -> None:
-        if self._busy(job):
+    # -- queued and generated jobs: their lost messages, re-sent together ---------------------------------------
+
+    def _resend(self, jobs: list[Job]) -> None:
+        """Look after the due queued and generated jobs (in due order) in a few round trips for them all: their
+        checks read together (`_checks`), the messages to re-send published together when all are decided (one
+        batch, `Enqueuer.batch`), then their due pushes and notes written together (`JobStore.writes`).
+
+        A job's due time moves only after its message went out, so a pass that stops or fails anywhere before
+        leaves it due, to be sent (again) by the next pass: at least once, as the submit and the copy expect (each
+        re-checks under its job lock and state). A publish that fails leaves every job of the batch due."""
+        if not jobs:
+            return
+        checks = self._checks(jobs)
+        writes = self.rt.store.writes()
+        sent: list[tuple[Job, str, bool]] = []  # (job, step, quietly: no timeline note)
+        try:
+            with self.rt.enqueuer.batch() as enqueuer:
+                for job, (busy, flagged) in zip(jobs, checks, strict=True):
+                    with bound(job_id=job.id, kling_task_id=job.kling_task_id):
+                        step = (self._queued(job, busy, flagged, writes) if job.state is JobState.QUEUED
+                                else self._generated(job, busy, writes))
+                        if step is not None and self._enqueue(enqueuer, job, step):
+                            self.trial_sent = self.trial_sent or (step == "submit" and self.pause is not None)
+                            sent.append((job, step, step == "copy" and flagged))
+        except Exception:  # the broker is down: every job of the batch stays due, the next pass tries again
+            log.exception("could not re-queue", extra={"jobs": len(sent)})
+            for job, step, _ in sent:
+                with bound(job_id=job.id, kling_task_id=job.kling_task_id):
+                    log.error("could not re-queue", extra={"step": step})
+            sent = []
+        for job, step, quietly in sent:
+            writes.set_due(job.id, self.quiet)
+            (self.report.resubmitted if step == "submit" else self.report.recopied).append(job.id)
+            if not quietly:  # a copy waiting on a setting (`copy_flow.wait_of`) is re-checked without a note
+                writes.note(job.id, source="reconciler", detail={"requeued": step})
+        writes.execute()
+
+    def _checks(self, jobs: list[Job]) -> list[tuple[bool, bool]]:
+        """`(busy, flagged)` of each queued or generated job, read together in one round trip: busy, its submit or
+        copy is running (its job lock is held, as `_busy`); flagged, a queued job awaits the callback of a create
+        never answered (`heard.awaiting_reason`), a generated job's copy waits on a setting (`copy_flow.wait_of`)."""
+        pipe = self.rt.redis.pipeline(transaction=False)
+        for job in jobs:
+            queued = job.state is JobState.QUEUED
+            pipe.exists(keys.job_lock("submit" if queued else "copy", job.id))
+            pipe.hget(keys.AWAITING_CALLBACK if queued else keys.COPY_WAITS, job.id)
+        replies = pipe.execute()
+        return [(bool(held), raw is not None if job.state is JobState.QUEUED else json_object(raw) is not None)
+                for job, held, raw in zip(jobs, replies[0::2], replies[1::2], strict=True)]
+
+    def _queued(self, job: Job, busy: bool, awaiting: bool, writes: JobWrites) -> str | None:
+        """"submit" to re-send it, or None: left waiting, due again later."""
+        if busy:
             self.report.waiting.append(job.id)
-            self._push(job)
-            return
-        if heard.awaiting_reason(self.rt.redis, job.id) is not None and not self.reads():
+            writes.set_due(job.id, self.quiet)
+            return None
+        if awaiting and not self.reads():
             self.report.waiting.append(job.id)  # never sent again while tasks cannot be read back: nothing to re-send
-            self._push(job)
-            return
+            writes.set_due(job.id, self.quiet)
+            return None
         if self.pause is not None and not self._trial_wanted():
             self.report.waiting.append(job.id)
-            self._push(job, self.rt.settings.kling_pause_probe_seconds)
-            return
-        if self._enqueue(job, "submit"):
-            self.trial_sent = self.pause is not None
-            self.report.resubmitted.append(job.id)
-            self.rt.store.note(job.id, source="reconciler", detail={"requeued": "submit"})
+            writes.set_due(job.id, self.rt.settings.kling_pause_probe_seconds)
+            return None
+        return "submit"
 
-    def _generated(self, job: Job) -> None:
-        if self._busy(job):
+    def _generated(self, job: Job, busy: bool, writes: JobWrites) -> str | None:
+        """"copy" to re-send it, or None: left waiting, due again later."""
+        if busy:
             self.report.waiting.append(job.id)
-            self._push(job)
-            return
+            writes.set_due(job.id, self.quiet)
+            return None
         if self.copy_pause is not None:
             self.report.waiting.append(job.id)
-            self._push(job, self.rt.settings.kling_pause_probe_seconds)
-            return
-        if self._enqueue(job, "copy"):
-            self.report.recopied.append(job.id)
-            if copy_flow.wait_of(self.rt.redis, job.id) is None:  # a waiting job is re-checked quietly
-                self.rt.store.note(job.id, source="reconciler", detail={"requeued": "copy"})
+            writes.set_due(job.id, self.rt.settings.kling_pause_probe_seconds)
+            return None
+        return "copy"
 
-    def _enqueue(self, job: Job, step: str) -> bool:
+    @staticmethod
+    def _enqueue(enqueuer: Enqueuer, job: Job, step: str) -> bool:
         try:
             if step == "submit":
-                self.rt.enqueuer.submit(job.id)
+                enqueuer.submit(job.id)
             else:
-                self.rt.enqueuer.copy(job.id)
+                enqueuer.copy(job.id)
         except Exception:  # the broker is down: the job stays due, the next pass tries again
             log.exception("could not re-queue", extra={"job_id": job.id, "step": step})
             return False
-        self._push(job)
         return True
+
+    # -- submitted and processing jobs: polled ----------------------------------------------------------------------
 
     def _in_flight(self, job: Job) -> None:
         if self.report.stopped_polling:

@@ -689,6 +689,43 @@ def test_due_times_never_pass_the_deadline(store: JobStore, redis_client: redis.
     assert redis_client.zscore("kr:jobs:due", free.id) == clock.now + 3600
 
 
+def test_writes_gathered_are_made_together_and_only_at_execute(store: JobStore, redis_client: redis.Redis,
+                                                               clock: FakeClock) -> None:
+    """`JobStore.writes()`: the due pushes and notes of many jobs in one round trip (the reconciler's, issue 11),
+    each as `set_due` / `note` would make it; nothing before `execute`; a job found gone is named, not raised."""
+    queued = make_job(store, due_in=0, deadline_seconds=100)
+    stored = make_job(store, S.STORED)
+    gone = make_job(store)
+    redis_client.delete(f"kr:job:{gone.id}")
+    before = store.events(queued.id)
+    writes = store.writes()
+    writes.set_due(queued.id, 30)
+    writes.note(queued.id, source="reconciler", detail={"requeued": "submit"})
+    writes.set_due(stored.id, 30)
+    writes.set_due(gone.id, 30)
+    writes.note(gone.id, source="reconciler", detail={"requeued": "submit"})
+    later = store.writes()
+    later.set_due(queued.id, 3600)
+    assert len(writes) == 5 and len(later) == 1
+    asked = clock.now
+    assert redis_client.zscore("kr:jobs:due", queued.id) == asked and store.events(queued.id) == before
+
+    clock.advance(2)
+    assert writes.execute() == [gone.id]
+
+    assert redis_client.zscore("kr:jobs:due", queued.id) == asked + 30, "times are those of the calls"
+    last = store.events(queued.id)[-1]
+    assert (last.from_state, last.to_state, last.source, last.detail, last.at) == (
+        "queued", "queued", "reconciler", {"requeued": "submit"}, asked)
+    assert store.due(now=clock.now + 10**9) == [queued.id], "a terminal job is never due again"
+    assert redis_client.zscore("kr:jobs:due", gone.id) is None
+    assert writes.execute() == [], "written once"
+    later.execute()
+    assert redis_client.zscore("kr:jobs:due", queued.id) == asked + 100, "never past the deadline"
+    with pytest.raises(JobNotFound):
+        store.writes().set_due("kr:jobs:due", 1)  # not a job id: refused at once, as by set_due
+
+
 def _cursor(score: object, job_id: object) -> str:
     raw = score if isinstance(score, str) else json.dumps([score, job_id])
     return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
 import redis
+from redis.connection import AbstractConnection
 
 from kling_relay.shared import copy_flow, flow, keys, stats
-from kling_relay.shared.jobs import SWEPT_INDEXES, JobState
+from kling_relay.shared.jobs import SWEPT_INDEXES, JobState, JobWrites
 from kling_relay.shared.keys import RECONCILE_LOCK as LOCK_KEY
 from kling_relay.shared.locks import RedisLock, job_lock
 from kling_relay.shared.logs import bound_fields
 from kling_relay.shared.pipeline import submit_job
+from kling_relay.shared.queue import Enqueuer
 from kling_relay.shared.reconcile import last_pass, reconcile
 from kling_relay.shared.runtime import Runtime
 from tests.support.bulk_jobs import copy_job
@@ -407,8 +410,9 @@ def test_the_reconcilers_lines_about_a_job_carry_its_ids(runtime: Runtime, monke
     runtime.store.step(generated.id, JobState.GENERATED, source="callback", set_fields={"kling_task_id": "t1"})
     make_due(runtime, generated.id)
     seen: dict[str, dict[str, Any]] = {}
-    monkeypatch.setattr(runtime.enqueuer, "submit", lambda job_id: seen.setdefault(job_id, bound_fields()))
-    monkeypatch.setattr(runtime.enqueuer, "copy", lambda job_id: seen.setdefault(job_id, bound_fields()))
+    # on the class: the pass sends through an Enqueuer of its own batch (`Enqueuer.batch`)
+    monkeypatch.setattr(Enqueuer, "submit", lambda _, job_id: seen.setdefault(job_id, bound_fields()))
+    monkeypatch.setattr(Enqueuer, "copy", lambda _, job_id: seen.setdefault(job_id, bound_fields()))
     reconcile(runtime)
     assert seen == {queued.id: {"job_id": queued.id}, generated.id: {"job_id": generated.id, "kling_task_id": "t1"}}
     assert bound_fields() == {}
@@ -431,6 +435,80 @@ def test_a_pass_reads_its_due_jobs_in_one_round_trip(runtime: Runtime, monkeypat
     assert sorted(report.resubmitted) == sorted(ids) and report.missing == ["job_gone_0000000000000000"]
     assert singles == []
     assert runtime.redis.zscore(keys.JOBS_DUE, "job_gone_0000000000000000") is None
+
+
+def test_a_pass_makes_as_many_round_trips_for_12_due_jobs_as_for_2(runtime: Runtime,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 11 (a send_task and about 5 Redis commands per due job, one at a time): the queued and generated
+    jobs' checks are read together, their messages published in one batch and their due pushes and notes written
+    together, so the round trips of a pass to Redis (the broker's included) do not grow with its due jobs."""
+    trips = [0]
+    real = AbstractConnection.send_packed_command
+
+    def counted(self: AbstractConnection, command: Any, check_health: bool = True) -> None:
+        trips[0] += 1
+        real(self, command, check_health)
+
+    monkeypatch.setattr(AbstractConnection, "send_packed_command", counted)
+    per_pass = []
+    for n in (1, 1, 6):  # the first pass also does what happens once per process (script loads, declarations)
+        queued = [new_job(runtime).id for _ in range(n)]
+        copies = [generated(runtime) for _ in range(n)]
+        make_due(runtime, *queued, *copies)
+        before = trips[0]
+        report = reconcile(runtime)
+        per_pass.append(trips[0] - before)
+        assert sorted(report.resubmitted) == sorted(queued) and sorted(report.recopied) == sorted(copies)
+        assert set(queued) <= set(queued_job_ids(runtime.redis, "submit"))
+        assert set(copies) <= set(queued_job_ids(runtime.redis, "copy"))
+        assert all("requeued" in runtime.store.events(j)[-1].detail for j in queued + copies)
+    assert per_pass[2] - per_pass[1] <= 2, f"round trips of passes with 2, 2 and 12 due jobs: {per_pass}"
+
+
+def test_a_publish_that_fails_leaves_each_job_of_the_batch_due(runtime: Runtime,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The messages go out together once all are decided; when that send fails (the broker went away), no job of
+    the batch counts as re-sent, none is noted or pushed: each stays due, and the next pass sends it."""
+    ids = [new_job(runtime, due_in=0).id for _ in range(3)]
+    real_batch = Enqueuer.batch
+
+    @contextmanager
+    def failing(self: Enqueuer) -> Iterator[Enqueuer]:
+        with real_batch(self) as batch:
+            yield batch
+            raise redis.ConnectionError("the broker went away")  # as a failed flush: nothing of the batch went
+
+    monkeypatch.setattr(Enqueuer, "batch", failing)
+    report = reconcile(runtime)
+    assert report.resubmitted == [] and queued_job_ids(runtime.redis, "submit") == []
+    assert all((due_score(runtime.redis, j) or 1e20) <= time.time() for j in ids)
+    assert not any("requeued" in e.detail for j in ids for e in runtime.store.events(j))
+
+    monkeypatch.setattr(Enqueuer, "batch", real_batch)
+    report = reconcile(runtime)
+    assert sorted(report.resubmitted) == sorted(ids) == sorted(queued_job_ids(runtime.redis, "submit"))
+
+
+def test_a_pass_that_stops_after_its_publish_leaves_the_jobs_due_to_be_sent_again(
+        runtime: Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A job's due time moves only after its message went out: a pass that fails between the two (Redis went away
+    for a moment) leaves the job due, and the next pass sends it again (at least once; the submit takes
+    duplicates)."""
+    job = new_job(runtime, due_in=0)
+    real_execute = JobWrites.execute
+
+    def lost(self: JobWrites) -> list[str]:
+        raise redis.ConnectionError("gone for a moment")
+
+    monkeypatch.setattr(JobWrites, "execute", lost)
+    with pytest.raises(redis.ConnectionError):
+        reconcile(runtime)
+    assert queued_job_ids(runtime.redis, "submit") == [job.id]
+    assert (due_score(runtime.redis, job.id) or 1e20) <= time.time()
+    monkeypatch.setattr(JobWrites, "execute", real_execute)
+    assert reconcile(runtime).resubmitted == [job.id]
+    assert queued_job_ids(runtime.redis, "submit") == [job.id, job.id]
+    assert (due_score(runtime.redis, job.id) or 0) > time.time()
 
 
 def test_a_pass_sweeps_the_entries_of_expired_jobs(runtime: Runtime, sim: SimHandle) -> None:
