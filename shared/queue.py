@@ -79,6 +79,10 @@ def make_celery(redis_url: str, **overrides: Any) -> Celery:
     return app
 
 
+#: kombu's own default for `Producer.batch(max_size=...)`: Redis commands buffered before it sends them.
+_KOMBU_BATCH_COMMANDS = 1000
+
+
 class Enqueuer:
     """Sends pipeline tasks by name; what the API, the webhook and the Python client use to hand work on."""
 
@@ -87,16 +91,18 @@ class Enqueuer:
         self._producer = producer  # a kombu Producer held by `batch()`; None: one from the app's pool per message
 
     @contextmanager
-    def batch(self) -> Iterator[Enqueuer]:
+    def batch(self, messages: int = 0) -> Iterator[Enqueuer]:
         """An enqueuer whose messages (and their task-sent events) wait and go out together when the block ends:
-        on one producer, in one round trip to a Redis broker (kombu's `Producer.batch`, which also sends every 500
-        messages; a transport or a kombu that cannot batch publishes each at once, on that producer). Leaving the
-        block with an exception discards what waits: nothing of it is sent. The send at the end is not retried: an
-        error there raises from the `with` (kombu's BatchPublishError, "delivery is uncertain": some messages may
-        have gone, as after a timeout)."""
+        on one producer, in one round trip to a Redis broker (kombu's `Producer.batch`; a transport or a kombu that
+        cannot batch publishes each at once, on that producer). `messages`, how many the block will send, sizes
+        kombu's buffer so that they all go at the end (kombu otherwise sends whenever 1,000 Redis commands wait:
+        500 messages, each a push and its task-sent event). Leaving the block with an exception discards what
+        waits: nothing of it is sent. The send at the end is not retried: an error there raises from the `with`
+        (kombu's BatchPublishError, "delivery is uncertain": some messages may have gone, as after a timeout)."""
         with self.app.producer_or_acquire() as producer:
             batching = getattr(producer, "batch", None)
-            with batching() if batching is not None else nullcontext():
+            size = max(_KOMBU_BATCH_COMMANDS, 4 * messages)  # up to a push, an event and a margin for each
+            with batching(max_size=size) if batching is not None else nullcontext():
                 yield Enqueuer(self.app, producer=producer)
 
     def submit(self, job_id: str, *, countdown: float | None = None, request_id: str | None = None) -> None:

@@ -72,7 +72,6 @@ from kling_relay.shared.pipeline import Failure, apply_task_status, fail
 from kling_relay.shared.storage import CopyError, StorageUnusable
 
 if TYPE_CHECKING:  # the wiring module is handed in, never imported at run time
-    from kling_relay.shared.queue import Enqueuer
     from kling_relay.shared.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -325,8 +324,10 @@ class _Pass:
 
     def _resend(self, jobs: list[Job]) -> None:
         """Look after the due queued and generated jobs (in due order) in a few round trips for them all: their
-        checks read together (`_checks`), the messages to re-send published together when all are decided (one
-        batch, `Enqueuer.batch`), then their due pushes and notes written together (`JobStore.writes`).
+        checks read together (`_checks`); then each decided in turn, where a trial submit (Kling's pause letting one
+        job through) is sent at once and alone, since the decisions after it depend on whether it went; then the
+        other messages published together (one batch, `Enqueuer.batch`); then their due pushes and notes written
+        together (`JobStore.writes`).
 
         A job's due time moves only after its message went out, so a pass that stops or fails anywhere before
         leaves it due, to be sent (again) by the next pass: at least once, as the submit and the copy expect (each
@@ -334,29 +335,45 @@ class _Pass:
         if not jobs:
             return
         checks = self._checks(jobs)
+        if self.report.stopped_polling == "paused":  # a poll of this pass paused the submission: the pause holds
+            self.pause = flow.current_pause(self.rt.redis)
         writes = self.rt.store.writes()
         sent: list[tuple[Job, str, bool]] = []  # (job, step, quietly: no timeline note)
-        try:
-            with self.rt.enqueuer.batch() as enqueuer:
-                for job, (busy, flagged) in zip(jobs, checks, strict=True):
-                    with bound(job_id=job.id, kling_task_id=job.kling_task_id):
-                        step = (self._queued(job, busy, flagged, writes) if job.state is JobState.QUEUED
-                                else self._generated(job, busy, writes))
-                        if step is not None and self._enqueue(enqueuer, job, step):
-                            self.trial_sent = self.trial_sent or (step == "submit" and self.pause is not None)
-                            sent.append((job, step, step == "copy" and flagged))
-        except Exception:  # the broker is down: every job of the batch stays due, the next pass tries again
-            log.exception("could not re-queue", extra={"jobs": len(sent)})
-            for job, step, _ in sent:
-                with bound(job_id=job.id, kling_task_id=job.kling_task_id):
-                    log.error("could not re-queue", extra={"step": step})
-            sent = []
+        batched: list[tuple[Job, str, bool]] = []
+        for job, (busy, flagged) in zip(jobs, checks, strict=True):
+            with bound(job_id=job.id, kling_task_id=job.kling_task_id):
+                step = (self._queued(job, busy, flagged, writes) if job.state is JobState.QUEUED
+                        else self._generated(job, busy, writes))
+                if step == "submit" and self.pause is not None:  # the trial: sent now, alone
+                    if self._enqueue(job, step):
+                        self.trial_sent = True
+                        sent.append((job, step, False))
+                elif step is not None:
+                    batched.append((job, step, step == "copy" and flagged))
+        sent += self._publish(batched)
         for job, step, quietly in sent:
             writes.set_due(job.id, self.quiet)
             (self.report.resubmitted if step == "submit" else self.report.recopied).append(job.id)
             if not quietly:  # a copy waiting on a setting (`copy_flow.wait_of`) is re-checked without a note
                 writes.note(job.id, source="reconciler", detail={"requeued": step})
         writes.execute()
+
+    def _publish(self, batch: list[tuple[Job, str, bool]]) -> list[tuple[Job, str, bool]]:
+        """Send the batch's messages together; the batch if they went, else nothing (each of its jobs stays due)."""
+        if not batch:
+            return []
+        try:
+            with self.rt.enqueuer.batch(len(batch)) as enqueuer:
+                for job, step, _ in batch:
+                    with bound(job_id=job.id, kling_task_id=job.kling_task_id):  # on whatever the send logs
+                        if step == "submit":
+                            enqueuer.submit(job.id)
+                        else:
+                            enqueuer.copy(job.id)
+        except Exception:  # the broker is down: every job of the batch stays due, the next pass tries again
+            log.exception("could not re-queue: the jobs stay due", extra={"jobs": [job.id for job, _, _ in batch]})
+            return []
+        return batch
 
     def _checks(self, jobs: list[Job]) -> list[tuple[bool, bool]]:
         """`(busy, flagged)` of each queued or generated job, read together in one round trip: busy, its submit or
@@ -399,13 +416,12 @@ class _Pass:
             return None
         return "copy"
 
-    @staticmethod
-    def _enqueue(enqueuer: Enqueuer, job: Job, step: str) -> bool:
+    def _enqueue(self, job: Job, step: str) -> bool:
         try:
             if step == "submit":
-                enqueuer.submit(job.id)
+                self.rt.enqueuer.submit(job.id)
             else:
-                enqueuer.copy(job.id)
+                self.rt.enqueuer.copy(job.id)
         except Exception:  # the broker is down: the job stays due, the next pass tries again
             log.exception("could not re-queue", extra={"job_id": job.id, "step": step})
             return False

@@ -73,7 +73,7 @@ class Runtime:
             redis=client,
             store=JobStore(client, job_ttl_seconds=settings.job_ttl_seconds),
             kling=make_kling_client(settings),
-            storage=Storage(lambda: make_s3_client(settings), settings.s3_bucket, settings.s3_prefix),
+            storage=Storage.lazy(lambda: make_s3_client(settings), settings.s3_bucket, settings.s3_prefix),
             allowlist=UrlAllowlist.parse(settings.video_url_allowlist),
             notify_allowlist=UrlAllowlist.parse(settings.notify_url_allowlist, name="NOTIFY_URL_ALLOWLIST"),
             http=http,

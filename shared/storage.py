@@ -163,19 +163,29 @@ def _s3_error(exc: Exception, action: str) -> CopyError:
 class Storage:
     """The destination bucket: key layout, streaming multipart copy, and the manifest (see module docstring)."""
 
-    def __init__(self, s3_client: S3Client | Callable[[], S3Client], bucket: str, prefix: str = "", *,
-                 part_size: int = 8 * 1024 * 1024, max_in_flight: int = 6) -> None:
-        """`s3_client`: a boto3 S3 client, or a function that makes one when S3 is first used (a boto3 client takes
-        about 0.3 s of CPU to make, which a process that never reaches S3, such as the web process, goes without)."""
+    def __init__(self, s3_client: S3Client | None, bucket: str, prefix: str = "", *,
+                 part_size: int = 8 * 1024 * 1024, max_in_flight: int = 6,
+                 make_s3: Callable[[], S3Client] | None = None) -> None:
+        """`s3_client`: a boto3 S3 client; or None and `make_s3`, a function that makes one when S3 is first used
+        (`Storage.lazy`)."""
         if part_size <= 0 or max_in_flight <= 0:
             raise ValueError("part_size and max_in_flight must be positive")
-        self._s3: S3Client | None = None if callable(s3_client) else s3_client
-        self._make_s3 = s3_client if callable(s3_client) else None
+        if (s3_client is None) == (make_s3 is None):
+            raise ValueError("give an S3 client or a function that makes one (make_s3), not both")
+        self._s3 = s3_client
+        self._make_s3 = make_s3
         self._s3_lock = threading.Lock()
         self.bucket = bucket
         self.prefix = prefix
         self.part_size = part_size
         self.max_in_flight = max_in_flight
+
+    @classmethod
+    def lazy(cls, make_s3: Callable[[], S3Client], bucket: str, prefix: str = "") -> Storage:
+        """A Storage whose boto3 client is made by `make_s3` when S3 is first used: a client takes about 0.3 s of
+        CPU to make, which a process that never reaches S3 (the web process, every time gunicorn replaces a worker)
+        goes without."""
+        return cls(None, bucket, prefix, make_s3=make_s3)
 
     @property
     def s3(self) -> S3Client:

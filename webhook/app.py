@@ -28,14 +28,14 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     app.extensions["kling_relay"] = runtime or Runtime.from_settings(settings)
 
     from kling_relay.webhook.api import bp as api_bp
-    from kling_relay.webhook.callbacks import RepeatsFirst
+    from kling_relay.webhook.callbacks import BoundCallbacksFirst
     from kling_relay.webhook.callbacks import bp as callbacks_bp
     from kling_relay.webhook.dashboard import install as install_dashboard
     from kling_relay.webhook.metrics import bp as metrics_bp
     from kling_relay.webhook.openapi import openapi_document
 
     request_ids.install(app)
-    app.wsgi_app = RepeatsFirst(app)  # type: ignore[method-assign]  # repeated callbacks answered before Flask
+    app.wsgi_app = BoundCallbacksFirst(app)  # type: ignore[method-assign]  # a bound job's callbacks: before Flask
     app.register_blueprint(api_bp)
     app.register_blueprint(callbacks_bp)
     install_dashboard(app, settings)

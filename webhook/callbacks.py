@@ -7,9 +7,10 @@ minutes, `webhook-signature: v1,<base64 HMAC-SHA256 of "<id>.<timestamp>.<body>"
 `kling_relay.shared.http_client.verify`): a missing, wrong or stale one is `401` and changes nothing. The body is
 checked for shape and its task_id must be the job's; the URL in it is used only where Kling's tasks cannot be read
 back (callbacks-only mode; otherwise the copy re-reads the task from Kling). Duplicates and stale updates get a 2xx
-and change nothing; they are answered before Flask (`RepeatsFirst`), and a repeat this process can prove changes
-nothing (the job's bound task and a state it already passed, seen here moments ago) from memory, without a Redis
-round trip (`shared/recent.py`).
+and change nothing. A callback for a job bound to its task, a repeat or a step, is answered before Flask
+(`BoundCallbacksFirst`), exactly as the view would answer it, and a repeat this process can prove changes nothing
+(the job's bound task and a state it already passed, seen here moments ago) from memory, without a Redis round
+trip (`shared/recent.py`).
 
 A callback's token never binds a job to a task. Only the worker does, with a task that Kling itself answered: the
 create's answer, or a lookup by `external_task_id` (the worker's, or the reconciler's poll). So a callback that arrives
@@ -93,12 +94,12 @@ def _callback(rt: Runtime, job_id: str) -> Any:
         return task
     recent = recent_states(current_app)
     settled = _settled(recent, job_id, task)
-    if settled is not None:  # usually answered before Flask (RepeatsFirst); here for a body without a length
+    if settled is not None:  # usually answered before Flask (BoundCallbacksFirst); here for a body without a length
         add(kling_task_id=settled.task_id)
         return jsonify(ok=True, applied=False, state=settled.state.value)
     # One round trip: the job's state and task, and the callback kept (`heard`) if its task is the job's bound one
     # (the checks below then pass; kept before any step: the copy the step queues may need the URL, callbacks only).
-    # (RepeatsFirst may have made that round trip already, for this very body: then its answer is used.)
+    # (BoundCallbacksFirst may have made that round trip already, for this very body: then its answer is used.)
     early = request.environ.pop(_SEEN_ENVIRON, None)
     seen = early[1] if early is not None and early[0] == raw else _read(rt, recent, job_id, task)
     if isinstance(seen, redis.RedisError):
@@ -118,10 +119,13 @@ def _callback(rt: Runtime, job_id: str) -> Any:
 
 def _apply(rt: Runtime, recent: RecentStates, job_id: str, task: KlingTask) -> StepResult:
     """The step of a callback for the job's own task, read as bound to it and not a repeat: applied, remembered
-    and counted (the view and RepeatsFirst alike)."""
+    and counted (the view and BoundCallbacksFirst alike)."""
     result = apply_task_status(rt, job_id, task, source="callback")
-    recent.note(job_id, result.job.kling_task_id, result.job.state)
-    metrics.callback(_outcome(result, KLING_STATUS_TO_STATE[task.status]))
+    try:  # the step is made: what follows must not cost its answer (an error now would make it look undone)
+        recent.note(job_id, result.job.kling_task_id, result.job.state)
+        metrics.callback(_outcome(result, KLING_STATUS_TO_STATE[task.status]))
+    except Exception:
+        log.exception("callback applied; remembering or counting it failed", extra={"job_id": job_id})
     return result
 
 
@@ -170,7 +174,7 @@ def _settled(recent: RecentStates, job_id: str, task: KlingTask) -> Seen | None:
 
 
 CALLBACK_PREFIX = "/callbacks/kling/"
-#: Where RepeatsFirst leaves its read of the job for the view: (the body it was read for, the Glimpse), or the
+#: Where BoundCallbacksFirst leaves its read of the job for the view: (the body it was read for, the Glimpse), or the
 #: Redis error that read met (the view answers it at once instead of waiting out a second timeout).
 _SEEN_ENVIRON = "kling_relay.callback_seen"
 _RECENT = "kling_relay.recent"
@@ -178,7 +182,7 @@ _JSON_HEADERS = [("Content-Type", "application/json")]
 
 
 class _Answer(NamedTuple):
-    """What RepeatsFirst answers: the view's `{"applied", "ok", "state"}`, and the request id it logged under."""
+    """What BoundCallbacksFirst answers: the view's `{"applied", "ok", "state"}`, and the request id it logged under."""
 
     applied: bool
     state: JobState
@@ -192,7 +196,7 @@ def _answer_body(applied: bool, state: JobState) -> bytes:
                       sort_keys=True).encode() + b"\n"
 
 
-class RepeatsFirst:
+class BoundCallbacksFirst:
     """WSGI middleware in front of the app: a callback for a job bound to its task is answered here, before Flask
     builds a request (bench/callbacks.py: Flask's handling is most of what a repeat costs, and about a quarter of
     what a step costs). It runs the view's own checks, in the view's order and with the same functions: the job id,
@@ -219,7 +223,8 @@ class RepeatsFirst:
             try:
                 answer = self._answer(environ)
             except Exception:  # a bug here must not cost the callback: the view answers it, with its error handling
-                log.exception("callback fast path failed; the view answers", extra={"path": environ["PATH_INFO"]})
+                log.exception("callback fast path failed; the view answers",
+                              extra={"path": environ["PATH_INFO"], "request_id": environ.get("HTTP_X_REQUEST_ID")})
         if answer is None:
             return self.wsgi_app(environ, start_response)
         body = _answer_body(answer.applied, answer.state)
@@ -252,6 +257,7 @@ class RepeatsFirst:
         if seen.state is None or seen.kling_task_id != task.task_id:
             return None  # an unknown job, one not bound yet, another task: the view's
         request_id = sane(environ.get("HTTP_X_REQUEST_ID")) or new()
+        environ["HTTP_X_REQUEST_ID"] = request_id  # kept by the view's request hook, should the view answer after all
         with bound(request_id=request_id, job_id=job_id, kling_task_id=task.task_id):
             try:
                 result = _apply(rt, recent, job_id, task)

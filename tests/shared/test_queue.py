@@ -71,3 +71,13 @@ def test_without_kombus_batch_a_batch_sends_each_message_at_once(app: Celery, re
         batch.copy("job_b")
     assert queued_job_ids(redis_client, SUBMIT_QUEUE) == ["job_a"] and queued_job_ids(redis_client, COPY_QUEUE) == [
         "job_b"]
+
+
+def test_a_batch_sized_for_its_messages_sends_them_all_at_the_end(app: Celery, redis_client: redis.Redis) -> None:
+    """kombu sends a batch by itself whenever 1,000 Redis commands wait (500 messages with their events); a batch told
+    how many it will send holds them all until the block ends, so a failure there leaves none of them sent."""
+    with Enqueuer(app).batch(600) as batch:
+        for i in range(600):
+            batch.submit(f"job_{i}")
+        assert redis_client.llen(SUBMIT_QUEUE) == 0, "nothing sent yet"
+    assert redis_client.llen(SUBMIT_QUEUE) == 600

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -270,6 +269,31 @@ def test_while_paused_queued_jobs_wait_and_an_account_probe_opens_one_trial(runt
     assert not any(runtime.store.require(j).state is JobState.FAILED for j in jobs)
 
 
+def test_a_trial_submit_that_cannot_be_sent_leaves_the_trial_to_the_next_job(
+        runtime: Runtime, sim: SimHandle, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While paused, the trial submit is sent at once and alone (the other queued jobs' fate depends on it): when
+    that send fails, its job stays due and unnoted, and the next queued job is the trial; one trial a pass."""
+    jobs = [new_job(runtime, due_in=0).id for _ in range(3)]
+    flow.pause(runtime.redis, code=1101, message="arrears")
+    sim.control(force_error_code=1101, force_error_on="create")  # lists work, creates fail: a trial decides
+    real_submit = runtime.enqueuer.submit
+    tried: list[str] = []
+
+    def first_fails(job_id: str, **kwargs: Any) -> None:
+        tried.append(job_id)
+        if len(tried) == 1:
+            raise redis.ConnectionError("the broker went away")
+        real_submit(job_id, **kwargs)
+
+    monkeypatch.setattr(runtime.enqueuer, "submit", first_fails)
+    report = reconcile(runtime)
+    assert report.probe == "trial" and tried == jobs[:2]
+    assert report.resubmitted == [jobs[1]] and report.waiting == [jobs[2]]
+    assert queued_job_ids(runtime.redis, "submit") == [jobs[1]]
+    assert (due_score(runtime.redis, jobs[0]) or 1e20) <= time.time(), "the unsent trial stays due"
+    assert not any("requeued" in e.detail for e in runtime.store.events(jobs[0]))
+
+
 def test_an_auth_pause_is_cleared_by_a_successful_probe(runtime: Runtime, sim: SimHandle) -> None:
     jobs = [new_job(runtime, due_in=0).id for _ in range(2)]
     flow.pause(runtime.redis, code=1002, message="token invalid")
@@ -469,22 +493,21 @@ def test_a_publish_that_fails_leaves_each_job_of_the_batch_due(runtime: Runtime,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """The messages go out together once all are decided; when that send fails (the broker went away), no job of
     the batch counts as re-sent, none is noted or pushed: each stays due, and the next pass sends it."""
+    from kombu.exceptions import BatchPublishError
+    from kombu.transport.redis import PublishBatch
+
     ids = [new_job(runtime, due_in=0).id for _ in range(3)]
-    real_batch = Enqueuer.batch
 
-    @contextmanager
-    def failing(self: Enqueuer) -> Iterator[Enqueuer]:
-        with real_batch(self) as batch:
-            yield batch
-            raise redis.ConnectionError("the broker went away")  # as a failed flush: nothing of the batch went
+    def failing(self: PublishBatch) -> None:  # kombu's own send of the batch fails, as when the broker went away
+        raise BatchPublishError("the broker went away", ConnectionError("reset"))
 
-    monkeypatch.setattr(Enqueuer, "batch", failing)
+    monkeypatch.setattr(PublishBatch, "flush", failing)
     report = reconcile(runtime)
     assert report.resubmitted == [] and queued_job_ids(runtime.redis, "submit") == []
     assert all((due_score(runtime.redis, j) or 1e20) <= time.time() for j in ids)
     assert not any("requeued" in e.detail for j in ids for e in runtime.store.events(j))
 
-    monkeypatch.setattr(Enqueuer, "batch", real_batch)
+    monkeypatch.undo()
     report = reconcile(runtime)
     assert sorted(report.resubmitted) == sorted(ids) == sorted(queued_job_ids(runtime.redis, "submit"))
 

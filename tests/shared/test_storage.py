@@ -833,7 +833,7 @@ def test_a_storage_given_a_function_makes_its_client_once_on_first_use(moto: Mot
         made.append(moto.client())
         return made[-1]
 
-    storage = Storage(make, bucket, "relay/", part_size=5 * MIB)
+    storage = Storage.lazy(make, bucket, "relay/")
     assert made == []
     clients: list[Any] = []
 
@@ -849,3 +849,5 @@ def test_a_storage_given_a_function_makes_its_client_once_on_first_use(moto: Mot
     assert len(made) == 1 and all(c is made[0] for c in clients) and len(clients) == 8
     sha256, size = storage.copy_stream([b"x" * 1000], key="j/video.mp4", expected_bytes=1000, metadata={})
     assert size == 1000 and sha256 == hashlib.sha256(b"x" * 1000).hexdigest()
+    with pytest.raises(ValueError, match="not both"):
+        Storage(made[0], bucket, make_s3=make)

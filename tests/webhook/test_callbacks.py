@@ -441,10 +441,10 @@ def test_a_callback_after_the_job_is_stored_keeps_nothing(runtime: Runtime) -> N
 
 
 def test_a_repeat_is_answered_before_flask_with_the_views_own_answer(runtime: Runtime) -> None:
-    """Issue 11: a callback for a job bound to its task, a provable repeat or a step, is answered by `RepeatsFirst`,
-    before Flask builds a request (none of the app's request hooks runs), with the bytes the view answers, the
-    caller's X-Request-ID, and counted; a bad token, a body that is not a task and another job's task still reach
-    the view."""
+    """Issue 11: a callback for a job bound to its task, a provable repeat or a step, is answered by
+    `BoundCallbacksFirst`, before Flask builds a request (none of the app's request hooks runs), with the bytes the
+    view answers, the caller's X-Request-ID, and counted; a bad token, a body that is not a task and another job's
+    task still reach the view."""
     app = create_app(runtime=runtime)
     reached: list[str] = []
     app.before_request(lambda: reached.append(request.path) and None)  # type: ignore[func-returns-value]
@@ -495,10 +495,10 @@ def _all_counts(client: FlaskClient) -> dict[str, float]:
 
 
 def test_the_fast_path_answers_and_records_as_the_view_does(runtime: Runtime) -> None:
-    """Issue 11: what RepeatsFirst answers, steps included, is what the view answers. The same callbacks sent to two
-    twin jobs, one through the app and one through the view alone (the app without RepeatsFirst, as a body without
-    a length reaches it), give the same answers, the same jobs (state, task, error, bill), the same timelines, the
-    same callbacks kept (`heard`), the same counts and the same copies queued."""
+    """Issue 11: what BoundCallbacksFirst answers, steps included, is what the view answers. The same callbacks sent
+    to two twin jobs, one through the app and one through the view alone (the app without BoundCallbacksFirst, as a
+    body without a length reaches it), give the same answers, the same jobs (state, task, error, bill), the same
+    timelines, the same callbacks kept (`heard`), the same counts and the same copies queued."""
     fast_app = create_app(runtime=runtime)
     view_app = create_app(runtime=runtime)
     view_app.wsgi_app = view_app.wsgi_app.wsgi_app  # type: ignore[attr-defined,method-assign]  # Flask's own
@@ -610,13 +610,16 @@ def test_a_step_that_fails_before_flask_is_done_again_by_the_view(client: FlaskC
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """A step the fast path could not finish (a bug of its own) is the view's to do, on the fast path's read: a step
     applied twice is a no-op, so the job steps once and the callback is answered and counted as applied."""
+    from kling_relay.shared.logs import bound_fields
     from kling_relay.webhook import callbacks
 
     real = callbacks.apply_task_status
     calls: list[str] = []
+    request_ids: list[str] = []
 
     def fails_first(*args: Any, **kwargs: Any) -> Any:
         calls.append("step")
+        request_ids.append(bound_fields()["request_id"])
         if len(calls) == 1:
             raise RuntimeError("a bug in the fast path's step")
         return real(*args, **kwargs)
@@ -624,10 +627,38 @@ def test_a_step_that_fails_before_flask_is_done_again_by_the_view(client: FlaskC
     monkeypatch.setattr(callbacks, "apply_task_status", fails_first)
     job_id = _submitted_job(runtime)
     before = _all_counts(client)
-    answer = _post(client, job_id, _task("t-1", "processing", job_id))
+    answer = _post(client, job_id, _task("t-1", "processing", job_id))  # no X-Request-ID: one is made
     assert answer.status_code == 200 and answer.json == {"ok": True, "applied": True, "state": "processing"}
     assert calls == ["step", "step"] and _all_counts(client)["applied"] - before["applied"] == 1
     assert [e.to_state for e in runtime.store.events(job_id)][-1] == "processing"
+    assert request_ids == [answer.headers["X-Request-ID"]] * 2, "both tries and the answer under one request id"
+
+
+def test_a_step_made_before_flask_is_answered_as_made_whatever_follows(
+        runtime: Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once the step is made, a failure in what follows it (remembering it, counting it) does not cost its answer:
+    the callback is answered "applied" before Flask, not redone by the view as if nothing had happened."""
+    from kling_relay.webhook import callbacks
+
+    app = create_app(runtime=runtime)
+    reached: list[str] = []
+    app.before_request(lambda: reached.append(request.path) and None)  # type: ignore[func-returns-value]
+    client = app.test_client()
+    real = callbacks.metrics.callback
+    failures: list[str] = []
+
+    def count_fails_once(outcome: str) -> None:
+        if outcome == "applied" and not failures:
+            failures.append(outcome)
+            raise RuntimeError("a bug in the counting")
+        real(outcome)
+
+    monkeypatch.setattr(callbacks.metrics, "callback", count_fails_once)
+    job_id = _submitted_job(runtime)
+    answer = _post(client, job_id, _task("t-1", "processing", job_id))
+    assert answer.status_code == 200 and answer.json == {"ok": True, "applied": True, "state": "processing"}
+    assert failures == ["applied"] and reached == []
+    assert [e.to_state for e in runtime.store.events(job_id)].count("processing") == 1
 
 
 def test_a_step_before_flask_that_meets_a_redis_error_is_a_503_without_a_second_wait(
