@@ -8,8 +8,8 @@ Starts redis-server and the relay's web process (deploy/stack.py, gunicorn with 
 baseline is bench/noop_web.py under the same gunicorn config and worker count, fed the same requests. Each rep
 measures both back to back, each side first in turn; the figure is the median of the per-rep ratios. A rep is
 10,000 requests by default (a few seconds a side: a stall of a few hundred milliseconds, which either side
-shows now and then, moves a rep's ratio by a few percent, not by 0.2 as in a 1.5 s rep), and gunicorn's
-replacement of a worker every ~10,000 requests (`max_requests`) falls in the reps about as often as in service.
+shows now and then, moves a rep's ratio by a few percent, not by 0.2 as in a 1.5 s rep); gunicorn's
+replacement of a worker (`max_requests`, every ~50,000 requests) lands in a rep now and then, as in service.
 Repeated for each web worker count (the scaling curve). Prints one line per worker count: relay req/s, baseline
 req/s, ratio, relay p50/p99, and the CPU milliseconds per request of each side (gunicorn's master and workers,
 recycled ones included), of Redis during the relay's run and of this load generator: on a loaded machine the CPU

@@ -1,22 +1,26 @@
 """One reconcile pass over 100 due jobs with 100k stored jobs beside them, against the same pass with 100 jobs in all.
 
     python bench/reconcile_pass.py [--reps 3] [--passes 5] [--stored 100000] [--due 100] [--expired N]
+                                   [--expired-relay-only]
 
 Starts a throwaway redis-server, builds the worker's Runtime from the stack's settings (Celery publishing to that
-Redis; nothing consumes it), and times `reconcile()` over `--due` queued jobs whose create was never answered
-(for them all: the lock and callbacks-only checks read in one round trip, the submits published in one batch,
-the due pushes and notes written in one round trip). First with nothing else stored (the baseline), then after
-writing `--stored` stored jobs (hash, timeline, request and index entries, task-id index included, written
-directly in pipelines: the pass never reads them, which is the point) and the index entries of `--expired` jobs
-that expired long ago (their hashes gone; default: enough for every timed pass's sweep to do its most work,
-`jobs.SWEEP_BATCH` removals in `all` and in `stored` and an HSCAN step of `jobs.SWEEP_SCAN_COUNT` over the 100k
-task-id entries). The two sides run on two Redis servers. Each rep times `--passes` passes of each side, the two
-sides back to back (which goes first alternates), each pass over `--due` fresh jobs (the previous pass's are
-removed, so the baseline holds `--due` jobs in all); a rep's ratio is the median of its relay passes over the
-median of its baseline passes. Prints the median pass time of each side over all passes, the median (min-max) of
-the per-rep ratios, the time per due job; the same for the CPU a pass costs (this process's and the Redis
-server's: the steadier figure on a shared machine, where a pass's wall time can double under others' load); and the
-index entries each pass's sweep removed.
+Redis; nothing consumes it), and times `reconcile()` over `--due` queued jobs whose create was never answered (for
+them all: the lock and callbacks-only checks read in one round trip, the submits published in one batch, the due
+pushes and notes written in one round trip). First with nothing else stored (the baseline), then after writing
+`--stored` stored jobs (hash, timeline, request and index entries, task-id index included, written directly in
+pipelines: the pass never reads them, which is the point). Both sides also hold the index entries of `--expired`
+jobs that expired long ago (their hashes gone; default: enough for every timed pass's sweep to do its most work,
+`jobs.SWEEP_BATCH` removals in `all` and in `stored` and an HSCAN step of `jobs.SWEEP_SCAN_COUNT` over the task-id
+entries, 100k of them beside the stored jobs): the sweep's bounded work is the same on both sides, so what the ratio
+weighs is the 100k stored jobs; the sweep alone, at its most, is timed once after the passes and printed
+(`--expired-relay-only` puts the expired entries on the 100k side only, as this bench did before: the ratio then
+also carries the sweep's whole cost). The two sides run on two Redis servers. Each rep times `--passes` passes of
+each side, the two sides back to back (which goes first alternates), each pass over `--due` fresh jobs (the previous
+pass's are removed, so the baseline holds `--due` jobs in all); a rep's ratio is the median of its relay passes over
+the median of its baseline passes. Prints the median pass time of each side over all passes, the median (min-max) of
+the per-rep ratios, the time per due job; the same for the CPU a pass costs (this process's and the Redis server's:
+the steadier figure on a shared machine, where a pass's wall time can double under others' load); and the index
+entries each pass's sweep removed.
 """
 
 from __future__ import annotations
@@ -139,9 +143,11 @@ def _medians(reps: list[list[tuple[float, float]]], which: int) -> list[float]:
     return [statistics.median(p[which] for p in rep) for rep in reps]
 
 
-def bench(reps: int, stored: int, due: int, expired: int | None = None, passes: int = 5) -> dict[str, float]:
-    """Two throwaway Redis servers: the baseline's (nothing else stored) and the relay's (the stored and expired
-    jobs); each rep times `passes` passes on each, back to back, so the machine's load weighs on both alike."""
+def bench(reps: int, stored: int, due: int, expired: int | None = None, passes: int = 5, *,
+          expired_relay_only: bool = False) -> dict[str, float]:
+    """Two throwaway Redis servers: the baseline's (nothing else stored but the expired jobs' entries) and the
+    relay's (the stored and expired jobs); each rep times `passes` passes on each, back to back, so the machine's
+    load weighs on both alike."""
     with tempfile.TemporaryDirectory() as tmp:
         servers: list[RedisServer] = []
         runtimes: list[Runtime] = []
@@ -156,7 +162,9 @@ def bench(reps: int, stored: int, due: int, expired: int | None = None, passes: 
             base_rt, relay_rt = runtimes
             store_many(relay_rt, stored)
             stored_now = relay_rt.redis.zcard(keys.jobs_in_state(JobState.STORED.value))
-            expired_many(relay_rt, (reps * passes + 1) * SWEEP_BATCH if expired is None else expired)
+            n_expired = (reps * passes + 2) * SWEEP_BATCH if expired is None else expired
+            for rt in ([relay_rt] if expired_relay_only else runtimes):
+                expired_many(rt, n_expired)
             base: list[list[tuple[float, float]]] = []
             relay: list[list[tuple[float, float]]] = []
             swept: list[int] = []
@@ -170,6 +178,9 @@ def bench(reps: int, stored: int, due: int, expired: int | None = None, passes: 
                     else:
                         base[-1].append(timed_pass(base_rt, due))
                         relay[-1].append(timed_pass(relay_rt, due, swept))
+            t0 = time.perf_counter()
+            alone = relay_rt.store.sweep()
+            sweep_s = time.perf_counter() - t0
             ratio, lo, hi = median_ratio(_medians(relay, 0), _medians(base, 0))
             cpu_ratio, cpu_lo, cpu_hi = median_ratio(_medians(relay, 1), _medians(base, 1))
             b = statistics.median(p[0] for rep in base for p in rep)
@@ -180,7 +191,8 @@ def bench(reps: int, stored: int, due: int, expired: int | None = None, passes: 
                     "lo": lo, "hi": hi, "ms_per_due": r / due * 1000, "base_ms_per_due": b / due * 1000,
                     "cpu_ms_per_due": r_cpu / due * 1000, "base_cpu_ms_per_due": b_cpu / due * 1000,
                     "cpu_ratio": cpu_ratio, "cpu_lo": cpu_lo, "cpu_hi": cpu_hi,
-                    "swept": float(statistics.median(swept))}
+                    "swept": float(statistics.median(swept)), "sweep_ms": sweep_s * 1000,
+                    "sweep_removed": float(alone["removed"]), "expired_relay_only": float(expired_relay_only)}
         finally:
             for rt in runtimes:
                 rt.redis.close()
@@ -194,15 +206,19 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     p.add_argument("--stored", type=int, default=100_000)
     p.add_argument("--due", type=int, default=100)
     p.add_argument("--expired", type=int, default=None)
+    p.add_argument("--expired-relay-only", action="store_true")
     args = p.parse_args(argv)
-    row = bench(args.reps, args.stored, args.due, args.expired, args.passes)
+    row = bench(args.reps, args.stored, args.due, args.expired, args.passes,
+                expired_relay_only=args.expired_relay_only)
     print(f"reconcile  {int(row['stored'])} stored + {int(row['due'])} due: {row['relay_s'] * 1000:.0f} ms  "
           f"{int(row['due'])} in all: {row['base_s'] * 1000:.0f} ms  ratio {row['ratio']:.2f} "
           f"({row['lo']:.2f}-{row['hi']:.2f})  "
           f"{row['ms_per_due']:.2f} ms per due job ({row['base_ms_per_due']:.2f} with {int(row['due'])} in all)  "
           f"CPU (this process + Redis) {row['cpu_ms_per_due']:.2f} ms per due job ({row['base_cpu_ms_per_due']:.2f}), "
           f"ratio {row['cpu_ratio']:.2f} ({row['cpu_lo']:.2f}-{row['cpu_hi']:.2f})  "
-          f"(sweep: {int(row['swept'])} entries removed a pass)", flush=True)
+          f"(sweep: {int(row['swept'])} entries removed a pass, "
+          f"{'on the 100k side only' if args.expired_relay_only else 'on each side'}; "
+          f"the sweep alone {row['sweep_ms']:.1f} ms for {int(row['sweep_removed'])})", flush=True)
     return row
 
 
