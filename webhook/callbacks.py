@@ -47,6 +47,7 @@ from urllib.parse import parse_qsl
 
 import redis
 from flask import Blueprint, Flask, current_app, jsonify, request
+from werkzeug.datastructures import EnvironHeaders
 
 from kling_relay.shared import heard, metrics, usage
 from kling_relay.shared.heard import Glimpse
@@ -182,11 +183,10 @@ _JSON_HEADERS = [("Content-Type", "application/json")]
 
 
 class _Answer(NamedTuple):
-    """What BoundCallbacksFirst answers: the view's `{"applied", "ok", "state"}`, and the request id it logged under."""
+    """What BoundCallbacksFirst answers: the view's `{"applied", "ok", "state"}`."""
 
     applied: bool
     state: JobState
-    request_id: str | None = None
 
 
 @functools.cache
@@ -218,23 +218,25 @@ class BoundCallbacksFirst:
         self.wsgi_app = app.wsgi_app
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        if not environ.get("PATH_INFO", "").startswith(CALLBACK_PREFIX):
+            return self.wsgi_app(environ, start_response)
+        # The request's id, kept in the environ: the view's request hook takes it too, should the view answer.
+        request_id = environ["HTTP_X_REQUEST_ID"] = sane(environ.get("HTTP_X_REQUEST_ID")) or new()
         answer = None
-        if environ.get("PATH_INFO", "").startswith(CALLBACK_PREFIX):
-            try:
-                answer = self._answer(environ)
-            except Exception:  # a bug here must not cost the callback: the view answers it, with its error handling
-                log.exception("callback fast path failed; the view answers",
-                              extra={"path": environ["PATH_INFO"], "request_id": environ.get("HTTP_X_REQUEST_ID")})
+        try:
+            answer = self._answer(environ, request_id)
+        except Exception:  # a bug here must not cost the callback: the view answers it, with its error handling
+            log.exception("callback fast path failed; the view answers",
+                          extra={"path": environ["PATH_INFO"], "request_id": request_id})
         if answer is None:
             return self.wsgi_app(environ, start_response)
         body = _answer_body(answer.applied, answer.state)
         environ[JOB_ID_ENVIRON] = environ["PATH_INFO"][len(CALLBACK_PREFIX):]
-        request_id = answer.request_id or sane(environ.get("HTTP_X_REQUEST_ID")) or new()
         start_response("200 OK", [*_JSON_HEADERS, ("Content-Length", str(len(body))),
                                   (REQUEST_ID_HEADER, request_id)])
         return [body]
 
-    def _answer(self, environ: dict[str, Any]) -> _Answer | None:
+    def _answer(self, environ: dict[str, Any], request_id: str) -> _Answer | None:
         """The answer to a callback for a job bound to its task, else None (Flask answers it)."""
         job_id = environ["PATH_INFO"][len(CALLBACK_PREFIX):]
         rt: Runtime = self.app.extensions["kling_relay"]
@@ -256,15 +258,13 @@ class BoundCallbacksFirst:
         environ[_SEEN_ENVIRON] = (raw, seen)  # the view need not read it again
         if seen.state is None or seen.kling_task_id != task.task_id:
             return None  # an unknown job, one not bound yet, another task: the view's
-        request_id = sane(environ.get("HTTP_X_REQUEST_ID")) or new()
-        environ["HTTP_X_REQUEST_ID"] = request_id  # kept by the view's request hook, should the view answer after all
         with bound(request_id=request_id, job_id=job_id, kling_task_id=task.task_id):
             try:
                 result = _apply(rt, recent, job_id, task)
             except redis.RedisError as exc:
                 environ[_SEEN_ENVIRON] = (raw, exc)
                 return None
-        return _Answer(result.applied, result.job.state, request_id)
+        return _Answer(result.applied, result.job.state)
 
 
 def _checked(rt: Runtime, environ: dict[str, Any], job_id: str) -> tuple[bytes, KlingTask] | None:
@@ -283,7 +283,8 @@ def _checked(rt: Runtime, environ: dict[str, Any], job_id: str) -> tuple[bytes, 
     if len(raw) != size:
         return None
     secret = rt.settings.kling_webhook_secret
-    if secret is not None and not verify(secret, _headers(environ), raw, tolerance=SIGNATURE_TOLERANCE_SECONDS):
+    if secret is not None and not verify(secret, dict(EnvironHeaders(environ)), raw,  # as the view's request.headers
+                                         tolerance=SIGNATURE_TOLERANCE_SECONDS):
         return None
     try:
         task = KlingTask.from_json(parse_json(raw))
@@ -299,11 +300,6 @@ def _token(query: str) -> str | None:
     if query.startswith("token=") and not any(c in query for c in "&%+"):  # the URL we gave Kling: read as it is
         return query[6:]
     return next((v for k, v in parse_qsl(query, keep_blank_values=True) if k == "token"), None)
-
-
-def _headers(environ: dict[str, Any]) -> dict[str, str]:
-    """The request's headers from a WSGI environ (names lower-cased, as `verify` matches them)."""
-    return {k[5:].replace("_", "-").lower(): str(v) for k, v in environ.items() if k.startswith("HTTP_")}
 
 
 def _unbound(job_id: str, task: KlingTask, *, signed: bool) -> Any:
